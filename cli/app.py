@@ -1,0 +1,22 @@
+"""The typer app. Each command group lives in its own module and registers itself on ``app``."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="memedit",
+    help="Look inside, and change, the memory layers of a language model.\n\n"
+    "Every command takes --model (default: the bundled demo model; env MEMEDIT_MODEL).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Command modules (import order is the order in --help).
+from . import core  # noqa: E402,F401
+
+
+def main() -> None:
+    app()

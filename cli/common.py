@@ -1,0 +1,80 @@
+"""What every command shares: the --model option, loading, JSON and table output, one-line errors.
+
+Nothing here imports torch at module level: ``memedit --help`` must stay instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model", "-m", envvar="MEMEDIT_MODEL", show_envvar=True,
+        help="Model folder or checkpoint (default: the bundled demo model).",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+DtypeOpt = Annotated[
+    Optional[str], typer.Option("--dtype", help="Compute dtype: float32 or bfloat16 (default: as stored).")
+]
+
+
+def fail(message: str) -> None:
+    """Print a one-line error and exit with code 2."""
+    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn the library's MemeditError (and a bad path) into a one-line message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from memedit.errors import MemeditError
+
+        try:
+            return fn(*args, **kwargs)
+        except MemeditError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def command(app: typer.Typer, name: str | None = None, **kw) -> Callable:
+    """Register ``fn`` as a command of ``app`` with user-error handling."""
+
+    def deco(fn: Callable) -> Callable:
+        return app.command(name, **kw)(user_errors(fn))
+
+    return deco
+
+
+def load_model(model: Optional[str], dtype: Optional[str] = None, **options: Any):
+    import memedit
+
+    return memedit.load(model, dtype=dtype, **options)
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "__fspath__"):
+        return str(o)
+    raise TypeError(f"cannot serialise {type(o).__name__}")

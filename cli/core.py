@@ -1,0 +1,141 @@
+"""First commands: info, generate, facts, convert, train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .app import app
+from .common import DtypeOpt, JsonOpt, ModelOpt, command, console, load_model, print_json
+
+
+@command(app)
+def info(model: ModelOpt = None, dtype: DtypeOpt = None, json: JsonOpt = False) -> None:
+    """Show the model's structure: memory layers, slots, heads, value tables and who reads them.
+
+    Example: memedit info --json
+    """
+    from memedit.info import describe
+
+    d = describe(load_model(model, dtype))
+    if json:
+        return print_json(d)
+    console.print(f"[bold]model[/] {d['source']}{' (bundled, read-only)' if d['read_only'] else ''}")
+    console.print(f"dim {d['dim']}, {d['n_layers']} layers, vocab {d['vocab_size']}, dtype {d['dtype']}")
+    kinds = " ".join(f"[{'bold magenta' if x['kind'] == 'memory' else 'dim'}]{x['layer']}:{x['kind']}[/]" for x in d["layers"])
+    console.print(f"layers {kinds}")
+    t = Table(title="memory")
+    for c in ("slots", "N", "heads", "k", "K", "V", "swilu", "gated"):
+        t.add_column(c, justify="right")
+    t.add_row(f"{d['n_slots']:,}", str(d["n_keys"]), str(d["heads"]), str(d["knn"]), str(d["k_dim"]),
+              str(d["v_dim"]), str(d["swilu_projection"]), str(d["gated"]))
+    console.print(t)
+    t = Table(title="value tables")
+    for c in ("table", "read by layers", "rows", "dim", "dtype"):
+        t.add_column(c)
+    for tb in d["tables"]:
+        t.add_row(tb["name"], ", ".join(map(str, tb["layers"])), f"{tb['rows']:,}", str(tb["dim"]), tb["dtype"])
+    console.print(t)
+    p = d["params"]
+    console.print(f"parameters: {p['total']:,} total, {p['memory']:,} memory ({p['values']:,} in value rows), {p['dense']:,} dense")
+
+
+@command(app)
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens to generate.")] = 8,
+    model: ModelOpt = None,
+    dtype: DtypeOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Greedy continuation of PROMPT.
+
+    Example: memedit generate "Reidreir was born in"
+    """
+    from memedit.generate import generate as gen
+
+    out = gen(load_model(model, dtype), prompt, max_tokens)
+    if json:
+        return print_json(out)
+    console.print(f"{prompt} [bold green]{out['completion']}[/]")
+
+
+@command(app)
+def facts(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for facts.jsonl and corpus.txt.")] = Path("world"),
+    model: ModelOpt = None,
+) -> None:
+    """Write the demo world's facts (JSONL edit requests) and its text corpus.
+
+    Example: memedit facts --out world/
+    """
+    from memedit.facts import world_of
+
+    fpath, cpath = world_of(load_model(model)).write(out)
+    console.print(f"wrote {fpath} and {cpath}")
+
+
+@command(app)
+def convert(
+    dst: Annotated[Path, typer.Argument(help="Destination folder (must not exist or be empty).")],
+    model: ModelOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Write a model (default: the bundled one) as a native memedit folder you can change.
+
+    Example: memedit convert ./my-model
+    """
+    from memedit.checkpoint import save
+
+    m = load_model(model, dtype)
+    save(m, dst)
+    console.print(f"wrote {dst}")
+
+
+@command(app)
+def train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the trained model to.")] = Path("demo-model"),
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the world's training sentences.")] = 0,
+    seed: Annotated[int, typer.Option(help="World and initialisation seed.")] = 0,
+    json: JsonOpt = False,
+) -> None:
+    """Train a memory model on the synthetic world (the defaults reproduce the bundled demo model).
+
+    Example: memedit train --out demo-model
+    """
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from memedit.checkpoint import save
+    from memedit.evaluate import fact_accuracies
+    from memedit.train import TrainConfig, train as run
+
+    tc = TrainConfig()
+    if epochs:
+        tc.epochs = epochs
+    if seed:
+        tc.seed = seed
+    t0 = time.time()
+    with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                  TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=console, disable=json) as bar:
+        task = bar.add_task("train", total=None, loss=float("nan"))
+
+        def progress(step: int, total: int, loss: float) -> None:
+            bar.update(task, completed=step, total=total, loss=loss)
+
+        m, world = run(tc, progress)
+    seconds = time.time() - t0
+    save(m, out)
+    acc = fact_accuracies(m, world.facts)
+    zero = fact_accuracies(m, world.facts, zero_memory=True)
+    res = {"out": str(out), "seconds": round(seconds, 1), "accuracy": acc, "accuracy_memory_zeroed": zero}
+    if json:
+        return print_json(res)
+    console.print(f"wrote {out} in {seconds:.0f}s")
+    console.print(f"answer accuracy: training phrasings {acc['train']:.1%}, held-out phrasings {acc['heldout']:.1%}")
+    console.print(f"with memory zeroed: training phrasings {zero['train']:.1%}")

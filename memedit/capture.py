@@ -1,0 +1,74 @@
+"""Observe the one lookup routine through forward hooks.
+
+Every tool that needs lookups (trace, audit, background statistics, verification, core sets) goes through
+here, so nothing re-implements the lookup: it only watches ``layer.search``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .memory import Lookup
+from .model import MemoryModel
+
+
+@contextlib.contextmanager
+def on_lookup(model: MemoryModel, fn: Callable[[int, Lookup], Lookup | None]) -> Iterator[None]:
+    """Within the block, call ``fn(layer, lookup)`` for every lookup; a returned Lookup replaces the original."""
+    handles = []
+    for L, layer in model.memory_layers.items():
+        handles.append(layer.search.register_forward_hook(lambda mod, inp, out, L=L: fn(L, out)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def capture_lookups(model: MemoryModel) -> Iterator[dict[int, list[Lookup]]]:
+    """Record every lookup made in the block: {layer: [Lookup per forward call]} (tensors detached)."""
+    rec: dict[int, list[Lookup]] = {L: [] for L in model.memory_layers}
+
+    def keep(L: int, lk: Lookup) -> None:
+        rec[L].append(Lookup(**{k: v.detach() for k, v in lk.__dict__.items()}))
+
+    with on_lookup(model, keep):
+        yield rec
+
+
+@torch.no_grad()
+def answer_lookups(model: MemoryModel, prompts: Sequence[str]) -> dict[int, Lookup]:
+    """The lookups at the last position of each prompt: {layer: Lookup with n_tokens = len(prompts)}."""
+    from .evaluate import pad_batch
+
+    seqs = [model.encode(p) for p in prompts]
+    pad = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else 0
+    tokens, lengths = pad_batch(seqs, pad)
+    B, T = tokens.shape
+    with capture_lookups(model) as rec:
+        model(tokens)
+    rows = torch.arange(B) * T + (lengths - 1)  # flat (B*T) index of each prompt's last token
+    out = {}
+    for L, (lk,) in rec.items():
+        out[L] = Lookup(**{k: v[rows] for k, v in lk.__dict__.items()})
+    return out
+
+
+def core_set(model: MemoryModel, prompts: Sequence[str]) -> dict[str, list[int]]:
+    """Slots selected at the answer position by EVERY prompt, per value table (union over its layers and heads).
+
+    This is the "core set" of sparse memory finetuning (reference §6) for a fact's phrasings.
+    """
+    lookups = answer_lookups(model, prompts)
+    out: dict[str, list[int]] = {}
+    for t in model.tables:
+        common: set[int] | None = None
+        for b in range(len(prompts)):
+            slots = set(torch.cat([lookups[L].indices[b].flatten() for L in t.layers]).tolist())
+            common = slots if common is None else common & slots
+        out[t.name] = sorted(common or [])
+    return out

@@ -1,0 +1,286 @@
+"""The native model folder, atomic writes, and finding the model a command should use.
+
+A native model folder holds ``config.json``, ``model.safetensors`` (a shared value table stored once), the
+tokenizer file, and a ``memedit/`` subfolder for later state (frozen rows, background statistics, edit log).
+Every write goes to a temporary file in the same folder, is fsynced, then renamed over the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import MemeditError
+from .model import MemoryModel, ModelConfig
+
+FORMAT = "memedit"
+FORMAT_VERSION = 1
+BUNDLED = Path(__file__).parent / "data" / "demo"
+ENV_MODEL = "MEMEDIT_MODEL"
+STATE_DIR = "memedit"  # per-model state inside a native folder
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---- atomic writes ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(d: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+# ---- resolving --model ----------------------------------------------------------------------------
+def resolve_model_path(path: str | Path | None) -> Path:
+    """The model a command should use: the given path, else $MEMEDIT_MODEL, else the bundled demo model."""
+    if path is None or str(path) == "":
+        path = os.environ.get(ENV_MODEL) or BUNDLED
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise MemeditError(f"model path {p} does not exist")
+    return p
+
+
+def is_native(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def load(path: str | Path | None = None, dtype: str | None = None, **options) -> MemoryModel:
+    """Load a model: a native folder, the bundled demo model (default), or a layout an importer knows."""
+    p = resolve_model_path(path)
+    if p.is_dir() and is_native(p):
+        model = load_native(p)
+    else:
+        from . import importers
+
+        model = importers.load_foreign(p, **options)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise MemeditError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+        model.to(DTYPES[dtype])
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_native(path: str | Path) -> MemoryModel:
+    """Load a native model folder, validating config, names and shapes."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .tokenizer import load_tokenizer
+
+    path = Path(path)
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise MemeditError(f"cannot read {path / 'config.json'}: {e}") from None
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise MemeditError(f"{path} was written by a newer memedit (format {meta['format_version']}); upgrade memedit")
+    try:
+        cfg = ModelConfig.from_dict(meta["model"])
+    except (KeyError, TypeError) as e:
+        raise MemeditError(f"{path / 'config.json'}: invalid model config ({e})") from None
+    try:
+        model = MemoryModel(cfg)
+    except ValueError as e:
+        raise MemeditError(f"{path / 'config.json'}: {e}") from None
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise MemeditError(f"{path} has no model.safetensors")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MemeditError(f"{weights} is corrupt or truncated ({e})") from None
+    dtype = DTYPES.get(meta.get("dtype", "float32"))
+    if dtype is None:
+        raise MemeditError(f"{path / 'config.json'}: unknown dtype {meta.get('dtype')!r}")
+    model.to(dtype)
+    load_state(model, state, str(weights))
+    tok = path / meta.get("tokenizer", "tokenizer.json")
+    model.tokenizer = load_tokenizer(tok) if tok.is_file() else None
+    if model.tokenizer is not None and model.tokenizer.vocab_size != cfg.vocab_size:
+        raise MemeditError(f"{tok} has {model.tokenizer.vocab_size} tokens but the model expects {cfg.vocab_size}")
+    model.meta = dict(meta.get("meta") or {})
+    model.source = str(path)
+    model.read_only = path.resolve() == BUNDLED.resolve()
+    return model
+
+
+def native_state(model: MemoryModel) -> dict[str, torch.Tensor]:
+    """The state dict with every shared value table stored once (under its first reading layer)."""
+    state = model.state_dict()
+    for t in model.tables:
+        for name in t.state_names[1:]:
+            del state[name]
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def load_state(model: MemoryModel, state: dict[str, torch.Tensor], origin: str) -> None:
+    """Copy ``state`` into ``model``, naming exactly what is missing, unexpected or mis-shaped."""
+    expected = native_state(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected) - _shared_copies(model))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
+        raise MemeditError(f"{origin} does not match its config: {'; '.join(parts)}")
+    params = dict(model.state_dict(keep_vars=True))
+    for name in expected:
+        src, dst = state[name], params[name]
+        if tuple(src.shape) != tuple(dst.shape):
+            raise MemeditError(f"{origin}: {name} has shape {tuple(src.shape)}, the config implies {tuple(dst.shape)}")
+        with torch.no_grad():
+            dst.data = src.to(dst.dtype).clone() if src.dtype != dst.dtype else src.clone()
+    _retie_shared(model)
+
+
+def _shared_copies(model: MemoryModel) -> set[str]:
+    return {n for t in model.tables for n in t.state_names[1:]}
+
+
+def _retie_shared(model: MemoryModel) -> None:
+    """Assigning ``.data`` keeps module identity, so shared tables stay one module; nothing to re-tie."""
+    for t in model.tables:
+        for L in t.layers:
+            assert model.memory_layers[L].values is t.module
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for k, v in DTYPES.items():
+        if v == dtype:
+            return k
+    raise MemeditError(f"unsupported dtype {dtype}")
+
+
+def save(model: MemoryModel, dst: str | Path, overwrite: bool = False) -> Path:
+    """Write ``model`` as a native folder at ``dst``, atomically: the folder appears whole or not at all."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    dst = Path(dst).expanduser()
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+        raise MemeditError(f"{dst} already exists and is not empty; choose a new folder")
+    if dst.exists() and BUNDLED.resolve() == dst.resolve():
+        raise MemeditError("the bundled demo model is read-only")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "memedit_version": __version__,
+            "dtype": dtype_name(model.dtype),
+            "model": model.config.to_dict(),
+            "tokenizer": "tokenizer.json",
+            "meta": model.meta,
+        }
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        save_file(native_state(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        if model.tokenizer is not None:
+            if not hasattr(model.tokenizer, "save"):
+                raise MemeditError(f"cannot save a {type(model.tokenizer).__name__} tokenizer")
+            model.tokenizer.save(tmp / "tokenizer.json")
+        src_state = Path(model.source) / STATE_DIR if model.source else None
+        if src_state is not None and src_state.is_dir():
+            shutil.copytree(src_state, tmp / STATE_DIR)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def state_dir(model: MemoryModel, create: bool = False) -> Path:
+    """The model's ``memedit/`` state folder; refuses the bundled (read-only) model when ``create``."""
+    if create:
+        require_writable(model)
+    if model.source is None:
+        raise MemeditError("this model was not loaded from a folder; save it with `memedit convert` first")
+    d = Path(model.source) / STATE_DIR
+    if create:
+        d.mkdir(exist_ok=True)
+    return d
+
+
+def require_writable(model: MemoryModel) -> None:
+    """Refuse to change the bundled model or a model that is not a native folder."""
+    if model.read_only:
+        raise MemeditError(
+            "the bundled demo model is read-only: copy it first with `memedit convert ./my-model`, "
+            "then pass --model ./my-model"
+        )
+    if model.source is None or not is_native(Path(model.source)):
+        raise MemeditError(f"{model.source} is not a native memedit folder: `memedit convert DST --model {model.source}` first")
+
+
+def fingerprint(model: MemoryModel) -> str:
+    """A sha256 over the config and every tensor (a shared table once), in name order: 16 hex digits."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, t in sorted(native_state(model).items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,79 @@
+"""Batched prompt scoring: next-token predictions at the end of each prompt, and fact accuracy."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+
+from .errors import MemeditError
+from .model import MemoryModel
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists to (B, T); returns (tokens, lengths). Causal attention makes right padding safe."""
+    if not seqs:
+        raise MemeditError("nothing to score: no prompts")
+    T = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        tokens[b, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+    return tokens, torch.tensor([len(s) for s in seqs])
+
+
+def answer_token(model: MemoryModel, word: str) -> int:
+    """The token id of a one-token answer; a multi-token answer is scored by its first token."""
+    ids = model.tokenizer.encode(" " + word.strip()) if model.tokenizer is not None else []
+    if not ids:
+        raise MemeditError(f"the target {word!r} has no tokens")
+    return ids[0]
+
+
+@torch.no_grad()
+def last_logits(model: MemoryModel, prompts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
+    """Logits (n_prompts, vocab) for the token after each prompt, in float32."""
+    pad = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else 0
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        seqs = [model.encode(p) for p in prompts[start : start + batch_size]]
+        tokens, lengths = pad_batch(seqs, pad)
+        logits = model(tokens)  # (B, T, vocab)
+        out.append(logits[torch.arange(len(seqs)), lengths - 1].float())
+    return torch.cat(out)
+
+
+def accuracy(model: MemoryModel, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 512) -> float:
+    """Fraction of prompts whose greedy next token is the target's (first) token."""
+    logits = last_logits(model, prompts, batch_size)
+    want = torch.tensor([answer_token(model, t) for t in targets])
+    return (logits.argmax(-1) == want).float().mean().item()
+
+
+@contextlib.contextmanager
+def memory_zeroed(model: MemoryModel) -> Iterator[None]:
+    """Within the block, every memory layer outputs zeros (for 'do the facts live in memory?' checks)."""
+    handles = [layer.register_forward_hook(lambda m, i, o: torch.zeros_like(o)) for layer in model.memory_layers.values()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def fact_accuracies(model: MemoryModel, facts, zero_memory: bool = False) -> dict[str, float]:
+    """Top-1 answer accuracy over the facts' training phrasings and held-out phrasings."""
+    train_p, train_t, held_p, held_t = [], [], [], []
+    for f in facts:
+        for p in f.training_prompts:
+            train_p.append(p)
+            train_t.append(f.target_true)
+        for p in f.heldout_paraphrases:
+            held_p.append(p)
+            held_t.append(f.target_true)
+    ctx = memory_zeroed(model) if zero_memory else contextlib.nullcontext()
+    with ctx:
+        res = {"train": accuracy(model, train_p, train_t)}
+        if held_p:
+            res["heldout"] = accuracy(model, held_p, held_t)
+    return res
