@@ -1,0 +1,208 @@
+"""`memedit verify` as a user runs it, and proof that it catches real lookup bugs.
+
+Each injected bug is a faulty lookup module swapped into ``layer.search`` (the one place every lookup goes
+through); verify must flag it in that layer and only there.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memedit import exact
+from memedit.errors import MemeditError
+from memedit.memory import Lookup, ProductKeySearch
+
+from conftest import TINY_TEXTS, tiny_model
+
+
+# ---- injected bugs ---------------------------------------------------------------------------------------
+class SwappedSlotIds(ProductKeySearch):
+    """Bug: composes the slot id as j*N + i (second half major)."""
+
+    def forward(self, query, keys):
+        lk = super().forward(query, keys)
+        i, j = lk.subkeys[..., 0], lk.subkeys[..., 1]
+        return lk.replace(indices=j * self.n_keys + i)
+
+
+class SmallStage1(ProductKeySearch):
+    """Bug: stage 1 keeps only k1 < k sub-keys per half, so the k*k candidate grid is too small."""
+
+    def __init__(self, n_keys, knn, k1):
+        super().__init__(n_keys, knn)
+        self.k1 = k1
+
+    def forward(self, query, keys):
+        n, H, K = query.shape
+        N, k, k1 = self.n_keys, self.knn, self.k1
+        sub = torch.einsum("nhpd,hpid->nhpi", query.view(n, H, 2, K // 2), keys)
+        top, ids = sub.topk(k1, dim=-1)
+        cand = (top[:, :, 0].unsqueeze(-1) + top[:, :, 1].unsqueeze(-2)).view(n, H, k1 * k1)
+        scores, best = cand.topk(k, dim=-1)
+        i, j = ids[:, :, 0].gather(-1, best // k1), ids[:, :, 1].gather(-1, best % k1)
+        return Lookup(i * N + j, torch.stack([i, j], -1), scores, F.softmax(scores.float(), -1), ids)
+
+
+class StaleKeys(ProductKeySearch):
+    """Bug: searches a copy of the sub-keys taken earlier, so a later change to a sub-key is not seen."""
+
+    def __init__(self, n_keys, knn, keys):
+        super().__init__(n_keys, knn)
+        self.stale = keys.detach().clone()
+
+    def forward(self, query, keys):
+        return super().forward(query, self.stale.to(query.dtype))
+
+
+def run_random(model, n=400, dtypes=(torch.float32,)):
+    return exact.verify(model, exact.random_source(n, seed=1), "random", list(dtypes))
+
+
+def mismatches_by_layer(report):
+    out = {}
+    for p in report.passes:
+        for h in p.heads:
+            out[h.layer] = out.get(h.layer, 0) + h.mismatches
+    return out
+
+
+# ---- a correct lookup agrees -------------------------------------------------------------------------------
+def test_verify_cli_random_queries_agree_in_float32_and_bfloat16(cli, tiny):
+    _, path = tiny
+    code, out, _ = cli("verify", "--model", path, "--random", 500, "--dtypes", "float32,bfloat16", "--json")
+    assert code == 0
+    d = json.loads(out)
+    assert d["ok"] is True and [p["dtype"] for p in d["passes"]] == ["float32", "bfloat16"]
+    f32, bf16 = d["passes"]
+    # 2 memory layers x 2 heads x 500 queries, every one checked against FAISS
+    assert f32["lookups"] == bf16["lookups"] == 2000
+    assert all(h["agreement"] == 1.0 and h["mismatches"] == 0 for p in d["passes"] for h in p["heads"])
+    # float32 agrees to the last bits; bfloat16 ties a lot at the k-th place, which must not count as a mismatch
+    assert max(h["max_score_diff"] for h in f32["heads"]) < 1e-5
+    assert bf16["ties"] > f32["ties"]
+    assert bf16["identical"] + bf16["tie_agree"] == pytest.approx(1.0)
+
+
+def test_verify_cli_text_queries_table(cli, tiny, tmp_path):
+    _, path = tiny
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TINY_TEXTS) + "\n")
+    code, out, _ = cli("verify", "--model", path, "--corpus", corpus, "--save-queries", tmp_path / "q.npz")
+    assert code == 0
+    assert "all lookups agree with FAISS exact search" in out and "bfloat16" in out
+    # the saved queries check again without any tokenizer, as a standalone memory would
+    saved = np.load(tmp_path / "q.npz")
+    assert sorted(saved.files) == ["layer0", "layer2"] and saved["layer0"].shape[1:] == (2, 16)
+    np.save(tmp_path / "l2.npy", saved["layer2"])
+    code, out, _ = cli("verify", "--model", path, "--queries", tmp_path / "l2.npy", "--layer", 2, "--json")
+    assert code == 0
+    d = json.loads(out)
+    assert {h["layer"] for h in d["passes"][0]["heads"]} == {2}
+    assert d["passes"][0]["heads"][0]["lookups"] == saved["layer2"].shape[0]
+
+
+def test_verify_corpus_of_the_demo_model_agrees(demo):
+    from memedit.facts import world_of
+
+    texts = world_of(demo).training_sentences()[::50]
+    report = exact.verify(demo, exact.corpus_source(texts, limit=600), "demo", [demo.dtype, torch.bfloat16])
+    assert report.ok
+    assert all(h.lookups == 600 for p in report.passes for h in p.heads)
+
+
+# ---- injected bugs are flagged -----------------------------------------------------------------------------
+def test_slot_id_composed_second_half_major_is_flagged():
+    model = tiny_model()
+    layer = model.memory_layers[2]
+    layer.search = SwappedSlotIds(layer.cfg.n_keys, layer.cfg.knn)
+    report = run_random(model)
+    assert not report.ok
+    bad = mismatches_by_layer(report)
+    assert bad[2] > 300 and bad[0] == 0  # only the faulty layer, and nearly every lookup
+    ex = next(h for h in report.passes[0].heads if h.examples).examples[0]
+    assert ex.reason == "a reported score is not its slot's score"
+    assert sorted(ex.memedit_scores) == pytest.approx(sorted(ex.faiss_scores), rel=1e-5)  # values alone look right
+
+
+def test_stage1_smaller_than_k_is_flagged():
+    model = tiny_model(knn=6)
+    for layer in model.memory_layers.values():
+        layer.search = SmallStage1(layer.cfg.n_keys, layer.cfg.knn, k1=3)
+    report = run_random(model)
+    assert not report.ok
+    assert all(v > 0 for v in mismatches_by_layer(report).values())
+    reasons = {ex.reason for p in report.passes for h in p.heads for ex in h.examples}
+    assert "scores differ from the exact top-k" in reasons
+
+
+def test_perturbed_subkey_not_reflected_in_the_lookup_is_flagged():
+    model = tiny_model()
+    layer = model.memory_layers[0]
+    layer.search = StaleKeys(layer.cfg.n_keys, layer.cfg.knn, layer.keys4d)
+    assert run_random(model).ok  # before the change, the stale copy is still right
+    with torch.no_grad():  # move one half-1 sub-key of head 1 far out: its row of slots now wins often
+        layer.keys4d[1, 0, 5] += 3.0 * layer.keys4d[1, 0].norm(dim=-1).max()
+    report = run_random(model)
+    assert not report.ok
+    heads = {(h.layer, h.head): h.mismatches for h in report.passes[0].heads}
+    assert heads[(0, 1)] > 0 and heads[(0, 0)] == 0 and heads[(2, 0)] == heads[(2, 1)] == 0
+
+
+def test_cli_exit_code_1_on_a_real_mismatch(cli, tiny, monkeypatch):
+    _, path = tiny
+    original = ProductKeySearch.forward
+
+    def swapped(self, query, keys):  # the same bug, patched into every lookup the CLI's model makes
+        lk = original(self, query, keys)
+        return lk.replace(indices=lk.subkeys[..., 1] * self.n_keys + lk.subkeys[..., 0])
+
+    monkeypatch.setattr(ProductKeySearch, "forward", swapped)
+    code, out, _ = cli("verify", "--model", path, "--random", 50, "--dtypes", "float32", "--examples", 1)
+    assert code == 1
+    assert "REAL MISMATCHES" in out and "memedit slots" in out and "FAISS slots" in out
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+def test_bad_input_is_one_line_with_exit_2(cli, tiny, tmp_path):
+    _, path = tiny
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    code, _, err = cli("verify", "--model", path, "--corpus", empty)
+    assert code == 2 and "tokenizes to nothing" in err and len(err.strip().splitlines()) == 1
+    np.save(tmp_path / "bad.npy", np.zeros((3, 5, 7), dtype=np.float32))
+    code, _, err = cli("verify", "--model", path, "--queries", tmp_path / "bad.npy", "--layer", 0)
+    assert code == 2 and "expected (n, 2, 16)" in err
+    code, _, err = cli("verify", "--model", path, "--queries", tmp_path / "bad.npy")
+    assert code == 2 and "--layer" in err
+    code, _, err = cli("verify", "--model", path, "--random", 5, "--layer", 1)
+    assert code == 2 and "not a memory layer" in err
+    code, _, err = cli("verify", "--model", path, "--random", 5, "--dtypes", "int8")
+    assert code == 2 and "unknown dtype" in err
+    code, _, err = cli("verify", "--model", path)
+    assert code == 2 and "--corpus" in err  # a model without a facts world needs text
+
+
+def test_k_larger_than_n_is_refused():
+    model = tiny_model()
+    layer = model.memory_layers[0]
+    layer.search = ProductKeySearch(layer.cfg.n_keys, layer.cfg.n_keys + 1)
+    with pytest.raises(MemeditError, match="knn 17 > N 16"):
+        run_random(model)
+
+
+def test_blockwise_search_equals_one_block():
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 32, 8, generator=g).numpy()
+    q = torch.randn(50, 16, generator=g).numpy()
+    d1, i1 = exact.exact_search(q, keys, 10, block_bytes=1)  # one sub-key row per block
+    d2, i2 = exact.exact_search(q, keys, 10, block_bytes=1 << 30)
+    full = exact.slot_keys(keys)  # (1024, 16), slot i*N + j
+    assert np.array_equal(full[33], np.concatenate([keys[0][1], keys[1][1]]))
+    assert np.array_equal(i1, i2) and np.allclose(d1, d2)
+    brute = np.argsort(-(q @ full.T), axis=1)[:, :10]
+    assert np.array_equal(np.sort(i1, 1), np.sort(brute, 1))
