@@ -40,14 +40,14 @@ def rtol_for(dtype: torch.dtype) -> float:
 
 
 # ---- the reference: brute force over concatenated keys ------------------------------------------------
-def slot_keys(keys: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
+def slot_keys(keys: np.ndarray, rows: slice = slice(None), out: np.ndarray | None = None) -> np.ndarray:
     """The full keys [C0_i ; C1_j] of the slots in sub-key rows ``rows`` of half 1, all j: (rows*N, K).
 
-    keys: one head's sub-keys (2, N, K/2). Slot ids of the block are contiguous: i*N + j.
+    keys: one head's sub-keys (2, N, K/2). Slot ids of the block are contiguous: i*N + j. ``out``: write there.
     """
     c0, c1 = keys[0][rows], keys[1]  # (r, K/2), (N, K/2)
     r, N, h = c0.shape[0], c1.shape[0], c1.shape[1]
-    out = np.empty((r, N, 2 * h), dtype=np.float32)
+    out = np.empty((r, N, 2 * h), dtype=np.float32) if out is None else out.reshape(r, N, 2 * h)
     out[:, :, :h] = c0[:, None, :]
     out[:, :, h:] = c1[None, :, :]
     return out.reshape(r * N, 2 * h)
@@ -140,12 +140,19 @@ def compare_head(
     rtol: float,
     report: HeadReport,
     block_bytes: int = BLOCK_BYTES,
+    index: "SlotKeyIndex | None" = None,
 ) -> HeadReport:
-    """Check memedit's top-k against FAISS for one head, adding the counts to ``report``."""
+    """Check memedit's top-k against FAISS for one head, adding the counts to ``report``.
+
+    The reference is the blockwise search, or ``index`` (materialised slot keys) when given.
+    """
     n, k = slots.shape
     if n == 0:
         return report
-    D, I = exact_search(queries, keys, k + 1, block_bytes)  # (n, k+1): one extra to see ties at the edge
+    if index is not None:
+        D, I = index.search(queries, k + 1)
+    else:
+        D, I = exact_search(queries, keys, k + 1, block_bytes)  # (n, k+1): one extra to see ties at the edge
     ref, ref_ids, kth = D[:, :k].astype(np.float64), I[:, :k], D[:, k - 1].astype(np.float64)
     tol = rtol * score_scale(queries, keys)  # (n,)
     mine = np.sort(scores.astype(np.float64), axis=1)[:, ::-1]  # (n, k) descending
@@ -314,8 +321,13 @@ class VerifyReport:
         return {"source": self.source, "ok": self.ok, "passes": [p.to_json() for p in self.passes]}
 
 
-def compare(checked: dict[int, Checked], rtol: float, block_bytes: int = BLOCK_BYTES) -> list[HeadReport]:
-    """Compare every (layer, head) of captured lookups with FAISS."""
+def compare(
+    checked: dict[int, Checked],
+    rtol: float,
+    block_bytes: int = BLOCK_BYTES,
+    indexes: "dict[int, list[SlotKeyIndex]] | None" = None,
+) -> list[HeadReport]:
+    """Compare every (layer, head) of captured lookups with FAISS (blockwise, or the kept ``indexes``)."""
     out = []
     for L, c in checked.items():
         keys = c.keys.detach().float().cpu().numpy()  # (H, 2, N, K/2)
@@ -323,7 +335,8 @@ def compare(checked: dict[int, Checked], rtol: float, block_bytes: int = BLOCK_B
         for h in range(q.shape[1]):
             rep = HeadReport(L, h)
             compare_head(np.ascontiguousarray(q[:, h]), keys[h], c.lookup.indices[:, h].cpu().numpy(),
-                         c.lookup.scores[:, h].float().cpu().numpy(), rtol, rep, block_bytes)
+                         c.lookup.scores[:, h].float().cpu().numpy(), rtol, rep, block_bytes,
+                         index=indexes[L][h] if indexes else None)
             out.append(rep)
     return out
 
@@ -432,3 +445,58 @@ def save_queries(path: str, checked: dict[int, Checked]) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **{f"layer{L}": c.queries.float().cpu().numpy() for L, c in checked.items()})
+
+
+# ---- the incremental exact index ------------------------------------------------------------------------
+class SlotKeyIndex:
+    """One head's N² slot keys materialised as a float32 buffer (N², K), searched exactly with FAISS.
+
+    It follows the sub-keys incrementally: a changed half-1 sub-key i rewrites only the N slots of its row
+    (i*N .. i*N+N-1), a changed half-2 sub-key j only the N slots of its column (j, N+j, 2N+j, ...).
+    """
+
+    def __init__(self, keys: np.ndarray):
+        self.subkeys = np.array(keys, dtype=np.float32)  # (2, N, K/2), the copy the buffer was built from
+        self.n_keys, self.half = self.subkeys.shape[1], self.subkeys.shape[2]
+        self.keys = slot_keys(self.subkeys)  # (N², K)
+
+    def set_subkey(self, half: int, i: int, vector: np.ndarray) -> int:
+        """Replace sub-key ``i`` of ``half`` and rewrite the slots it touches; returns how many (N)."""
+        N, h = self.n_keys, self.half
+        if not (half in (0, 1) and 0 <= i < N):
+            raise MemeditError(f"sub-key ({half}, {i}) is out of range: half 0 or 1, id 0..{N - 1}")
+        self.subkeys[half, i] = vector
+        if half == 0:
+            self.keys[i * N : (i + 1) * N, :h] = self.subkeys[0, i]  # row i: slots i*N + j
+        else:
+            self.keys[i::N, h:] = self.subkeys[1, i]  # column j: slots i*N + j for every i
+        return N
+
+    def sync(self, keys: np.ndarray) -> int:
+        """Bring the buffer in step with ``keys`` (2, N, K/2), touching only changed sub-keys; returns slots rewritten."""
+        keys = np.asarray(keys, dtype=np.float32)
+        changed = np.argwhere((keys != self.subkeys).any(-1))  # (m, 2): (half, id)
+        return sum(self.set_subkey(int(half), int(i), keys[half, i]) for half, i in changed)
+
+    def rebuild(self) -> None:
+        """Rewrite every slot from the sub-keys (what an update avoids)."""
+        slot_keys(self.subkeys, out=self.keys)
+
+    def search(self, queries: np.ndarray, k: int):
+        """Exact inner-product top-k over the buffer: (scores (n, k), slot ids (n, k))."""
+        import faiss
+
+        xq = np.ascontiguousarray(queries, dtype=np.float32)
+        return faiss.knn(xq, self.keys, min(k, self.keys.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
+
+
+def layer_indexes(layer: MemoryLayer) -> list[SlotKeyIndex]:
+    """A :class:`SlotKeyIndex` per head of a memory layer, built from its current sub-keys."""
+    keys = layer.keys4d.detach().float().cpu().numpy()
+    return [SlotKeyIndex(keys[h]) for h in range(keys.shape[0])]
+
+
+def sync_indexes(indexes: list[SlotKeyIndex], layer: MemoryLayer) -> int:
+    """Update each head's index for the layer's changed sub-keys; returns the slots rewritten."""
+    keys = layer.keys4d.detach().float().cpu().numpy()
+    return sum(ix.sync(keys[h]) for h, ix in enumerate(indexes))
