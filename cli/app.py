@@ -17,6 +17,7 @@ app = typer.Typer(
 # Command modules (import order is the order in --help).
 from . import core  # noqa: E402,F401
 from . import verify  # noqa: E402,F401
+from . import keys  # noqa: E402,F401
 
 
 def main() -> None:

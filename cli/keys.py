@@ -1,0 +1,135 @@
+"""memedit keys ...: adapt sub-keys online, route a new fact to a free slot, apply or revert key patches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .app import app
+from .common import JsonOpt, ModelOpt, command, console, load_model, print_json
+
+keys_app = typer.Typer(help="Change sub-keys: online adaptation, routing a fact to a free slot, key patches.",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Patch file to write (default: MODEL/memedit/patches/keys-*.safetensors).")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Measure only; write nothing.")]
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    from memedit.errors import MemeditError
+
+    try:
+        lines = [x for x in path.read_text().splitlines() if x.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise MemeditError(f"cannot read {what} {path}: {e}") from None
+    if not lines:
+        raise MemeditError(f"the {what} {path} tokenizes to nothing: it has no text lines")
+    return lines
+
+
+def background_text(model, probe: Optional[Path], n: int = 512) -> list[str]:
+    """The probe set: --probe, else an even sample of the model's world corpus (facts and filler)."""
+    from memedit.errors import MemeditError
+    from memedit.facts import world_of
+
+    if probe is not None:
+        return read_lines(probe, "probe text")
+    if not model.meta.get("world"):
+        raise MemeditError("this model records no facts world: give background text with --probe FILE")
+    sents = world_of(model).training_sentences()
+    return sents[:: max(1, len(sents) // n)][:n]
+
+
+@command(keys_app, "adapt")
+def adapt_cmd(
+    corpus: Annotated[Path, typer.Argument(help="Text to adapt to, one passage per line.")],
+    steps: Annotated[int, typer.Option(min=1, help="Update steps (one batch each, cycling through the text).")] = 20,
+    batch_size: Annotated[int, typer.Option(min=1, help="Passages per step.")] = 16,
+    lr: Annotated[float, typer.Option(min=0.0, help="SGD learning rate for the sub-keys.")] = 1.0,
+    layer: Annotated[Optional[list[int]], typer.Option(help="Only these memory layers (repeatable).")] = None,
+    probe: Annotated[Optional[Path], typer.Option(help="Background text whose lookups measure collateral (default: a sample of the world corpus).")] = None,
+    out: OutOpt = None,
+    dry_run: DryRunOpt = False,
+    model: ModelOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Adapt the sub-keys online to CORPUS: each step moves only sub-keys that entered a stage-1 top-k in its batch.
+
+    Frozen sub-keys (memedit/frozen.safetensors, "keys.layer{L}") stay fixed. Saves a reversible key patch and
+    applies it to the model folder (undo with `memedit keys revert PATCH`).
+
+    Example: memedit keys adapt heldout.txt --model ./my-model --steps 30
+    """
+    from memedit.checkpoint import require_writable
+    from memedit.keys import adapt, save_and_apply
+
+    m = load_model(model)
+    if not dry_run:
+        require_writable(m)
+    texts = read_lines(corpus, "corpus")
+    probe_texts = background_text(m, probe)
+
+    def show(st) -> None:
+        if not json:
+            console.print(f"step {st.step:3d}  loss {st.loss:.4f}  sub-keys changed {st.subkeys_changed:5d}  "
+                          f"collateral {st.collateral:.2%}  slots re-indexed {st.slots_reindexed:,}")
+
+    res = adapt(m, texts, probe_texts, steps=steps, batch_size=batch_size, lr=lr, layers=layer, progress=show)
+    path = None
+    if not dry_run and res.patch.changes:
+        res.patch.meta["corpus"] = str(corpus)
+        path = save_and_apply(m, res.patch, out, "adapt")
+    d = res.to_json() | {"patch": str(path) if path else None, "patch_rows": res.patch.n_rows}
+    if json:
+        return print_json(d)
+    console.print(f"loss on {corpus}: {res.loss_before:.4f} -> {res.loss_after:.4f}; on the probe text: "
+                  f"{res.probe_loss_before:.4f} -> {res.probe_loss_after:.4f}")
+    console.print(f"sub-keys changed: {res.subkeys_changed:,} of {res.subkeys_total:,} "
+                  f"({res.frozen_skipped:,} frozen ones left alone); collateral {res.steps[-1].collateral:.2%} of probe lookups")
+    console.print(f"exact check: {res.exact_lookups:,} probe lookups vs the incrementally updated FAISS index, "
+                  f"{res.exact_mismatches} mismatches")
+    console.print(f"wrote patch {path} and applied it" if path else "nothing written (--dry-run or no change)")
+
+
+@command(keys_app, "revert")
+def revert_cmd(
+    patch: Annotated[Path, typer.Argument(help="A key patch written by `keys adapt` or `keys route`.")],
+    model: ModelOpt = None,
+) -> None:
+    """Put back the rows a key patch replaced (refused if they changed since).
+
+    Example: memedit keys revert my-model/memedit/patches/keys-adapt-20260101-120000.safetensors --model ./my-model
+    """
+    from memedit.checkpoint import require_writable
+    from memedit.keys import KeyPatch, write_weights
+
+    m = load_model(model)
+    require_writable(m)
+    p = KeyPatch.load(patch)
+    p.revert(m)
+    write_weights(m)
+    console.print(f"reverted {p.n_rows} rows from {patch}")
+
+
+@command(keys_app, "apply")
+def apply_cmd(
+    patch: Annotated[Path, typer.Argument(help="A key patch written by `keys adapt` or `keys route`.")],
+    model: ModelOpt = None,
+) -> None:
+    """Apply a key patch again (refused unless the model holds the patch's old rows).
+
+    Example: memedit keys apply patch.safetensors --model ./my-model
+    """
+    from memedit.checkpoint import require_writable
+    from memedit.keys import KeyPatch, write_weights
+
+    m = load_model(model)
+    require_writable(m)
+    p = KeyPatch.load(patch)
+    p.apply(m)
+    write_weights(m)
+    console.print(f"applied {p.n_rows} rows from {patch}")

@@ -1,0 +1,132 @@
+"""`memedit keys adapt / revert / apply` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from memedit.capture import capture_lookups
+from memedit.checkpoint import fingerprint, load
+from memedit.keys import KeyPatch, keys_name, token_batches
+from memedit.state import write_frozen_rows
+
+from conftest import TINY_TEXTS, tiny_model
+
+
+def write_texts(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def stage1_rows(model, texts, L):
+    """Every keys row that entered a stage-1 top-k of layer L while reading ``texts`` (the allowed updates)."""
+    rows = set()
+    N = model.config.memory.n_keys
+    for tokens, valid in token_batches(model, texts, 64):
+        with torch.no_grad(), capture_lookups(model) as rec:
+            model(tokens[:, :-1])
+        s1 = rec[L][0].stage1[valid[:, :-1].reshape(-1)]  # (n, H, 2, k)
+        for h in range(s1.shape[1]):
+            for half in range(2):
+                rows |= {h * 2 * N + half * N + int(i) for i in s1[:, h, half].unique()}
+    return rows
+
+
+def test_adapt_lowers_loss_moves_only_stage1_subkeys_and_reverts_exactly(cli, tiny, tmp_path):
+    model, path = tiny
+    corpus = write_texts(tmp_path / "text.txt", TINY_TEXTS)
+    probe = write_texts(tmp_path / "probe.txt", ["the dog sat in the park .", "a cat ran on the mat ."])
+    base = fingerprint(model)
+    code, out, _ = cli("keys", "adapt", corpus, "--model", path, "--probe", probe, "--steps", 6, "--lr", 2.0,
+                       "--out", tmp_path / "p.safetensors", "--json")
+    assert code == 0
+    d = json.loads(out)
+    assert d["loss_after"] < d["loss_before"]
+    assert len(d["steps"]) == 6 and all(s["subkeys_changed"] > 0 for s in d["steps"])
+    assert 0 < d["steps"][-1]["collateral"] <= 1
+    assert d["exact_lookups"] > 0 and d["exact_mismatches"] == 0  # the incremental index stayed exact
+    assert d["subkeys_changed"] < d["subkeys_total"]
+    # the folder now holds the adapted keys; the patch names only sub-key tensors
+    adapted = load(path)
+    assert fingerprint(adapted) != base
+    patch = KeyPatch.load(tmp_path / "p.safetensors")
+    assert set(patch.changes) == {keys_name(0), keys_name(2)}
+    # every other tensor is bit-identical
+    for name, t in model.state_dict().items():
+        if not name.endswith(".keys"):
+            assert torch.equal(t, adapted.state_dict()[name]), name
+    code, out, _ = cli("keys", "revert", tmp_path / "p.safetensors", "--model", path)
+    assert code == 0 and "reverted" in out
+    assert fingerprint(load(path)) == base
+    code, _, err = cli("keys", "revert", tmp_path / "p.safetensors", "--model", path)
+    assert code == 2 and "do not match the patch" in err
+    code, _, _ = cli("keys", "apply", tmp_path / "p.safetensors", "--model", path)
+    assert code == 0 and fingerprint(load(path)) == fingerprint(adapted)
+
+
+def test_one_step_moves_only_subkeys_that_entered_a_stage1_topk():
+    from memedit.keys import adapt
+
+    model = tiny_model()
+    before = {L: m.keys.clone() for L, m in model.memory_layers.items()}
+    res = adapt(model, TINY_TEXTS, TINY_TEXTS, steps=1, batch_size=len(TINY_TEXTS), lr=2.0)
+    for L, m in model.memory_layers.items():
+        moved = set(torch.nonzero((m.keys != before[L]).any(1)).flatten().tolist())
+        allowed = stage1_rows(tiny_model(), TINY_TEXTS, L)
+        assert moved and moved <= allowed and len(allowed) < m.keys.shape[0]
+    assert res.subkeys_changed == sum(len(set(torch.nonzero((m.keys != before[L]).any(1)).flatten().tolist()))
+                                      for L, m in model.memory_layers.items())
+
+
+def test_frozen_subkeys_are_honoured(cli, tiny, tmp_path):
+    model, path = tiny
+    all_rows = torch.arange(model.memory_layers[0].keys.shape[0])
+    write_frozen_rows(model, {"keys.layer0": all_rows})
+    corpus = write_texts(tmp_path / "text.txt", TINY_TEXTS)
+    code, out, _ = cli("keys", "adapt", corpus, "--model", path, "--probe", corpus, "--steps", 3, "--json")
+    assert code == 0
+    d = json.loads(out)
+    assert d["frozen_skipped"] > 0
+    after = load(path)
+    assert torch.equal(after.memory_layers[0].keys, model.memory_layers[0].keys)
+    assert not torch.equal(after.memory_layers[2].keys, model.memory_layers[2].keys)
+
+
+def test_dry_run_writes_nothing_and_bad_input_is_refused(cli, tiny, tmp_path):
+    model, path = tiny
+    corpus = write_texts(tmp_path / "text.txt", TINY_TEXTS)
+    code, out, _ = cli("keys", "adapt", corpus, "--model", path, "--probe", corpus, "--steps", 2, "--dry-run")
+    assert code == 0 and "nothing written" in out
+    assert fingerprint(load(path)) == fingerprint(model)
+    assert not (path / "memedit" / "patches").exists()
+    empty = write_texts(tmp_path / "empty.txt", ["   "])
+    code, _, err = cli("keys", "adapt", empty, "--model", path, "--probe", corpus)
+    assert code == 2 and "tokenizes to nothing" in err
+    code, _, err = cli("keys", "adapt", corpus, "--model", path)
+    assert code == 2 and "--probe" in err
+    code, _, err = cli("keys", "adapt", corpus, "--model", path, "--probe", corpus, "--layer", 1)
+    assert code == 2 and "not a memory layer" in err
+    (tmp_path / "junk.safetensors").write_bytes(b"not a patch")
+    code, _, err = cli("keys", "revert", tmp_path / "junk.safetensors", "--model", path)
+    assert code == 2 and "not a readable patch" in err
+
+
+def test_the_bundled_model_is_refused(cli, demo, tmp_path):
+    corpus = write_texts(tmp_path / "text.txt", ["hello ."])
+    code, _, err = cli("keys", "adapt", corpus)
+    assert code == 2 and "memedit convert" in err
+
+
+def test_adapt_on_heldout_phrasings_lowers_their_loss_on_the_demo_model(demo, tmp_path):
+    from memedit.checkpoint import save
+    from memedit.facts import world_of
+    from memedit.keys import adapt
+
+    model = load(save(demo, tmp_path / "mine"))
+    world = world_of(model)
+    heldout = [f"{p} {f.target_true} ." for f in world.facts[:48] for p in f.heldout_paraphrases]
+    res = adapt(model, heldout, world.training_sentences()[::400], steps=12, batch_size=32)
+    assert res.loss_after < res.loss_before - 0.05
+    assert res.exact_mismatches == 0
+    assert res.steps[-1].collateral < 0.5
