@@ -133,3 +133,67 @@ def apply_cmd(
     p.apply(m)
     write_weights(m)
     console.print(f"applied {p.n_rows} rows from {patch}")
+
+
+@command(keys_app, "route")
+def route_cmd(
+    prompt: Annotated[str, typer.Option(help='The fact\'s prompt, "{}" marks the subject.')],
+    subject: Annotated[str, typer.Option(help="The subject filled into the prompt.")],
+    target: Annotated[str, typer.Option(help="The answer the model must predict.")],
+    slot: Annotated[str, typer.Option(help="Slot id to write into, or 'auto' (an unused slot).")] = "auto",
+    layer: Annotated[Optional[int], typer.Option(help="Memory layer to route in (default: the cheapest).")] = None,
+    head: Annotated[Optional[int], typer.Option(help="Head to route in (default: the cheapest).")] = None,
+    margin: Annotated[float, typer.Option(min=0.0, help="How far above the k-th score to place the slot, as a share of its head's score spread.")] = 0.25,
+    eval_facts: Annotated[int, typer.Option(min=0, help="Other facts of the world to measure collateral on (0 = all).")] = 1000,
+    probe: Annotated[Optional[Path], typer.Option(help="Background text for collateral and slot usage (default: the world corpus).")] = None,
+    out: OutOpt = None,
+    dry_run: DryRunOpt = False,
+    model: ModelOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Write a new fact into a free slot: move that slot's two sub-keys just enough for the fact's query to select
+    it, train its value row to predict TARGET, and report collateral on background lookups and the other facts.
+
+    Example: memedit keys route --prompt "{} was born in" --subject Reidreir --target Thakrian --model ./my-model
+    """
+    from memedit.checkpoint import require_writable
+    from memedit.errors import MemeditError
+    from memedit.facts import world_of
+    from memedit.keys import route, save_and_apply
+
+    m = load_model(model)
+    if not dry_run:
+        require_writable(m)
+    if slot != "auto" and not slot.lstrip("-").isdigit():
+        raise MemeditError(f"--slot must be a slot id or 'auto', got {slot!r}")
+    world = world_of(m) if m.meta.get("world") else None
+    if probe is not None:
+        background = read_lines(probe, "probe text")
+    elif world is not None:
+        background = world.training_sentences()
+    else:
+        raise MemeditError("this model records no facts world: give background text with --probe FILE")
+    facts = None
+    if world is not None:
+        facts = world.facts if eval_facts == 0 else world.facts[:: max(1, len(world.facts) // eval_facts)][:eval_facts]
+    probe_texts = background[:: max(1, len(background) // 512)][:512]
+    res = route(m, prompt, subject, target, slot=None if slot == "auto" else int(slot), layer=layer, head=head,
+                background_texts=background, probe=probe_texts, facts=facts, margin=margin)
+    path = None if dry_run else save_and_apply(m, res.patch, out, "route")
+    d = res.to_json() | {"patch": str(path) if path else None}
+    if json:
+        return print_json(d)
+    t = Table(title=f"routed {prompt.format(subject) if '{}' in prompt else prompt!r} -> {target!r}")
+    t.add_column("")
+    t.add_column("value")
+    t.add_row("slot", f"{res.slot} = ({res.subkeys[0]}, {res.subkeys[1]}) in layer {res.layer} head {res.head}")
+    t.add_row("chosen as", f"{res.slot_choice}, {res.slot_uses} background uses")
+    t.add_row("sub-keys moved", f"|Δ| {res.moved[0]:.4f} and {res.moved[1]:.4f} (norms {res.subkey_norms[0]:.3f}, {res.subkey_norms[1]:.3f})")
+    t.add_row("selected", f"rank {res.rank} of the head's top-k, weight {res.weight:.3f}")
+    t.add_row("prediction", f"{res.predicted_before!r} (p(target) {res.p_before:.3f}) -> {res.predicted_after!r} (p {res.p_after:.3f})")
+    t.add_row("probe collateral", f"{res.collateral:.2%} of background lookups changed; {res.probe_selecting_slot} select the slot")
+    if res.facts_checked:
+        t.add_row("other facts", f"accuracy {res.facts_accuracy_before:.2%} -> {res.facts_accuracy_after:.2%} "
+                  f"over {res.facts_checked:,} prompts ({d['accuracy_drop_points']:+.2f} points drop)")
+    console.print(t)
+    console.print(f"wrote patch {path} and applied it" if path else "nothing written (--dry-run)")

@@ -358,3 +358,246 @@ def adapt(
         history, loss_before, text_loss(model, batches), probe_loss_before, text_loss(model, probe_batches),
         sum(int(v.sum()) for v in changed_any.values()), sum(m.keys.shape[0] for m in mem.values()),
         sum(int(v.sum()) for v in skipped.values()), n_exact, n_bad, patch)
+
+
+# ---- keys route ----------------------------------------------------------------------------------------
+@dataclass
+class RouteResult:
+    layer: int
+    head: int
+    slot: int
+    subkeys: tuple[int, int]  # (i, j): the slot's sub-keys in half 1 and half 2
+    slot_choice: str  # how the slot was chosen
+    slot_uses: int  # background accesses of the slot before routing
+    moved: tuple[float, float]  # |change| of sub-key i and of sub-key j
+    subkey_norms: tuple[float, float]  # their norms before
+    rank: int  # the slot's rank in its head's top-k for the fact's query (0 = best)
+    weight: float  # its softmax weight there
+    target: str
+    p_before: float  # probability of the target's token after the prompt
+    p_after: float
+    predicted_before: str
+    predicted_after: str
+    collateral: float  # fraction of probe lookups whose selected slots changed
+    probe_selecting_slot: int  # probe lookups that now select the routed slot
+    facts_checked: int  # other facts' prompts scored before and after
+    facts_accuracy_before: float
+    facts_accuracy_after: float
+    patch: KeyPatch
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "patch"}
+        d["accuracy_drop_points"] = 100 * (self.facts_accuracy_before - self.facts_accuracy_after)
+        return d
+
+
+def slot_usage(model: MemoryModel, table: str, texts: Sequence[str] | None) -> tuple[torch.Tensor, str]:
+    """Accesses of each row of a value table (rows,): stored background statistics, else counted over ``texts``."""
+    from .state import background
+
+    t = model.table(table)
+    bg = background(model)
+    if bg is not None and f"counts.{t.name}" in bg[0]:
+        return bg[0][f"counts.{t.name}"].long(), "background statistics"
+    if not texts:
+        raise MemeditError("no background statistics stored and no text to count slot accesses over")
+    counts = torch.zeros(t.n_rows, dtype=torch.long)
+    for L, slots in selected_slots(model, token_batches(model, texts, 64)).items():
+        if L in t.layers:
+            counts += torch.bincount(slots.flatten(), minlength=t.n_rows)
+    return counts, f"counted over {len(texts):,} background passages"
+
+
+@torch.no_grad()
+def answer_queries(model: MemoryModel, text: str) -> dict[int, torch.Tensor]:
+    """Each memory layer's query at the last position of ``text``: {layer: (H, K)} float32."""
+    got = {}
+    hooks = [m.hook_query.register_forward_hook(lambda mod, i, o, L=L: got.__setitem__(L, o[-1].float()))
+             for L, m in model.memory_layers.items()]
+    try:
+        model(torch.tensor([model.encode(text)]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+def subkey_moves(s1, s2, a: float, b: float, need: torch.Tensor, t1, t2):
+    """Smallest moves (along q1, q2) that put sub-keys into stage 1 and the pair's score above ``need``.
+
+    s1 (N1,), s2 (N2,) current sub-scores; t1, t2 the thresholds each must pass; a = |q1|², b = |q2|².
+    Returns (d1, d2, cost) each (N1, N2): score increases of each half and the squared norm of the move.
+    """
+    lo1 = (t1 - s1).clamp(min=0)[:, None]  # (N1, 1)
+    lo2 = (t2 - s2).clamp(min=0)[None, :]  # (1, N2)
+    S = torch.maximum(lo1 + lo2, need - s1[:, None] - s2[None, :])  # total increase needed
+    d1 = S * a / (a + b)  # the split minimising d1²/a + d2²/b ...
+    d1 = torch.maximum(d1, lo1)
+    d1 = torch.minimum(d1, S - lo2)  # ... within each half's own lower bound
+    d2 = S - d1
+    return d1, d2, d1**2 / a + d2**2 / b
+
+
+def route(
+    model: MemoryModel,
+    prompt: str,
+    subject: str,
+    target: str,
+    slot: int | None = None,
+    layer: int | None = None,
+    head: int | None = None,
+    background_texts: Sequence[str] | None = None,
+    probe: Sequence[str] | None = None,
+    facts: Sequence | None = None,
+    margin: float = 0.25,
+) -> RouteResult:
+    """Write a new fact into one slot: pick a free slot, move its two sub-keys as little as needed for the fact's
+    query to select it (in one head of one layer), then train its value row so the target is predicted."""
+    from .capture import answer_lookups
+    from .evaluate import accuracy, answer_token, last_logits
+    from .state import frozen_rows
+
+    text = prompt.format(subject) if "{}" in prompt else prompt
+    want = answer_token(model, target)
+    layers = model.memory_layers
+    if layer is not None and layer not in layers:
+        raise MemeditError(f"layer {layer} is not a memory layer (memory layers: {list(layers)})")
+    cfg = next(iter(layers.values())).cfg
+    N, k, H = cfg.n_keys, cfg.knn, cfg.heads
+    if head is not None and not 0 <= head < H:
+        raise MemeditError(f"head {head} is out of range 0..{H - 1}")
+    if slot is not None and not 0 <= slot < N * N:
+        raise MemeditError(f"slot id {slot} is out of range 0..{N * N - 1}")
+    candidates = [layer] if layer is not None else list(layers)
+    frozen_keys, frozen_values = frozen_key_rows(model), frozen_rows(model)
+
+    # the fact's current prediction and lookups
+    logits0 = last_logits(model, [text])[0]
+    p_before = logits0.softmax(-1)[want].item()
+    queries = answer_queries(model, text)
+    lookups = answer_lookups(model, [text])
+    usage: dict[str, tuple[torch.Tensor, str]] = {}
+
+    best = None  # (cost, L, h, slot, d1, d2)
+    for L in candidates:
+        table = next(t for t in model.tables if L in t.layers)
+        if slot is None and table.name not in usage:
+            usage[table.name] = slot_usage(model, table.name, background_texts)
+        keys = layers[L].keys4d.detach().float()  # (H, 2, N, K/2)
+        eligible = torch.ones(N * N, dtype=torch.bool)
+        if slot is not None:
+            eligible[:] = False
+            eligible[slot] = True
+        else:
+            counts = usage[table.name][0]
+            eligible &= counts <= counts.min()  # unused slots, or the least used if every slot is used
+        eligible[frozen_values.get(table.name, torch.empty(0, dtype=torch.long))] = False
+        for L2 in table.layers:  # a slot the prompt already reads: its value row serves other contexts too
+            eligible[lookups[L2].indices[0].flatten()] = False
+        for h in [head] if head is not None else range(H):
+            q = queries[L][h]
+            q1, q2 = q[: cfg.k_dim // 2], q[cfg.k_dim // 2 :]
+            s1, s2 = keys[h, 0] @ q1, keys[h, 1] @ q2  # (N,)
+            top1, top2 = s1.topk(k + 1).values, s2.topk(k + 1).values
+            in1, in2 = s1 >= top1[k - 1], s2 >= top2[k - 1]
+            scores = lookups[L].scores[0, h].float()
+            m = margin * float(scores[0] - scores[-1]) + 1e-4 * float(scores.abs().max())
+            t1 = torch.where(in1, top1[k], top1[k - 1]) + m
+            t2 = torch.where(in2, top2[k], top2[k - 1]) + m
+            d1, d2, cost = subkey_moves(s1, s2, float(q1 @ q1), float(q2 @ q2), scores[-1] + m, t1, t2)
+            ok = eligible.view(N, N).clone()
+            ok &= ~frozen_keys[L][h * 2 * N : h * 2 * N + N][:, None]
+            ok &= ~frozen_keys[L][h * 2 * N + N : (h + 1) * 2 * N][None, :]
+            cost = torch.where(ok, cost, torch.inf)
+            c = int(cost.argmin())
+            if torch.isfinite(cost.view(-1)[c]) and (best is None or cost.view(-1)[c] < best[0]):
+                best = (float(cost.view(-1)[c]), L, h, c, float(d1.view(-1)[c]), float(d2.view(-1)[c]), m)
+    if best is None:
+        raise MemeditError("no slot can be routed: every candidate slot or its sub-keys is frozen, or already read by this prompt")
+    _, L, h, s, d1, d2, m = best
+    i, j = divmod(s, N)
+    mem = layers[L]
+    table = next(t for t in model.tables if L in t.layers)
+    rows = torch.tensor([subkey_row(mem, h, 0, i), subkey_row(mem, h, 1, j)])
+    old_keys = mem.keys.detach()[rows].clone()
+    q = queries[L][h]
+    q1, q2 = q[: cfg.k_dim // 2], q[cfg.k_dim // 2 :]
+    extra = 0.0
+    for _ in range(12):  # the minimal move is computed against the old candidate grid; confirm with the real lookup
+        with torch.no_grad():
+            mem.keys[rows[0]] = (old_keys[0].float() + (d1 + extra / 2) * q1 / (q1 @ q1)).to(mem.keys.dtype)
+            mem.keys[rows[1]] = (old_keys[1].float() + (d2 + extra / 2) * q2 / (q2 @ q2)).to(mem.keys.dtype)
+        lk = answer_lookups(model, [text])[L]
+        hit = torch.nonzero(lk.indices[0, h] == s).flatten()
+        if hit.numel():
+            break
+        extra = extra * 2 if extra else max(m, 1e-3)
+    else:
+        with torch.no_grad():
+            mem.keys[rows] = old_keys
+        raise MemeditError(f"could not route the fact's query to slot {s} in layer {L} head {h}")
+    rank, weight = int(hit[0]), float(lk.weights[0, h, hit[0]])
+
+    # the value row: trained so that the target is predicted (only this row changes)
+    values = table.weight
+    old_value = values.detach()[s].clone()
+    tokens = torch.tensor([model.encode(text)])
+    values.requires_grad_(True)
+    mom, var = torch.zeros_like(old_value, dtype=torch.float32), torch.zeros_like(old_value, dtype=torch.float32)
+    lr = 0.25 * float(values.detach().float().std())
+    try:
+        for step in range(1, 301):
+            with torch.enable_grad():
+                logits = model(tokens)[0, -1].float()
+                loss = F.cross_entropy(logits[None], torch.tensor([want]))
+                values.grad = None
+                loss.backward()
+            top2 = logits.detach().topk(2)
+            if top2.indices[0] == want and float(top2.values[0] - top2.values[1]) > 1.0:
+                break
+            g = values.grad[s].float()
+            mom.mul_(0.9).add_(0.1 * g)
+            var.mul_(0.999).add_(0.001 * g * g)
+            upd = (mom / (1 - 0.9**step)) / ((var / (1 - 0.999**step)).sqrt() + 1e-8)
+            with torch.no_grad():
+                values[s] = (values[s].float() - lr * upd).to(values.dtype)
+    finally:
+        values.requires_grad_(False)
+        values.grad = None
+    logits1 = last_logits(model, [text])[0]
+    tok = model.tokenizer
+    patch = KeyPatch(
+        {keys_name(L): RowChange(rows, old_keys, mem.keys.detach()[rows].clone()),
+         table.state_names[0]: RowChange(torch.tensor([s]), old_value[None], values.detach()[s][None].clone())},
+        {"command": "keys route", "prompt": prompt, "subject": subject, "target": target, "layer": str(L),
+         "head": str(h), "slot": str(s), "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+    # collateral: probe lookups, and the other facts' accuracy (measured with and without the patch)
+    n_probe_changed, n_select, acc = 0.0, 0, (float("nan"), float("nan"))
+    n_facts = 0
+    if probe or facts:
+        pb = token_batches(model, probe, 64) if probe else []
+        f_prompts = [p for f in facts or [] if f.subject != subject for p in f.training_prompts]
+        f_targets = [f.target_true for f in facts or [] if f.subject != subject for _ in f.training_prompts]
+        n_facts = len(f_prompts)
+        after_slots = selected_slots(model, pb) if pb else {}
+        acc_after = accuracy(model, f_prompts, f_targets) if f_prompts else float("nan")
+        patch.revert(model)
+        before_slots = selected_slots(model, pb) if pb else {}
+        acc_before = accuracy(model, f_prompts, f_targets) if f_prompts else float("nan")
+        patch.apply(model)
+        if pb:
+            n_probe_changed = collateral(before_slots, after_slots)
+            n_select = sum(int((v == s).any(-1).sum()) for L2, v in after_slots.items() if L2 in table.layers)
+        acc = (acc_before, acc_after)
+    usage_info = usage.get(table.name)
+    return RouteResult(
+        layer=L, head=h, slot=s, subkeys=(i, j),
+        slot_choice="given" if slot is not None else f"least-used slot ({usage_info[1]})",
+        slot_uses=int(usage_info[0][s]) if usage_info else -1,
+        moved=tuple(float(x) for x in (mem.keys.detach()[rows].float() - old_keys.float()).norm(dim=-1)),
+        subkey_norms=tuple(float(x) for x in old_keys.float().norm(dim=-1)),
+        rank=rank, weight=weight, target=target, p_before=p_before, p_after=logits1.softmax(-1)[want].item(),
+        predicted_before=tok.id_to_token(int(logits0.argmax())), predicted_after=tok.id_to_token(int(logits1.argmax())),
+        collateral=n_probe_changed, probe_selecting_slot=n_select, facts_checked=n_facts,
+        facts_accuracy_before=acc[0], facts_accuracy_after=acc[1], patch=patch)

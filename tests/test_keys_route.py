@@ -1,0 +1,88 @@
+"""`memedit keys route` as a user runs it: a new fact lands in a free slot, with measured collateral."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from memedit.capture import answer_lookups
+from memedit.checkpoint import fingerprint, load
+from memedit.evaluate import last_logits
+from memedit.keys import KeyPatch, keys_name, route
+from memedit.state import write_frozen_rows
+
+from conftest import TINY_TEXTS, tiny_model
+
+
+def write_texts(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_route_on_tiny_model_selects_the_slot_and_predicts_the_target(cli, tiny, tmp_path):
+    model, path = tiny
+    probe = write_texts(tmp_path / "bg.txt", TINY_TEXTS)
+    code, out, _ = cli("keys", "route", "--prompt", "{} was born in", "--subject", "Reidreir", "--target", "park",
+                       "--probe", probe, "--model", path, "--out", tmp_path / "r.safetensors", "--json")
+    assert code == 0
+    d = json.loads(out)
+    assert d["predicted_after"] == "park" and d["p_after"] > d["p_before"]
+    assert d["slot_uses"] == 0  # a slot no background passage reads
+    # the folder's model now selects the slot for the fact's query, in the reported layer and head
+    routed = load(path)
+    lk = answer_lookups(routed, ["Reidreir was born in"])[d["layer"]]
+    assert d["slot"] in lk.indices[0, d["head"]].tolist()
+    i, j = d["subkeys"]
+    assert d["slot"] == i * 16 + j
+    # only two sub-key rows and one value row changed, and the patch reverts them exactly
+    patch = KeyPatch.load(tmp_path / "r.safetensors")
+    assert {n: c.rows.numel() for n, c in patch.changes.items()} == {
+        keys_name(d["layer"]): 2, "layers.0.feed_forward.values.weight": 1}
+    code, _, _ = cli("keys", "revert", tmp_path / "r.safetensors", "--model", path)
+    assert code == 0 and fingerprint(load(path)) == fingerprint(model)
+
+
+def test_route_moves_subkeys_little_and_respects_a_given_slot():
+    model = tiny_model()
+    res = route(model, "{} was born in", "Reidreir", "park", slot=77, layer=2, background_texts=TINY_TEXTS)
+    assert (res.slot, res.layer, res.subkeys) == (77, 2, (4, 13))
+    assert res.slot_choice == "given" and res.predicted_after == "park"
+    assert max(res.moved) < max(res.subkey_norms)  # a nudge, not a replacement
+    lk = answer_lookups(model, ["Reidreir was born in"])[2]
+    assert 77 in lk.indices[0, res.head].tolist()
+
+
+def test_route_bad_input(cli, tiny, tmp_path):
+    model, path = tiny
+    probe = write_texts(tmp_path / "bg.txt", TINY_TEXTS)
+    base = ["keys", "route", "--prompt", "{} was born in", "--subject", "Reidreir", "--model", path, "--probe", probe]
+    code, _, err = cli(*base, "--target", "park", "--slot", 256)
+    assert code == 2 and "slot id 256 is out of range 0..255" in err
+    code, _, err = cli(*base, "--target", "park", "--slot", "many")
+    assert code == 2 and "--slot" in err
+    code, _, err = cli(*base, "--target", "park", "--layer", 1)
+    assert code == 2 and "not a memory layer" in err
+    write_frozen_rows(model, {"shared": torch.tensor([5])})
+    code, _, err = cli(*base, "--target", "park", "--slot", 5)
+    assert code == 2 and "frozen" in err
+    assert fingerprint(load(path)) == fingerprint(model)  # nothing written on any error
+
+
+def test_route_a_new_fact_on_the_demo_model_keeps_other_facts(demo, tmp_path):
+    from memedit.checkpoint import save
+    from memedit.facts import world_of
+
+    model = load(save(demo, tmp_path / "mine"))
+    world = world_of(model)
+    fact = world.facts[7]
+    new = fact.target_new
+    text = fact.prompt.format(fact.subject)
+    others = world.facts[::12]
+    res = route(model, fact.prompt, fact.subject, new, background_texts=world.training_sentences()[::4],
+                probe=world.training_sentences()[::100], facts=others)
+    tok = model.tokenizer
+    assert tok.id_to_token(int(last_logits(model, [text])[0].argmax())) == new
+    assert res.predicted_after == new and res.slot_uses == 0
+    assert res.facts_checked > 1500
+    assert res.facts_accuracy_before - res.facts_accuracy_after <= 0.01  # at most 1 point
