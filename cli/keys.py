@@ -49,7 +49,7 @@ def adapt_cmd(
     corpus: Annotated[Path, typer.Argument(help="Text to adapt to, one passage per line.")],
     steps: Annotated[int, typer.Option(min=1, help="Update steps (one batch each, cycling through the text).")] = 20,
     batch_size: Annotated[int, typer.Option(min=1, help="Passages per step.")] = 16,
-    lr: Annotated[float, typer.Option(min=0.0, help="SGD learning rate for the sub-keys.")] = 1.0,
+    lr: Annotated[float, typer.Option(min=0.0, help="SGD learning rate for the sub-keys.")] = 0.3,
     layer: Annotated[Optional[list[int]], typer.Option(help="Only these memory layers (repeatable).")] = None,
     probe: Annotated[Optional[Path], typer.Option(help="Background text whose lookups measure collateral (default: a sample of the world corpus).")] = None,
     out: OutOpt = None,
@@ -76,7 +76,7 @@ def adapt_cmd(
     def show(st) -> None:
         if not json:
             console.print(f"step {st.step:3d}  loss {st.loss:.4f}  sub-keys changed {st.subkeys_changed:5d}  "
-                          f"collateral {st.collateral:.2%}  slots re-indexed {st.slots_reindexed:,}")
+                          f"collateral {st.collateral:.2%} (slots replaced {st.slots_replaced:.2%})  slots re-indexed {st.slots_reindexed:,}")
 
     res = adapt(m, texts, probe_texts, steps=steps, batch_size=batch_size, lr=lr, layers=layer, progress=show)
     path = None
@@ -89,7 +89,8 @@ def adapt_cmd(
     console.print(f"loss on {corpus}: {res.loss_before:.4f} -> {res.loss_after:.4f}; on the probe text: "
                   f"{res.probe_loss_before:.4f} -> {res.probe_loss_after:.4f}")
     console.print(f"sub-keys changed: {res.subkeys_changed:,} of {res.subkeys_total:,} "
-                  f"({res.frozen_skipped:,} frozen ones left alone); collateral {res.steps[-1].collateral:.2%} of probe lookups")
+                  f"({res.frozen_skipped:,} frozen ones left alone); collateral: {res.steps[-1].collateral:.2%} of probe lookups "
+                  f"changed, {res.steps[-1].slots_replaced:.2%} of their slots replaced")
     console.print(f"exact check: {res.exact_lookups:,} probe lookups vs the incrementally updated FAISS index, "
                   f"{res.exact_mismatches} mismatches")
     console.print(f"wrote patch {path} and applied it" if path else "nothing written (--dry-run or no change)")
@@ -191,7 +192,8 @@ def route_cmd(
     t.add_row("sub-keys moved", f"|Δ| {res.moved[0]:.4f} and {res.moved[1]:.4f} (norms {res.subkey_norms[0]:.3f}, {res.subkey_norms[1]:.3f})")
     t.add_row("selected", f"rank {res.rank} of the head's top-k, weight {res.weight:.3f}")
     t.add_row("prediction", f"{res.predicted_before!r} (p(target) {res.p_before:.3f}) -> {res.predicted_after!r} (p {res.p_after:.3f})")
-    t.add_row("probe collateral", f"{res.collateral:.2%} of background lookups changed; {res.probe_selecting_slot} select the slot")
+    t.add_row("probe collateral", f"{res.collateral:.2%} of background lookups changed ({res.slots_replaced:.2%} of slots); "
+              f"{res.probe_selecting_slot} select the slot")
     if res.facts_checked:
         t.add_row("other facts", f"accuracy {res.facts_accuracy_before:.2%} -> {res.facts_accuracy_after:.2%} "
                   f"over {res.facts_checked:,} prompts ({d['accuracy_drop_points']:+.2f} points drop)")

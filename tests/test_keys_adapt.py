@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from memedit.capture import capture_lookups
@@ -12,6 +13,15 @@ from memedit.keys import KeyPatch, keys_name, token_batches
 from memedit.state import write_frozen_rows
 
 from conftest import TINY_TEXTS, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest, and immune to oversubscription on a shared machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def write_texts(path, lines):
@@ -44,7 +54,8 @@ def test_adapt_lowers_loss_moves_only_stage1_subkeys_and_reverts_exactly(cli, ti
     d = json.loads(out)
     assert d["loss_after"] < d["loss_before"]
     assert len(d["steps"]) == 6 and all(s["subkeys_changed"] > 0 for s in d["steps"])
-    assert 0 < d["steps"][-1]["collateral"] <= 1
+    last = d["steps"][-1]
+    assert 0 < last["slots_replaced"] <= last["collateral"] <= 1
     assert d["exact_lookups"] > 0 and d["exact_mismatches"] == 0  # the incremental index stayed exact
     assert d["subkeys_changed"] < d["subkeys_total"]
     # the folder now holds the adapted keys; the patch names only sub-key tensors
@@ -126,7 +137,8 @@ def test_adapt_on_heldout_phrasings_lowers_their_loss_on_the_demo_model(demo, tm
     model = load(save(demo, tmp_path / "mine"))
     world = world_of(model)
     heldout = [f"{p} {f.target_true} ." for f in world.facts[:48] for p in f.heldout_paraphrases]
-    res = adapt(model, heldout, world.training_sentences()[::400], steps=12, batch_size=32)
+    res = adapt(model, heldout, world.training_sentences()[::400], steps=12, batch_size=32, lr=0.2)
     assert res.loss_after < res.loss_before - 0.05
-    assert res.exact_mismatches == 0
-    assert res.steps[-1].collateral < 0.5
+    assert res.exact_lookups > 0 and res.exact_mismatches == 0
+    assert 0 < res.steps[-1].slots_replaced <= res.steps[-1].collateral
+    assert res.probe_loss_after < res.probe_loss_before + 0.1  # background text barely affected
