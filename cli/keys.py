@@ -196,6 +196,6 @@ def route_cmd(
               f"{res.probe_selecting_slot} select the slot")
     if res.facts_checked:
         t.add_row("other facts", f"accuracy {res.facts_accuracy_before:.2%} -> {res.facts_accuracy_after:.2%} "
-                  f"over {res.facts_checked:,} prompts ({d['accuracy_drop_points']:+.2f} points drop)")
+                  f"over {res.facts_checked:,} prompts (drop {d['accuracy_drop_points']:.2f} points)")
     console.print(t)
     console.print(f"wrote patch {path} and applied it" if path else "nothing written (--dry-run)")
