@@ -22,6 +22,7 @@ def load_dcp_model(path: Path, prefix: str = "model.") -> dict[str, torch.Tensor
     allow-list; the shards are tensors read by DCP with ``torch.load(weights_only=True)``.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     meta = read_dcp_metadata(path)
@@ -46,6 +47,8 @@ def load_dcp_model(path: Path, prefix: str = "model.") -> dict[str, torch.Tensor
             dcp.load({prefix.rstrip("."): state}, storage_reader=SafeReader(path), no_dist=True)
     except MemeditError:
         raise
-    except Exception as e:  # DCP wraps shard errors (missing, truncated, refused pickles) in its own types
-        raise MemeditError(f"{path}: cannot read the DCP shards ({first_line(e)[:200]})") from None
+    except (Exception, CheckpointException) as e:  # DCP wraps shard errors in CheckpointException (a BaseException)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = lines[-1] if isinstance(e, CheckpointException) and lines else first_line(e)
+        raise MemeditError(f"{path}: cannot read the DCP shards ({why[:200]})") from None
     return state
