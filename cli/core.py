@@ -24,7 +24,10 @@ def info(model: ModelOpt = None, dtype: DtypeOpt = None, tokenizer: TokenizerOpt
     if json:
         return print_json(d)
     console.print(f"[bold]model[/] {d['source']}{' (bundled, read-only)' if d['read_only'] else ''}")
-    console.print(f"dim {d['dim']}, {d['n_layers']} layers, vocab {d['vocab_size']}, dtype {d['dtype']}")
+    if d["standalone"]:
+        console.print(f"standalone memory module (no host LM, no tokenizer): input dim {d['dim']}, dtype {d['dtype']}")
+    else:
+        console.print(f"dim {d['dim']}, {d['n_layers']} layers, vocab {d['vocab_size']}, dtype {d['dtype']}")
     kinds = " ".join(f"[{'bold magenta' if x['kind'] == 'memory' else 'dim'}]{x['layer']}:{x['kind']}[/]" for x in d["layers"])
     console.print(f"layers {kinds}")
     t = Table(title="memory")

@@ -128,6 +128,7 @@ def load(path: str | Path | None = None, dtype: str | None = None, **options) ->
             from .importers.tokenizers import load_path
 
             model.tokenizer = load_path(options["tokenizer"])
+            check_tokenizer(model, str(options["tokenizer"]))
     else:
         from . import importers
 
@@ -177,12 +178,18 @@ def load_native(path: str | Path) -> MemoryModel:
     load_state(model, state, str(weights))
     tok = path / meta.get("tokenizer", "tokenizer.json")
     model.tokenizer = load_tokenizer(tok) if tok.is_file() else None
-    if model.tokenizer is not None and model.tokenizer.vocab_size != cfg.vocab_size:
-        raise MemeditError(f"{tok} has {model.tokenizer.vocab_size} tokens but the model expects {cfg.vocab_size}")
+    check_tokenizer(model, str(tok))
     model.meta = dict(meta.get("meta") or {})
     model.source = str(path)
     model.read_only = path.resolve() == BUNDLED.resolve()
     return model
+
+
+def check_tokenizer(model: MemoryModel, origin: str) -> None:
+    """Refuse a tokenizer with more ids than the model's vocabulary (fewer is fine: vocabularies are often padded)."""
+    tok, n = model.tokenizer, model.config.vocab_size
+    if tok is not None and tok.vocab_size > n:
+        raise MemeditError(f"{origin} has {tok.vocab_size} tokens but the model only {n}: wrong tokenizer?")
 
 
 def native_state(model: MemoryModel) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ Every imported model is checked against an independent float64 computation from 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -365,21 +366,67 @@ def test_bad_checkpoints_give_one_line_errors(ref, tmp_path, cli):
 
 
 # ---- tokenizers ----------------------------------------------------------------------------------
-def test_missing_tokenizer_extras_name_the_extra(ref, tmp_path, cli):
+TEXTS = ["the cat sat on the mat", "Reidreir was born in Thakrian", "a dog ran in the park"] * 20
+
+
+def make_tokenizer_files(d) -> dict[str, object]:
+    """A real SentencePiece model, tiktoken BPE file and HuggingFace tokenizer.json, trained here on tiny text."""
+    import base64
+    import io
+
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS), model_writer=buf, vocab_size=40, model_type="bpe",
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    (d / "sp.model").write_bytes(buf.getvalue())
+    ranks = [bytes([i]) for i in range(256)] + [b"th", b"the", b" c"]
+    (d / "bpe.tiktoken").write_text("".join(f"{base64.b64encode(r).decode()} {i}\n" for i, r in enumerate(ranks)))
+    hf = Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"]))
+    hf.save(str(d / "tokenizer.json"))
+    return {"sp": (d / "sp.model", spm.SentencePieceProcessor(model_proto=buf.getvalue())),
+            "tiktoken": (d / "bpe.tiktoken", None), "hf": (d / "tokenizer.json", hf)}
+
+
+def test_tokenizers_sentencepiece_tiktoken_and_huggingface(tmp_path, cli):
+    pytest.importorskip("sentencepiece")
+    pytest.importorskip("tiktoken")
+    pytest.importorskip("tokenizers")
+    files = make_tokenizer_files(tmp_path)
+    q = params()
+    q["model"]["vocab_size"] = 600  # room for the tiktoken vocabulary (259 ranks + 256 specials)
+    write_consolidated(tmp_path / "m", reference_state(q), q)
+    sp_path, sp = files["sp"]
+    want = {"sp": [sp.bos_id()] + sp.encode("the cat"), "tiktoken": [259, 257, 258, 97, 116],
+            "hf": [files["hf"][1].token_to_id("<s>")] + files["hf"][1].encode("the cat").ids}
+    for kind, (path, _) in files.items():
+        model = memedit.load(tmp_path / "m", tokenizer=str(path))
+        assert model.encode("the cat") == want[kind], kind
+        assert cli("convert", tmp_path / f"native_{kind}", "--model", tmp_path / "m", "--tokenizer", path)[0] == 0
+        assert memedit.load(tmp_path / f"native_{kind}").encode("the cat") == want[kind], kind  # saved in the folder
+    # named in params.json (data.tokenizer) by a cluster path: found beside the checkpoint by its file name
+    q["data"]["tokenizer"] = {"name": "sp", "path": "/datasets/tokenizers/sp.model"}
+    write_consolidated(tmp_path / "named", reference_state(q), q)
+    (tmp_path / "named" / "sp.model").write_bytes(sp_path.read_bytes())
+    assert memedit.load(tmp_path / "named").encode("the cat") == want["sp"]
+    # a tokenizer bigger than the model's vocabulary (258 ids) is refused
+    write_consolidated(tmp_path / "small", reference_state(params()), params())
+    err = one_line_error(cli, "info", "--model", tmp_path / "small", "--tokenizer", files["tiktoken"][0])
+    assert "515 tokens but the model only 258" in err
+
+
+def test_missing_tokenizer_extras_name_the_extra(ref, tmp_path, cli, monkeypatch):
     _, _, cons, _ = ref
     (tmp_path / "tok.model").write_bytes(b"\x0a\x05hello")
-    err = None
-    try:
-        import sentencepiece  # noqa: F401
-    except ImportError:
-        err = one_line_error(cli, "info", "--model", cons, "--tokenizer", tmp_path / "tok.model")
-        assert "memedit[sentencepiece]" in err
     hf = {"version": "1.0", "added_tokens": [], "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}
     (tmp_path / "tokenizer.json").write_text(json.dumps(hf))
-    try:
-        import tokenizers  # noqa: F401
-    except ImportError:
-        assert "memedit[tokenizers]" in one_line_error(cli, "info", "--model", cons, "--tokenizer", tmp_path / "tokenizer.json")
+    for module, path in [("sentencepiece", "tok.model"), ("tokenizers", "tokenizer.json")]:
+        monkeypatch.setitem(sys.modules, module, None)  # as if the extra were not installed
+        err = one_line_error(cli, "info", "--model", cons, "--tokenizer", tmp_path / path)
+        assert f"memedit[{module}]" in err
 
 
 def test_tokenizer_option_overrides_the_one_in_params(ref, tmp_path, cli):

@@ -167,6 +167,7 @@ def tokenizer_from_params(params: dict, folder: Path):
 def load_lingua(folder: Path, params_path: Path, state: dict[str, torch.Tensor], origin: str,
                 tokenizer: str | None) -> MemoryModel:
     """Assemble an imported reference model: config, weights, tokenizer, and the facts needed to write it back."""
+    from ..checkpoint import check_tokenizer
     from .tokenizers import load_path
 
     params = read_params(params_path)
@@ -178,9 +179,7 @@ def load_lingua(folder: Path, params_path: Path, state: dict[str, torch.Tensor],
         model.tokenizer, why = tokenizer_from_params(params, folder)
         if why:
             model.meta["tokenizer_missing"] = why
-    if model.tokenizer is not None and model.tokenizer.vocab_size > cfg.vocab_size:
-        raise MemeditError(f"the tokenizer has {model.tokenizer.vocab_size} tokens but the model only "
-                           f"{cfg.vocab_size}: wrong tokenizer?")
+    check_tokenizer(model, tokenizer or "the tokenizer named in params.json")
     model.meta["lingua_params"] = params
     model.meta["imported_from"] = {"layout": "lingua", "path": str(folder)}
     return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,11 @@ def torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's weights-only unpickler refused a global: the file wants to build objects (or run code)
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it names {found.group(1)}" if found else first_line(e)[:120]
         raise MemeditError(
-            f"refusing {path}: it holds pickled objects other than tensors, which could run code "
-            f"({first_line(e).removeprefix('Weights only load failed. ')[:160]})"
+            f"refusing {path}: it holds pickled objects other than tensors, which could run code ({what}); "
+            "memedit loads only tensors"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as e:
         raise MemeditError(f"{path} is corrupt or truncated ({first_line(e)[:160]})") from None
