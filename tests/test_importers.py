@@ -95,7 +95,7 @@ def test_bfloat16_compute_picks_the_same_slots_outside_ties(ref):
     assert (logits.double() - want).abs().max() < 0.05 * want.abs().max()
     pk = p["model"]["productkey_args"]
     for L, (x, lk) in seen.items():
-        _, scores, out = brute_force_memory(state, f"layers.{L}.feed_forward.", pk, x)
+        slots, scores, out = brute_force_memory(state, f"layers.{L}.feed_forward.", pk, x)
         # every slot memedit picked scores (independently, float64) within bf16 rounding of the true k-th best
         q_state = {k: v for k, v in state.items() if k.startswith(f"layers.{L}.feed_forward.")}
         H, N, K = pk["mem_heads"], pk["mem_n_keys"], pk["mem_k_dim"]
@@ -109,7 +109,11 @@ def test_bfloat16_compute_picks_the_same_slots_outside_ties(ref):
         kth = scores[..., -1:]  # (n, H, 1)
         tol = 0.02 * scores.abs().amax(-1, keepdim=True)
         assert bool(((s1 + s2) >= kth - tol).all())
-        assert (model.memory_layers[L](x).double() - out).abs().max() < 0.05 * out.abs().max()
+        # where every head picked the same slots, the output agrees within bf16 rounding
+        same = (sorted_slots(lk.indices) == sorted_slots(slots)).all(-1).all(-1)  # (n,) tokens without ties
+        assert same.float().mean() > 0.5
+        diff = (model.memory_layers[L](x).double() - out).abs().amax(-1)[same]
+        assert diff.max() < 0.04 * out.abs().max()  # measured 1.9e-2 over 4 prompts (benchmarks/import_fidelity.py)
 
 
 def test_dcp_step_folder_loads_the_same_tensors_as_the_consolidated_file(ref):
