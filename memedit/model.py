@@ -279,8 +279,9 @@ class MemoryModel(nn.Module):
         if self.tokenizer is None and self.config.standalone:
             raise MemeditError("this model has no tokenizer (a standalone memory module): give query vectors instead of text")
         if self.tokenizer is None:
-            raise MemeditError("this model has no tokenizer: pass --tokenizer PATH (a SentencePiece .model, a tiktoken "
-                               "file or a tokenizer.json)")
+            why = self.meta.get("tokenizer_missing")  # set by importers, e.g. "tokenizer file ... not found"
+            raise MemeditError(f"this model has no tokenizer{f' ({why})' if why else ''}: pass --tokenizer PATH "
+                               "(a SentencePiece .model, a tiktoken file or a tokenizer.json)")
         ids = self.tokenizer.encode(text)
         if not ids:
             raise MemeditError(f"the prompt {text!r} has no tokens")
