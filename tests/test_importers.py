@@ -447,3 +447,55 @@ def test_tokenizer_option_overrides_the_one_in_params(ref, tmp_path, cli):
     assert model.tokenizer is None
     with pytest.raises(MemeditError, match="--tokenizer"):
         model.encode("hello")
+
+
+def test_a_native_model_goes_to_the_reference_layout_and_back(tmp_path, cli):
+    from memedit.checkpoint import save
+
+    from .conftest import tiny_model
+
+    save(tiny_model(), tmp_path / "native")
+    code, _, _ = cli("convert", tmp_path / "ref", "--format", "lingua", "--model", tmp_path / "native")
+    assert code == 0
+    written = json.loads((tmp_path / "ref" / "params.json").read_text())
+    assert written["model"]["productkey_args"]["layers"] == "0,2" and written["model"]["dim"] == 32
+    a, b = memedit.load(tmp_path / "native"), memedit.load(tmp_path / "ref")
+    assert [(t.name, t.layers) for t in b.tables] == [("shared", [0, 2])]
+    ids = a.encode("the cat sat on the mat .")
+    assert b.encode("the cat sat on the mat .") == ids
+    assert torch.equal(a(torch.tensor([ids])), b(torch.tensor([ids])))
+
+
+def test_dense_model_and_a_checkpoint_with_one_copy_of_the_shared_table(tmp_path):
+    p = params(is_enabled=False)
+    p["model"]["productkey_args"]["layers"] = ""
+    q = params()
+    dense = {k: v for k, v in reference_state(q).items() if "feed_forward" not in k}
+    write_consolidated(tmp_path / "dense", {**dense, **_dense_ffns(p)}, p)
+    model = memedit.load(tmp_path / "dense")  # is_enabled false: every block has a dense SwiGLU FFN
+    assert model.memory_layers == {} and model.tables == []
+    state = reference_state(q)
+    del state["layers.3.feed_forward.values.weight"]  # only the first memory layer carries the table
+    write_consolidated(tmp_path / "once", state, q)
+    model = memedit.load(tmp_path / "once")
+    assert [(t.name, t.layers) for t in model.tables] == [("shared", [1, 3])]
+
+
+def _dense_ffns(p: dict) -> dict:
+    from .reference_layout import ffn_hidden
+
+    h, D = ffn_hidden(p["model"]), p["model"]["dim"]
+    return {f"layers.{L}.feed_forward.{w}.weight": torch.randn(*s) for L in range(4)
+            for w, s in (("w1", (h, D)), ("w2", (D, h)), ("w3", (h, D)))}
+
+
+def test_a_pkm_inside_a_bigger_state_dict_or_a_safetensors_file(tmp_path):
+    from product_key_memory import PKM
+    from safetensors.torch import save_file
+
+    pkm = PKM(dim=32, heads=2, num_keys=8, topk=4, dim_head=8).eval()
+    save_file({f"blocks.1.pkm.{k}": v.contiguous() for k, v in pkm.state_dict().items()}, str(tmp_path / "p.safetensors"))
+    model = memedit.load(tmp_path / "p.safetensors", knn=4)
+    x = torch.randn(6, 32)
+    with torch.no_grad():
+        assert (model.memory_layers[0](x) - pkm(x[None])[0]).abs().max() < 1e-6
