@@ -27,7 +27,9 @@ def torch_load(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         # torch's weights-only unpickler refused a global: the file wants to build objects (or run code)
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"it names {found.group(1)}" if found else first_line(e)[:120]
+        if not found:  # a damaged pickle rather than a refused one
+            raise MemeditError(f"{path} is corrupt or truncated ({first_line(e)[:160]})") from None
+        what = f"it names {found.group(1)}"
         raise MemeditError(
             f"refusing {path}: it holds pickled objects other than tensors, which could run code ({what}); "
             "memedit loads only tensors"
