@@ -9,7 +9,7 @@ import torch
 from memedit import exact
 from memedit.errors import MemeditError
 
-from conftest import tiny_model
+from .conftest import tiny_model
 
 
 @pytest.fixture(autouse=True)

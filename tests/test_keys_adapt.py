@@ -12,7 +12,7 @@ from memedit.checkpoint import fingerprint, load
 from memedit.keys import KeyPatch, keys_name, token_batches
 from memedit.state import write_frozen_rows
 
-from conftest import TINY_TEXTS, tiny_model
+from .conftest import TINY_TEXTS, tiny_model
 
 
 @pytest.fixture(autouse=True)

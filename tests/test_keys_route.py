@@ -13,7 +13,7 @@ from memedit.evaluate import last_logits
 from memedit.keys import KeyPatch, keys_name, route
 from memedit.state import write_frozen_rows
 
-from conftest import TINY_TEXTS, tiny_model
+from .conftest import TINY_TEXTS, tiny_model
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ from memedit import exact
 from memedit.errors import MemeditError
 from memedit.memory import Lookup, ProductKeySearch
 
-from conftest import TINY_TEXTS, tiny_model
+from .conftest import TINY_TEXTS, tiny_model
 
 
 @pytest.fixture(autouse=True)
