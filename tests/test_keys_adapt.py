@@ -127,6 +127,8 @@ def test_the_bundled_model_is_refused(cli, demo, tmp_path):
     corpus = write_texts(tmp_path / "text.txt", ["hello ."])
     code, _, err = cli("keys", "adapt", corpus)
     assert code == 2 and "memedit convert" in err
+    code, _, err = cli("keys", "route", "--prompt", "{} plays the", "--subject", "X", "--target", "harp")
+    assert code == 2 and "memedit convert" in err
 
 
 def test_adapt_on_heldout_phrasings_lowers_their_loss_on_the_demo_model(demo, tmp_path):
