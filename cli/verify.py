@@ -114,12 +114,12 @@ def render(report, examples: int) -> None:
     console.print(f"[bold]queries[/] {report.source}")
     for p in report.passes:
         t = Table(title=f"{p.dtype} (tolerance {p.rtol:.1e} × score scale)")
-        for c in ("layer", "head", "lookups", "agree", "same ids", "tie-agree", "mismatch", "edge ties", "max |Δ|"):
+        for c in ("L", "head", "lookups", "agree", "same ids", "tie only", "REAL", "k-th ties", "max |Δ|"):
             t.add_column(c, justify="right")
         for h in p.heads:
-            t.add_row(str(h.layer), str(h.head), f"{h.lookups:,}", f"{h.agreement:.2%}", f"{h.identical:,}",
+            t.add_row(str(h.layer), str(h.head), f"{h.lookups:,}", f"{h.agreement:.1%}", f"{h.identical:,}",
                       f"{h.tie_agree:,}", f"[{'red' if h.mismatches else 'green'}]{h.mismatches:,}[/]", f"{h.ties:,}",
-                      f"{h.max_score_diff:.2e}")
+                      f"{h.max_score_diff:.1e}")
         console.print(t)
         n = max(p.lookups, 1)
         ident = sum(h.identical for h in p.heads)
