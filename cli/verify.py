@@ -67,6 +67,9 @@ def verify(
     elif queries is not None:
         source, name = exact.saved_source(exact.load_queries(str(queries), m, layer)), str(queries)
     else:
+        if m.tokenizer is None:
+            raise MemeditError("this model has no tokenizer (a standalone memory module): give query vectors "
+                               "with --random N or --queries FILE")
         texts = read_corpus(corpus, m)
         source, name = exact.corpus_source(texts, limit), str(corpus or "the demo world corpus")
         if layer is not None:

@@ -215,3 +215,21 @@ def test_blockwise_search_equals_one_block():
     assert np.array_equal(i1, i2) and np.allclose(d1, d2)
     brute = np.argsort(-(q @ full.T), axis=1)[:, :10]
     assert np.array_equal(np.sort(i1, 1), np.sort(brute, 1))
+
+
+def test_standalone_memory_module_verifies_from_query_vectors(cli, tmp_path):
+    from product_key_memory import PKM
+
+    torch.manual_seed(0)
+    torch.save(PKM(dim=32, heads=2, num_keys=64, topk=8, dim_head=16).eval().state_dict(), tmp_path / "pkm.pt")
+    code, out, _ = cli("verify", "--model", tmp_path / "pkm.pt", "--random", 300, "--json")
+    assert code == 0
+    d = json.loads(out)
+    assert d["ok"] and {h["layer"] for h in d["passes"][0]["heads"]} == {0}
+    assert d["passes"][0]["lookups"] == 600  # 2 heads x 300
+    np.save(tmp_path / "q.npy", np.random.default_rng(0).standard_normal((50, 2, 32)).astype(np.float32))
+    code, out, _ = cli("verify", "--model", tmp_path / "pkm.pt", "--queries", tmp_path / "q.npy", "--json")
+    assert code == 0 and json.loads(out)["passes"][0]["lookups"] == 100  # one memory: no --layer needed
+    (tmp_path / "t.txt").write_text("some text\n")
+    code, _, err = cli("verify", "--model", tmp_path / "pkm.pt", "--corpus", tmp_path / "t.txt")
+    assert code == 2 and "query vectors" in err
