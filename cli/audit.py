@@ -182,3 +182,34 @@ def distributed_main() -> None:
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+@command(app)
+def export(
+    out: Annotated[Path, typer.Option("--out", "-o", help="The HDF5 file to write.")],
+    stats: Annotated[Optional[Path], typer.Option("--stats", help="Include this audit's statistics (audit --out).")
+                     ] = None,
+    top_tokens: Annotated[int, typer.Option("--top-tokens", min=0, help="Top promoted tokens per slot (0: none).")
+                          ] = 10,
+    model: ModelOpt = None,
+    dtype: DtypeOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Export the memory to one HDF5 file (schema: docs/hdf5-schema.md): value-row and sub-key norms, top promoted
+    tokens per slot with the vocabulary, frozen rows, the edit log, and an audit's statistics with --stats.
+
+    Example: memedit audit --out audit.h5 && memedit export --out memory.h5 --stats audit.h5
+    """
+    from memedit.hdf5 import export as run, read_audit
+    from memedit.stats import report
+
+    audit_stats = read_audit(stats) if stats is not None else None
+    m = load_model(model, dtype)
+    metrics = report(audit_stats) if audit_stats is not None else None
+    path = run(out, m, audit_stats, metrics, top_k=top_tokens)
+    size = path.stat().st_size
+    if json:
+        return print_json({"out": str(path), "bytes": size, "stats": str(stats) if stats else None,
+                           "tokens": audit_stats.tokens if audit_stats else 0})
+    console.print(f"wrote {path} ({size / 2**20:.1f} MiB)"
+                  + (f" with statistics of {audit_stats.tokens:,} tokens" if audit_stats else ""))
