@@ -154,10 +154,17 @@ def _diff(files: list[Path], top: int, json: bool) -> None:
     for name, t in d["tables"].items():
         console.print(f"[bold]table {name}[/]: {t['changed_slots']:,} slots changed use, "
                       f"{t['died']:,} went dead, {t['came_alive']:,} came alive (accesses per 1,000 tokens)")
-        for kind in ("gained", "lost"):
-            if t[kind]:
-                console.print(f"  {kind}: " + ", ".join(
-                    f"{s['slot']} ({s['before']:.2f}→{s['after']:.2f})" for s in t[kind]))
+        if t["gained"] or t["lost"]:
+            st = Table(box=None, padding=(0, 2))
+            for c in ("gained slot", "before→after", "lost slot", "before→after"):
+                st.add_column(c, justify="right")
+            for n in range(max(len(t["gained"]), len(t["lost"]))):
+                cells = []
+                for kind in ("gained", "lost"):
+                    x = t[kind][n] if n < len(t[kind]) else None
+                    cells += [str(x["slot"]), f"{x['before']:.2f}→{x['after']:.2f}"] if x else ["", ""]
+                st.add_row(*cells)
+            console.print(st)
     tb = Table(title="metric changes (A → B)")
     for c in ("scope", "basis", "used", "Gini", "KL unif", "top50", "top 1%", "dead"):
         tb.add_column(c, justify="right" if c not in ("scope", "basis") else "left")
