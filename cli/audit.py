@@ -79,7 +79,9 @@ def audit(
 
     m = load_model(model, dtype)
     src = Corpus.open(corpus, m)
-    with _progress(disable=json) as progress:
+    import os
+
+    with _progress(disable=json or os.environ.get("RANK", "0") != "0") as progress:
         if distributed:
             stats, rank = audit_distributed(m, src, tokens, batch_size, progress)
         else:

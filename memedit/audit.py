@@ -6,7 +6,9 @@
 Under torchrun every rank reads the same token stream, runs the forward pass on its share of the batches
 (batch b goes to rank b mod world size), and the statistics are summed with ``all_reduce`` (gloo on CPU, nccl on
 GPU); rank 0 writes the result. Since weight mass is counted in integer units (stats.py), the sum is identical to
-a single-process audit of the same corpus.
+a single-process audit of the same corpus with the same batch size and threads per process (torchrun sets
+OMP_NUM_THREADS=1; float32 matmuls may round differently with another thread count, which can move a softmax
+weight in its last bit).
 """
 
 from __future__ import annotations
