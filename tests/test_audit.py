@@ -165,3 +165,18 @@ def test_cli_audit_bad_corpora_are_one_line_errors(cli, tiny, tmp_path):
         assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     code, _, err = cli("audit", "--model", path)  # the tiny model records no facts world
     assert code == 2 and "CORPUS" in err
+
+
+def test_cli_audit_plot_writes_a_png(cli, tiny, tmp_path):
+    _, path = tiny
+    txt = tmp_path / "corpus.txt"
+    txt.write_text("\n".join(CORPUS) + "\n")
+    png = tmp_path / "usage.png"
+    code, out, _ = cli("audit", txt, "--model", path, "--plot", png)
+    assert code == 0 and f"wrote {png}" in out.replace("\n", "")
+    from matplotlib.image import imread
+
+    img = imread(png)
+    assert img.shape[0] > 300 and img.shape[1] > 3 * img.shape[0]  # the curve and two heat maps side by side
+    code, _, err = cli("audit", txt, "--model", path, "--plot", tmp_path / "usage.xyz")
+    assert code == 2 and "plot" in err and not (tmp_path / "usage.xyz").exists()
