@@ -40,7 +40,8 @@ class _Writer:
 
     def scale(self, name: str, values: np.ndarray, group: h5py.Group | None = None) -> None:
         g = group if group is not None else self.f
-        d = g.create_dataset(name, data=values)
+        opts = dict(FILTERS, chunks=(min(len(values), CHUNK),)) if len(values) > CHUNK else {}  # the slot scale
+        d = g.create_dataset(name, data=values, **opts)
         d.make_scale(name)
 
     def array(self, name: str, data: np.ndarray, dims: tuple[str, ...], attrs: dict[str, Any] | None = None,
