@@ -147,3 +147,17 @@ def test_export_without_stats_and_on_unshared_tables(tmp_path):
     ds = xr.open_dataset(out, engine="h5netcdf")
     np.testing.assert_array_equal(ds.table_counts.sel(table="layer2").values, ds.counts.sel(layer=2).values)
     ds.close()
+
+
+def test_example_script_audits_exports_and_plots(tiny, corpus_file, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, path = tiny
+    script = Path(__file__).parent.parent / "examples" / "audit_and_export.py"
+    r = subprocess.run([sys.executable, str(script), "--model", str(path), "--corpus", str(corpus_file),
+                        "--out", str(tmp_path / "res")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "table shared" in r.stdout and "hub slots" in r.stdout and "promotes" in r.stdout
+    assert (tmp_path / "res" / "memory.h5").is_file() and (tmp_path / "res" / "usage.png").is_file()
