@@ -48,6 +48,19 @@ def demo_or_demo_shaped():
         return m.eval().requires_grad_(False), "untrained model of the demo's shape (demo not bundled yet)"
 
 
+def million_slot_model(demo):
+    """An untrained model with 1,048,576-slot memories (N 1024, 4 heads, k 32, K 256) and the demo's tokenizer."""
+    from memedit.memory import MemoryConfig
+    from memedit.model import MemoryModel, ModelConfig
+
+    cfg = ModelConfig(dim=256, n_layers=2, n_heads=4, vocab_size=demo.config.vocab_size, multiple_of=64,
+                      max_seqlen=32, memory=MemoryConfig(layers=[0, 1], n_keys=1024, heads=4, knn=32, k_dim=256))
+    m = MemoryModel(cfg, tokenizer=demo.tokenizer)
+    m.init_weights(0)
+    m.meta = dict(demo.meta)
+    return m.eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def bench_counting(model, max_tokens: int, batch_size: int, rounds: int) -> None:
     corpus = Corpus.open(None, model)
@@ -159,12 +172,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--big-tokens", type=int, default=5_000, help="tokens for the 1M-slot model (0: skip it)")
     ap.add_argument("--accesses", type=int, default=8_000_000, help="accesses per layer in the 1M-slot stats")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, what = demo_or_demo_shaped()
     print(f"audit counting overhead ({what}, {args.threads} thread(s))")
     bench_counting(model, args.tokens, args.batch_size, args.rounds)
+    if args.big_tokens:
+        print(f"audit counting overhead (untrained 1M-slot model, {args.threads} thread(s))")
+        bench_counting(million_slot_model(model), args.big_tokens, args.batch_size, args.rounds)
     print("export of 1M-slot statistics")
     bench_export(max(3, args.rounds // 2), args.accesses)
 

@@ -46,9 +46,9 @@ def _metrics_table(rows: list[dict], title: str) -> Table:
 def audit(
     corpus: Annotated[Optional[str], typer.Argument(
         help="Text file (one document per line) or JSONL with a \"text\" field; default: the demo world's corpus. "
-             "Or `diff` followed by two audit files.", show_default=False)] = None,
+             "Or `diff` followed by two audit files.", show_default=False, metavar="CORPUS | diff")] = None,
     files: Annotated[Optional[list[Path]], typer.Argument(help="With `diff`: audit A.h5 and audit B.h5.",
-                                                          show_default=False)] = None,
+                                                          show_default=False, metavar="A.h5 B.h5")] = None,
     tokens: Annotated[Optional[int], typer.Option("--tokens", "-n", min=1, help="Stop after N tokens.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Documents per forward pass.")] = 64,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the statistics to FILE.h5.")] = None,

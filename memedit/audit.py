@@ -162,7 +162,7 @@ def audit(model: MemoryModel, corpus: Corpus, max_tokens: int | None = None, bat
                 model(tokens.to(device))
                 stats.tokens += n
             if progress is not None:
-                progress(seen, frac)
+                progress(seen, max(frac, seen / max_tokens) if max_tokens else frac)
     if seen == 0:
         raise MemeditError(f"the corpus {corpus.description} has no text to audit")
     return stats
@@ -173,15 +173,14 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group torchrun set up (gloo on CPU, nccl when CUDA is used): (rank, world size)."""
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group torchrun set up (gloo for a model on CPU, nccl on CUDA): (rank, world size)."""
     import torch.distributed as dist
 
     if not launched_by_torchrun():
         raise MemeditError("--distributed needs torchrun: torchrun --nproc-per-node P -m memedit.audit CORPUS ...")
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("MEMEDIT_DEVICE", "cpu") == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -204,7 +203,7 @@ def all_reduce(stats: SlotStats) -> SlotStats:
 def audit_distributed(model: MemoryModel, corpus: Corpus, max_tokens: int | None = None, batch_size: int = 64,
                       progress: Progress | None = None) -> tuple[SlotStats, int]:
     """Audit this rank's shard and sum over all ranks: (the whole corpus's statistics, this rank)."""
-    rank, world = init_distributed()
+    rank, world = init_distributed(next(model.parameters()).device)
     stats = audit(model, corpus, max_tokens, batch_size, progress if rank == 0 else None, rank, world)
     return all_reduce(stats), rank
 

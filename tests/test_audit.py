@@ -180,3 +180,21 @@ def test_cli_audit_plot_writes_a_png(cli, tiny, tmp_path):
     assert img.shape[0] > 300 and img.shape[1] > 3 * img.shape[0]  # the curve and two heat maps side by side
     code, _, err = cli("audit", txt, "--model", path, "--plot", tmp_path / "usage.xyz")
     assert code == 2 and "plot" in err and not (tmp_path / "usage.xyz").exists()
+
+
+def test_demo_model_audit_equals_a_slow_recount(demo):
+    """Acceptance: on the bundled demo model, counts equal an independent per-position recount."""
+    from memedit.facts import world_of
+
+    sentences = world_of(demo).training_sentences()[::997][:24]  # facts of many subjects, and filler
+    stats = audit(demo, Corpus("demo sample", texts=sentences), batch_size=8)
+    assert_matches_recount(demo, stats, sentences)
+
+
+def test_cli_audit_of_the_demo_world_by_default(cli):
+    code, out, _ = cli("audit", "--tokens", "3000", "--json")
+    assert code == 0
+    d = json.loads(out)
+    assert d["tokens"] == 3000 and "demo world" in d["corpus"]
+    table = next(r for r in d["metrics"] if r["scope"] == "table" and r["basis"] == "weight")
+    assert 0 < table["used"] < 100 and 0 < table["gini"] < 1
