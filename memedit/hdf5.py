@@ -82,8 +82,8 @@ def write_stats(w: _Writer, stats: SlotStats, metrics: list[dict] | None) -> Non
             slot_axis=2, attrs={"long_name": "weight mass of each value row, summed over the layers reading it"})
 
 
-def _layout(w: _Writer, stats_or_model: SlotStats | None, model: Any | None, top_k: int) -> None:
-    """Root attributes and the dimension scales every array refers to."""
+def _layout(w: _Writer, stats: SlotStats | None, model: Any | None, top_k: int) -> None:
+    """Root attributes and the dimension scales every array refers to (shapes from the model, else the stats)."""
     from . import __version__
 
     f = w.f
@@ -92,9 +92,9 @@ def _layout(w: _Writer, stats_or_model: SlotStats | None, model: Any | None, top
         layers, tables = list(mem.layers), {t.name: list(t.layers) for t in model.tables}
         N, H, knn = mem.n_keys, mem.heads, mem.knn
     else:
-        s = stats_or_model
-        assert s is not None
-        cfg, layers, tables, N, H, knn = s.config, s.layers, s.tables, s.n_keys, s.heads, s.knn
+        assert stats is not None
+        cfg, layers, tables = stats.config, stats.layers, stats.tables
+        N, H, knn = stats.n_keys, stats.heads, stats.knn
     f.attrs["format"] = FORMAT
     f.attrs["format_version"] = FORMAT_VERSION
     f.attrs["memedit_version"] = __version__

@@ -12,7 +12,10 @@ from memedit.audit import Corpus, audit
 from memedit.capture import capture_lookups
 from memedit.stats import WEIGHT_SCALE, report, usage_metrics
 
-from conftest import TINY_TEXTS, tiny_model
+try:  # tests as a package (tests/__init__.py) or as loose modules
+    from .conftest import tiny_model
+except ImportError:
+    from conftest import tiny_model
 
 CORPUS = [
     "the cat sat on the mat .", "a dog ran in the park .", "Reidreir was born in Thakrian .",
@@ -63,14 +66,15 @@ def slow_recount(model, texts):
         with capture_lookups(model) as rec, torch.no_grad():
             model(torch.tensor([ids]))
         for L, (lk,) in rec.items():
+            indices, w, stage1 = lk.indices.tolist(), lk.weights.tolist(), lk.stage1.tolist()  # plain lists
             for pos in range(len(ids)):
                 for h in range(mem.heads):
                     for r in range(mem.knn):
-                        slot = int(lk.indices[pos, h, r])
+                        slot = indices[pos][h][r]
                         counts[L][h][slot] += 1
-                        weights[L][h][slot] += float(lk.weights[pos, h, r])
+                        weights[L][h][slot] += w[pos][h][r]
                     for half in (0, 1):
-                        for i in lk.stage1[pos, h, half].tolist():
+                        for i in stage1[pos][h][half]:
                             subkeys[L][h][half][i] += 1
     return counts, weights, subkeys, tokens
 

@@ -15,8 +15,12 @@ from memedit.checkpoint import fingerprint, load
 from memedit.hdf5 import read_audit
 from memedit.state import write_edit_log, write_frozen_rows
 
-from conftest import tiny_model
-from test_audit import CORPUS, slow_recount
+try:  # tests as a package (tests/__init__.py) or as loose modules
+    from .conftest import tiny_model
+    from .test_audit import CORPUS, slow_recount
+except ImportError:
+    from conftest import tiny_model
+    from test_audit import CORPUS, slow_recount
 
 
 @pytest.fixture
