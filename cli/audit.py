@@ -81,7 +81,7 @@ def audit(
     src = Corpus.open(corpus, m)
     import os
 
-    with _progress(disable=json or os.environ.get("RANK", "0") != "0") as progress:
+    with TokenProgress(disable=json or os.environ.get("RANK", "0") != "0") as progress:
         if distributed:
             stats, rank = audit_distributed(m, src, tokens, batch_size, progress)
         else:
@@ -113,7 +113,7 @@ def audit(
         console.print(f"wrote {plot}")
 
 
-class _progress:
+class TokenProgress:
     """A rich progress bar (tokens, tokens/s, ETA) that the library calls as progress(tokens, fraction)."""
 
     def __init__(self, disable: bool):
