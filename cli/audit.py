@@ -20,8 +20,8 @@ def _fmt(metric: str, v: Any) -> str:
         return "-"
     if metric in ("top50", "top90", "top99", "dead"):
         return f"{int(v):,}"
-    if metric == "used":
-        return f"{v:.1f}%"
+    if metric == "used":  # two decimals: 7 dead slots of 16,384 must not read as 100.0%
+        return f"{v:.2f}%"
     if metric == "top1pct_share":
         return f"{100 * v:.1f}%"
     return f"{v:.3f}"
@@ -105,7 +105,7 @@ def audit(
     console.print(_metrics_table(shown, f"slot usage over {stats.tokens:,} tokens of {stats.corpus}"))
     for r in rows:
         if r["scope"] == "table" and r["basis"] == "count":
-            console.print(f"table {r['table']}: {r['used']:.1f}% of {stats.n_slots:,} slots used, "
+            console.print(f"table {r['table']}: {r['used']:.2f}% of {stats.n_slots:,} slots used, "
                           f"{r['dead']:,} dead, Gini {r['gini']:.3f}")
     if out is not None:
         console.print(f"wrote {out}")
