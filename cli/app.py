@@ -18,6 +18,7 @@ app = typer.Typer(
 from . import core  # noqa: E402,F401
 from . import verify  # noqa: E402,F401
 from . import keys  # noqa: E402,F401
+from . import audit  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,0 +1,224 @@
+"""audit (slot utilization over a corpus, and `audit diff`) and export (slot statistics and more to HDF5)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from .app import app
+from .common import DtypeOpt, JsonOpt, ModelOpt, command, console, err_console, fail, load_model, print_json
+
+BASIC = ("used", "kl_uniform", "gini", "top50", "top99", "top1pct_share", "dead")  # all metrics: --json
+
+
+def _fmt(metric: str, v: Any) -> str:
+    if v is None:
+        return "-"
+    if metric in ("top50", "top90", "top99", "dead"):
+        return f"{int(v):,}"
+    if metric == "used":  # two decimals: 7 dead slots of 16,384 must not read as 100.0%
+        return f"{v:.2f}%"
+    if metric == "top1pct_share":
+        return f"{100 * v:.1f}%"
+    return f"{v:.3f}"
+
+
+def _metrics_table(rows: list[dict], title: str) -> Table:
+    from memedit.stats import scope_label
+
+    from rich import box
+
+    t = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    t.add_column("scope", no_wrap=True)
+    t.add_column("basis", no_wrap=True)
+    for c, label in zip(BASIC, ("used", "KL", "Gini", "top50", "top99", "top1%", "dead")):
+        t.add_column(label, justify="right", no_wrap=True)
+    for r in rows:
+        t.add_row(scope_label(r, short=True), r["basis"], *(_fmt(m, r[m]) for m in BASIC))
+    return t
+
+
+@command(app)
+def audit(
+    corpus: Annotated[Optional[str], typer.Argument(
+        help="Text file (one document per line) or JSONL with a \"text\" field; default: the demo world's corpus. "
+             "Or `diff` followed by two audit files.", show_default=False, metavar="CORPUS | diff")] = None,
+    files: Annotated[Optional[list[Path]], typer.Argument(help="With `diff`: audit A.h5 and audit B.h5.",
+                                                          show_default=False, metavar="A.h5 B.h5")] = None,
+    tokens: Annotated[Optional[int], typer.Option("--tokens", "-n", min=1, help="Stop after N tokens.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Documents per forward pass.")] = 64,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the statistics to FILE.h5.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Plot usage curves and slot heat maps to FILE.png.")
+                    ] = None,
+    heads: Annotated[bool, typer.Option("--heads", help="Also show every head's metrics.")] = False,
+    subkeys: Annotated[bool, typer.Option("--subkeys", help="Also show sub-key balance per head and half.")] = False,
+    top: Annotated[int, typer.Option("--top", min=1, help="With `diff`: slots to list that gained/lost use.")] = 10,
+    distributed: Annotated[bool, typer.Option(
+        "--distributed", help="Run as one rank of a torchrun job (torchrun --nproc-per-node P -m memedit.audit ...).")
+    ] = False,
+    model: ModelOpt = None,
+    dtype: DtypeOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Audit how the memory is used over a corpus: per table, layer and head, used %, KL to uniform, Gini,
+    top50/90/99, the top 1% of slots' share, dead slots and entropy, by access count and by softmax weight.
+
+    Examples: memedit audit corpus.txt --tokens 100000 --out audit.h5 --plot usage.png;
+    memedit audit diff before.h5 after.h5
+    """
+    if corpus == "diff" and not Path("diff").is_file():
+        return _diff(files or [], top, json)
+    if files:
+        fail(f"unexpected arguments {' '.join(map(str, files))}: give one CORPUS (or `diff A.h5 B.h5`)")
+    from memedit.audit import Corpus, audit as run, audit_distributed
+    from memedit.stats import report
+
+    m = load_model(model, dtype)
+    src = Corpus.open(corpus, m)
+    import os
+
+    with TokenProgress(disable=json or os.environ.get("RANK", "0") != "0") as progress:
+        if distributed:
+            stats, rank = audit_distributed(m, src, tokens, batch_size, progress)
+        else:
+            stats, rank = run(m, src, tokens, batch_size, progress), 0
+    if rank != 0:
+        return
+    rows = report(stats)
+    if out is not None:
+        from memedit.hdf5 import write_audit
+
+        write_audit(out, stats, metrics=rows)
+    if plot is not None:
+        from memedit.plots import plot_usage
+
+        plot_usage(stats, plot)
+    if json:
+        return print_json({"corpus": stats.corpus, "tokens": stats.tokens, "fingerprint": stats.fingerprint,
+                           "out": str(out) if out else None, "plot": str(plot) if plot else None, "metrics": rows})
+    shown = [r for r in rows if r["scope"] in ("table", "layer") or (heads and r["scope"] == "head")
+             or (subkeys and r["scope"] == "subkey")]
+    console.print(_metrics_table(shown, f"slot usage over {stats.tokens:,} tokens of {stats.corpus}"))
+    for r in rows:
+        if r["scope"] == "table" and r["basis"] == "count":
+            console.print(f"table {r['table']}: {r['used']:.2f}% of {stats.n_slots:,} slots used, "
+                          f"{r['dead']:,} dead, Gini {r['gini']:.3f}")
+    if out is not None:
+        console.print(f"wrote {out}")
+    if plot is not None:
+        console.print(f"wrote {plot}")
+
+
+class TokenProgress:
+    """A rich progress bar (tokens, tokens/s, ETA) that the library calls as progress(tokens, fraction)."""
+
+    def __init__(self, disable: bool):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("auditing"), BarColumn(), TextColumn("{task.fields[tokens]:,} tokens"),
+                            TextColumn("{task.fields[rate]:,.0f} tokens/s"), TimeElapsedColumn(),
+                            TimeRemainingColumn(), console=err_console, disable=disable, transient=True)
+        self.task = self.bar.add_task("audit", total=1000, tokens=0, rate=0.0)
+
+    def __enter__(self):
+        import time
+
+        self.t0 = time.perf_counter()
+        self.bar.__enter__()
+        return self
+
+    def __call__(self, tokens: int, fraction: float) -> None:
+        import time
+
+        rate = tokens / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.update(self.task, completed=1000 * fraction, tokens=tokens, rate=rate)
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+
+def _diff(files: list[Path], top: int, json: bool) -> None:
+    if len(files) != 2:
+        fail("`memedit audit diff` needs two audit files: memedit audit diff A.h5 B.h5")
+    from memedit.hdf5 import read_audit
+    from memedit.stats import compare
+
+    a, b = (read_audit(f) for f in files)
+    d = compare(a, b, top)
+    if json:
+        return print_json(d)
+    console.print(f"A: {files[0]} ({a.tokens:,} tokens)   B: {files[1]} ({b.tokens:,} tokens)"
+                  + ("" if d["same_model"] else "   [yellow]different model weights[/]"))
+    for name, t in d["tables"].items():
+        console.print(f"[bold]table {name}[/]: {t['changed_slots']:,} slots changed use, "
+                      f"{t['died']:,} went dead, {t['came_alive']:,} came alive (accesses per 1,000 tokens)")
+        if t["gained"] or t["lost"]:
+            st = Table(box=None, padding=(0, 2))
+            for c in ("gained slot", "before→after", "lost slot", "before→after"):
+                st.add_column(c, justify="right")
+            for n in range(max(len(t["gained"]), len(t["lost"]))):
+                cells = []
+                for kind in ("gained", "lost"):
+                    x = t[kind][n] if n < len(t[kind]) else None
+                    cells += [str(x["slot"]), f"{x['before']:.2f}→{x['after']:.2f}"] if x else ["", ""]
+                st.add_row(*cells)
+            console.print(st)
+    tb = Table(title="metric changes (A → B)")
+    for c in ("scope", "basis", "used", "Gini", "KL unif", "top50", "top 1%", "dead"):
+        tb.add_column(c, justify="right" if c not in ("scope", "basis") else "left")
+    for r in d["metrics"]:
+        cells = [f"{_fmt(m, r[m]['before'])}→{_fmt(m, r[m]['after'])}"
+                 for m in ("used", "gini", "kl_uniform", "top50", "top1pct_share", "dead")]
+        tb.add_row(r["scope"], r["basis"], *cells)
+    console.print(tb)
+
+
+def distributed_main() -> None:
+    """`python -m memedit.audit ARGS`: `memedit audit ARGS`, joining the torchrun job when launched by torchrun."""
+    from memedit.audit import launched_by_torchrun
+
+    args = ["audit", *sys.argv[1:]]
+    if launched_by_torchrun() and "--distributed" not in args:
+        args.append("--distributed")
+    try:
+        app(args, prog_name="python -m memedit.audit")
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@command(app)
+def export(
+    out: Annotated[Path, typer.Option("--out", "-o", help="The HDF5 file to write.")],
+    stats: Annotated[Optional[Path], typer.Option("--stats", help="Include this audit's statistics (audit --out).")
+                     ] = None,
+    top_tokens: Annotated[int, typer.Option("--top-tokens", min=0, help="Top promoted tokens per slot (0: none).")
+                          ] = 10,
+    model: ModelOpt = None,
+    dtype: DtypeOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Export the memory to one HDF5 file (schema: docs/hdf5-schema.md): value-row and sub-key norms, top promoted
+    tokens per slot with the vocabulary, frozen rows, the edit log, and an audit's statistics with --stats.
+
+    Example: memedit audit --out audit.h5 && memedit export --out memory.h5 --stats audit.h5
+    """
+    from memedit.hdf5 import export as run, read_audit
+    from memedit.stats import report
+
+    audit_stats = read_audit(stats) if stats is not None else None
+    m = load_model(model, dtype)
+    metrics = report(audit_stats) if audit_stats is not None else None
+    path = run(out, m, audit_stats, metrics, top_k=top_tokens)
+    size = path.stat().st_size
+    if json:
+        return print_json({"out": str(path), "bytes": size, "stats": str(stats) if stats else None,
+                           "tokens": audit_stats.tokens if audit_stats else 0})
+    console.print(f"wrote {path} ({size / 2**20:.1f} MiB)"
+                  + (f" with statistics of {audit_stats.tokens:,} tokens" if audit_stats else ""))

@@ -1,0 +1,280 @@
+"""Slot statistics and memory contents as one HDF5 file, readable without memedit (schema: docs/hdf5-schema.md).
+
+Every array lives at the root with dimension scales (``layer``, ``head``, ``slot``, ``table``, ``half``,
+``subkey``, ``rank``, ``token``), so ``xarray.open_dataset(path, engine="h5netcdf")`` opens the whole file as one
+Dataset. gzip level 4 + shuffle, chunks of 64K slots, metadata as attributes, and an atomic write (temporary file
+in the same folder, fsync, rename): a reader never sees half a file. This is the only module that imports h5py.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from .checkpoint import atomic_path
+from .errors import MemeditError
+from .stats import WEIGHT_SCALE, SlotStats
+
+FORMAT = "memedit-slot-stats"
+FORMAT_VERSION = 1
+CHUNK = 65536  # slots per chunk (reference §9)
+FILTERS = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+
+
+def _chunks(shape: tuple[int, ...], slot_axis: int) -> tuple[int, ...]:
+    """One chunk = up to 64K slots of one (layer, head) row; whole extent along axes after the slot axis."""
+    return tuple(min(n, CHUNK) if a == slot_axis else (n if a > slot_axis else 1) for a, n in enumerate(shape))
+
+
+class _Writer:
+    """Creates scales and datasets with the export's filters, attaching dimension scales by name."""
+
+    def __init__(self, f: h5py.File):
+        self.f = f
+
+    def scale(self, name: str, values: np.ndarray, group: h5py.Group | None = None) -> None:
+        g = group if group is not None else self.f
+        opts = dict(FILTERS, chunks=(min(len(values), CHUNK),)) if len(values) > CHUNK else {}  # the slot scale
+        d = g.create_dataset(name, data=values, **opts)
+        d.make_scale(name)
+
+    def array(self, name: str, data: np.ndarray, dims: tuple[str, ...], attrs: dict[str, Any] | None = None,
+              slot_axis: int | None = None, group: h5py.Group | None = None) -> None:
+        g = group if group is not None else self.f
+        opts: dict[str, Any] = {}
+        if data.size and slot_axis is not None:
+            opts = dict(FILTERS, chunks=_chunks(data.shape, slot_axis))
+        d = g.create_dataset(name, data=data, **opts)
+        for i, dim in enumerate(dims):
+            d.dims[i].attach_scale(g[dim])
+        for k, v in (attrs or {}).items():
+            d.attrs[k] = v
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def write_stats(w: _Writer, stats: SlotStats, metrics: list[dict] | None) -> None:
+    """The audit part: per-layer and per-table counts and weight mass, sub-key counts, metrics."""
+    f = w.f
+    f.attrs["corpus"] = stats.corpus
+    f.attrs["tokens"] = np.int64(stats.tokens)
+    f.attrs["fingerprint"] = stats.fingerprint
+    if metrics is not None:
+        f.attrs["metrics"] = json.dumps(metrics)
+    w.array("counts", _np(stats.counts), ("layer", "head", "slot"), slot_axis=2,
+            attrs={"long_name": "times each slot was selected (in the final top-k) by each head"})
+    w.array("weights", _np(stats.weights), ("layer", "head", "slot"), slot_axis=2,
+            attrs={"long_name": "sum of each slot's softmax weights", "resolution": 1 / WEIGHT_SCALE})
+    w.array("subkey_counts", _np(stats.subkey_counts), ("layer", "head", "half", "subkey"), slot_axis=3,
+            attrs={"long_name": "times each sub-key entered its half's stage-1 top-k"})
+    names = list(stats.tables)
+    w.array("table_counts", np.stack([_np(stats.table_counts(n)) for n in names]), ("table", "head", "slot"),
+            slot_axis=2, attrs={"long_name": "accesses of each value row, summed over the layers reading the table"})
+    w.array("table_weights", np.stack([_np(stats.table_weights(n)) for n in names]), ("table", "head", "slot"),
+            slot_axis=2, attrs={"long_name": "weight mass of each value row, summed over the layers reading it"})
+
+
+def _layout(w: _Writer, stats: SlotStats | None, model: Any | None, top_k: int) -> None:
+    """Root attributes and the dimension scales every array refers to (shapes from the model, else the stats)."""
+    from . import __version__
+
+    f = w.f
+    if model is not None:
+        mem, cfg = model.config.memory, model.config.to_dict()
+        layers, tables = list(mem.layers), {t.name: list(t.layers) for t in model.tables}
+        N, H, knn = mem.n_keys, mem.heads, mem.knn
+    else:
+        assert stats is not None
+        cfg, layers, tables = stats.config, stats.layers, stats.tables
+        N, H, knn = stats.n_keys, stats.heads, stats.knn
+    f.attrs["format"] = FORMAT
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["memedit_version"] = __version__
+    f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    f.attrs["model_config"] = json.dumps(cfg)
+    f.attrs["tables"] = json.dumps(tables)
+    f.attrs["n_keys"], f.attrs["heads"], f.attrs["knn"] = np.int64(N), np.int64(H), np.int64(knn)
+    w.scale("layer", np.asarray(layers, dtype=np.int64))
+    w.scale("head", np.arange(H, dtype=np.int64))
+    w.scale("slot", np.arange(N * N, dtype=np.int64))
+    w.scale("half", np.arange(2, dtype=np.int64))
+    w.scale("subkey", np.arange(N, dtype=np.int64))
+    w.scale("table", np.asarray(list(tables), dtype=h5py.string_dtype()))
+    reads = np.array([[L in tables[t] for L in layers] for t in tables], dtype=np.uint8)
+    w.array("table_reads_layer", reads, ("table", "layer"), attrs={"long_name": "1 where the layer reads the table"})
+    if model is not None and top_k > 0:
+        w.scale("rank", np.arange(top_k, dtype=np.int64))
+
+
+def write_audit(path: str | Path, stats: SlotStats, metrics: list[dict] | None = None) -> Path:
+    """Write an audit's statistics to ``path`` (atomically); returns the path."""
+    path = Path(path)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        w = _Writer(f)
+        _layout(w, stats, None, 0)
+        f.attrs["contents"] = "audit"
+        write_stats(w, stats, metrics)
+    return path
+
+
+def export(path: str | Path, model: Any, stats: SlotStats | None = None, metrics: list[dict] | None = None,
+           top_k: int = 10) -> Path:
+    """Write the memory's contents (value-row norms, sub-key norms, top promoted tokens per slot, frozen rows,
+    the edit log) and, if given, an audit's statistics, to one HDF5 file; returns the path."""
+    from .checkpoint import fingerprint
+    from .state import edit_log, frozen_mask
+
+    path = Path(path)
+    fp = fingerprint(model)
+    if stats is not None:
+        check_same_model(stats, model, fp)
+    tables = model.tables
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        w = _Writer(f)
+        _layout(w, stats, model, top_k)
+        f.attrs["contents"] = "export"
+        f.attrs["fingerprint"] = fp
+        f.attrs["source"] = str(model.source or "")
+        if stats is not None:
+            write_stats(w, stats, metrics)
+        else:
+            f.attrs["corpus"], f.attrs["tokens"] = "", np.int64(0)
+        w.array("value_norms", np.stack([_np(t.weight.detach().float().norm(dim=1)) for t in tables]),
+                ("table", "slot"), slot_axis=1, attrs={"long_name": "L2 norm of each value row"})
+        w.array("frozen", np.stack([_np(frozen_mask(model, t.name)).astype(np.uint8) for t in tables]),
+                ("table", "slot"), slot_axis=1, attrs={"long_name": "1 where the value row is frozen"})
+        layers = model.memory_layers
+        w.array("key_norms", np.stack([_np(layers[L].keys4d.detach().float().norm(dim=-1)) for L in layers]),
+                ("layer", "head", "half", "subkey"), slot_axis=3, attrs={"long_name": "L2 norm of each sub-key"})
+        if top_k > 0:
+            ids = f.create_dataset("top_tokens", shape=(len(layers), model.config.memory.n_slots, top_k),
+                                   dtype=np.int32, **FILTERS,
+                                   chunks=_chunks((len(layers), model.config.memory.n_slots, top_k), 1))
+            logit = f.create_dataset("top_token_logits", shape=ids.shape, dtype=np.float32, **FILTERS,
+                                     chunks=ids.chunks)
+            for li, L in enumerate(layers):
+                for start, top_ids, top_vals in promoted_tokens(model, L, top_k):
+                    ids[li, start : start + len(top_ids)] = _np(top_ids).astype(np.int32)
+                    logit[li, start : start + len(top_ids)] = _np(top_vals)
+            for d in (ids, logit):
+                for i, dim in enumerate(("layer", "slot", "rank")):
+                    d.dims[i].attach_scale(f[dim])
+            ids.attrs["long_name"] = ("tokens each slot's value row promotes most: value_proj(row) through the final "
+                                      "norm's scale and the unembedding, swilu gate taken as 1")
+            if model.tokenizer is not None:
+                V = model.config.vocab_size
+                w.scale("token", np.arange(V, dtype=np.int64))
+                vocab = np.asarray([model.tokenizer.id_to_token(i) for i in range(V)], dtype=h5py.string_dtype())
+                w.array("vocab", vocab, ("token",), attrs={"long_name": "the string of each token id"})
+        _write_edit_log(w, edit_log(model))
+    return path
+
+
+@torch.no_grad()
+def promoted_tokens(model: Any, layer: int, k: int, budget: int = 1 << 23):
+    """Yields (first slot, top-k token ids (B, k), their logits (B, k)) over blocks of value rows of ``layer``.
+
+    Each row is read out as the layer would write it with a gate of 1 (``value_proj(row)``), then through the
+    final norm's scale and the unembedding. Blocks hold at most ``budget`` logits, so a 1M-slot table stays
+    bounded in memory.
+    """
+    mem = model.memory_layers[layer]
+    unembed = model.output.weight.float() * model.norm.weight.float()  # (vocab, D)
+    readout = unembed @ mem.value_proj.weight.float() if mem.value_proj is not None else unembed  # (vocab, V)
+    rows = mem.values.weight
+    block = max(1, budget // readout.shape[0])
+    k = min(k, readout.shape[0])
+    for start in range(0, rows.shape[0], block):
+        logits = rows[start : start + block].float() @ readout.T  # (B, vocab)
+        top = logits.topk(k, dim=-1)
+        yield start, top.indices, top.values
+
+
+def _touched(entry: dict) -> list[tuple[str, int]]:
+    """(table, row) pairs an edit-log entry says it touched: "rows" as a list (with "table") or {table: rows}."""
+    out: list[tuple[str, int]] = []
+    rows = entry.get("rows")
+    if isinstance(rows, dict):
+        for table, ids in rows.items():
+            out += [(str(table), int(r)) for r in ids]
+    elif isinstance(rows, list):
+        out += [(str(entry.get("table", "")), int(r)) for r in rows if isinstance(r, (int, float))]
+    for part in entry.get("tables", []) if isinstance(entry.get("tables"), list) else []:
+        if isinstance(part, dict):
+            out += [(str(part.get("table", "")), int(r)) for r in part.get("rows", [])]
+    return out
+
+
+def _write_edit_log(w: _Writer, entries: list[dict]) -> None:
+    g = w.f.create_group("edit_log")
+    g.attrs["long_name"] = "the model's edit history (memedit/edits.jsonl), oldest first"
+    string = h5py.string_dtype()
+    ids = [str(e.get("id") or e.get("patch_id") or e.get("patch") or "") for e in entries]
+    actions = [str(e.get("action") or e.get("op") or e.get("event") or "") for e in entries]
+    w.scale("edit", np.arange(len(entries), dtype=np.int64), group=g)
+    w.array("patch_id", np.asarray(ids, dtype=string), ("edit",), group=g)
+    w.array("action", np.asarray(actions, dtype=string), ("edit",), group=g)
+    w.array("entry", np.asarray([json.dumps(e) for e in entries], dtype=string), ("edit",), group=g,
+            attrs={"long_name": "the full log entry as JSON"})
+    touched = [(n, t, r) for n, e in enumerate(entries) for t, r in _touched(e)]
+    w.scale("touched", np.arange(len(touched), dtype=np.int64), group=g)
+    w.array("touched_edit", np.asarray([x[0] for x in touched], dtype=np.int64), ("touched",), group=g,
+            attrs={"long_name": "index into `edit` of the edit that touched the row"})
+    w.array("touched_table", np.asarray([x[1] for x in touched], dtype=string), ("touched",), group=g)
+    w.array("touched_row", np.asarray([x[2] for x in touched], dtype=np.int64), ("touched",), group=g)
+
+
+# ---- reading back ------------------------------------------------------------------------------------------
+def read_audit(path: str | Path) -> SlotStats:
+    """The slot statistics stored in an audit or export file (``memedit audit --out`` / ``memedit export``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MemeditError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise MemeditError(f"{path} is not an HDF5 file; give a file written by `memedit audit --out`") from None
+    with f:
+        if f.attrs.get("format") != FORMAT:
+            raise MemeditError(f"{path} is not a memedit audit (no format={FORMAT!r} attribute); "
+                               "make one with `memedit audit --out FILE.h5`")
+        if int(f.attrs.get("format_version", 0)) > FORMAT_VERSION:
+            raise MemeditError(f"{path} was written by a newer memedit; upgrade memedit")
+        if "counts" not in f:
+            raise MemeditError(f"{path} holds no slot statistics (an export without --stats); "
+                               "give a file written by `memedit audit --out`")
+        try:
+            weights = f["weights"][()]
+            return SlotStats(
+                layers=[int(x) for x in f["layer"][()]], tables=json.loads(f.attrs["tables"]),
+                n_keys=int(f.attrs["n_keys"]), heads=int(f.attrs["heads"]), knn=int(f.attrs["knn"]),
+                counts=torch.from_numpy(f["counts"][()].astype(np.int64)),
+                weight_units=torch.from_numpy(np.rint(weights * WEIGHT_SCALE).astype(np.int64)),
+                subkey_counts=torch.from_numpy(f["subkey_counts"][()].astype(np.int64)),
+                tokens=int(f.attrs["tokens"]), corpus=str(f.attrs.get("corpus", "")),
+                fingerprint=str(f.attrs.get("fingerprint", "")), config=json.loads(f.attrs["model_config"]),
+            )
+        except (KeyError, ValueError, TypeError, OSError) as e:
+            raise MemeditError(f"{path} is a damaged memedit audit ({type(e).__name__}: {e})") from None
+
+
+def check_same_model(stats: SlotStats, model: Any, fp: str | None = None) -> None:
+    """Refuse statistics that were gathered on a different model (by fingerprint, else by shape)."""
+    from .checkpoint import fingerprint
+
+    fp = fp or fingerprint(model)
+    mem = model.config.memory
+    if (stats.layers, stats.n_keys, stats.heads) != (list(mem.layers), mem.n_keys, mem.heads):
+        raise MemeditError(f"the statistics are of a differently shaped memory (layers {stats.layers}, N "
+                           f"{stats.n_keys}, heads {stats.heads}); audit this model with `memedit audit --out`")
+    if stats.fingerprint and stats.fingerprint != fp:
+        raise MemeditError(f"the statistics were gathered on a different model (fingerprint {stats.fingerprint}, "
+                           f"this model {fp}); audit this model with `memedit audit --out`")

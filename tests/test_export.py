@@ -1,0 +1,167 @@
+"""`memedit audit --out` and `memedit export`: HDF5 files read back with h5py and xarray, without memedit."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from memedit.audit import Corpus, audit
+from memedit.checkpoint import fingerprint, load
+from memedit.hdf5 import read_audit
+from memedit.state import write_edit_log, write_frozen_rows
+
+try:  # tests as a package (tests/__init__.py) or as loose modules
+    from .conftest import tiny_model
+    from .test_audit import CORPUS, slow_recount
+except ImportError:
+    from conftest import tiny_model
+    from test_audit import CORPUS, slow_recount
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text("\n".join(CORPUS) + "\n")
+    return p
+
+
+def test_audit_file_reads_back_with_h5py_and_matches_a_recount(cli, tiny, corpus_file, tmp_path):
+    model, path = tiny
+    out = tmp_path / "audit.h5"
+    code, _, _ = cli("audit", corpus_file, "--model", path, "--out", out, "--batch-size", "3")
+    assert code == 0
+    counts, weights, subkeys, tokens = slow_recount(model, CORPUS)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["format"] == "memedit-slot-stats" and f.attrs["format_version"] == 1
+        assert f.attrs["tokens"] == tokens and f.attrs["fingerprint"] == fingerprint(model)
+        assert json.loads(f.attrs["model_config"])["memory"]["n_keys"] == 16
+        assert str(corpus_file) in f.attrs["corpus"] and f.attrs["memedit_version"]
+        assert list(f["layer"][()]) == [0, 2]
+        for li, L in enumerate([0, 2]):
+            assert f["counts"][li].tolist() == counts[L]
+            assert f["subkey_counts"][li].tolist() == subkeys[L]
+            np.testing.assert_allclose(f["weights"][li], np.array(weights[L]), atol=1e-5)
+        # the shared table's use is the sum over the layers reading it
+        np.testing.assert_array_equal(f["table_counts"][0], f["counts"][0] + f["counts"][1])
+        d = f["counts"]
+        assert d.compression == "gzip" and d.compression_opts == 4 and d.shuffle and d.chunks == (1, 1, 256)
+        assert [dim.label or dim[0].name for dim in d.dims] == ["/layer", "/head", "/slot"]
+        metrics = json.loads(f.attrs["metrics"])
+    assert any(r["scope"] == "table" for r in metrics)
+    back = read_audit(out)
+    assert back.tokens == tokens and back.counts[1].tolist() == counts[2]
+
+
+def test_export_opens_in_xarray_with_norms_top_tokens_frozen_rows_and_edit_log(cli, tiny, corpus_file, tmp_path):
+    model, path = tiny
+    write_frozen_rows(model, {"shared": torch.tensor([3, 7, 200])})
+    write_edit_log(model, [{"id": "p0001", "action": "apply", "table": "shared", "rows": [3, 9]},
+                           {"id": "p0002", "action": "revert", "rows": {"shared": [9]}}])
+    a = tmp_path / "audit.h5"
+    assert cli("audit", corpus_file, "--model", path, "--out", a)[0] == 0
+    out = tmp_path / "memory.h5"
+    code, _, err = cli("export", "--out", out, "--stats", a, "--model", path, "--top-tokens", "5")
+    assert code == 0, err
+    ds = xr.open_dataset(out, engine="h5netcdf")
+    assert dict(ds.sizes) == {"layer": 2, "head": 2, "slot": 256, "half": 2, "subkey": 16, "table": 1,
+                              "rank": 5, "token": model.config.vocab_size}
+    assert int(ds.counts.sum()) == ds.attrs["tokens"] * 2 * 2 * 4  # tokens x layers x heads x k
+    table = model.table("shared")
+    np.testing.assert_allclose(ds.value_norms.sel(table="shared").values,
+                               table.weight.float().norm(dim=1).numpy(), rtol=1e-6)
+    keys = model.memory_layers[2].keys4d
+    np.testing.assert_allclose(ds.key_norms.sel(layer=2, head=1, half=0).values, keys[1, 0].norm(dim=-1).numpy(),
+                               rtol=1e-6)
+    assert sorted(np.flatnonzero(ds.frozen.sel(table="shared").values)) == [3, 7, 200]
+    # top promoted tokens, recomputed here for one slot: unembedding * final norm scale * value_proj * row
+    layer = model.memory_layers[0]
+    slot = 42
+    logits = (model.output.weight * model.norm.weight) @ layer.value_proj.weight @ table.weight[slot]
+    assert ds.top_tokens.sel(layer=0, slot=slot).values.tolist() == logits.topk(5).indices.tolist()
+    assert ds.vocab.values[ds.top_tokens.sel(layer=0, slot=slot).values[0]] == \
+        model.tokenizer.id_to_token(int(logits.argmax()))
+    ds.close()
+    log = xr.open_dataset(out, engine="h5netcdf", group="edit_log")
+    assert log.patch_id.values.tolist() == ["p0001", "p0002"]
+    assert log.action.values.tolist() == ["apply", "revert"]
+    assert log.touched_row.values.tolist() == [3, 9, 9] and log.touched_edit.values.tolist() == [0, 0, 1]
+    assert set(log.touched_table.values.tolist()) == {"shared"}
+    log.close()
+
+
+def test_export_refuses_stats_of_another_model_and_non_audits(cli, tiny, corpus_file, tmp_path):
+    model, path = tiny
+    other = tmp_path / "other"
+    from memedit.checkpoint import save
+
+    save(tiny_model(seed=1), other)
+    a = tmp_path / "audit.h5"
+    assert cli("audit", corpus_file, "--model", other, "--out", a)[0] == 0
+    out = tmp_path / "memory.h5"
+    code, _, err = cli("export", "--out", out, "--stats", a, "--model", path)
+    assert code == 2 and "different model" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    text = tmp_path / "notes.h5"
+    text.write_text("not hdf5")
+    code, _, err = cli("export", "--out", out, "--stats", text, "--model", path)
+    assert code == 2 and "not an HDF5 file" in err
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w") as f:
+        f["x"] = np.arange(3)
+    code, _, err = cli("export", "--out", out, "--stats", plain, "--model", path)
+    assert code == 2 and "not a memedit audit" in err
+    assert not out.exists()
+
+
+def test_a_crash_mid_write_leaves_no_partial_file(tiny, tmp_path, monkeypatch):
+    model, _ = tiny
+    import memedit.hdf5 as hdf5
+
+    out = tmp_path / "memory.h5"
+    out.write_bytes(b"previous contents")
+
+    def boom(*a, **k):
+        yield 0, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1)
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(hdf5, "promoted_tokens", boom)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        hdf5.export(out, model, top_k=1)
+    assert out.read_bytes() == b"previous contents"
+    assert [p.name for p in tmp_path.iterdir() if p.name != "tiny"] == ["memory.h5"]  # no temporary left
+
+
+def test_export_without_stats_and_on_unshared_tables(tmp_path):
+    from memedit.checkpoint import save
+    from memedit.hdf5 import export
+
+    model = load(save(tiny_model(share_values=False), tmp_path / "m"))
+    out = export(tmp_path / "x.h5", model, top_k=3)
+    ds = xr.open_dataset(out, engine="h5netcdf")
+    assert ds.table.values.tolist() == ["layer0", "layer2"] and "counts" not in ds
+    assert ds.table_reads_layer.values.tolist() == [[1, 0], [0, 1]]
+    ds.close()
+    stats = audit(model, Corpus("c", texts=CORPUS))
+    out = export(tmp_path / "y.h5", model, stats, top_k=0)
+    ds = xr.open_dataset(out, engine="h5netcdf")
+    np.testing.assert_array_equal(ds.table_counts.sel(table="layer2").values, ds.counts.sel(layer=2).values)
+    ds.close()
+
+
+def test_example_script_audits_exports_and_plots(tiny, corpus_file, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, path = tiny
+    script = Path(__file__).parent.parent / "examples" / "audit_and_export.py"
+    r = subprocess.run([sys.executable, str(script), "--model", str(path), "--corpus", str(corpus_file),
+                        "--out", str(tmp_path / "res")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "table shared" in r.stdout and "hub slots" in r.stdout and "promotes" in r.stdout
+    assert (tmp_path / "res" / "memory.h5").is_file() and (tmp_path / "res" / "usage.png").is_file()
