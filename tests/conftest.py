@@ -67,4 +67,6 @@ def read_json(text: str):
     return json.loads(text)
 
 
-torch.set_num_threads(2)
+# One thread: tests run many small forwards, where a second thread costs more than it gives (and on a
+# loaded machine a spinning OpenMP pool makes them 5-10x slower).
+torch.set_num_threads(1)

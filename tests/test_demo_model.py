@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from memedit.evaluate import fact_accuracies
+from memedit.evaluate import accuracy, memory_zeroed
 from memedit.facts import world_of
 
 
@@ -15,7 +15,10 @@ def test_bundled_model_shape(demo):
 def test_bundled_model_answers_its_facts_from_memory(demo):
     facts = world_of(demo).facts
     assert len(facts) >= 6000
-    acc = fact_accuracies(demo, facts)
-    assert acc["train"] >= 0.95, acc
-    zeroed = fact_accuracies(demo, facts, zero_memory=True)
-    assert zeroed["train"] < 0.20, zeroed
+    prompts = [p for f in facts for p in f.training_prompts]
+    targets = [f.target_true for f in facts for _ in f.training_prompts]
+    acc = accuracy(demo, prompts, targets)
+    assert acc >= 0.95, acc
+    with memory_zeroed(demo):
+        zeroed = accuracy(demo, prompts, targets)
+    assert zeroed < 0.20, zeroed
