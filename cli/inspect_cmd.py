@@ -16,25 +16,37 @@ def _tokens(items: list[dict]) -> str:
     return " ".join(x["token"] for x in items)
 
 
+TargetOpt = Annotated[
+    Optional[str], typer.Option("--target", "-t", help="Answer to score (first token); default: the top prediction.")
+]
+FactOpt = Annotated[Optional[str], typer.Option("--fact", help="Trace a fact and its paraphrases by id (e.g. f00000).")]
+FactsOpt = Annotated[
+    Optional[Path], typer.Option("--facts", help="Facts JSONL for --fact (default: the model's own world).")
+]
+AllPositionsOpt = Annotated[
+    bool, typer.Option("--all-positions", help="Also trace every earlier position (scoring the prompt's next token).")
+]
+
+
 @command(app)
 def inspect(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt whose next token is traced.")] = None,
-    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Answer to score (first token); default: the top prediction.")] = None,
-    fact: Annotated[Optional[str], typer.Option("--fact", help="Trace a fact and its paraphrases by id (e.g. f00000).")] = None,
-    facts: Annotated[Optional[Path], typer.Option("--facts", help="Facts JSONL for --fact (default: the model's own world).")] = None,
-    all_positions: Annotated[bool, typer.Option("--all-positions", help="Also trace every earlier position (scoring the prompt's next token).")] = False,
+    target: TargetOpt = None,
+    fact: FactOpt = None,
+    facts: FactsOpt = None,
+    all_positions: AllPositionsOpt = False,
     top: Annotated[int, typer.Option("--top", min=1, help="How many top-attributed slots to list.")] = 10,
-    per_head: Annotated[int, typer.Option("--per-head", min=0, help="Slots shown per head in the tables (0: all k).")] = 4,
+    per_head: Annotated[int, typer.Option("--per-head", min=0, help="Slots shown per head (0: all k).")] = 4,
     model: ModelOpt = None,
     dtype: DtypeOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Trace which slots fire for PROMPT and how much each one moves the answer.
 
-    Lists the top-5 next tokens, the target's probability and rank, and per memory layer and head the selected
-    slots with their sub-keys (i, j), score, weight, direct logit attribution to the target and ablation effect
-    (change in the target's log-probability when the slot is dropped), then the top slots across layers with the
-    tokens their value rows promote and suppress.
+    Shows the top-5 next tokens and the target's probability and rank; per memory layer and head, the k slots.
+    Per slot: sub-keys (i, j), score, weight, attribution (direct logit attribution to the target) and ablation.
+    Ablation: the change in the target's log-probability when the slot is dropped from the lookup.
+    Then the top slots across layers, with the tokens their value rows promote and suppress.
 
     Example: memedit inspect "Reidreir was born in" --target Thakrian
     Example: memedit inspect --fact f00000 --json
