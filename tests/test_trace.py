@@ -13,7 +13,10 @@ from memedit.capture import core_set, on_lookup
 from memedit.checkpoint import BUNDLED
 from memedit.trace import name
 
-from conftest import tiny_model
+try:  # tests/ may or may not be a package
+    from .conftest import tiny_model
+except ImportError:
+    from conftest import tiny_model
 
 PROMPT = "Reidreir was born in"
 VARIANTS = {
