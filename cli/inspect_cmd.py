@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.table import Table
 
 from .app import app
 from .common import DtypeOpt, JsonOpt, ModelOpt, command, console, load_model, print_json
+
+
+@contextlib.contextmanager
+def _loaded(model: Optional[str], dtype: Optional[str]) -> Iterator:
+    """The model; a small one runs on one thread within the block (tiny batches lose time to busy cores)."""
+    import torch
+
+    m = load_model(model, dtype)
+    before = torch.get_num_threads()
+    if sum(p.numel() for p in m.parameters()) < 50_000_000:
+        torch.set_num_threads(1)
+    try:
+        yield m
+    finally:
+        torch.set_num_threads(before)
 
 
 def _tokens(items: list[dict]) -> str:
@@ -63,8 +79,8 @@ def inspect(
         raise MemeditError('give a PROMPT (memedit inspect "Reidreir was born in") or --fact ID')
     from memedit.trace import trace
 
-    t = trace(load_model(model, dtype), prompt, target)
-    d = t.to_dict(all_positions=all_positions, top_slots=top)
+    with _loaded(model, dtype) as m:
+        d = trace(m, prompt, target).to_dict(all_positions=all_positions, top_slots=top)
     if json:
         return print_json(d)
     _render_trace(d, per_head)
@@ -125,15 +141,15 @@ def _inspect_fact(fact_id: str, facts: Optional[Path], model: Optional[str], dty
     from memedit.facts import load_facts, world_of
     from memedit.trace import trace_fact
 
-    m = load_model(model, dtype)
-    if facts is not None:
-        found = [f for f in load_facts(facts) if f.id == fact_id]
-        if not found:
-            raise MemeditError(f"unknown fact id {fact_id!r} in {facts}")
-        f = found[0]
-    else:
-        f = world_of(m).fact(fact_id)
-    ft = trace_fact(m, f)
+    with _loaded(model, dtype) as m:
+        if facts is not None:
+            found = [f for f in load_facts(facts) if f.id == fact_id]
+            if not found:
+                raise MemeditError(f"unknown fact id {fact_id!r} in {facts}")
+            f = found[0]
+        else:
+            f = world_of(m).fact(fact_id)
+        ft = trace_fact(m, f)
     if json:
         return print_json(ft.to_dict())
     console.print(f"[bold]fact[/] {f.id}: {f.prompt.format(f.subject)} [bold green]{f.target_true}[/] "
@@ -173,7 +189,8 @@ def trace_causal(
     """
     from memedit.causal import causal_trace, plot as save_plot
 
-    ct = causal_trace(load_model(model, dtype), prompt, subject, target, samples=samples, noise=noise, seed=seed)
+    with _loaded(model, dtype) as m:
+        ct = causal_trace(m, prompt, subject, target, samples=samples, noise=noise, seed=seed)
     if plot is not None:
         save_plot(ct, plot)
     if json:
