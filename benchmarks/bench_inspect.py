@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--drop", type=int, default=10, help="slots dropped per fact")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--model", default=None, help="model folder (default: the bundled demo model)")
     args = ap.parse_args()
 
     import torch
@@ -42,8 +43,8 @@ def main() -> None:
     from memedit.facts import world_of
     from memedit.trace import top_vs_random
 
-    torch.set_num_threads(2)
-    model = memedit.load()
+    torch.set_num_threads(1)  # tiny batches: threads only add waiting on a busy machine
+    model = memedit.load(args.model)
     world = world_of(model)
     facts = world.facts[:: max(1, len(world.facts) // args.facts)][: args.facts]
     t0 = time.perf_counter()
@@ -62,14 +63,15 @@ def main() -> None:
 
     exe = shutil.which("memedit", path=str(Path(sys.executable).parent)) or "memedit"
     f = facts[0]
+    at = ["--model", args.model] if args.model else []
     prompt = f.prompt.format(f.subject)
     runs = [
         ("memedit --help", [exe, "--help"]),
-        (f'memedit inspect "{prompt}" --target {f.target_true}', [exe, "inspect", prompt, "--target", f.target_true]),
-        (f"memedit inspect ... --json", [exe, "inspect", prompt, "--target", f.target_true, "--json"]),
-        (f"memedit inspect --fact {f.id}", [exe, "inspect", "--fact", f.id]),
+        (f'memedit inspect "{prompt}" --target {f.target_true}', [exe, "inspect", prompt, "--target", f.target_true, *at]),
+        ("memedit inspect ... --json", [exe, "inspect", prompt, "--target", f.target_true, "--json", *at]),
+        (f"memedit inspect --fact {f.id}", [exe, "inspect", "--fact", f.id, *at]),
         (f'memedit trace-causal ... --subject {f.subject}',
-         [exe, "trace-causal", prompt, "--subject", f.subject, "--target", f.target_true]),
+         [exe, "trace-causal", prompt, "--subject", f.subject, "--target", f.target_true, *at]),
         ('python -c "import torch"', [sys.executable, "-c", "import torch"]),
     ]
     print(f"\n## wall time, end to end (median of {args.repeat})")

@@ -53,6 +53,7 @@ def inspect(
     all_positions: AllPositionsOpt = False,
     top: Annotated[int, typer.Option("--top", min=1, help="How many top-attributed slots to list.")] = 10,
     per_head: Annotated[int, typer.Option("--per-head", min=0, help="Slots shown per head (0: all k).")] = 4,
+    heldout: Annotated[bool, typer.Option("--heldout", help="With --fact: held-out phrasings join the core set.")] = False,
     model: ModelOpt = None,
     dtype: DtypeOpt = None,
     json: JsonOpt = False,
@@ -72,7 +73,7 @@ def inspect(
 
         raise MemeditError("--facts needs --fact ID: which fact of the file to trace")
     if fact is not None:
-        return _inspect_fact(fact, facts, model, dtype, json)
+        return _inspect_fact(fact, facts, heldout, model, dtype, json)
     if prompt is None:
         from memedit.errors import MemeditError
 
@@ -136,7 +137,7 @@ def _signed(x: float) -> str:
     return f"[{color}]{x:+.3f}[/]"
 
 
-def _inspect_fact(fact_id: str, facts: Optional[Path], model: Optional[str], dtype: Optional[str], json: bool) -> None:
+def _inspect_fact(fact_id: str, facts: Optional[Path], heldout: bool, model: Optional[str], dtype: Optional[str], json: bool) -> None:
     from memedit.errors import MemeditError
     from memedit.facts import load_facts, world_of
     from memedit.trace import trace_fact
@@ -149,7 +150,7 @@ def _inspect_fact(fact_id: str, facts: Optional[Path], model: Optional[str], dty
             f = found[0]
         else:
             f = world_of(m).fact(fact_id)
-        ft = trace_fact(m, f)
+        ft = trace_fact(m, f, heldout_in_core=heldout)
     if json:
         return print_json(ft.to_dict())
     console.print(f"[bold]fact[/] {f.id}: {f.prompt.format(f.subject)} [bold green]{f.target_true}[/] "
@@ -159,9 +160,10 @@ def _inspect_fact(fact_id: str, facts: Optional[Path], model: Optional[str], dty
         t.add_column(c, justify="left" if c == "phrasing" else "right")
     for p in ft.phrasings:
         flip = "n/a" if not p["answered"] else ("none flips" if p["flip"] is None else str(p["flip"]))
-        t.add_row(p["prompt"], f"{p['prob']:.3f}", str(p["rank"]), p["top"], flip)
+        t.add_row(p["prompt"] + (" [dim](held-out)[/]" if p["heldout"] else ""), f"{p['prob']:.3f}", str(p["rank"]), p["top"], flip)
     console.print(t)
-    console.print(f"[bold]core set[/] (slots every phrasing selects at the answer position): {ft.core_size} slots")
+    console.print(f"[bold]core set[/]: {ft.core_size} slots selected at the answer position by all {ft.core_over} "
+                  f"{'phrasings' if heldout else 'training phrasings (--heldout adds the held-out ones)'}")
     for table, slots in ft.core_set.items():
         shown = ", ".join(map(str, slots[:40])) + (" ..." if len(slots) > 40 else "")
         console.print(f"  table {table}: {len(slots)} slots {shown}")

@@ -457,8 +457,9 @@ sys.modules[__name__].__class__ = _CallableModule
 class FactTrace:
     fact_id: str
     target: str
-    phrasings: list[dict] = field(default_factory=list)  # per phrasing: prompt, prob, rank, answered, flip
+    phrasings: list[dict] = field(default_factory=list)  # per phrasing: prompt, heldout, prob, rank, top, flip
     core_set: dict[str, list[int]] = field(default_factory=dict)  # per value table
+    core_over: int = 0  # how many phrasings the core set is taken over
 
     @property
     def core_size(self) -> int:
@@ -466,26 +467,28 @@ class FactTrace:
 
     def to_dict(self) -> dict:
         return {"fact": self.fact_id, "target": self.target, "phrasings": self.phrasings,
-                "core_set": self.core_set, "core_size": self.core_size}
+                "core_set": self.core_set, "core_size": self.core_size, "core_over": self.core_over}
 
 
-def trace_fact(model: MemoryModel, fact) -> FactTrace:
+def trace_fact(model: MemoryModel, fact, heldout_in_core: bool = False) -> FactTrace:
     """Trace a fact's prompt and every paraphrase (training and held-out): core set and flip counts.
 
-    The core set holds the slots selected at the answer position by every phrasing (reference §6); the flip
-    count of a phrasing is the smallest number of its top-attributed units whose removal changes the answer.
+    The core set holds the slots selected at the answer position by every training phrasing (the prompt and its
+    paraphrases; with ``heldout_in_core`` the held-out phrasings too), reference §6. The flip count of an
+    answered phrasing is the smallest number of its top-attributed units whose removal changes the answer.
     """
     from .capture import core_set
 
-    prompts = fact.training_prompts + list(fact.heldout_paraphrases)
-    ft = FactTrace(fact_id=fact.id, target=fact.target_true, core_set=core_set(model, prompts))
-    for p in prompts:
+    train, held = fact.training_prompts, list(fact.heldout_paraphrases)
+    core_prompts = train + held if heldout_in_core else train
+    ft = FactTrace(fact_id=fact.id, target=fact.target_true, core_set=core_set(model, core_prompts),
+                   core_over=len(core_prompts))
+    for p in train + held:
         t = trace(model, p, fact.target_true)
         answered = t.rank() == 1
         ft.phrasings.append({
-            "prompt": p, "prob": t.prob(), "rank": t.rank(), "answered": answered,
-            "top": t.top_tokens(n=1)[0][0],
-            "flip": t.flip_count() if answered else None,
+            "prompt": p, "heldout": p in held, "prob": t.prob(), "rank": t.rank(), "answered": answered,
+            "top": t.top_tokens(n=1)[0][0], "flip": t.flip_count() if answered else None,
         })
     return ft
 

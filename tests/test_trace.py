@@ -162,7 +162,12 @@ def test_inspect_fact_from_a_file(cli, tiny, tmp_path):
     d = json.loads(out)
     prompts = ["Reidreir was born in", "the cat sat on the", "Reidreir ran in the", "a dog sat on"]
     assert [p["prompt"] for p in d["phrasings"]] == prompts
-    assert d["core_set"] == core_set(model, prompts) and d["core_size"] == len(d["core_set"]["shared"])
+    assert [p["heldout"] for p in d["phrasings"]] == [False, False, False, True]
+    # the core set is taken over the training phrasings; --heldout adds the held-out ones
+    assert d["core_set"] == core_set(model, prompts[:3]) and d["core_size"] == len(d["core_set"]["shared"])
+    assert d["core_over"] == 3
+    code, out, _ = cli("inspect", "--fact", "r1", "--facts", facts, "--model", path, "--json", "--heldout")
+    assert json.loads(out)["core_set"] == core_set(model, prompts) and json.loads(out)["core_over"] == 4
     for p in d["phrasings"]:
         assert (p["flip"] is None or p["flip"] >= 1) if p["answered"] else p["flip"] is None
     code, _, err = cli("inspect", "--fact", "nope", "--facts", facts, "--model", path)
