@@ -67,7 +67,8 @@ def main() -> None:
     prompt = f.prompt.format(f.subject)
     runs = [
         ("memedit --help", [exe, "--help"]),
-        (f'memedit inspect "{prompt}" --target {f.target_true}', [exe, "inspect", prompt, "--target", f.target_true, *at]),
+        (f'memedit inspect "{prompt}" --target {f.target_true}',
+         [exe, "inspect", prompt, "--target", f.target_true, *at]),
         ("memedit inspect ... --json", [exe, "inspect", prompt, "--target", f.target_true, "--json", *at]),
         (f"memedit inspect --fact {f.id}", [exe, "inspect", "--fact", f.id, *at]),
         (f'memedit trace-causal ... --subject {f.subject}',

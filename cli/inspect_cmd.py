@@ -53,7 +53,8 @@ def inspect(
     all_positions: AllPositionsOpt = False,
     top: Annotated[int, typer.Option("--top", min=1, help="How many top-attributed slots to list.")] = 10,
     per_head: Annotated[int, typer.Option("--per-head", min=0, help="Slots shown per head (0: all k).")] = 4,
-    heldout: Annotated[bool, typer.Option("--heldout", help="With --fact: held-out phrasings join the core set.")] = False,
+    heldout: Annotated[bool, typer.Option("--heldout", help="With --fact: held-out phrasings join the core set.")]
+    = False,
     model: ModelOpt = None,
     dtype: DtypeOpt = None,
     json: JsonOpt = False,
@@ -98,14 +99,16 @@ def _render_trace(d: dict, per_head: int) -> None:
     console.print("[bold]next token[/] " + ", ".join(f"{x['token']} {x['prob']:.3f}" for x in d["top"]))
     for layer in d["layers"]:
         slot_sum = sum(s["attribution"] for h in layer["heads"] for s in h["slots"])
-        t = Table(title=f"memory layer {layer['layer']} (table {layer['table']}): attribution {layer['attribution']:+.3f} "
+        t = Table(title=f"memory layer {layer['layer']} (table {layer['table']}): "
+                        f"attribution {layer['attribution']:+.3f} "
                         f"= slots {slot_sum:+.3f} + bias {layer['bias_attribution']:+.3f}", title_justify="left")
         for c in ("head", "slot", "(i, j)", "score", "weight", "attribution", "ablation Δlogp"):
             t.add_column(c, justify="right")
         for h in layer["heads"]:
             shown = h["slots"] if per_head == 0 else h["slots"][:per_head]
             for n, s in enumerate(shown):
-                t.add_row(str(h["head"]) if n == 0 else "", str(s["slot"]), f"({s['i']}, {s['j']})", f"{s['score']:.3f}",
+                t.add_row(str(h["head"]) if n == 0 else "", str(s["slot"]), f"({s['i']}, {s['j']})",
+                          f"{s['score']:.3f}",
                           f"{s['weight']:.3f}", _signed(s["attribution"]), _signed(s["ablation"]))
             if len(shown) < len(h["slots"]):
                 t.add_row("", f"[dim]+{len(h['slots']) - len(shown)} more[/]", "", "", "", "", "")
@@ -137,7 +140,8 @@ def _signed(x: float) -> str:
     return f"[{color}]{x:+.3f}[/]"
 
 
-def _inspect_fact(fact_id: str, facts: Optional[Path], heldout: bool, model: Optional[str], dtype: Optional[str], json: bool) -> None:
+def _inspect_fact(fact_id: str, facts: Optional[Path], heldout: bool, model: Optional[str], dtype: Optional[str],
+                  json: bool) -> None:
     from memedit.errors import MemeditError
     from memedit.facts import load_facts, world_of
     from memedit.trace import trace_fact
@@ -160,7 +164,8 @@ def _inspect_fact(fact_id: str, facts: Optional[Path], heldout: bool, model: Opt
         t.add_column(c, justify="left" if c == "phrasing" else "right")
     for p in ft.phrasings:
         flip = "n/a" if not p["answered"] else ("none flips" if p["flip"] is None else str(p["flip"]))
-        t.add_row(p["prompt"] + (" [dim](held-out)[/]" if p["heldout"] else ""), f"{p['prob']:.3f}", str(p["rank"]), p["top"], flip)
+        phrasing = p["prompt"] + (" [dim](held-out)[/]" if p["heldout"] else "")
+        t.add_row(phrasing, f"{p['prob']:.3f}", str(p["rank"]), p["top"], flip)
     console.print(t)
     console.print(f"[bold]core set[/]: {ft.core_size} slots selected at the answer position by all {ft.core_over} "
                   f"{'phrasings' if heldout else 'training phrasings (--heldout adds the held-out ones)'}")
@@ -172,12 +177,13 @@ def _inspect_fact(fact_id: str, facts: Optional[Path], heldout: bool, model: Opt
 @command(app, "trace-causal")
 def trace_causal(
     prompt: Annotated[str, typer.Argument(help="The prompt (it must contain the subject).")],
-    subject: Annotated[str, typer.Option("--subject", "-s", help="Words of the prompt whose embeddings are corrupted.")],
-    target: Annotated[str, typer.Option("--target", "-t", help="The answer whose probability is measured (first token).")],
+    subject: Annotated[str, typer.Option("--subject", "-s", help="Words of the prompt to corrupt with noise.")],
+    target: Annotated[str, typer.Option("--target", "-t", help="The answer whose probability is measured.")],
     samples: Annotated[int, typer.Option("--samples", min=1, help="Noise samples averaged.")] = 10,
     noise: Annotated[float, typer.Option("--noise", help="Noise std as a multiple of the embedding std.")] = 3.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the noise draws.")] = 0,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Save the heat map as a PNG (needs memedit[plot]).")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Save the heat map as PNG (needs matplotlib).")]
+    = None,
     model: ModelOpt = None,
     dtype: DtypeOpt = None,
     json: JsonOpt = False,

@@ -148,10 +148,13 @@ def plot(ct: CausalTrace, path) -> None:
     ie = ct.indirect_effect.numpy()
     fig, ax = plt.subplots(figsize=(2.4 + 1.2 * len(ct.layers), 1.2 + 0.35 * len(ct.tokens)))
     im = ax.imshow(ie, cmap="Purples", aspect="auto", vmin=min(0.0, float(ie.min())))
-    ax.set_yticks(range(len(ct.tokens)), [t + ("*" if i in ct.subject_positions else "") for i, t in enumerate(ct.tokens)])
+    ax.set_yticks(range(len(ct.tokens)), [
+        t + ("*" if i in ct.subject_positions else "") for i, t in enumerate(ct.tokens)
+    ])
     ax.set_xticks(range(len(ct.layers)), [f"layer {L}" for L in ct.layers])
     ax.set_xlabel("memory layer restored")
-    ax.set_title(f"P({ct.target.token}) restored − corrupted\nclean {ct.clean_prob:.3f}, corrupted {ct.corrupted_prob:.3f}",
+    ax.set_title(f"P({ct.target.token}) restored − corrupted\n"
+                 f"clean {ct.clean_prob:.3f}, corrupted {ct.corrupted_prob:.3f}",
                  fontsize=9)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()

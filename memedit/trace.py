@@ -93,7 +93,8 @@ def _cached(model: MemoryModel, T: int) -> Iterator[dict[str, torch.Tensor]]:
             handles.append(getattr(layer, f"hook_{what}").register_forward_hook(keep(name(L, what))))
         layer_of[name(L, "out")] = layer
         handles.append(layer.register_forward_hook(keep(name(L, "out"))))
-    handles.append(model.norm.register_forward_pre_hook(lambda mod, args: cache.__setitem__("final.resid", args[0].detach())))
+    handles.append(model.norm.register_forward_pre_hook(
+        lambda mod, args: cache.__setitem__("final.resid", args[0].detach())))
     try:
         with capture_lookups(model) as rec:
             yield cache
