@@ -227,3 +227,13 @@ def test_inspect_a_demo_fact(cli, demo):
     assert all(p["answered"] for p in d["phrasings"][:4])  # the training phrasings are answered
     assert d["core_size"] >= 1 and all(isinstance(s, int) for s in d["core_set"]["shared"])
     assert all(p["flip"] is None or p["flip"] >= 1 for p in d["phrasings"][:4])
+
+
+def test_plot_without_matplotlib_is_a_clear_error(cli, tiny, tmp_path, monkeypatch):
+    import sys
+
+    _, path = tiny
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    code, _, err = cli("trace-causal", PROMPT, "-s", "Reidreir", "-t", "Thakrian", "--model", path,
+                       "--samples", "2", "--plot", tmp_path / "x.png")
+    assert code == 2 and "pip install 'memedit[plot]'" in err and not (tmp_path / "x.png").exists()
