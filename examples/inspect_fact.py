@@ -23,8 +23,10 @@ for unit, attribution in t.ranked()[:5]:
     print(f"  {unit.layer}, {unit.head}, {unit.slot}: {attribution:+.3f}, {ablation:+.3f}, {promoted}")
 
 ft = trace_fact(model, fact)
-print(f"core set over {len(ft.phrasings)} phrasings: {ft.core_size} slots")
+print(f"core set (slots selected by all {ft.core_over} training phrasings): {ft.core_size} slots")
 for table, slots in ft.core_set.items():
     print(f"  table {table}: {slots}")
 for p in ft.phrasings:
-    print(f"  {p['prompt']!r}: p = {p['prob']:.3f}, slots to drop to flip the answer: {p['flip']}")
+    flip = "not answered" if not p["answered"] else p["flip"] or "none flips it"
+    kind = "held-out" if p["heldout"] else "training"
+    print(f"  {kind} {p['prompt']!r}: p = {p['prob']:.3f}, top-attributed slots to drop to flip the answer: {flip}")
