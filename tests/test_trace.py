@@ -237,3 +237,15 @@ def test_plot_without_matplotlib_is_a_clear_error(cli, tiny, tmp_path, monkeypat
     code, _, err = cli("trace-causal", PROMPT, "-s", "Reidreir", "-t", "Thakrian", "--model", path,
                        "--samples", "2", "--plot", tmp_path / "x.png")
     assert code == 2 and "pip install 'memedit[plot]'" in err and not (tmp_path / "x.png").exists()
+
+
+@demo_only
+def test_the_example_prints_a_core_set():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "examples" / "inspect_fact.py"
+    r = subprocess.run([sys.executable, str(script), "f00000"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "core set (slots selected by all 4 training phrasings)" in r.stdout and "table shared: [" in r.stdout
