@@ -241,11 +241,13 @@ def test_plot_without_matplotlib_is_a_clear_error(cli, tiny, tmp_path, monkeypat
 
 @demo_only
 def test_the_example_prints_a_core_set():
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).parent.parent / "examples" / "inspect_fact.py"
-    r = subprocess.run([sys.executable, str(script), "f00000"], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny batches: extra threads only wait on a busy machine
+    r = subprocess.run([sys.executable, str(script), "f00000"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     assert "core set (slots selected by all 4 training phrasings)" in r.stdout and "table shared: [" in r.stdout
