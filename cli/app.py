@@ -19,6 +19,7 @@ from . import core  # noqa: E402,F401
 from . import verify  # noqa: E402,F401
 from . import keys  # noqa: E402,F401
 from . import audit  # noqa: E402,F401
+from . import inspect_cmd  # noqa: E402,F401
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load", "MemeditError"]
+__all__ = ["__version__", "load", "trace", "MemeditError"]
 
 from .errors import MemeditError
 
@@ -17,3 +17,10 @@ def load(path=None, dtype: str | None = None, **options):
     from .checkpoint import load as _load
 
     return _load(path, dtype=dtype, **options)
+
+
+def trace(model, prompt: str, target: str | None = None):
+    """A Trace of ``prompt`` (memedit.trace.Trace): lookups, per-slot attributions and ablations for ``target``."""
+    from .trace import trace as _trace
+
+    return _trace(model, prompt, target)
