@@ -16,6 +16,7 @@ app = typer.Typer(
 
 # Command modules (import order is the order in --help).
 from . import core  # noqa: E402,F401
+from . import edit_cmd  # noqa: E402,F401
 
 
 def main() -> None:
