@@ -248,17 +248,18 @@ def edit(
                          "request": res.patch.info["requests"][n]})
     if json:
         return print_json({"edits": rows})
-    t = Table(title="fact edits" + (" (dry run: nothing written)" if dry_run else ""))
-    for c in ("edit", "new", "patch", "rows", "steps", "s", "efficacy", "paraphrase", "held-out", "neighb.", "score",
-              "forgetting"):
-        t.add_column(c)
     fmt = lambda x: "-" if x is None else f"{x:.0%}"  # noqa: E731
-    for r in rows:
+    for n, r in enumerate(rows, 1):
         q = r["request"]
+        text = q["prompt"].format(q["subject"]) if "{}" in q["prompt"] else q["prompt"]
+        console.print(f"[bold]{n}.[/] {text} [red]{q['target_true']}[/] -> [green]{q['target_new']}[/]  "
+                      f"patch {r['patch']}: {r['rows_trained']} rows, {r['steps']} steps, {r['seconds']:.2f}s")
+    t = Table(title="fact edits" + (" (dry run: nothing written)" if dry_run else ""))
+    for c in ("#", "efficacy", "paraphrase", "held-out", "neighborhood", "score", "forgetting"):
+        t.add_column(c, justify="right")
+    for n, r in enumerate(rows, 1):
         fg = r["forgetting"]
-        t.add_row(q["prompt"].format(q["subject"]) if "{}" in q["prompt"] else q["prompt"],
-                  f"{q['target_true']} -> {q['target_new']}", r["patch"], str(r["rows_trained"]), str(r["steps"]),
-                  f"{r['seconds']:.2f}", fmt(r["efficacy"]), fmt(r["paraphrase"]), fmt(r["paraphrase_heldout"]),
+        t.add_row(str(n), fmt(r["efficacy"]), fmt(r["paraphrase"]), fmt(r["paraphrase_heldout"]),
                   fmt(r["neighborhood"]), f"{r['score']:.2f}", "-" if fg is None else f"{fg['change'] * 100:+.1f} pts")
     console.print(t)
     shared = {tb: ls for r in rows for tb, ls in r["tables"].items() if len(ls) > 1}
