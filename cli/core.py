@@ -98,8 +98,8 @@ def convert(
 @command(app)
 def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the trained model to.")] = Path("demo-model"),
-    epochs: Annotated[int, typer.Option(min=1, help="Passes over the world's training sentences.")] = 0,
-    seed: Annotated[int, typer.Option(help="World and initialisation seed.")] = 0,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Passes over the world's training sentences (default 20).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="World and initialisation seed (default 1234).")] = None,
     json: JsonOpt = False,
 ) -> None:
     """Train a memory model on the synthetic world (the defaults reproduce the bundled demo model).
@@ -115,9 +115,9 @@ def train(
     from memedit.train import TrainConfig, train as run
 
     tc = TrainConfig()
-    if epochs:
+    if epochs is not None:
         tc.epochs = epochs
-    if seed:
+    if seed is not None:
         tc.seed = seed
     t0 = time.time()
     with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),

@@ -38,8 +38,8 @@ def last_logits(model: MemoryModel, prompts: Sequence[str], batch_size: int = 51
     for start in range(0, len(prompts), batch_size):
         seqs = [model.encode(p) for p in prompts[start : start + batch_size]]
         tokens, lengths = pad_batch(seqs, pad)
-        logits = model(tokens)  # (B, T, vocab)
-        out.append(logits[torch.arange(len(seqs)), lengths - 1].float())
+        logits = model(tokens.to(model.tok_embeddings.weight.device))  # (B, T, vocab)
+        out.append(logits[torch.arange(len(seqs)), lengths - 1].float().cpu())
     return torch.cat(out)
 
 

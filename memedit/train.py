@@ -22,20 +22,25 @@ class TrainConfig:
     seed: int = DEFAULT_SEED  # the world's seed and the initialisation seed
     n_subjects: int = DEFAULT_SUBJECTS
     dim: int = 128
-    n_layers: int = 4
+    n_layers: int = 2
     n_heads: int = 4
-    memory_layers: tuple[int, ...] = (1, 3)
+    memory_layers: tuple[int, ...] = (0, 1)  # every FFN is a memory: no dense FFN can hold the facts
     n_keys: int = 128  # 128^2 = 16,384 slots
     mem_heads: int = 4
     knn: int = 16
     k_dim: int = 64
     multiple_of: int = 64  # keeps the dense FFNs small so that facts must live in memory
     ffn_dim_multiplier: float | None = 0.5
-    epochs: int = 40
+    epochs: int = 20
     batch_size: int = 256
     lr: float = 3e-3
-    values_lr: float = 3e-2  # value rows get few, sparse updates: a larger rate (as the reference does)
+    values_lr: float = 1e-1  # value rows get few, sparse updates: a larger rate (as the reference does)
+    # Parameter-name prefixes kept at their random initialisation. Trainable token embeddings learn to hold
+    # every fact of their subject (accuracy with memory zeroed stays ~90%); fixed random embeddings make the
+    # facts live in the memory's value rows.
+    freeze: tuple[str, ...] = ("tok_embeddings",)
     threads: int = 2
+    device: str = "cpu"
 
 
 def demo_config(tc: TrainConfig, vocab_size: int) -> ModelConfig:
@@ -47,14 +52,20 @@ def demo_config(tc: TrainConfig, vocab_size: int) -> ModelConfig:
     )
 
 
-def train(tc: TrainConfig, progress: Callable[[int, int, float], None] | None = None) -> tuple[MemoryModel, World]:
-    """Train a model on the world of ``tc.seed``; ``progress(step, total, loss)`` is called every step."""
+def train(
+    tc: TrainConfig,
+    progress: Callable[[int, int, float], None] | None = None,
+    probe: tuple[int, Callable[[int, MemoryModel], None]] | None = None,
+) -> tuple[MemoryModel, World]:
+    """Train a model on the world of ``tc.seed``; ``progress(step, total, loss)`` is called every step,
+    ``probe = (every, fn)`` calls ``fn(step, model)`` every ``every`` steps (for training curves)."""
     torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     world = World(tc.seed, tc.n_subjects)
     tok = WordTokenizer.from_texts(world.all_texts())
     model = MemoryModel(demo_config(tc, tok.vocab_size), tokenizer=tok)
     model.init_weights(tc.seed)
+    model.to(tc.device)
     model.train()
 
     seqs = [[tok.bos_id] + tok.encode(s) + [tok.eos_id] for s in world.training_sentences()]
@@ -63,9 +74,12 @@ def train(tc: TrainConfig, progress: Callable[[int, int, float], None] | None = 
     for b, s in enumerate(seqs):
         data[b, : len(s)] = torch.tensor(s)
 
+    for name, p in model.named_parameters():
+        if name.startswith(tuple(tc.freeze)):
+            p.requires_grad_(False)
     value_params = [t.weight for t in model.tables]
     value_ids = {id(p) for p in value_params}
-    other = [p for p in model.parameters() if id(p) not in value_ids]
+    other = [p for p in model.parameters() if id(p) not in value_ids and p.requires_grad]
     opt = torch.optim.Adam([
         {"params": other, "lr": tc.lr},
         {"params": value_params, "lr": tc.values_lr},
@@ -80,7 +94,7 @@ def train(tc: TrainConfig, progress: Callable[[int, int, float], None] | None = 
     for _ in range(tc.epochs):
         rng.shuffle(order)
         for start in range(0, len(order), tc.batch_size):
-            batch = data[order[start : start + tc.batch_size]]
+            batch = data[order[start : start + tc.batch_size]].to(tc.device)
             scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
             for g, lr in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr * scale
@@ -93,6 +107,11 @@ def train(tc: TrainConfig, progress: Callable[[int, int, float], None] | None = 
             step += 1
             if progress is not None:
                 progress(step, total, loss.item())
+            if probe is not None and step % probe[0] == 0:
+                model.eval()
+                probe[1](step, model)
+                model.train()
+    model.cpu()
     model.eval()
     model.requires_grad_(False)
     model.meta["world"] = {"seed": tc.seed, "n_subjects": tc.n_subjects}
