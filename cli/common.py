@@ -24,6 +24,13 @@ ModelOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+TokenizerOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--tokenizer", envvar="MEMEDIT_TOKENIZER", show_envvar=True,
+        help="Tokenizer file to use (SentencePiece .model, tiktoken file, tokenizer.json); default: the model's own.",
+    ),
+]
 DtypeOpt = Annotated[
     Optional[str], typer.Option("--dtype", help="Compute dtype: float32 or bfloat16 (default: as stored).")
 ]
@@ -31,7 +38,9 @@ DtypeOpt = Annotated[
 
 def fail(message: str) -> None:
     """Print a one-line error and exit with code 2."""
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # messages may hold [brackets]
     raise typer.Exit(2)
 
 
@@ -62,9 +71,15 @@ def command(app: typer.Typer, name: str | None = None, **kw) -> Callable:
     return deco
 
 
-def load_model(model: Optional[str], dtype: Optional[str] = None, **options: Any):
+def load_model(model: Optional[str], dtype: Optional[str] = None, tokenizer: Optional[str] = None, **options: Any):
+    """Load --model; a tokenizer comes from --tokenizer, else $MEMEDIT_TOKENIZER (so every command honours it)."""
+    import os
+
     import memedit
 
+    tokenizer = tokenizer or os.environ.get("MEMEDIT_TOKENIZER")
+    if tokenizer:
+        options["tokenizer"] = tokenizer
     return memedit.load(model, dtype=dtype, **options)
 
 

@@ -9,22 +9,25 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .common import DtypeOpt, JsonOpt, ModelOpt, command, console, load_model, print_json
+from .common import DtypeOpt, JsonOpt, ModelOpt, TokenizerOpt, command, console, load_model, print_json
 
 
 @command(app)
-def info(model: ModelOpt = None, dtype: DtypeOpt = None, json: JsonOpt = False) -> None:
+def info(model: ModelOpt = None, dtype: DtypeOpt = None, tokenizer: TokenizerOpt = None, json: JsonOpt = False) -> None:
     """Show the model's structure: memory layers, slots, heads, value tables and who reads them.
 
     Example: memedit info --json
     """
     from memedit.info import describe
 
-    d = describe(load_model(model, dtype))
+    d = describe(load_model(model, dtype, tokenizer))
     if json:
         return print_json(d)
     console.print(f"[bold]model[/] {d['source']}{' (bundled, read-only)' if d['read_only'] else ''}")
-    console.print(f"dim {d['dim']}, {d['n_layers']} layers, vocab {d['vocab_size']}, dtype {d['dtype']}")
+    if d["standalone"]:
+        console.print(f"standalone memory module (no host LM, no tokenizer): input dim {d['dim']}, dtype {d['dtype']}")
+    else:
+        console.print(f"dim {d['dim']}, {d['n_layers']} layers, vocab {d['vocab_size']}, dtype {d['dtype']}")
     kinds = " ".join(f"[{'bold magenta' if x['kind'] == 'memory' else 'dim'}]{x['layer']}:{x['kind']}[/]" for x in d["layers"])
     console.print(f"layers {kinds}")
     t = Table(title="memory")
@@ -49,6 +52,7 @@ def generate(
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens to generate.")] = 8,
     model: ModelOpt = None,
     dtype: DtypeOpt = None,
+    tokenizer: TokenizerOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Greedy continuation of PROMPT.
@@ -57,7 +61,7 @@ def generate(
     """
     from memedit.generate import generate as gen
 
-    out = gen(load_model(model, dtype), prompt, max_tokens)
+    out = gen(load_model(model, dtype, tokenizer), prompt, max_tokens)
     if json:
         return print_json(out)
     console.print(f"{prompt} [bold green]{out['completion']}[/]")
@@ -83,16 +87,30 @@ def convert(
     dst: Annotated[Path, typer.Argument(help="Destination folder (must not exist or be empty).")],
     model: ModelOpt = None,
     dtype: DtypeOpt = None,
+    tokenizer: TokenizerOpt = None,
+    format: Annotated[str, typer.Option("--format", help="native (a memedit folder) or lingua (the reference's "
+                                        "params.json + consolidated.pth).")] = "native",
+    knn: Annotated[Optional[int], typer.Option("--knn", min=1, help="Slots per head of a standalone XLM / "
+                                               "product-key-memory module (not stored in its state dict; default 32).")] = None,
 ) -> None:
-    """Write a model (default: the bundled one) as a native memedit folder you can change.
+    """Write a model (default: the bundled one) as a native memedit folder you can change, or back to the reference layout.
 
-    Example: memedit convert ./my-model
+    Example: memedit convert ./my-model --model ./checkpoints/0000010000
+    Example: memedit convert ./for-eval --format lingua --model ./my-model
     """
     from memedit.checkpoint import save
+    from memedit.errors import MemeditError
 
-    m = load_model(model, dtype)
-    save(m, dst)
-    console.print(f"wrote {dst}")
+    if format not in ("native", "lingua"):
+        raise MemeditError(f"unknown --format {format!r} (choose native or lingua)")
+    m = load_model(model, dtype, tokenizer, **({"knn": knn} if knn else {}))
+    if format == "lingua":
+        from memedit.importers.lingua import save_lingua
+
+        save_lingua(m, dst)
+    else:
+        save(m, dst)
+    console.print(f"wrote {dst}{' (params.json + consolidated.pth)' if format == 'lingua' else ''}")
 
 
 @command(app)

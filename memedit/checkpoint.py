@@ -53,6 +53,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_dir(dst: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dst`` (which must not exist or be empty); on success it becomes ``dst``."""
+    dst = Path(dst).expanduser()
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise MemeditError(f"{dst} already exists and is not empty; choose a new folder")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if dst.exists():
+            dst.rmdir()
+        os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _fsync_dir(d: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(d, os.O_RDONLY)
@@ -93,10 +116,19 @@ def is_native(path: Path) -> bool:
 
 
 def load(path: str | Path | None = None, dtype: str | None = None, **options) -> MemoryModel:
-    """Load a model: a native folder, the bundled demo model (default), or a layout an importer knows."""
+    """Load a model: a native folder, the bundled demo model (default), or a layout an importer knows.
+
+    Options: ``tokenizer`` (a tokenizer file to use instead of the model's own), ``knn`` (slots per head of a
+    standalone XLM / product-key-memory module, which its state dict does not store).
+    """
     p = resolve_model_path(path)
     if p.is_dir() and is_native(p):
         model = load_native(p)
+        if options.get("tokenizer"):
+            from .importers.tokenizers import load_path
+
+            model.tokenizer = load_path(options["tokenizer"])
+            check_tokenizer(model, str(options["tokenizer"]))
     else:
         from . import importers
 
@@ -146,12 +178,18 @@ def load_native(path: str | Path) -> MemoryModel:
     load_state(model, state, str(weights))
     tok = path / meta.get("tokenizer", "tokenizer.json")
     model.tokenizer = load_tokenizer(tok) if tok.is_file() else None
-    if model.tokenizer is not None and model.tokenizer.vocab_size != cfg.vocab_size:
-        raise MemeditError(f"{tok} has {model.tokenizer.vocab_size} tokens but the model expects {cfg.vocab_size}")
+    check_tokenizer(model, str(tok))
     model.meta = dict(meta.get("meta") or {})
     model.source = str(path)
     model.read_only = path.resolve() == BUNDLED.resolve()
     return model
+
+
+def check_tokenizer(model: MemoryModel, origin: str) -> None:
+    """Refuse a tokenizer with more ids than the model's vocabulary (fewer is fine: vocabularies are often padded)."""
+    tok, n = model.tokenizer, model.config.vocab_size
+    if tok is not None and tok.vocab_size > n:
+        raise MemeditError(f"{origin} has {tok.vocab_size} tokens but the model only {n}: wrong tokenizer?")
 
 
 def native_state(model: MemoryModel) -> dict[str, torch.Tensor]:
@@ -180,8 +218,10 @@ def load_state(model: MemoryModel, state: dict[str, torch.Tensor], origin: str) 
         src, dst = state[name], params[name]
         if tuple(src.shape) != tuple(dst.shape):
             raise MemeditError(f"{origin}: {name} has shape {tuple(src.shape)}, the config implies {tuple(dst.shape)}")
+        if not src.is_floating_point():
+            raise MemeditError(f"{origin}: {name} has dtype {src.dtype}, expected a floating-point tensor")
         with torch.no_grad():
-            dst.data = src.to(dst.dtype).clone() if src.dtype != dst.dtype else src.clone()
+            dst.data = src.clone()  # each tensor keeps its stored dtype (e.g. bfloat16 values beside float32 keys)
     _retie_shared(model)
 
 

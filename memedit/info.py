@@ -16,6 +16,7 @@ def describe(model: MemoryModel) -> dict:
         "dtype": dtype_name(model.dtype),
         "dim": cfg.dim,
         "n_layers": cfg.n_layers,
+        "standalone": cfg.standalone,  # a lone memory module (XLM / product-key-memory): no host LM, no tokenizer
         "vocab_size": cfg.vocab_size,
         "layers": [{"layer": L, "kind": "memory" if L in memory else "dense"} for L in range(cfg.n_layers)],
         "memory_layers": list(mem.layers),

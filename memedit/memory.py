@@ -37,6 +37,7 @@ class MemoryConfig:
     gated: bool = False  # out = sigmoid(gating(x)) * out
     share_values: bool = True  # one value table read by every memory layer
     peer_variant: bool = False  # PEER is not supported yet; kept so configs round-trip
+    query_norm: bool = False  # LayerNorm on each half-query (the product-key-memory PyPI module), as ``query_norm``
 
     @property
     def n_slots(self) -> int:
@@ -130,6 +131,7 @@ class MemoryLayer(nn.Module):
         self.keys = nn.Parameter(torch.empty(2 * H * N, K // 2))
         self.values = values if values is not None else nn.Embedding(N * N, self.v_dim)
         self.query_proj = QueryProjection(dim, H, K)
+        self.query_norm = nn.LayerNorm(K // 2) if cfg.query_norm else None
         self.swilu_projection = nn.Linear(dim, self.v_dim) if cfg.swilu_projection else None
         self.value_proj = nn.Linear(self.v_dim, dim) if (cfg.swilu_projection or self.v_dim != dim) else None
         self.gating = nn.Linear(dim, 1) if cfg.gated else None
@@ -147,7 +149,10 @@ class MemoryLayer(nn.Module):
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """Queries (n, H, K) for normalised inputs x (n, D)."""
-        return self.query_proj(x).view(x.shape[0], self.cfg.heads, self.cfg.k_dim)
+        q = self.query_proj(x).view(x.shape[0], self.cfg.heads, self.cfg.k_dim)
+        if self.query_norm is not None:  # one LayerNorm applied to each half-query of each head
+            q = self.query_norm(q.unflatten(-1, (2, -1))).flatten(-2)  # (n, H, 2, K/2) -> (n, H, K)
+        return q
 
     def lookup(self, x: torch.Tensor) -> Lookup:
         """Run the lookup for normalised inputs x (n, D) through the hooked search module."""

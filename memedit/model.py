@@ -35,6 +35,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     max_seqlen: int = 1024
     memory: MemoryConfig = field(default_factory=lambda: MemoryConfig(layers=[]))
+    standalone: bool = False  # a lone memory module (XLM / product-key-memory) with no host LM: one "layer" 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,6 +155,17 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+class StandaloneBlock(nn.Module):
+    """Holds a lone memory module at ``layers.0.feed_forward`` so the registry works as for a host LM."""
+
+    def __init__(self, feed_forward: MemoryLayer):
+        super().__init__()
+        self.feed_forward = feed_forward
+
+    def forward(self, x: torch.Tensor, *rope) -> torch.Tensor:
+        return self.feed_forward(x)
+
+
 class MemoryModel(nn.Module):
     """The language model plus a registry of its memory layers and value tables.
 
@@ -169,6 +181,13 @@ class MemoryModel(nn.Module):
         self.read_only = False  # True for the model bundled inside the installed package
         self.meta: dict[str, Any] = {}  # extra facts saved with the model, e.g. {"world": {"seed": 1234, ...}}
         mem = cfg.memory
+        self._rope: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        if cfg.standalone:
+            if mem.layers != [0] or cfg.n_layers != 1:
+                raise ValueError("a standalone memory module is one memory at layer 0")
+            self.layers = nn.ModuleList([StandaloneBlock(MemoryLayer(cfg.dim, mem))])
+            self.tok_embeddings = self.norm = self.output = None
+            return
         shared = None
         if mem.layers and mem.share_values:
             v_dim = cfg.dim if mem.v_dim in (-1, None) else mem.v_dim
@@ -190,7 +209,6 @@ class MemoryModel(nn.Module):
         self.layers = nn.ModuleList(blocks)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self._rope: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     # ---- registry -------------------------------------------------------------------------------
     @property
@@ -224,6 +242,8 @@ class MemoryModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        if self.config.standalone:
+            return self.layers[0].feed_forward.keys.dtype
         return self.tok_embeddings.weight.dtype
 
     # ---- forward --------------------------------------------------------------------------------
@@ -236,6 +256,13 @@ class MemoryModel(nn.Module):
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """The residual stream after the last block, before the final norm: (B, T, D)."""
+        if self.config.standalone:
+            from .errors import MemeditError
+
+            raise MemeditError(
+                "this is a standalone memory module with no host language model: commands that run text need a "
+                "host LM; give query vectors instead (e.g. model.memory_layers[0].lookup(x))"
+            )
         cos, sin = self.rope(tokens.shape[1], tokens.device)
         h = self.tok_embeddings(tokens)
         for block in self.layers:
@@ -249,8 +276,12 @@ class MemoryModel(nn.Module):
         """Token ids of a prompt as the model reads it: BOS, then the text's tokens."""
         from .errors import MemeditError
 
-        if self.tokenizer is None:
+        if self.tokenizer is None and self.config.standalone:
             raise MemeditError("this model has no tokenizer (a standalone memory module): give query vectors instead of text")
+        if self.tokenizer is None:
+            why = self.meta.get("tokenizer_missing")  # set by importers, e.g. "tokenizer file ... not found"
+            raise MemeditError(f"this model has no tokenizer{f' ({why})' if why else ''}: pass --tokenizer PATH "
+                               "(a SentencePiece .model, a tiktoken file or a tokenizer.json)")
         ids = self.tokenizer.encode(text)
         if not ids:
             raise MemeditError(f"the prompt {text!r} has no tokens")

@@ -81,7 +81,7 @@ class WordTokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer file: memedit's own word vocabulary JSON (other formats are added by importers)."""
+    """Load a tokenizer.json: memedit's word vocabulary, an imported kind saved by memedit, or a HuggingFace file."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -89,4 +89,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise MemeditError(f"cannot read tokenizer {path}: {e}") from None
     if isinstance(data, dict) and data.get("memedit_tokenizer") == "word":
         return WordTokenizer(data["vocab"])
-    raise MemeditError(f"{path} is not a tokenizer memedit can read")
+    if not isinstance(data, dict):
+        raise MemeditError(f"{path} is not a tokenizer memedit can read")
+    from .importers.tokenizers import from_json
+
+    return from_json(data, path)
