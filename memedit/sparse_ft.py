@@ -243,7 +243,7 @@ def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | N
     Baseline ``cfg.train_all`` is the exception: it leaves the model edited and returns no patch.
     """
     cfg = cfg or EditConfig()
-    if cfg.optimizer == "adamw":
+    if cfg.optimizer == "adamw" and not cfg.train_all:
         warnings.warn("AdamW forgets more than SGD in sparse memory finetuning (reference §6)", stacklevel=2)
     if cfg.ranking != "counts" and bg is None and not cfg.train_all:
         raise MemeditError("TF-IDF and KL ranking need background statistics: run `memedit background` first")
