@@ -53,6 +53,7 @@ def main() -> None:
         look = ["inspect", prompt, "-m", str(model)] if has_command("inspect") else ["generate", prompt, "-n", "1",
                                                                                       "-m", str(model)]
         memedit(*look)
+        memedit("background", "-m", str(model))  # once per model: the statistics TF-IDF ranks against
         memedit("edit", "--fact", fact_id, "-m", str(model))
         memedit(*look)
         memedit("generate", fact["heldout_paraphrases"][0], "-n", "1", "-m", str(model))  # a phrasing never trained
