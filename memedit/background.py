@@ -22,6 +22,7 @@ from .model import MemoryModel
 
 DEFAULT_BATCH = 32  # sentences per background batch (a "document" for document frequency)
 DEFAULT_MAX_BATCHES = 1000  # the reference uses 1000 batches of general text
+IN_MEMORY_BATCHES = 250  # for a model without stored statistics: a quarter, so a command waits seconds, not a minute
 
 
 @dataclass
@@ -137,10 +138,11 @@ _CACHE: "weakref.WeakKeyDictionary[MemoryModel, Background]" = weakref.WeakKeyDi
 
 def get(model: MemoryModel) -> Background:
     """The stored background, or (for a model without one, e.g. the read-only bundled model) one computed in
-    memory on the default corpus, cached for this process."""
+    memory on the default corpus (``IN_MEMORY_BATCHES`` batches), cached for this process."""
     bg = stored(model)
     if bg is not None:
         return bg
     if model not in _CACHE:
-        _CACHE[model] = compute(model, default_corpus(model), corpus="default (computed in memory)")
+        _CACHE[model] = compute(model, default_corpus(model), max_batches=IN_MEMORY_BATCHES,
+                                corpus=f"default, {IN_MEMORY_BATCHES} batches (computed in memory)")
     return _CACHE[model]
