@@ -39,11 +39,11 @@ RANKINGS = ("tfidf", "kl", "counts")
 class EditConfig:
     # §6 trains t = 500 rows per fact in a 1M-slot memory. A fact in the demo model (16,384 slots) reads only ~290
     # distinct slots at its answer positions, so t = 500 would train all of them and the ranking would not matter;
-    # t = 128 with lr 5 and 50 steps met efficacy and paraphrase with the least forgetting in a sweep of
+    # t = 128 with lr 5 and up to 100 steps met efficacy and paraphrase with the least forgetting in a sweep of
     # t in {32, 64, 100, 128, 200, 500} x lr in {2, 3, 5} (benchmarks/bench_edit.py, README).
     top_t: int = 128  # value rows trained per fact
     lr: float = 5.0  # SGD learning rate (§6: 2 to 5)
-    steps: int = 50  # at most this many optimizer steps
+    steps: int = 100  # at most this many optimizer steps (most edits stop early)
     stop_loss: float = 0.05  # stop early once the mean loss on the training phrasings is below this
     optimizer: str = "sgd"  # "sgd" (default) or "adamw" (forgets more, §6)
     ranking: str = "tfidf"  # "tfidf", "kl" or "counts" (no IDF, a baseline)
