@@ -172,3 +172,17 @@ def test_frozen_rows_stay_bit_identical_after_hundreds_of_operations(folder):
     assert done["patch"] > 100 and done["refused"] > 30 and done["edit"] == 6 and done["revert"] > 10
     on_disk = load(path).table("shared").weight[frozen]
     assert torch.equal(on_disk, frozen_bytes)
+
+
+def test_dry_run_rewrites_a_fact_of_the_bundled_model_and_refuses_to_write_it(cli, demo):
+    from memedit.facts import world_of
+
+    fact = world_of(demo).facts[12]
+    code, out, err = cli("edit", "--fact", fact.id, "--dry-run", "--ranking", "counts", "--forgetting-sample", "200",
+                         "--json")
+    assert code == 0, err
+    (e,) = json.loads(out)["edits"]
+    assert e["request"]["target_true"] == fact.target_true and e["request"]["target_new"] == fact.target_new
+    assert e["efficacy"] == 1.0 and not e["applied"] and e["forgetting"]["n"] > 150
+    code, _, err = cli("edit", "--fact", fact.id)
+    assert code == 2 and "read-only" in err
