@@ -118,6 +118,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the trained model to.")] = Path("demo-model"),
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Passes over the world's training sentences (default 20).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="World and initialisation seed (default 1234).")] = None,
+    device: Annotated[str, typer.Option(help="torch device to train on: cpu, cuda, cuda:1 ...")] = "cpu",
     json: JsonOpt = False,
 ) -> None:
     """Train a memory model on the synthetic world (the defaults reproduce the bundled demo model).
@@ -137,6 +138,7 @@ def train(
         tc.epochs = epochs
     if seed is not None:
         tc.seed = seed
+    tc.device = device
     t0 = time.time()
     with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                   TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),

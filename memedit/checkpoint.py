@@ -42,6 +42,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; a saved file gets the usual permissions
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -63,17 +64,36 @@ def atomic_dir(dst: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     try:
         yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if dst.exists():
-            dst.rmdir()
-        os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
+        _publish_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish_dir(tmp: Path, dst: Path) -> None:
+    """fsync every file in ``tmp``, give it the usual permissions, and rename it to ``dst`` (replacing it)."""
+    mask = _umask()
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700
+    for f in tmp.rglob("*"):
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(d: Path) -> None:
@@ -275,19 +295,7 @@ def save(model: MemoryModel, dst: str | Path, overwrite: bool = False) -> Path:
         src_state = Path(model.source) / STATE_DIR if model.source else None
         if src_state is not None and src_state.is_dir():
             shutil.copytree(src_state, tmp / STATE_DIR)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
+        _publish_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

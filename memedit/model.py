@@ -44,7 +44,10 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         d = dict(d)
         mem = d.pop("memory", None) or {"layers": []}
-        return cls(**d, memory=MemoryConfig(**mem))
+        cfg = cls(**d, memory=MemoryConfig(**mem))
+        _check_types(cfg)
+        _check_types(cfg.memory)
+        return cfg
 
     @property
     def ffn_hidden(self) -> int:
@@ -52,6 +55,23 @@ class ModelConfig:
         if self.ffn_dim_multiplier is not None:
             h = int(self.ffn_dim_multiplier * h)
         return self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
+
+
+def _check_types(cfg: Any) -> None:
+    """Raise TypeError naming the first field whose value has the wrong type (configs come from JSON files)."""
+    import dataclasses
+
+    kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list[int]": (list, tuple)}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        want = str(f.type).replace(" | None", "")
+        if v is None and "None" in str(f.type) or want not in kinds:
+            continue
+        ok = isinstance(v, kinds[want]) and not (want in ("int", "float") and isinstance(v, bool))
+        if ok and want == "list[int]":
+            ok = all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+        if not ok:
+            raise TypeError(f"field {f.name!r} should be {want}, got {v!r}")
 
 
 @dataclass

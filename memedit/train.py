@@ -59,6 +59,14 @@ def train(
 ) -> tuple[MemoryModel, World]:
     """Train a model on the world of ``tc.seed``; ``progress(step, total, loss)`` is called every step,
     ``probe = (every, fn)`` calls ``fn(step, model)`` every ``every`` steps (for training curves)."""
+    from .errors import MemeditError
+
+    try:
+        dev = torch.device(tc.device)
+    except RuntimeError:
+        raise MemeditError(f"unknown device {tc.device!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MemeditError(f"device {tc.device!r} asked for, but no CUDA device is available here")
     torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     world = World(tc.seed, tc.n_subjects)
