@@ -132,7 +132,6 @@ def sequential(model, facts, others, bg, cfg, folder: Path | None) -> dict:
         reqs.append(req)
         patches.append(res.patch)
     out = summarise(rows)
-    out["efficacy_when_made_min"] = min(r["efficacy"] for r in rows)
     out["still_hold_at_end"] = statistics.mean(measure(model, r)["efficacy"] for r in reqs)
     out["untouched_accuracy_before"] = acc0
     out["untouched_accuracy_after"] = accuracy(model, untouched_p, untouched_t)
@@ -220,13 +219,12 @@ def report(results: dict) -> None:
         keys = ["efficacy", "paraphrase", "paraphrase_heldout", "neighborhood", "score", "forgetting_pts",
                 "seconds_median", "seconds_max", "rows_trained_mean"]
         if run == "sequential":
-            keys += ["efficacy_when_made_min", "still_hold_at_end", "untouched_change_pts", "apply_to_folder_seconds_median"]
+            keys += ["still_hold_at_end", "untouched_change_pts", "apply_to_folder_seconds_median"]
         for k in keys:
             cells = []
             for n in names:
                 v = results[run][n].get(k)
-                if k in ("efficacy", "paraphrase", "paraphrase_heldout", "neighborhood", "efficacy_when_made_min",
-                         "still_hold_at_end"):
+                if k in ("efficacy", "paraphrase", "paraphrase_heldout", "neighborhood", "still_hold_at_end"):
                     cells.append(pct(v))
                 elif v is None:
                     cells.append("-")
