@@ -20,6 +20,7 @@ from . import verify  # noqa: E402,F401
 from . import keys  # noqa: E402,F401
 from . import audit  # noqa: E402,F401
 from . import inspect_cmd  # noqa: E402,F401
+from . import edit_cmd  # noqa: E402,F401
 
 
 def main() -> None:

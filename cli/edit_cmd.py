@@ -1,0 +1,305 @@
+"""Editing commands: `patch ...` (patch_cmd.py), `freeze`/`unfreeze`/`frozen`, `background`, `edit`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from . import patch_cmd  # noqa: F401  (registers the `patch` group)
+from .app import app
+from .common import JsonOpt, ModelOpt, command, console, load_model, print_json
+
+FactsOpt = Annotated[Optional[Path], typer.Option("--facts", help="Facts JSONL (default: the model's own world).")]
+
+
+def _table_name(m, table: Optional[str]) -> str:
+    from memedit.errors import MemeditError
+
+    if table is not None:
+        return m.table(table).name
+    if len(m.tables) != 1:
+        raise MemeditError(f"this model has several value tables ({', '.join(t.name for t in m.tables)}): pass --table")
+    return m.tables[0].name
+
+
+def _fact(m, fact_id: str, facts: Optional[Path]):
+    from memedit.errors import MemeditError
+    from memedit.facts import load_facts, world_of
+
+    if facts is None:
+        return world_of(m).fact(fact_id)
+    for f in load_facts(facts):
+        if f.id == fact_id:
+            return f
+    raise MemeditError(f"no fact {fact_id!r} in {facts}")
+
+
+@command(app)
+def freeze(
+    table: Annotated[Optional[str], typer.Option("--table", "-t", help="Value table (default: the only one).")] = None,
+    rows: Annotated[Optional[list[str]], typer.Option("--rows", "-r", help="Row ids: 3,7,10-12.")] = None,
+    fact: Annotated[Optional[str], typer.Option("--fact", help="Freeze a fact's core set (e.g. f00012).")] = None,
+    facts: FactsOpt = None,
+    hot: Annotated[Optional[int], typer.Option("--hot", help="Freeze the N most-read rows of each table (background).")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", help="Row ids from a text or .npy file.")] = None,
+    model: ModelOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Freeze value rows: no patch, fact edit or key update may change them afterwards.
+
+    Example: memedit freeze -m ./my-model --fact f00012
+    """
+    from memedit import freeze as F
+    from memedit.errors import MemeditError
+    from memedit.patch import parse_rows
+
+    m = load_model(model)
+    from memedit.checkpoint import require_writable
+
+    require_writable(m)
+    picked: dict[str, list[int]] = {}
+
+    def add(d: dict[str, list[int]]) -> None:
+        for k, v in d.items():
+            picked.setdefault(k, []).extend(v)
+
+    if rows:
+        add({_table_name(m, table): parse_rows(rows)})
+    if file is not None:
+        add({_table_name(m, table): F.rows_from_file(file)})
+    if fact is not None:
+        add(F.fact_rows(m, _fact(m, fact, facts).training_prompts))
+    if hot is not None:
+        add(F.hot_rows(m, hot))
+    if not picked:
+        raise MemeditError("nothing to freeze: pass --rows, --fact, --hot or --file")
+    if not any(picked.values()):
+        raise MemeditError("no rows selected (a fact's core set can be empty when its phrasings share no slot)")
+    added = F.freeze(m, picked)
+    res = {"added": added, "frozen": {k: len(v) for k, v in F.frozen(m).items()}}
+    if json:
+        return print_json(res)
+    for k, n in added.items():
+        console.print(f"froze {n} new rows of table {k} ({res['frozen'].get(k, 0)} frozen in all)")
+
+
+@command(app)
+def unfreeze(
+    table: Annotated[Optional[str], typer.Option("--table", "-t", help="Value table (default: the only one).")] = None,
+    rows: Annotated[Optional[list[str]], typer.Option("--rows", "-r", help="Row ids: 3,7,10-12.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Unfreeze every value row.")] = False,
+    model: ModelOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Unfreeze value rows.
+
+    Example: memedit unfreeze -m ./my-model --rows 5,9
+    """
+    from memedit import freeze as F
+    from memedit.errors import MemeditError
+    from memedit.patch import parse_rows
+
+    m = load_model(model)
+    if not all_ and not rows:
+        raise MemeditError("pass --rows or --all")
+    freed = F.unfreeze(m, None if all_ else {_table_name(m, table): parse_rows(rows)})
+    if json:
+        return print_json({"freed": freed})
+    for k, n in freed.items():
+        console.print(f"unfroze {n} rows of table {k}")
+
+
+@command(app)
+def frozen(model: ModelOpt = None, json: JsonOpt = False) -> None:
+    """List the frozen value rows.
+
+    Example: memedit frozen -m ./my-model --json
+    """
+    from memedit.freeze import frozen as get
+
+    d = get(load_model(model))
+    if json:
+        return print_json(d)
+    if not d:
+        console.print("no frozen rows")
+        return
+    t = Table()
+    for c in ("table", "frozen rows", "ids"):
+        t.add_column(c)
+    for k, v in d.items():
+        t.add_row(k, str(len(v)), ", ".join(map(str, v[:12])) + (" ..." if len(v) > 12 else ""))
+    console.print(t)
+
+
+@command(app)
+def background(
+    corpus: Annotated[Optional[Path], typer.Argument(help="Text file, one sentence per line (default: the demo "
+                                                          "world's filler and facts).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sentences per background batch.")] = 32,
+    max_batches: Annotated[int, typer.Option("--max-batches", min=1, help="Use at most this many batches.")] = 1000,
+    model: ModelOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Compute and store background slot statistics (per-batch document frequency and counts) for fact edits.
+
+    Example: memedit background -m ./my-model
+    """
+    import time
+
+    from memedit import background as B
+    from memedit.checkpoint import require_writable
+
+    m = load_model(model)
+    require_writable(m)
+    sentences = B.read_corpus(str(corpus)) if corpus is not None else B.default_corpus(m)
+    t0 = time.perf_counter()
+    bg = B.compute(m, sentences, batch_size, max_batches, corpus=str(corpus) if corpus else "default: demo world")
+    B.save(m, bg)
+    res = {"n_batches": bg.n_batches, "tokens": bg.tokens, "seconds": round(time.perf_counter() - t0, 2),
+           "tables": {k: {"rows_read": int((v > 0).sum()), "rows": v.numel()} for k, v in bg.df.items()}}
+    if json:
+        return print_json(res)
+    console.print(f"background over {bg.n_batches} batches ({bg.tokens:,} tokens) in {res['seconds']}s")
+    for k, v in res["tables"].items():
+        console.print(f"table {k}: {v['rows_read']:,} of {v['rows']:,} rows read at least once")
+
+
+@command(app)
+def edit(
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help='Rewrite prompt, "{}" for the subject.')] = None,
+    subject: Annotated[str, typer.Option("--subject", help="The subject filled into {}.")] = "",
+    target_new: Annotated[Optional[str], typer.Option("--target-new", help="The new answer.")] = None,
+    target_true: Annotated[str, typer.Option("--target-true", help="The old answer (default: the model's).")] = "",
+    paraphrase: Annotated[Optional[list[str]], typer.Option("--paraphrase", help="Training phrasing (repeatable).")] = None,
+    heldout: Annotated[Optional[list[str]], typer.Option("--heldout", help="Held-out phrasing, measured only.")] = None,
+    neighborhood: Annotated[Optional[list[str]], typer.Option("--neighborhood", help="Prompt that must keep its answer.")] = None,
+    fact: Annotated[Optional[list[str]], typer.Option("--fact", help="Rewrite a world fact to its target_new (id).")] = None,
+    requests: Annotated[Optional[Path], typer.Option("--requests", help="Edit requests, JSONL.")] = None,
+    sequential: Annotated[bool, typer.Option("--sequential", help="One edit per request, in order.")] = False,
+    top_t: Annotated[Optional[int], typer.Option("--top-t", min=1, help="Value rows trained per fact.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="At most this many steps.")] = None,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd, or adamw (forgets more).")] = "sgd",
+    ranking: Annotated[str, typer.Option("--ranking", help="tfidf, kl, or counts.")] = "tfidf",
+    positions: Annotated[str, typer.Option("--positions", help="Count slot reads at the answer position or at all.")] = "answer",
+    forgetting_sample: Annotated[int, typer.Option("--forgetting-sample", min=0,
+                                                   help="Other facts' prompts to measure forgetting on (0: skip).")] = 1000,
+    facts: FactsOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Measure, but leave the model folder unchanged.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the patch file here (one patch).")] = None,
+    model: ModelOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Rewrite facts by sparse memory finetuning: train only the value rows that matter, save it as a patch.
+
+    Example: memedit edit -m ./my-model --prompt "{} was born in" --subject Reidreir --target-new Thakrian
+    """
+    import warnings
+
+    from memedit import sparse_ft as S
+    from memedit.checkpoint import require_writable
+    from memedit.errors import MemeditError
+    from memedit.facts import load_facts, world_of
+    from memedit.patch import apply
+
+    m = load_model(model)
+    if not dry_run:
+        require_writable(m)
+    reqs = _requests(m, prompt, subject, target_new, target_true, paraphrase, heldout, neighborhood, fact, requests,
+                     facts)
+    if out is not None and sequential and len(reqs) > 1:
+        raise MemeditError("--out writes one patch; with --sequential every edit is logged in the model folder")
+    cfg = S.EditConfig(optimizer=optimizer, ranking=ranking, positions=positions)
+    for k, v in (("top_t", top_t), ("lr", lr), ("steps", steps)):
+        if v is not None:
+            setattr(cfg, k, v)
+    if optimizer == "adamw" and lr is None:
+        cfg.lr = 1e-2
+    bg = None
+    if ranking != "counts":
+        from memedit.background import get
+
+        bg = get(m)
+    forgetting = None
+    if forgetting_sample:
+        world = load_facts(facts) if facts is not None else (world_of(m).facts if m.meta.get("world") else None)
+        if world:
+            forgetting = S.Forgetting(m, world, forgetting_sample)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = S.run_edits(m, reqs, bg, cfg, sequential=sequential,
+                              commit=None if dry_run else (lambda p: apply(m, p)), forgetting=forgetting)
+    for w in caught:
+        from .common import err_console
+
+        err_console.print(f"[yellow]warning:[/] {w.message}")
+    if out is not None:
+        results[0].patch.save(out)
+    rows = []
+    for res in results:
+        for n, per in enumerate(res.metrics["per_request"]):
+            rows.append({"patch": res.patch.id, "applied": not dry_run, "rows_trained": res.patch.n_rows,
+                         "tables": {c.table: c.layers for c in res.patch.changes}, "steps": res.steps,
+                         "loss": res.loss, "seconds": res.seconds, **per,
+                         "forgetting": res.metrics.get("forgetting"),
+                         "request": res.patch.info["requests"][n]})
+    if json:
+        return print_json({"edits": rows})
+    fmt = lambda x: "-" if x is None else f"{x:.0%}"  # noqa: E731
+    for n, r in enumerate(rows, 1):
+        q = r["request"]
+        text = q["prompt"].format(q["subject"]) if "{}" in q["prompt"] else q["prompt"]
+        console.print(f"[bold]{n}.[/] {text} [red]{q['target_true']}[/] -> [green]{q['target_new']}[/]  "
+                      f"patch {r['patch']}: {r['rows_trained']} rows, {r['steps']} steps, {r['seconds']:.2f}s")
+    t = Table(title="fact edits" + (" (dry run: nothing written)" if dry_run else ""))
+    for c in ("#", "efficacy", "paraphrase", "held-out", "neighborhood", "score", "forgetting"):
+        t.add_column(c, justify="right")
+    for n, r in enumerate(rows, 1):
+        fg = r["forgetting"]
+        t.add_row(str(n), fmt(r["efficacy"]), fmt(r["paraphrase"]), fmt(r["paraphrase_heldout"]),
+                  fmt(r["neighborhood"]), f"{r['score']:.2f}", "-" if fg is None else f"{fg['change'] * 100:+.1f} pts")
+    console.print(t)
+    shared = {tb: ls for r in rows for tb, ls in r["tables"].items() if len(ls) > 1}
+    for tb, ls in shared.items():
+        console.print(f"table {tb} is read by layers {', '.join(map(str, ls))}: all of them change")
+    if not dry_run:
+        console.print(f"applied to {m.source}; undo with `memedit patch revert ID -m {m.source}`")
+
+
+def _requests(m, prompt, subject, target_new, target_true, paraphrase, heldout, neighborhood, fact, requests, facts):
+    """The edit requests from the options: one from --prompt, world facts from --fact, or a JSONL file."""
+    import json as js
+
+    from memedit.errors import MemeditError
+    from memedit.sparse_ft import EditRequest
+
+    given = [prompt is not None, bool(fact), requests is not None]
+    if sum(given) != 1:
+        raise MemeditError("give exactly one of --prompt (with --subject, --target-new), --fact ID, --requests FILE")
+    if prompt is not None:
+        if not target_new:
+            raise MemeditError("--prompt needs --target-new")
+        return [EditRequest(prompt=prompt, subject=subject, target_new=target_new, target_true=target_true,
+                            paraphrases=list(paraphrase or []), heldout_paraphrases=list(heldout or []),
+                            neighborhood=list(neighborhood or []))]
+    if fact:
+        return [EditRequest.from_fact(_fact(m, f, facts)) for f in fact]
+    try:
+        lines = Path(requests).read_text().splitlines()
+    except OSError as e:
+        raise MemeditError(f"cannot read {requests}: {e.strerror}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                out.append(EditRequest.from_dict(js.loads(line)))
+            except ValueError as e:
+                raise MemeditError(f"{requests}:{n}: not JSON ({e})") from None
+            except MemeditError as e:
+                raise MemeditError(f"{requests}:{n}: {e}") from None
+    if not out:
+        raise MemeditError(f"{requests} holds no edit requests")
+    return out

@@ -1,0 +1,368 @@
+"""Fact edits by sparse memory finetuning (Lin et al., 2025; shared/reference/memory-layers.md §6).
+
+1. Count the slots the new fact reads: c(i) over the lookups of its training phrasings (``positions``: the answer
+   position only, the default, or every position of the prompt; padding is never counted).
+2. Rank slots against the background: TF-IDF ``c(i)/Σc · log((|B|+1)/(df(i)+1))`` (default), KL contribution
+   ``p_new log(p_new / p_bg)`` with add-one smoothing, or raw counts (a baseline).
+3. Train only the value rows of the top-t slots on the new answer (cross-entropy at the answer position of every
+   training phrasing): the gradient of every other row, of every frozen row and of every other parameter is
+   masked. Plain SGD with a large learning rate (the reference's choice); AdamW as an option.
+4. The change is returned as a :class:`~memedit.patch.Patch`, so it can be saved, applied and reverted exactly.
+
+Metrics (:func:`measure`) follow the knowledge-editing conventions of §7, taken right after each edit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .background import Background
+from .capture import on_lookup
+from .errors import MemeditError
+from .evaluate import answer_token, last_logits, pad_batch
+from .memory import Lookup
+from .model import MemoryModel
+from .patch import Patch, make_patch
+from .state import frozen_rows
+
+RANKINGS = ("tfidf", "kl", "counts")
+
+
+@dataclass
+class EditConfig:
+    # §6 trains t = 500 rows per fact in a 1M-slot memory. A fact in the demo model (16,384 slots) reads only ~290
+    # distinct slots at its answer positions, so t = 500 would train all of them and the ranking would not matter;
+    # t = 128 with lr 5 and up to 100 steps met efficacy and paraphrase with the least forgetting in a sweep of
+    # t in {32, 64, 100, 128, 200, 500} x lr in {2, 3, 5} (benchmarks/bench_edit.py, README).
+    top_t: int = 128  # value rows trained per fact
+    lr: float = 5.0  # SGD learning rate (§6: 2 to 5)
+    steps: int = 100  # at most this many optimizer steps (most edits stop early)
+    stop_loss: float = 0.05  # stop early once the mean loss on the training phrasings is below this
+    optimizer: str = "sgd"  # "sgd" (default) or "adamw" (forgets more, §6)
+    ranking: str = "tfidf"  # "tfidf", "kl" or "counts" (no IDF, a baseline)
+    positions: str = "answer"  # count slot reads at the "answer" position only, or at "all" prompt positions
+    train_all: bool = False  # baseline only: finetune every parameter instead of the selected value rows
+
+
+@dataclass
+class EditRequest:
+    """A fact rewrite in the shape of §7: ``prompt`` with "{}" for the subject."""
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str = ""  # if empty: the model's current answer to the prompt
+    paraphrases: list[str] = field(default_factory=list)  # trained on, like the prompt
+    heldout_paraphrases: list[str] = field(default_factory=list)  # measured only
+    neighborhood: list[str] = field(default_factory=list)  # other subjects: must keep their answer
+    id: str = ""
+
+    @property
+    def rewrite_prompt(self) -> str:
+        return self.prompt.format(self.subject) if "{}" in self.prompt else self.prompt
+
+    @property
+    def training_prompts(self) -> list[str]:
+        return [self.rewrite_prompt] + list(self.paraphrases)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EditRequest":
+        try:
+            req = cls(prompt=d["prompt"], subject=d.get("subject", ""), target_new=d["target_new"],
+                      target_true=d.get("target_true", ""), paraphrases=list(d.get("paraphrases", [])),
+                      heldout_paraphrases=list(d.get("heldout_paraphrases", [])),
+                      neighborhood=list(d.get("neighborhood", [])), id=str(d.get("id", "")))
+        except KeyError as e:
+            raise MemeditError(f"an edit request needs {e.args[0]!r} (keys: prompt, subject, target_new, ...)") from None
+        if not req.target_new.strip():
+            raise MemeditError("an edit request needs a non-empty target_new")
+        return req
+
+    @classmethod
+    def from_fact(cls, fact) -> "EditRequest":
+        return cls.from_dict(fact.to_json())
+
+
+@dataclass
+class EditResult:
+    patch: Patch | None  # None only for the train_all baseline
+    slots: dict[str, list[int]]  # the rows trained, per table
+    steps: int
+    loss: float
+    seconds: float
+    metrics: dict = field(default_factory=dict)
+
+
+# ---- 1. counting slot reads on the new fact -----------------------------------------------------------
+@torch.no_grad()
+def fact_counts(model: MemoryModel, prompts: Sequence[str], positions: str = "answer") -> dict[str, torch.Tensor]:
+    """Slot reads c(i) per value table (rows,) over the prompts: at their answer position, or at all positions."""
+    if positions not in ("answer", "all"):
+        raise MemeditError(f"unknown positions {positions!r}: use answer or all")
+    pad = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else 0
+    tokens, lengths = pad_batch([model.encode(p) for p in prompts], pad)
+    B, T = tokens.shape
+    pos = torch.arange(T)[None, :]
+    keep = (pos == (lengths - 1)[:, None]) if positions == "answer" else (pos < lengths[:, None])  # (B, T)
+    keep = keep.flatten()
+    table_of = {L: t for t in model.tables for L in t.layers}
+    counts = {t.name: torch.zeros(t.n_rows) for t in model.tables}
+
+    def seen(L: int, lk: Lookup) -> None:
+        t = table_of[L]
+        counts[t.name] += torch.bincount(lk.indices.reshape(B * T, -1)[keep].flatten(), minlength=t.n_rows)
+
+    with on_lookup(model, seen):
+        model(tokens)
+    return counts
+
+
+# ---- 2. ranking ------------------------------------------------------------------------------------------
+def rank(counts: dict[str, torch.Tensor], bg: Background | None, ranking: str = "tfidf") -> dict[str, torch.Tensor]:
+    """A score per row (rows,) for each table; rows the fact never read score -inf."""
+    if ranking not in RANKINGS:
+        raise MemeditError(f"unknown ranking {ranking!r} (choose from {', '.join(RANKINGS)})")
+    out = {}
+    for name, c in counts.items():
+        tf = c / c.sum().clamp_min(1)
+        if ranking == "counts":
+            s = tf.clone()
+        elif ranking == "tfidf":
+            s = tf * bg.idf(name)
+        else:  # KL contribution against the add-one smoothed background distribution
+            bgc = bg.counts[name].float()
+            p_bg = (bgc + 1) / (bgc.sum() + bgc.numel())
+            s = tf * torch.log(tf.clamp_min(1e-30) / p_bg)
+        out[name] = s.masked_fill(c == 0, -math.inf)
+    return out
+
+
+def select(model: MemoryModel, scores: dict[str, torch.Tensor], top_t: int) -> dict[str, torch.Tensor]:
+    """The top-t rows over all tables by score (rows the fact read, not frozen): {table: sorted row ids}."""
+    frozen = frozen_rows(model)
+    names, flat = [], []
+    for name, s in scores.items():
+        s = s.clone()
+        if name in frozen and frozen[name].numel():
+            s[frozen[name]] = -math.inf
+        names.append(name)
+        flat.append(s)
+    allscores = torch.cat(flat)
+    k = min(top_t, int(torch.isfinite(allscores).sum()))
+    if k == 0:
+        raise MemeditError("every slot this fact reads is frozen: nothing can be trained")
+    top = allscores.topk(k).indices
+    out, start = {}, 0
+    for name, s in zip(names, flat):
+        mine = top[(top >= start) & (top < start + s.numel())] - start
+        if mine.numel():
+            out[name] = mine.sort().values
+        start += s.numel()
+    return out
+
+
+# ---- 3. training ------------------------------------------------------------------------------------------
+def _batch(model: MemoryModel, requests: Sequence[EditRequest]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens (B, T), answer positions (B,), new answer token ids (B,)) over every training phrasing."""
+    seqs, targets = [], []
+    for r in requests:
+        tgt = answer_token(model, r.target_new)
+        for p in r.training_prompts:
+            seqs.append(model.encode(p))
+            targets.append(tgt)
+    pad = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else 0
+    tokens, lengths = pad_batch(seqs, pad)
+    return tokens, lengths - 1, torch.tensor(targets)
+
+
+def _loss(model: MemoryModel, tokens: torch.Tensor, answer_pos: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # Right padding sits after the answer position, so causal attention keeps it out of the loss: only the
+    # answer positions are scored, every padding position is masked by construction.
+    logits = model(tokens)  # (B, T, vocab)
+    return F.cross_entropy(logits[torch.arange(len(targets)), answer_pos].float(), targets)
+
+
+def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[str, torch.Tensor] | None,
+               cfg: EditConfig) -> tuple[int, float]:
+    """Train the given value rows (or, with ``cfg.train_all``, every parameter) in place; returns (steps, loss)."""
+    tokens, answer_pos, targets = _batch(model, requests)
+    if cfg.train_all:
+        params = [p for p in model.parameters()]
+        masks = None
+    else:
+        params = [model.table(name).weight for name in rows]
+        masks = list(rows.values())
+    if cfg.optimizer not in ("sgd", "adamw"):
+        raise MemeditError(f"unknown optimizer {cfg.optimizer!r}: use sgd or adamw")
+    # the optimizer sees only the trainable slices (a copy of each), so nothing else can move
+    slices = [p.detach()[m].clone().requires_grad_(True) for p, m in zip(params, masks)] if masks else \
+        [p.detach().clone().requires_grad_(True) for p in params]
+    opt = (torch.optim.SGD(slices, lr=cfg.lr) if cfg.optimizer == "sgd"
+           else torch.optim.AdamW(slices, lr=cfg.lr, weight_decay=0.0))
+    steps, loss_val = 0, float("nan")
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for steps in range(1, cfg.steps + 1):
+            loss = _loss(model, tokens, answer_pos, targets)
+            loss_val = loss.item()
+            if loss_val < cfg.stop_loss:
+                steps -= 1
+                break
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for s, g, m in zip(slices, grads, masks or [None] * len(params)):
+                s.grad = torch.zeros_like(s) if g is None else (g[m] if m is not None else g)  # the gradient mask
+            opt.step()
+            with torch.no_grad():
+                for p, s, m in zip(params, slices, masks or [None] * len(params)):
+                    if m is not None:
+                        p[m] = s.detach()
+                    else:
+                        p.copy_(s.detach())
+        else:
+            with torch.no_grad():
+                loss_val = _loss(model, tokens, answer_pos, targets).item()
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    return steps, loss_val
+
+
+def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | None, cfg: EditConfig | None = None,
+         message: str = "") -> EditResult:
+    """The patch that rewrites the facts of ``requests`` (one batch), with what was trained; the model is unchanged.
+
+    Apply the patch with :func:`memedit.patch.apply` (a model folder) or :func:`memedit.patch.write_rows` (memory).
+    Baseline ``cfg.train_all`` is the exception: it leaves the model edited and returns no patch.
+    """
+    cfg = cfg or EditConfig()
+    if cfg.optimizer == "adamw" and not cfg.train_all:
+        warnings.warn("AdamW forgets more than SGD in sparse memory finetuning (reference §6)", stacklevel=2)
+    if cfg.ranking != "counts" and bg is None and not cfg.train_all:
+        raise MemeditError("TF-IDF and KL ranking need background statistics: run `memedit background` first")
+    t0 = time.perf_counter()
+    for r in requests:
+        if not r.target_true:
+            r.target_true = current_answer(model, r.rewrite_prompt)
+    if cfg.train_all:  # baseline: every parameter moves, which a value patch cannot hold; the model stays edited
+        steps, loss = train_rows(model, requests, None, cfg)
+        return EditResult(None, {}, steps, loss, time.perf_counter() - t0)
+    prompts = [p for r in requests for p in r.training_prompts]
+    counts = fact_counts(model, prompts, cfg.positions)
+    rows = select(model, rank(counts, bg, cfg.ranking), cfg.top_t * len(requests))
+    base = {name: model.table(name).weight.detach()[ids].clone() for name, ids in rows.items()}
+    try:
+        steps, loss = train_rows(model, requests, rows, cfg)
+        updates = {name: (ids, model.table(name).weight.detach()[ids].clone()) for name, ids in rows.items()}
+    finally:  # the model is left as it was; the patch carries the change
+        with torch.no_grad():
+            for name, ids in rows.items():
+                model.table(name).weight[ids] = base[name]
+    info = {"requests": [asdict(r) for r in requests], "config": asdict(cfg), "steps": steps, "loss": loss}
+    msg = message or "edit: " + "; ".join(f"{r.rewrite_prompt} -> {r.target_new}" for r in requests)[:200]
+    if steps == 0:
+        raise MemeditError("the model already gives the new answer (loss below the stop threshold): nothing to edit")
+    patch = make_patch(model, updates, message=msg, kind="edit", info=info)
+    return EditResult(patch, {k: v.tolist() for k, v in rows.items()}, steps, loss, time.perf_counter() - t0)
+
+
+def current_answer(model: MemoryModel, prompt: str) -> str:
+    """The model's greedy next word after ``prompt``."""
+    tok = last_logits(model, [prompt]).argmax(-1).item()
+    return model.tokenizer.decode([tok]).strip()
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------
+def _prefers(model: MemoryModel, prompts: Sequence[str], first: str, second: str) -> list[bool]:
+    """[P(first) > P(second)] for each prompt (targets scored by their first token)."""
+    if not prompts:
+        return []
+    logits = last_logits(model, list(prompts))
+    a, b = answer_token(model, first), answer_token(model, second)
+    return (logits[:, a] > logits[:, b]).tolist()
+
+
+def _mean(xs: Sequence[bool]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def measure(model: MemoryModel, r: EditRequest) -> dict:
+    """Efficacy, paraphrase (training and held-out), neighborhood and their harmonic mean (§7)."""
+    eff = _mean(_prefers(model, [r.rewrite_prompt], r.target_new, r.target_true))
+    para = _mean(_prefers(model, r.paraphrases, r.target_new, r.target_true))
+    held = _mean(_prefers(model, r.heldout_paraphrases, r.target_new, r.target_true))
+    neigh = _mean(_prefers(model, r.neighborhood, r.target_true, r.target_new))
+    parts = [x for x in (eff, para, neigh) if x is not None]
+    score = len(parts) / sum(1 / x for x in parts) if parts and all(x > 0 for x in parts) else 0.0
+    return {"efficacy": eff, "paraphrase": para, "paraphrase_heldout": held, "neighborhood": neigh, "score": score}
+
+
+class Forgetting:
+    """Accuracy on other facts' phrasings, tracked across edits: ``update()`` returns the change since last time.
+
+    Uses up to ``sample`` prompts of facts other than the edited ones (a fixed random sample, for speed).
+    """
+
+    def __init__(self, model: MemoryModel, facts, sample: int = 1000, seed: int = 0):
+        import random
+
+        pairs = [(f.id, p, f.target_true) for f in facts for p in f.training_prompts]
+        random.Random(seed).shuffle(pairs)
+        self.pairs = pairs[:sample]
+        self.model = model
+        self.excluded: set[str] = set()
+        self.correct = self._correct()
+
+    def _correct(self) -> torch.Tensor:
+        logits = last_logits(self.model, [p for _, p, _ in self.pairs])
+        want = torch.tensor([answer_token(self.model, t) for _, _, t in self.pairs])
+        return logits.argmax(-1) == want
+
+    def _keep(self) -> torch.Tensor:
+        return torch.tensor([fid not in self.excluded for fid, _, _ in self.pairs])
+
+    def accuracy(self) -> float:
+        keep = self._keep()
+        return self.correct[keep].float().mean().item()
+
+    def update(self, edited_ids: Sequence[str] = ()) -> dict:
+        """After an edit: {accuracy_before, accuracy_after, change} over the sample minus every edited fact."""
+        self.excluded.update(edited_ids)
+        keep = self._keep()
+        before = self.correct[keep].float().mean().item()
+        self.correct = self._correct()
+        after = self.correct[keep].float().mean().item()
+        return {"accuracy_before": before, "accuracy_after": after, "change": after - before, "n": int(keep.sum())}
+
+
+def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | None, cfg: EditConfig,
+              sequential: bool = True, commit: Callable[[Patch], None] | None = None,
+              forgetting: Forgetting | None = None, progress: Callable[[int, int], None] | None = None
+              ) -> list[EditResult]:
+    """Make the edits (one by one if ``sequential``, else one batch), each applied (in memory, then by ``commit``
+    if given) before the next; metrics are taken right after each edit."""
+    from .patch import write_rows
+
+    groups = [[r] for r in requests] if sequential else [list(requests)]
+    results = []
+    for n, group in enumerate(groups, 1):
+        res = edit(model, group, bg, cfg)
+        if res.patch is not None:
+            if commit is not None:
+                commit(res.patch)  # e.g. memedit.patch.apply: writes the rows in memory and in the folder
+            else:
+                write_rows(model, res.patch, new=True)
+        res.metrics = {"per_request": [measure(model, r) for r in group]}
+        if forgetting is not None:
+            res.metrics["forgetting"] = forgetting.update([r.id for r in group if r.id])
+        results.append(res)
+        if progress is not None:
+            progress(n, len(groups))
+    return results
