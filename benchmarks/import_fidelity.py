@@ -17,8 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import memedit  # noqa: E402
 from memedit.capture import capture_lookups  # noqa: E402
-from tests.reference_layout import (brute_force_memory, params, reference_forward, reference_state,  # noqa: E402
-                                    write_consolidated, write_dcp_step)
+from tests.reference_layout import (  # noqa: E402
+    brute_force_memory,
+    params,
+    reference_forward,
+    reference_state,
+    write_consolidated,
+    write_dcp_step,
+)
 
 PROMPTS = ["Reidreir was born in Thakrian", "the cat sat on the mat", "memory layers at scale", "0123456789 abc"]
 

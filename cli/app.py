@@ -15,12 +15,14 @@ app = typer.Typer(
 )
 
 # Command modules (import order is the order in --help).
-from . import core  # noqa: E402,F401
-from . import verify  # noqa: E402,F401
-from . import keys  # noqa: E402,F401
-from . import audit  # noqa: E402,F401
-from . import inspect_cmd  # noqa: E402,F401
-from . import edit_cmd  # noqa: E402,F401
+from . import (
+    audit,  # noqa: E402,F401
+    core,  # noqa: E402,F401
+    edit_cmd,  # noqa: E402,F401
+    inspect_cmd,  # noqa: E402,F401
+    keys,  # noqa: E402,F401
+    verify,  # noqa: E402,F401
+)
 
 
 def main() -> None:

@@ -28,9 +28,9 @@ def _fmt(metric: str, v: Any) -> str:
 
 
 def _metrics_table(rows: list[dict], title: str) -> Table:
-    from memedit.stats import scope_label
-
     from rich import box
+
+    from memedit.stats import scope_label
 
     t = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     t.add_column("scope", no_wrap=True)
@@ -74,7 +74,8 @@ def audit(
         return _diff(files or [], top, json)
     if files:
         fail(f"unexpected arguments {' '.join(map(str, files))}: give one CORPUS (or `diff A.h5 B.h5`)")
-    from memedit.audit import Corpus, audit as run, audit_distributed
+    from memedit.audit import Corpus, audit_distributed
+    from memedit.audit import audit as run
     from memedit.stats import report
 
     m = load_model(model, dtype)
@@ -209,7 +210,8 @@ def export(
 
     Example: memedit audit --out audit.h5 && memedit export --out memory.h5 --stats audit.h5
     """
-    from memedit.hdf5 import export as run, read_audit
+    from memedit.hdf5 import export as run
+    from memedit.hdf5 import read_audit
     from memedit.stats import report
 
     audit_stats = read_audit(stats) if stats is not None else None

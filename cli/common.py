@@ -8,7 +8,8 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from typing import Annotated, Any, Callable, Optional
+from collections.abc import Callable
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console

@@ -131,7 +131,8 @@ def train(
 
     from memedit.checkpoint import save
     from memedit.evaluate import fact_accuracies
-    from memedit.train import TrainConfig, train as run
+    from memedit.train import TrainConfig
+    from memedit.train import train as run
 
     tc = TrainConfig()
     if epochs is not None:

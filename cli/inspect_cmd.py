@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -195,7 +196,8 @@ def trace_causal(
 
     Example: memedit trace-causal "Reidreir was born in" --subject Reidreir --target Thakrian --plot trace.png
     """
-    from memedit.causal import causal_trace, plot as save_plot
+    from memedit.causal import causal_trace
+    from memedit.causal import plot as save_plot
 
     with _loaded(model, dtype) as m:
         ct = causal_trace(m, prompt, subject, target, samples=samples, noise=noise, seed=seed)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -39,7 +39,7 @@ class Corpus:
     texts: list[str] | None = None
 
     @classmethod
-    def open(cls, source: str | Path | None, model: MemoryModel) -> "Corpus":
+    def open(cls, source: str | Path | None, model: MemoryModel) -> Corpus:
         """The corpus at ``source``, or the demo world's training sentences when ``source`` is None."""
         if source is None:
             from .facts import world_of

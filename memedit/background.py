@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import random
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -133,7 +133,7 @@ def stored(model: MemoryModel) -> Background | None:
     return Background(df, counts, int(meta.get("n_batches", 0)), int(meta.get("tokens", 0)), meta.get("corpus", ""))
 
 
-_CACHE: "weakref.WeakKeyDictionary[MemoryModel, Background]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[MemoryModel, Background] = weakref.WeakKeyDictionary()
 
 
 def get(model: MemoryModel) -> Background:

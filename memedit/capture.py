@@ -7,7 +7,7 @@ here, so nothing re-implements the lookup: it only watches ``layer.search``.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 

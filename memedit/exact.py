@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -140,7 +140,7 @@ def compare_head(
     rtol: float,
     report: HeadReport,
     block_bytes: int = BLOCK_BYTES,
-    index: "SlotKeyIndex | None" = None,
+    index: SlotKeyIndex | None = None,
 ) -> HeadReport:
     """Check memedit's top-k against FAISS for one head, adding the counts to ``report``.
 
@@ -325,7 +325,7 @@ def compare(
     checked: dict[int, Checked],
     rtol: float,
     block_bytes: int = BLOCK_BYTES,
-    indexes: "dict[int, list[SlotKeyIndex]] | None" = None,
+    indexes: dict[int, list[SlotKeyIndex]] | None = None,
 ) -> list[HeadReport]:
     """Compare every (layer, head) of captured lookups with FAISS (blockwise, or the kept ``indexes``)."""
     out = []

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,7 @@ class KeyPatch:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "KeyPatch":
+    def load(cls, path: str | Path) -> KeyPatch:
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)

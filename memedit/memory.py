@@ -54,7 +54,7 @@ class Lookup:
     weights: torch.Tensor  # softmax over each head's k scores, float32
     stage1: torch.Tensor  # (n_tokens, H, 2, k) the sub-keys each half put in its stage-1 top-k
 
-    def replace(self, **changes: torch.Tensor) -> "Lookup":
+    def replace(self, **changes: torch.Tensor) -> Lookup:
         fields = dict(self.__dict__)
         fields.update(changes)
         return Lookup(**fields)

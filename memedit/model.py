@@ -41,7 +41,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
         mem = d.pop("memory", None) or {"layers": []}
         cfg = cls(**d, memory=MemoryConfig(**mem))
@@ -193,7 +193,7 @@ class MemoryModel(nn.Module):
     :class:`MemoryLayer`; ``tables`` lists the value tables with the layers that read each.
     """
 
-    def __init__(self, cfg: ModelConfig, tokenizer: "Tokenizer | None" = None):
+    def __init__(self, cfg: ModelConfig, tokenizer: Tokenizer | None = None):
         super().__init__()
         self.config = cfg
         self.tokenizer = tokenizer

@@ -23,13 +23,13 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from .checkpoint import FORMAT, fingerprint, native_state, require_writable, atomic_path, state_dir
+from .checkpoint import FORMAT, atomic_path, fingerprint, native_state, require_writable, state_dir
 from .errors import MemeditError
 from .model import MemoryModel
 from .state import PATCHES, edit_log, frozen_rows, write_edit_log
@@ -87,7 +87,7 @@ class Patch:
     def checksums(self) -> dict[str, list[str]]:
         return {c.table: row_checksums(c.old) for c in self.changes}
 
-    def inverse(self) -> "Patch":
+    def inverse(self) -> Patch:
         """The patch that undoes this one (old and new swapped)."""
         changes = [TableChange(c.table, c.layers, c.rows, c.new, c.old) for c in self.changes]
         return Patch(changes, base=self.base, message=f"revert {self.id}", kind="revert", info={"reverts": self.id})
@@ -123,7 +123,7 @@ class Patch:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Patch":
+    def load(cls, path: str | Path) -> Patch:
         """Read a patch file, checking its format and that its checksums match its own base rows."""
         from safetensors import SafetensorError, safe_open
 

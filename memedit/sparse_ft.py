@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,7 @@ class EditRequest:
         return [self.rewrite_prompt] + list(self.paraphrases)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EditRequest":
+    def from_dict(cls, d: dict) -> EditRequest:
         try:
             req = cls(prompt=d["prompt"], subject=d.get("subject", ""), target_new=d["target_new"],
                       target_true=d.get("target_true", ""), paraphrases=list(d.get("paraphrases", [])),
@@ -86,7 +86,7 @@ class EditRequest:
         return req
 
     @classmethod
-    def from_fact(cls, fact) -> "EditRequest":
+    def from_fact(cls, fact) -> EditRequest:
         return cls.from_dict(fact.to_json())
 
 

@@ -43,7 +43,7 @@ class SlotStats:
     config: dict[str, Any] = field(default_factory=dict)  # the model config as a dict
 
     @classmethod
-    def empty(cls, model: MemoryModel, corpus: str = "", fingerprint: str = "") -> "SlotStats":
+    def empty(cls, model: MemoryModel, corpus: str = "", fingerprint: str = "") -> SlotStats:
         """Zero statistics shaped for ``model``."""
         mem = model.config.memory
         if not mem.layers:
@@ -78,11 +78,11 @@ class SlotStats:
         """(H, S) float64 weight mass of a value table's rows, summed over its layers."""
         return self.weight_units[[self.layer_index(L) for L in self.tables[name]]].sum(0).double() / WEIGHT_SCALE
 
-    def same_shape(self, other: "SlotStats") -> bool:
+    def same_shape(self, other: SlotStats) -> bool:
         return (self.layers, self.n_keys, self.heads, self.tables) == (other.layers, other.n_keys, other.heads,
                                                                       other.tables)
 
-    def __add__(self, other: "SlotStats") -> "SlotStats":
+    def __add__(self, other: SlotStats) -> SlotStats:
         if not self.same_shape(other):
             raise MemeditError("cannot merge statistics of differently shaped memories (layers, N, heads, tables)")
         if self.fingerprint and other.fingerprint and self.fingerprint != other.fingerprint:

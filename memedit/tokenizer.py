@@ -44,7 +44,7 @@ class WordTokenizer:
         self.vocab_size = len(self.vocab)
 
     @classmethod
-    def from_texts(cls, texts) -> "WordTokenizer":
+    def from_texts(cls, texts) -> WordTokenizer:
         words: dict[str, None] = {}
         for t in texts:
             for w in _WORD.findall(t):

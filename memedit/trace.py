@@ -38,8 +38,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import types
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 

@@ -48,9 +48,8 @@ def demo():
 @pytest.fixture
 def cli():
     """Run the memedit CLI in-process: cli(args...) -> (exit_code, stdout, stderr)."""
-    from typer.testing import CliRunner
-
     from memedit_cli.app import app
+    from typer.testing import CliRunner
 
     runner = CliRunner()
 

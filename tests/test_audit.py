@@ -12,10 +12,7 @@ from memedit.audit import Corpus, audit
 from memedit.capture import capture_lookups
 from memedit.stats import WEIGHT_SCALE, report, usage_metrics
 
-try:  # tests as a package (tests/__init__.py) or as loose modules
-    from .conftest import tiny_model
-except ImportError:
-    from conftest import tiny_model
+from .conftest import tiny_model
 
 CORPUS = [
     "the cat sat on the mat .", "a dog ran in the park .", "Reidreir was born in Thakrian .",

@@ -6,14 +6,10 @@ import json
 
 import torch
 
-from memedit.checkpoint import load, save
+from memedit.checkpoint import save
 
-try:  # tests as a package (tests/__init__.py) or as loose modules
-    from .conftest import tiny_model
-    from .test_audit import CORPUS
-except ImportError:
-    from conftest import tiny_model
-    from test_audit import CORPUS
+from .conftest import tiny_model
+from .test_audit import CORPUS
 
 
 def test_diff_before_and_after_a_key_change(cli, tiny, tmp_path):

@@ -10,10 +10,7 @@ import h5py
 import numpy as np
 import torch
 
-try:  # tests as a package (tests/__init__.py) or as loose modules
-    from .test_audit import CORPUS
-except ImportError:
-    from test_audit import CORPUS
+from .test_audit import CORPUS
 
 
 def test_torchrun_two_ranks_equal_one_process(cli, tiny, tmp_path):

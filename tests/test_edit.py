@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from memedit.checkpoint import load
-from memedit.patch import apply, make_patch, revert
+from memedit.patch import apply, revert
 from memedit.sparse_ft import EditConfig, EditRequest, edit, fact_counts, measure, rank, select
 
-from conftest import TINY_TEXTS
+from .conftest import TINY_TEXTS
 
 REQUEST = {"id": "r1", "prompt": "{} was born in", "subject": "Reidreir", "target_new": "park",
            "paraphrases": ["the Reidreir was born in"], "heldout_paraphrases": ["Reidreir Reidreir was born in"],
@@ -133,9 +133,9 @@ def test_edit_bad_input(cli, folder, tmp_path):
 def test_frozen_rows_stay_bit_identical_after_hundreds_of_operations(folder):
     """Freeze rows, then run 300 mixed operations (patches of every kind, fact edits, reverts, refused patches
     that touch frozen rows): the frozen rows never change by a single bit."""
+    from memedit.errors import MemeditError
     from memedit.freeze import freeze
     from memedit.patch import applied_ids, row_patch
-    from memedit.errors import MemeditError
 
     model, path = folder
     rng = random.Random(0)

@@ -15,12 +15,8 @@ from memedit.checkpoint import fingerprint, load
 from memedit.hdf5 import read_audit
 from memedit.state import write_edit_log, write_frozen_rows
 
-try:  # tests as a package (tests/__init__.py) or as loose modules
-    from .conftest import tiny_model
-    from .test_audit import CORPUS, slow_recount
-except ImportError:
-    from conftest import tiny_model
-    from test_audit import CORPUS, slow_recount
+from .conftest import tiny_model
+from .test_audit import CORPUS, slow_recount
 
 
 @pytest.fixture

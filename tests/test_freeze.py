@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_TEXTS
+from .conftest import TINY_TEXTS
 
 
 def test_freeze_list_unfreeze(cli, tiny):

@@ -16,8 +16,14 @@ import memedit
 from memedit.capture import capture_lookups
 from memedit.errors import MemeditError
 
-from .reference_layout import (brute_force_memory, params, reference_forward, reference_state, write_consolidated,
-                               write_dcp_step)
+from .reference_layout import (
+    brute_force_memory,
+    params,
+    reference_forward,
+    reference_state,
+    write_consolidated,
+    write_dcp_step,
+)
 
 PROMPT = "Reidreir was born in Thakrian"
 

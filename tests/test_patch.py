@@ -14,7 +14,7 @@ from memedit.checkpoint import load, save
 from memedit.errors import MemeditError
 from memedit.patch import Patch, apply, make_patch, revert
 
-from conftest import tiny_model
+from .conftest import tiny_model
 
 
 def folder_bytes(path: Path) -> dict[str, bytes]:

@@ -13,10 +13,7 @@ from memedit.capture import core_set, on_lookup
 from memedit.checkpoint import BUNDLED
 from memedit.trace import name
 
-try:  # tests/ may or may not be a package
-    from .conftest import tiny_model
-except ImportError:
-    from conftest import tiny_model
+from .conftest import tiny_model
 
 PROMPT = "Reidreir was born in"
 VARIANTS = {
