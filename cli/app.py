@@ -14,15 +14,15 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# Command modules (import order is the order in --help).
-from . import (
-    audit,  # noqa: E402,F401
-    core,  # noqa: E402,F401
-    edit_cmd,  # noqa: E402,F401
-    inspect_cmd,  # noqa: E402,F401
-    keys,  # noqa: E402,F401
-    verify,  # noqa: E402,F401
-)
+# Command modules, in the order --help lists them (each registers its commands on `app`).
+# isort: off
+from . import core  # noqa: E402,F401
+from . import inspect_cmd  # noqa: E402,F401
+from . import edit_cmd  # noqa: E402,F401
+from . import verify  # noqa: E402,F401
+from . import keys  # noqa: E402,F401
+from . import audit  # noqa: E402,F401
+# isort: on
 
 
 def main() -> None:

@@ -72,16 +72,26 @@ def command(app: typer.Typer, name: str | None = None, **kw) -> Callable:
     return deco
 
 
+SMALL_MODEL = 50_000_000  # parameters
+
+
 def load_model(model: Optional[str], dtype: Optional[str] = None, tokenizer: Optional[str] = None, **options: Any):
     """Load --model; a tokenizer comes from --tokenizer, else $MEMEDIT_TOKENIZER (so every command honours it)."""
     import os
 
     import memedit
 
+    import torch
+
     tokenizer = tokenizer or os.environ.get("MEMEDIT_TOKENIZER")
     if tokenizer:
         options["tokenizer"] = tokenizer
-    return memedit.load(model, dtype=dtype, **options)
+    m = memedit.load(model, dtype=dtype, **options)
+    if sum(p.numel() for p in m.parameters()) < SMALL_MODEL and "OMP_NUM_THREADS" not in os.environ:
+        # A command on a small model runs many tiny batches: a second thread only waits for the first, and on a
+        # busy machine a spinning thread pool made commands 5-50x slower. Big models keep torch's default.
+        torch.set_num_threads(1)
+    return m
 
 
 def print_json(obj: Any) -> None:

@@ -16,17 +16,7 @@ from .common import DtypeOpt, JsonOpt, ModelOpt, command, console, load_model, p
 
 @contextlib.contextmanager
 def _loaded(model: Optional[str], dtype: Optional[str]) -> Iterator:
-    """The model; a small one runs on one thread within the block (tiny batches lose time to busy cores)."""
-    import torch
-
-    m = load_model(model, dtype)
-    before = torch.get_num_threads()
-    if sum(p.numel() for p in m.parameters()) < 50_000_000:
-        torch.set_num_threads(1)
-    try:
-        yield m
-    finally:
-        torch.set_num_threads(before)
+    yield load_model(model, dtype)
 
 
 def _tokens(items: list[dict]) -> str:
