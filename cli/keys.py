@@ -60,7 +60,7 @@ def adapt_cmd(
     """Adapt the sub-keys online to CORPUS: each step moves only sub-keys that entered a stage-1 top-k in its batch.
 
     Frozen sub-keys (memedit/frozen.safetensors, "keys.layer{L}") stay fixed. Saves a reversible key patch and
-    applies it to the model folder (undo with `memedit keys revert PATCH`).
+    applies it to the model folder, recorded in `memedit patch log` (undo with `memedit keys revert PATCH`).
 
     Example: memedit keys adapt heldout.txt --model ./my-model --steps 30
     """
@@ -105,14 +105,9 @@ def revert_cmd(
 
     Example: memedit keys revert my-model/memedit/patches/keys-adapt-20260101-120000.safetensors --model ./my-model
     """
-    from memedit.checkpoint import require_writable
-    from memedit.keys import KeyPatch, write_weights
+    from memedit.keys import apply_file
 
-    m = load_model(model)
-    require_writable(m)
-    p = KeyPatch.load(patch)
-    p.revert(m)
-    write_weights(m)
+    p = apply_file(load_model(model), patch, revert=True)
     console.print(f"reverted {p.n_rows} rows from {patch}")
 
 
@@ -125,14 +120,9 @@ def apply_cmd(
 
     Example: memedit keys apply patch.safetensors --model ./my-model
     """
-    from memedit.checkpoint import require_writable
-    from memedit.keys import KeyPatch, write_weights
+    from memedit.keys import apply_file
 
-    m = load_model(model)
-    require_writable(m)
-    p = KeyPatch.load(patch)
-    p.apply(m)
-    write_weights(m)
+    p = apply_file(load_model(model), patch, revert=False)
     console.print(f"applied {p.n_rows} rows from {patch}")
 
 

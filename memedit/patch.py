@@ -13,8 +13,10 @@ File layout (safetensors):
     "tables" (JSON {table: [layers]}), "checksums" (JSON {table: [hex per row]}), "message", "time", "kind",
     "info" (JSON, free-form: e.g. a fact edit's request and metrics)
 
-Edit log entries (``memedit/edits.jsonl``): {"op": "apply"|"revert", "id", "file" (relative to the model
-folder), "time", "message", "kind", "tables": {table: n_rows}, "before", "after" (model fingerprints), "forced"}.
+Edit log entries (``memedit/edits.jsonl``): {"op": "apply"|"revert", "id", "file" (relative to the model's
+``memedit/`` folder, or absolute), "time", "message", "kind" ("keys" for key patches), "tables": {table: n_rows},
+"rows": {table: [row ids]}, "layers", "before", "after" (model fingerprints), "forced"}. Key patches (keys.py) name
+sub-key tensors ("layers.{L}.feed_forward.keys") in "tables" and "rows".
 """
 
 from __future__ import annotations
@@ -125,19 +127,8 @@ class Patch:
     @classmethod
     def load(cls, path: str | Path) -> Patch:
         """Read a patch file, checking its format and that its checksums match its own base rows."""
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise MemeditError(f"patch file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise MemeditError(f"{path} is not a readable patch file ({e})") from None
-        if meta.get("format") != PATCH_FORMAT:
-            raise MemeditError(f"{path} is not a memedit patch (no format={PATCH_FORMAT} in its metadata)")
+        meta, tensors = read_patch_file(path, PATCH_FORMAT, "patch")
         if int(meta.get("format_version", "0")) > PATCH_FORMAT_VERSION:
             raise MemeditError(f"{path} was written by a newer memedit (patch format {meta['format_version']}); upgrade")
         try:
@@ -159,6 +150,23 @@ class Patch:
         if patch.content_id() != patch.id:
             raise MemeditError(f"{path}: its content does not match its id {patch.id}; the file is damaged")
         return patch
+
+
+def read_patch_file(path: Path, fmt: str, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a patch file, after checking it exists, is safetensors and has format ``fmt``."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise MemeditError(f"patch file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise MemeditError(f"{path} is not a readable patch file ({e})") from None
+    if meta.get("format") != fmt:
+        raise MemeditError(f"{path} is not a memedit {what} (no format={fmt} in its metadata)")
+    return meta, tensors
 
 
 def _bytes(t: torch.Tensor) -> bytes:
@@ -457,12 +465,24 @@ def _commit(model: MemoryModel, patch: Patch, op: str, forced: bool, message: st
     except BaseException:
         write_rows(model, patch, new=(op != "apply"))  # the file is untouched; undo the in-memory change too
         raise
-    entry = {"op": op, "id": patch.id, "file": str(rel), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "message": message if message is not None else patch.message, "kind": patch.kind,
-             "tables": {c.table: c.rows.numel() for c in patch.changes},
-             "layers": sorted({L for c in patch.changes for L in c.layers}),
+    log_edit(model, op, patch.id, str(rel), kind=patch.kind,
+             message=message if message is not None else patch.message,
+             rows={c.table: c.rows for c in patch.changes},
+             layers=sorted({L for c in patch.changes for L in c.layers}), before=before, forced=forced)
+
+
+def log_edit(model: MemoryModel, op: str, id: str, file: str, kind: str, message: str,
+             rows: dict[str, torch.Tensor], layers: list[int], before: str, forced: bool = False) -> dict:
+    """Append an apply/revert entry to the model's edit log (after the model file was written); returns it.
+
+    ``rows`` = {table (or, for key patches, tensor name): row ids}; ``before`` is the fingerprint before the change.
+    """
+    entry = {"op": op, "id": id, "file": file, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "message": message, "kind": kind, "tables": {t: r.numel() for t, r in rows.items()},
+             "rows": {t: r.tolist() for t, r in rows.items()}, "layers": layers,
              "before": before, "after": fingerprint(model), "forced": forced}
     write_edit_log(model, edit_log(model) + [entry])
+    return entry
 
 
 def save_weights(model: MemoryModel) -> None:
