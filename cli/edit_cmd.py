@@ -45,12 +45,14 @@ def freeze(
     facts: FactsOpt = None,
     hot: Annotated[Optional[int], typer.Option("--hot", help="Freeze the N most-read rows of each table (background).")] = None,
     file: Annotated[Optional[Path], typer.Option("--file", help="Row ids from a text or .npy file.")] = None,
+    stats: Annotated[Optional[Path], typer.Option("--stats", help="With --hot: rank rows by this audit file's access counts (`memedit audit --out`) instead of background statistics.")] = None,
     model: ModelOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Freeze value rows: no patch, fact edit or key update may change them afterwards.
 
     Example: memedit freeze -m ./my-model --fact f00012
+    Example: memedit freeze -m ./my-model --hot 100 --stats audit.h5
     """
     from memedit import freeze as F
     from memedit.errors import MemeditError
@@ -72,8 +74,10 @@ def freeze(
         add({_table_name(m, table): F.rows_from_file(file)})
     if fact is not None:
         add(F.fact_rows(m, _fact(m, fact, facts).training_prompts))
+    if stats is not None and hot is None:
+        raise MemeditError("--stats ranks rows for --hot: pass --hot N too")
     if hot is not None:
-        add(F.hot_rows(m, hot))
+        add(F.hot_rows(m, hot, stats))
     if not picked:
         raise MemeditError("nothing to freeze: pass --rows, --fact, --hot or --file")
     if not any(picked.values()):

@@ -39,11 +39,6 @@ class Background:
         """log((|B| + 1) / (df + 1)) per row: (rows,) float32."""
         return torch.log((self.n_batches + 1) / (self.df[table].float() + 1))
 
-    def hot_rows(self, table: str, n: int) -> torch.Tensor:
-        """The ``n`` most-read rows of ``table`` (by background counts), most-read first."""
-        c = self.counts[table]
-        return c.argsort(descending=True, stable=True)[: min(n, c.numel())]
-
 
 def default_corpus(model: MemoryModel) -> list[str]:
     """The demo world's filler sentences and facts (with their answers): the model's 'general text'."""
