@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 
 # Command modules (import order is the order in --help).
-from . import (
+from . import (  # noqa: E402
     audit,  # noqa: E402,F401
     core,  # noqa: E402,F401
     edit_cmd,  # noqa: E402,F401

@@ -78,11 +78,14 @@ def verify(
     if save_queries is not None:
         inner_save = source
 
-        def source(mm, dt, _first=[True]):
+        first = True
+
+        def source(mm, dt):
+            nonlocal first
             checked = inner_save(mm, dt)
-            if _first[0]:
+            if first:
                 exact.save_queries(str(save_queries), checked)
-                _first[0] = False
+                first = False
             return checked
 
     show = None if json else (lambda msg: err_console.print(f"[dim]{msg}[/]"))

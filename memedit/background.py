@@ -86,11 +86,12 @@ def compute(model: MemoryModel, sentences: Sequence[str], batch_size: int = DEFA
         batch_of = (torch.arange(B) // batch_size).repeat_interleave(T)[valid]  # (n_valid,) background batch
         keys: dict[str, list[torch.Tensor]] = {t.name: [] for t in tables}
 
+        # the hook runs inside this iteration (on_lookup below), so it sees this batch's tensors
         def seen(L: int, lk: Lookup) -> None:
             t = table_of[L]
-            idx = lk.indices.reshape(B * T, -1)[valid]  # (n_valid, H*k)
+            idx = lk.indices.reshape(B * T, -1)[valid]  # (n_valid, H*k)  # noqa: B023
             counts[t.name] += torch.bincount(idx.flatten(), minlength=t.n_rows)
-            keys[t.name].append((batch_of[:, None] * t.n_rows + idx).flatten())
+            keys[t.name].append((batch_of[:, None] * t.n_rows + idx).flatten())  # noqa: B023
 
         with on_lookup(model, seen):
             model(toks)

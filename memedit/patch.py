@@ -397,7 +397,7 @@ def check_patch(model: MemoryModel, patch: Patch, force: bool = False, revert: b
     for c in patch.changes:
         expect = c.new if revert else c.old
         cur = model.table(c.table).weight.detach()[c.rows]
-        differ = [int(r) for r, a, b in zip(c.rows, row_checksums(cur), row_checksums(expect)) if a != b]
+        differ = [int(r) for r, a, b in zip(c.rows, row_checksums(cur), row_checksums(expect), strict=True) if a != b]
         if differ:
             what = "rows changed since the patch was applied" if revert else "rows differ from the patch's base"
             msg = f"{len(differ)} {what} in table {c.table} (e.g. row {differ[0]})"
