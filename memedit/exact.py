@@ -229,7 +229,8 @@ def search_queries(model: MemoryModel, queries: dict[int, torch.Tensor], dtype: 
     return out
 
 
-def corpus_queries(model: MemoryModel, texts: Sequence[str], limit: int = 0, batch_size: int = 64) -> dict[int, Checked]:
+def corpus_queries(model: MemoryModel, texts: Sequence[str], limit: int = 0,
+                   batch_size: int = 64) -> dict[int, Checked]:
     """Run the model on ``texts`` and record every memory layer's queries and lookups at real token positions.
 
     Duplicate queries (same prefix) are checked once; ``limit`` > 0 stops after that many distinct lookups.
@@ -473,7 +474,7 @@ class SlotKeyIndex:
         return N
 
     def sync(self, keys: np.ndarray) -> int:
-        """Bring the buffer in step with ``keys`` (2, N, K/2), touching only changed sub-keys; returns slots rewritten."""
+        """Slots rewritten bringing the buffer in step with ``keys`` (2, N, K/2), touching only changed sub-keys."""
         keys = np.asarray(keys, dtype=np.float32)
         changed = np.argwhere((keys != self.subkeys).any(-1))  # (m, 2): (half, id)
         return sum(self.set_subkey(int(half), int(i), keys[half, i]) for half, i in changed)

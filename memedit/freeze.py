@@ -52,10 +52,16 @@ def unfreeze(model: MemoryModel, rows: dict[str, Sequence[int]] | None = None) -
     require_writable(model)
     state = frozen_rows(model)
     freed = {}
-    targets = {t.name: None for t in model.tables} if rows is None else {model.table(k).name: v for k, v in rows.items()}
+    if rows is None:
+        targets = {t.name: None for t in model.tables}
+    else:
+        targets = {model.table(k).name: v for k, v in rows.items()}
     for name, ids in targets.items():
         old = state.get(name, torch.zeros(0, dtype=torch.long))
-        keep = torch.zeros(0, dtype=torch.long) if ids is None else old[~torch.isin(old, torch.as_tensor(list(ids), dtype=torch.long))]
+        if ids is None:
+            keep = torch.zeros(0, dtype=torch.long)
+        else:
+            keep = old[~torch.isin(old, torch.as_tensor(list(ids), dtype=torch.long))]
         freed[name] = old.numel() - keep.numel()
         state[name] = keep
     write_frozen_rows(model, state)

@@ -199,7 +199,8 @@ def promoted_tokens(model: Any, layer: int, k: int, budget: int = 1 << 23):
 
 
 def _write_edit_log(w: _Writer, entries: list[dict]) -> None:
-    """The edit log as written by patch.log_edit (value and key patches): one `edit` per entry, one `touched` per row."""
+    """Writes the edit log as patch.log_edit writes it (value and key patches): an `edit` per entry, a `touched`
+    per row."""
     g = w.f.create_group("edit_log")
     g.attrs["long_name"] = "the model's edit history (memedit/edits.jsonl), oldest first"
     string = h5py.string_dtype()

@@ -158,7 +158,8 @@ def log_key_patch(model: MemoryModel, patch: KeyPatch, op: str, path: Path, befo
 
 
 def save_and_apply(model: MemoryModel, patch: KeyPatch, out: str | Path | None, kind: str) -> Path:
-    """Save the patch (the model already holds its new rows), rewrite the model folder, log it. Returns the patch path."""
+    """The patch's path, after saving it (the model already holds its new rows), rewriting the model folder and
+    logging it."""
     from .checkpoint import fingerprint, require_writable
     from .patch import save_weights
 
@@ -379,8 +380,8 @@ def adapt(
                     n_changed += int(moved.sum())
             reindexed = sum(exact.sync_indexes(indexes[L], m) for L, m in mem.items()) if check_exact else 0
             now = selected_slots(model, probe_batches)
-            st = AdaptStep(step + 1, loss.item(), n_changed, collateral(probe_slots, now), slots_replaced(probe_slots, now),
-                           reindexed)
+            st = AdaptStep(step + 1, loss.item(), n_changed, collateral(probe_slots, now),
+                           slots_replaced(probe_slots, now), reindexed)
             history.append(st)
             if progress:
                 progress(st)
@@ -555,7 +556,8 @@ def route(
             if torch.isfinite(cost.view(-1)[c]) and (best is None or cost.view(-1)[c] < best[0]):
                 best = (float(cost.view(-1)[c]), L, h, c, float(d1.view(-1)[c]), float(d2.view(-1)[c]), m)
     if best is None:
-        raise MemeditError("no slot can be routed: every candidate slot or its sub-keys is frozen, or already read by this prompt")
+        raise MemeditError("no slot can be routed: every candidate slot or its sub-keys is frozen, or already read by "
+                           "this prompt")
     _, L, h, s, d1, d2, m = best
     i, j = divmod(s, N)
     mem = layers[L]

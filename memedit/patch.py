@@ -130,7 +130,8 @@ class Patch:
         path = Path(path)
         meta, tensors = read_patch_file(path, PATCH_FORMAT, "patch")
         if int(meta.get("format_version", "0")) > PATCH_FORMAT_VERSION:
-            raise MemeditError(f"{path} was written by a newer memedit (patch format {meta['format_version']}); upgrade")
+            raise MemeditError(f"{path} was written by a newer memedit (patch format {meta['format_version']}); "
+                               "upgrade")
         try:
             tables = json.loads(meta["tables"])
             sums = json.loads(meta["checksums"])
@@ -146,7 +147,8 @@ class Patch:
                 raise MemeditError(f"{path}: table {c.table} has inconsistent shapes (rows {tuple(c.rows.shape)}, "
                                    f"old {tuple(c.old.shape)}, new {tuple(c.new.shape)})")
             if sums.get(c.table) != row_checksums(c.old):
-                raise MemeditError(f"{path}: the checksums of table {c.table} do not match its base rows; the file is damaged")
+                raise MemeditError(f"{path}: the checksums of table {c.table} do not match its base rows; the file is "
+                                   "damaged")
         if patch.content_id() != patch.id:
             raise MemeditError(f"{path}: its content does not match its id {patch.id}; the file is damaged")
         return patch
@@ -233,7 +235,8 @@ def make_patch(model: MemoryModel, updates: dict[str, tuple[Sequence[int] | torc
         if new.dim() == 1:
             new = new.expand(ids.numel(), -1)
         if new.dim() != 2 or new.shape[1] != V:
-            raise MemeditError(f"new rows have width {new.shape[-1] if new.dim() else 1}, table {t.name} rows have width {V}")
+            raise MemeditError(f"new rows have width {new.shape[-1] if new.dim() else 1}, table {t.name} rows have "
+                               f"width {V}")
         if new.shape[0] != ids.numel():
             raise MemeditError(f"{new.shape[0]} new rows given for {ids.numel()} row ids")
         if not torch.isfinite(new.float()).all():
@@ -261,7 +264,8 @@ def _refuse_frozen(table: str, ids: torch.Tensor, frozen: dict[str, torch.Tensor
     hit = ids[torch.isin(ids, f)]
     if hit.numel():
         shown = ", ".join(map(str, sorted(hit.tolist())[:8])) + (" ..." if hit.numel() > 8 else "")
-        raise MemeditError(f"rows {shown} of table {table} are frozen; `memedit unfreeze --table {table} --rows ...` first")
+        raise MemeditError(f"rows {shown} of table {table} are frozen; `memedit unfreeze --table {table} --rows ...` "
+                           "first")
 
 
 OPS = ("set", "add", "scale", "zero", "copy")
@@ -281,7 +285,9 @@ def load_values(path: str | Path) -> torch.Tensor:
             raise MemeditError(f"cannot read {path} as a numeric .npy array ({e})") from None
         if not np.issubdtype(arr.dtype, np.number):
             raise MemeditError(f"{path} holds {arr.dtype} values, not numbers")
-        return torch.from_numpy(arr.astype("float64")).float() if arr.dtype == np.float64 else torch.from_numpy(arr.copy())
+        if arr.dtype == np.float64:
+            return torch.from_numpy(arr.astype("float64")).float()
+        return torch.from_numpy(arr.copy())
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -381,7 +387,8 @@ def check_patch(model: MemoryModel, patch: Patch, force: bool = False, revert: b
         check_rows(model, t.name, c.rows.tolist())
         V = t.weight.shape[1]
         if c.new.shape[1] != V:
-            raise MemeditError(f"the patch's rows of table {t.name} have width {c.new.shape[1]}, the model's have width {V}")
+            raise MemeditError(f"the patch's rows of table {t.name} have width {c.new.shape[1]}, the model's have "
+                               f"width {V}")
         if c.new.dtype != t.weight.dtype:
             raise MemeditError(f"the patch stores {c.new.dtype} rows, table {t.name} holds {t.weight.dtype}")
         if not (torch.isfinite(c.new.float()).all() and torch.isfinite(c.old.float()).all()):
@@ -390,7 +397,8 @@ def check_patch(model: MemoryModel, patch: Patch, force: bool = False, revert: b
     if not revert:
         fp = lineage(model)
         if patch.base not in fp:
-            msg = f"patch {patch.id} was made for another model (fingerprint {patch.base}, this model {fingerprint(model)})"
+            msg = (f"patch {patch.id} was made for another model (fingerprint {patch.base}, "
+                   f"this model {fingerprint(model)})")
             if not force:
                 raise MemeditError(msg + "; pass --force to apply it anyway")
             warnings.append(msg)
@@ -448,7 +456,8 @@ def find_patch(model: MemoryModel, ref: str) -> Patch:
     d = state_dir(model) / PATCHES
     hits = sorted(d.glob(f"{ref}*.safetensors")) if d.is_dir() and ref else []
     if len(hits) != 1:
-        raise MemeditError(f"no patch {ref!r} in {d}" if not hits else f"patch id {ref!r} is ambiguous; give more digits")
+        raise MemeditError(f"no patch {ref!r} in {d}" if not hits else f"patch id {ref!r} is ambiguous; give more "
+                                                                       "digits")
     return Patch.load(hits[0])
 
 
@@ -517,4 +526,5 @@ def diff(a: MemoryModel, b: MemoryModel) -> dict:
         x, y = sa[name], sb[name]
         if not torch.equal(x.view(torch.uint8), y.view(torch.uint8)):
             others.append({"name": name, "max_delta": (x.float() - y.float()).abs().max().item()})
-    return {"tables": tables, "other_tensors": others, "identical": not others and all(t["n_rows"] == 0 for t in tables)}
+    identical = not others and all(t["n_rows"] == 0 for t in tables)
+    return {"tables": tables, "other_tensors": others, "identical": identical}

@@ -80,7 +80,8 @@ class EditRequest:
                       heldout_paraphrases=list(d.get("heldout_paraphrases", [])),
                       neighborhood=list(d.get("neighborhood", [])), id=str(d.get("id", "")))
         except KeyError as e:
-            raise MemeditError(f"an edit request needs {e.args[0]!r} (keys: prompt, subject, target_new, ...)") from None
+            raise MemeditError(f"an edit request needs {e.args[0]!r} "
+                               "(keys: prompt, subject, target_new, ...)") from None
         if not req.target_new.strip():
             raise MemeditError("an edit request needs a non-empty target_new")
         return req

@@ -347,7 +347,8 @@ class Trace:
         up, down = logits.topk(n), (-logits).topk(n)
         return {
             "promotes": [(tok.id_to_token(int(i)), float(x)) for x, i in zip(up.values, up.indices, strict=True)],
-            "suppresses": [(tok.id_to_token(int(i)), -float(x)) for x, i in zip(down.values, down.indices, strict=True)],
+            "suppresses": [(tok.id_to_token(int(i)), -float(x))
+                           for x, i in zip(down.values, down.indices, strict=True)],
         }
 
     def flip_count(self, pos: int | None = None, limit: int | None = None) -> int | None:

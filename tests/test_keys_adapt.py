@@ -173,5 +173,6 @@ def test_key_patches_are_recorded_in_the_edit_log(cli, tiny, tmp_path):
     assert log["applied"] == []
     reverted = load(path)
     for L, k in keys_before.items():
-        assert k.view(torch.uint8).numpy().tobytes() == reverted.memory_layers[L].keys.detach().view(torch.uint8).numpy().tobytes()
+        now = reverted.memory_layers[L].keys.detach()
+        assert k.view(torch.uint8).numpy().tobytes() == now.view(torch.uint8).numpy().tobytes()
     assert fingerprint(reverted) == fingerprint(model)
