@@ -436,6 +436,10 @@ def apply(model: MemoryModel, patch: Patch, force: bool = False, message: str | 
 def revert(model: MemoryModel, ref: str, force: bool = False) -> tuple[Patch, list[str]]:
     """Revert an applied patch, by id or file; returns (the patch, warnings). Restores its rows byte for byte."""
     require_writable(model)
+    keys = [e for e in edit_log(model) if e.get("kind") == "keys" and ref and str(e.get("id", "")).startswith(ref)]
+    if keys:
+        raise MemeditError(f"{ref} is a key patch: revert it with "
+                           f"`memedit keys revert {state_dir(model) / keys[-1]['file']}`")
     patch = find_patch(model, ref)
     if patch.id not in applied_ids(model):
         raise MemeditError(f"patch {patch.id} is not applied to {model.source} (see `memedit patch log`)")
