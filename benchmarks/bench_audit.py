@@ -95,7 +95,8 @@ def bench_counting(model, max_tokens: int, batch_size: int, rounds: int) -> None
     for r in range(rounds):
         sums = {"plain": 0.0, "audit": 0.0}
         for b, (tokens, mask) in enumerate(prepared):
-            order = (("plain", plain), ("audit", audited)) if (b + r) % 2 == 0 else (("audit", audited), ("plain", plain))
+            order = ((("plain", plain), ("audit", audited)) if (b + r) % 2 == 0
+                     else (("audit", audited), ("plain", plain)))
             for name, fn in order:
                 sums[name] += fn(tokens, mask)
         for name in sums:
@@ -106,7 +107,8 @@ def bench_counting(model, max_tokens: int, batch_size: int, rounds: int) -> None
           f"{mem.n_slots:,} slots, {len(mem.layers)} layers, {mem.heads} heads, k {mem.knn}; median of {rounds}")
     print(f"  plain forward   {n_tokens / p:>10,.0f} tokens/s")
     print(f"  audit forward   {n_tokens / a:>10,.0f} tokens/s   overhead {100 * (a / p - 1):+.1f}%  "
-          f"(per round: {', '.join(f'{100 * (y / x - 1):+.1f}%' for x, y in zip(times['plain'], times['audit']))})")
+          "(per round: "
+          f"{', '.join(f'{100 * (y / x - 1):+.1f}%' for x, y in zip(times['plain'], times['audit'], strict=True))})")
     t = time.perf_counter()
     stats = audit(model, corpus, max_tokens, batch_size)
     e = time.perf_counter() - t

@@ -235,7 +235,8 @@ def report(results: dict) -> None:
             a, b = results[run]["memedit"]["untouched_change_pts"], results[run]["full-ft"]["untouched_change_pts"]
             print(f"  forgetting on untouched facts: memedit {a:+.2f} pts vs full finetuning {b:+.2f} pts")
         if run == "sequential" and "memedit" in names and "revert_all_byte_identical" in results[run]["memedit"]:
-            print(f"  revert of every memedit edit byte-identical: {results[run]['memedit']['revert_all_byte_identical']}")
+            print("  revert of every memedit edit byte-identical: "
+                  f"{results[run]['memedit']['revert_all_byte_identical']}")
 
 
 if __name__ == "__main__":

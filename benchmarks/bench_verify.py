@@ -118,7 +118,7 @@ def main() -> None:
     upd, reb = [], []
     for _ in range(a.repeats):
         new = index.subkeys.copy()
-        for half, i in zip([0, 0, 0, 0, 1, 1, 1, 1], rng.choice(N, 8, replace=False)):
+        for half, i in zip([0, 0, 0, 0, 1, 1, 1, 1], rng.choice(N, 8, replace=False), strict=True):
             new[half, i] = rng.standard_normal(K // 2)
         t = time.perf_counter()
         touched = index.sync(new)

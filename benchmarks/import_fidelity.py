@@ -42,8 +42,9 @@ def lingua_rows(root: Path) -> None:
             for text in PROMPTS:
                 ids = model.encode(text)
                 xs = {}
-                hooks = [m.register_forward_pre_hook(lambda mod, a, L=L: xs.__setitem__(L, a[0].reshape(-1, a[0].shape[-1])))
-                         for L, m in model.memory_layers.items()]
+                hooks = [m.register_forward_pre_hook(
+                    lambda mod, a, L=L, xs=xs: xs.__setitem__(L, a[0].reshape(-1, a[0].shape[-1])))
+                    for L, m in model.memory_layers.items()]
                 with capture_lookups(model) as rec:
                     logits = model(torch.tensor([ids]))[0].double()
                 for h in hooks:

@@ -35,7 +35,7 @@ def _metrics_table(rows: list[dict], title: str) -> Table:
     t = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     t.add_column("scope", no_wrap=True)
     t.add_column("basis", no_wrap=True)
-    for c, label in zip(BASIC, ("used", "KL", "Gini", "top50", "top99", "top1%", "dead")):
+    for label in ("used", "KL", "Gini", "top50", "top99", "top1%", "dead"):  # one per BASIC metric
         t.add_column(label, justify="right", no_wrap=True)
     for r in rows:
         t.add_row(scope_label(r, short=True), r["basis"], *(_fmt(m, r[m]) for m in BASIC))

@@ -28,7 +28,8 @@ def info(model: ModelOpt = None, dtype: DtypeOpt = None, tokenizer: TokenizerOpt
         console.print(f"standalone memory module (no host LM, no tokenizer): input dim {d['dim']}, dtype {d['dtype']}")
     else:
         console.print(f"dim {d['dim']}, {d['n_layers']} layers, vocab {d['vocab_size']}, dtype {d['dtype']}")
-    kinds = " ".join(f"[{'bold magenta' if x['kind'] == 'memory' else 'dim'}]{x['layer']}:{x['kind']}[/]" for x in d["layers"])
+    kinds = " ".join(f"[{'bold magenta' if x['kind'] == 'memory' else 'dim'}]{x['layer']}:{x['kind']}[/]"
+                     for x in d["layers"])
     console.print(f"layers {kinds}")
     t = Table(title="memory")
     for c in ("slots", "N", "heads", "k", "K", "V", "swilu", "gated"):
@@ -43,7 +44,8 @@ def info(model: ModelOpt = None, dtype: DtypeOpt = None, tokenizer: TokenizerOpt
         t.add_row(tb["name"], ", ".join(map(str, tb["layers"])), f"{tb['rows']:,}", str(tb["dim"]), tb["dtype"])
     console.print(t)
     p = d["params"]
-    console.print(f"parameters: {p['total']:,} total, {p['memory']:,} memory ({p['values']:,} in value rows), {p['dense']:,} dense")
+    console.print(f"parameters: {p['total']:,} total, {p['memory']:,} memory ({p['values']:,} in value rows), "
+                  f"{p['dense']:,} dense")
 
 
 @command(app)
@@ -91,9 +93,11 @@ def convert(
     format: Annotated[str, typer.Option("--format", help="native (a memedit folder) or lingua (the reference's "
                                         "params.json + consolidated.pth).")] = "native",
     knn: Annotated[Optional[int], typer.Option("--knn", min=1, help="Slots per head of a standalone XLM / "
-                                               "product-key-memory module (not stored in its state dict; default 32).")] = None,
+                                               "product-key-memory module (not stored in its state dict; "
+                                               "default 32).")] = None,
 ) -> None:
-    """Write a model (default: the bundled one) as a native memedit folder you can change, or back to the reference layout.
+    """Write a model (default: the bundled one) as a native memedit folder you can change, or back to the reference
+    layout.
 
     Example: memedit convert ./my-model --model ./checkpoints/0000010000
     Example: memedit convert ./for-eval --format lingua --model ./my-model
@@ -115,8 +119,10 @@ def convert(
 
 @command(app)
 def train(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the trained model to.")] = Path("demo-model"),
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Passes over the world's training sentences (default 20).")] = None,
+    out: Annotated[Path,
+                   typer.Option("--out", "-o", help="Folder to write the trained model to.")] = Path("demo-model"),
+    epochs: Annotated[Optional[int],
+                      typer.Option(min=1, help="Passes over the world's training sentences (default 20).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="World and initialisation seed (default 1234).")] = None,
     device: Annotated[str, typer.Option(help="torch device to train on: cpu, cuda, cuda:1 ...")] = "cpu",
     json: JsonOpt = False,

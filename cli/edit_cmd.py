@@ -43,14 +43,19 @@ def freeze(
     rows: Annotated[Optional[list[str]], typer.Option("--rows", "-r", help="Row ids: 3,7,10-12.")] = None,
     fact: Annotated[Optional[str], typer.Option("--fact", help="Freeze a fact's core set (e.g. f00012).")] = None,
     facts: FactsOpt = None,
-    hot: Annotated[Optional[int], typer.Option("--hot", help="Freeze the N most-read rows of each table (background).")] = None,
+    hot: Annotated[Optional[int],
+                   typer.Option("--hot", help="Freeze the N most-read rows of each table (background).")] = None,
     file: Annotated[Optional[Path], typer.Option("--file", help="Row ids from a text or .npy file.")] = None,
+    stats: Annotated[Optional[Path],
+                     typer.Option("--stats", help="With --hot: rank rows by this audit file's access counts (`memedit "
+                                                  "audit --out`) instead of background statistics.")] = None,
     model: ModelOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Freeze value rows: no patch, fact edit or key update may change them afterwards.
 
     Example: memedit freeze -m ./my-model --fact f00012
+    Example: memedit freeze -m ./my-model --hot 100 --stats audit.h5
     """
     from memedit import freeze as F
     from memedit.errors import MemeditError
@@ -72,8 +77,10 @@ def freeze(
         add({_table_name(m, table): F.rows_from_file(file)})
     if fact is not None:
         add(F.fact_rows(m, _fact(m, fact, facts).training_prompts))
+    if stats is not None and hot is None:
+        raise MemeditError("--stats ranks rows for --hot: pass --hot N too")
     if hot is not None:
-        add(F.hot_rows(m, hot))
+        add(F.hot_rows(m, hot, stats))
     if not picked:
         raise MemeditError("nothing to freeze: pass --rows, --fact, --hot or --file")
     if not any(picked.values()):
@@ -173,10 +180,13 @@ def edit(
     subject: Annotated[str, typer.Option("--subject", help="The subject filled into {}.")] = "",
     target_new: Annotated[Optional[str], typer.Option("--target-new", help="The new answer.")] = None,
     target_true: Annotated[str, typer.Option("--target-true", help="The old answer (default: the model's).")] = "",
-    paraphrase: Annotated[Optional[list[str]], typer.Option("--paraphrase", help="Training phrasing (repeatable).")] = None,
+    paraphrase: Annotated[Optional[list[str]],
+                          typer.Option("--paraphrase", help="Training phrasing (repeatable).")] = None,
     heldout: Annotated[Optional[list[str]], typer.Option("--heldout", help="Held-out phrasing, measured only.")] = None,
-    neighborhood: Annotated[Optional[list[str]], typer.Option("--neighborhood", help="Prompt that must keep its answer.")] = None,
-    fact: Annotated[Optional[list[str]], typer.Option("--fact", help="Rewrite a world fact to its target_new (id).")] = None,
+    neighborhood: Annotated[Optional[list[str]],
+                            typer.Option("--neighborhood", help="Prompt that must keep its answer.")] = None,
+    fact: Annotated[Optional[list[str]],
+                    typer.Option("--fact", help="Rewrite a world fact to its target_new (id).")] = None,
     requests: Annotated[Optional[Path], typer.Option("--requests", help="Edit requests, JSONL.")] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help="One edit per request, in order.")] = False,
     top_t: Annotated[Optional[int], typer.Option("--top-t", min=1, help="Value rows trained per fact.")] = None,
@@ -184,12 +194,16 @@ def edit(
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="At most this many steps.")] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="sgd, or adamw (forgets more).")] = "sgd",
     ranking: Annotated[str, typer.Option("--ranking", help="tfidf, kl, or counts.")] = "tfidf",
-    positions: Annotated[str, typer.Option("--positions", help="Count slot reads at the answer position or at all.")] = "answer",
+    positions: Annotated[str,
+                         typer.Option("--positions",
+                                      help="Count slot reads at the answer position or at all.")] = "answer",
     forgetting_sample: Annotated[int, typer.Option("--forgetting-sample", min=0,
-                                                   help="Other facts' prompts to measure forgetting on (0: skip).")] = 1000,
+                                                   help="Other facts' prompts to measure forgetting on "
+                                                        "(0: skip).")] = 1000,
     facts: FactsOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Measure, but leave the model folder unchanged.")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the patch file here (one patch).")] = None,
+    out: Annotated[Optional[Path],
+                   typer.Option("--out", "-o", help="Also write the patch file here (one patch).")] = None,
     model: ModelOpt = None,
     json: JsonOpt = False,
 ) -> None:

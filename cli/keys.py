@@ -15,7 +15,9 @@ keys_app = typer.Typer(help="Change sub-keys: online adaptation, routing a fact 
                        no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
-OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Patch file to write (default: MODEL/memedit/patches/keys-*.safetensors).")]
+OutOpt = Annotated[Optional[Path],
+                   typer.Option("--out", "-o", help="Patch file to write (default: "
+                                                    "MODEL/memedit/patches/keys-*.safetensors).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Measure only; write nothing.")]
 
 
@@ -51,7 +53,9 @@ def adapt_cmd(
     batch_size: Annotated[int, typer.Option(min=1, help="Passages per step.")] = 16,
     lr: Annotated[float, typer.Option(min=0.0, help="SGD learning rate for the sub-keys.")] = 0.3,
     layer: Annotated[Optional[list[int]], typer.Option(help="Only these memory layers (repeatable).")] = None,
-    probe: Annotated[Optional[Path], typer.Option(help="Background text whose lookups measure collateral (default: a sample of the world corpus).")] = None,
+    probe: Annotated[Optional[Path],
+                     typer.Option(help="Background text whose lookups measure collateral (default: a sample of the "
+                                       "world corpus).")] = None,
     out: OutOpt = None,
     dry_run: DryRunOpt = False,
     model: ModelOpt = None,
@@ -60,7 +64,7 @@ def adapt_cmd(
     """Adapt the sub-keys online to CORPUS: each step moves only sub-keys that entered a stage-1 top-k in its batch.
 
     Frozen sub-keys (memedit/frozen.safetensors, "keys.layer{L}") stay fixed. Saves a reversible key patch and
-    applies it to the model folder (undo with `memedit keys revert PATCH`).
+    applies it to the model folder, recorded in `memedit patch log` (undo with `memedit keys revert PATCH`).
 
     Example: memedit keys adapt heldout.txt --model ./my-model --steps 30
     """
@@ -76,7 +80,8 @@ def adapt_cmd(
     def show(st) -> None:
         if not json:
             console.print(f"step {st.step:3d}  loss {st.loss:.4f}  sub-keys changed {st.subkeys_changed:5d}  "
-                          f"collateral {st.collateral:.2%} (slots replaced {st.slots_replaced:.2%})  slots re-indexed {st.slots_reindexed:,}")
+                          f"collateral {st.collateral:.2%} (slots replaced {st.slots_replaced:.2%})  slots re-indexed "
+                          f"{st.slots_reindexed:,}")
 
     res = adapt(m, texts, probe_texts, steps=steps, batch_size=batch_size, lr=lr, layers=layer, progress=show)
     path = None
@@ -89,8 +94,8 @@ def adapt_cmd(
     console.print(f"loss on {corpus}: {res.loss_before:.4f} -> {res.loss_after:.4f}; on the probe text: "
                   f"{res.probe_loss_before:.4f} -> {res.probe_loss_after:.4f}")
     console.print(f"sub-keys changed: {res.subkeys_changed:,} of {res.subkeys_total:,} "
-                  f"({res.frozen_skipped:,} frozen ones left alone); collateral: {res.steps[-1].collateral:.2%} of probe lookups "
-                  f"changed, {res.steps[-1].slots_replaced:.2%} of their slots replaced")
+                  f"({res.frozen_skipped:,} frozen ones left alone); collateral: {res.steps[-1].collateral:.2%} of "
+                  f"probe lookups changed, {res.steps[-1].slots_replaced:.2%} of their slots replaced")
     console.print(f"exact check: {res.exact_lookups:,} probe lookups vs the incrementally updated FAISS index, "
                   f"{res.exact_mismatches} mismatches")
     console.print(f"wrote patch {path} and applied it" if path else "nothing written (--dry-run or no change)")
@@ -105,14 +110,9 @@ def revert_cmd(
 
     Example: memedit keys revert my-model/memedit/patches/keys-adapt-20260101-120000.safetensors --model ./my-model
     """
-    from memedit.checkpoint import require_writable
-    from memedit.keys import KeyPatch, write_weights
+    from memedit.keys import apply_file
 
-    m = load_model(model)
-    require_writable(m)
-    p = KeyPatch.load(patch)
-    p.revert(m)
-    write_weights(m)
+    p = apply_file(load_model(model), patch, revert=True)
     console.print(f"reverted {p.n_rows} rows from {patch}")
 
 
@@ -125,14 +125,9 @@ def apply_cmd(
 
     Example: memedit keys apply patch.safetensors --model ./my-model
     """
-    from memedit.checkpoint import require_writable
-    from memedit.keys import KeyPatch, write_weights
+    from memedit.keys import apply_file
 
-    m = load_model(model)
-    require_writable(m)
-    p = KeyPatch.load(patch)
-    p.apply(m)
-    write_weights(m)
+    p = apply_file(load_model(model), patch, revert=False)
     console.print(f"applied {p.n_rows} rows from {patch}")
 
 
@@ -144,9 +139,15 @@ def route_cmd(
     slot: Annotated[str, typer.Option(help="Slot id to write into, or 'auto' (an unused slot).")] = "auto",
     layer: Annotated[Optional[int], typer.Option(help="Memory layer to route in (default: the cheapest).")] = None,
     head: Annotated[Optional[int], typer.Option(help="Head to route in (default: the cheapest).")] = None,
-    margin: Annotated[float, typer.Option(min=0.0, help="How far above the k-th score to place the slot, as a share of its head's score spread.")] = 0.25,
-    eval_facts: Annotated[int, typer.Option(min=0, help="Other facts of the world to measure collateral on (0 = all).")] = 1000,
-    probe: Annotated[Optional[Path], typer.Option(help="Background text for collateral and slot usage (default: the world corpus).")] = None,
+    margin: Annotated[float,
+                      typer.Option(min=0.0, help="How far above the k-th score to place the slot, as a share of its "
+                                                 "head's score spread.")] = 0.25,
+    eval_facts: Annotated[int,
+                          typer.Option(min=0, help="Other facts of the world to measure collateral on "
+                                                   "(0 = all).")] = 1000,
+    probe: Annotated[Optional[Path],
+                     typer.Option(help="Background text for collateral and slot usage "
+                                       "(default: the world corpus).")] = None,
     out: OutOpt = None,
     dry_run: DryRunOpt = False,
     model: ModelOpt = None,
@@ -189,11 +190,13 @@ def route_cmd(
     t.add_column("value")
     t.add_row("slot", f"{res.slot} = ({res.subkeys[0]}, {res.subkeys[1]}) in layer {res.layer} head {res.head}")
     t.add_row("chosen as", f"{res.slot_choice}, {res.slot_uses} background uses")
-    t.add_row("sub-keys moved", f"|Δ| {res.moved[0]:.4f} and {res.moved[1]:.4f} (norms {res.subkey_norms[0]:.3f}, {res.subkey_norms[1]:.3f})")
+    t.add_row("sub-keys moved", f"|Δ| {res.moved[0]:.4f} and {res.moved[1]:.4f} (norms {res.subkey_norms[0]:.3f}, "
+                                f"{res.subkey_norms[1]:.3f})")
     t.add_row("selected", f"rank {res.rank} of the head's top-k, weight {res.weight:.3f}")
-    t.add_row("prediction", f"{res.predicted_before!r} (p(target) {res.p_before:.3f}) -> {res.predicted_after!r} (p {res.p_after:.3f})")
-    t.add_row("probe collateral", f"{res.collateral:.2%} of background lookups changed ({res.slots_replaced:.2%} of slots); "
-              f"{res.probe_selecting_slot} select the slot")
+    t.add_row("prediction", f"{res.predicted_before!r} (p(target) {res.p_before:.3f}) -> {res.predicted_after!r} (p "
+                            f"{res.p_after:.3f})")
+    t.add_row("probe collateral", f"{res.collateral:.2%} of background lookups changed ({res.slots_replaced:.2%} of "
+                                  f"slots); {res.probe_selecting_slot} select the slot")
     if res.facts_checked:
         t.add_row("other facts", f"accuracy {res.facts_accuracy_before:.2%} -> {res.facts_accuracy_after:.2%} "
                   f"over {res.facts_checked:,} prompts (drop {d['accuracy_drop_points']:.2f} points)")

@@ -17,8 +17,10 @@ app.add_typer(patch_app, name="patch")
 
 TableOpt = Annotated[str, typer.Option("--table", "-t", help='Value table: "shared", "layer4" or a layer index.')]
 RowsOpt = Annotated[list[str], typer.Option("--rows", "-r", help="Row ids: 3,7,10-12 (repeatable).")]
-ValuesOpt = Annotated[Optional[Path], typer.Option("--values", help="New values: .npy or .safetensors, (n, V) or (V,).")]
-ScalarOpt = Annotated[Optional[float], typer.Option("--scalar", help="A number (set/add: the value, scale: the factor).")]
+ValuesOpt = Annotated[Optional[Path],
+                      typer.Option("--values", help="New values: .npy or .safetensors, (n, V) or (V,).")]
+ScalarOpt = Annotated[Optional[float],
+                      typer.Option("--scalar", help="A number (set/add: the value, scale: the factor).")]
 FromRowOpt = Annotated[Optional[int], typer.Option("--from-row", help="Use another row of the same table.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the patch file.")]
 ApplyOpt = Annotated[bool, typer.Option("--apply", help="Apply the patch to the model folder now.")]

@@ -34,15 +34,27 @@ def parse_dtypes(spec: str, model_dtype):
 
 @command(app)
 def verify(
-    corpus: Annotated[Optional[Path], typer.Option(help="Text file, one passage per line (default: the model's demo world).")] = None,
-    random: Annotated[int, typer.Option("--random", min=0, help="Check N random query vectors per memory layer instead of text.")] = 0,
-    queries: Annotated[Optional[Path], typer.Option(help="Saved query vectors: .npy (n, H, K) for one layer, or .npz with layer{L} arrays.")] = None,
-    layer: Annotated[Optional[int], typer.Option(help="Only this memory layer (needed for a .npy of queries when there are several).")] = None,
-    dtypes: Annotated[str, typer.Option(help="Compute dtypes to check, comma-separated ('model' = the model's own).")] = "model,float32,bfloat16",
+    corpus: Annotated[Optional[Path],
+                      typer.Option(help="Text file, one passage per line (default: the model's demo world).")] = None,
+    random: Annotated[int,
+                      typer.Option("--random", min=0, help="Check N random query vectors per memory layer instead of "
+                                                           "text.")] = 0,
+    queries: Annotated[Optional[Path],
+                       typer.Option(help="Saved query vectors: .npy (n, H, K) for one layer, or .npz with layer{L} "
+                                         "arrays.")] = None,
+    layer: Annotated[Optional[int],
+                     typer.Option(help="Only this memory layer (needed for a .npy of queries when there are "
+                                       "several).")] = None,
+    dtypes: Annotated[str,
+                      typer.Option(help="Compute dtypes to check, comma-separated ('model' = the model's "
+                                        "own).")] = "model,float32,bfloat16",
     limit: Annotated[int, typer.Option(min=0, help="Distinct text lookups per layer to check (0 = all).")] = 4096,
-    threads: Annotated[int, typer.Option(min=1, help="Threads for FAISS and torch (pinned: results differ between counts).")] = 1,
+    threads: Annotated[int,
+                       typer.Option(min=1, help="Threads for FAISS and torch (pinned: results differ between "
+                                                "counts).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the random queries.")] = 0,
-    save_queries: Annotated[Optional[Path], typer.Option(help="Also write the checked queries (first dtype) as .npz.")] = None,
+    save_queries: Annotated[Optional[Path],
+                            typer.Option(help="Also write the checked queries (first dtype) as .npz.")] = None,
     examples: Annotated[int, typer.Option(min=0, help="Mismatches to print in full.")] = 3,
     model: ModelOpt = None,
     json: JsonOpt = False,
@@ -63,7 +75,8 @@ def verify(
         raise MemeditError(f"layer {layer} is not a memory layer (memory layers: {list(m.memory_layers)})")
     passes = parse_dtypes(dtypes, m.dtype)
     if random:
-        source, name = exact.random_source(random, [layer] if layer is not None else None, seed), f"{random} random queries"
+        source = exact.random_source(random, [layer] if layer is not None else None, seed)
+        name = f"{random} random queries"
     elif queries is not None:
         source, name = exact.saved_source(exact.load_queries(str(queries), m, layer)), str(queries)
     else:
@@ -78,11 +91,14 @@ def verify(
     if save_queries is not None:
         inner_save = source
 
-        def source(mm, dt, _first=[True]):
+        first = True
+
+        def source(mm, dt):
+            nonlocal first
             checked = inner_save(mm, dt)
-            if _first[0]:
+            if first:
                 exact.save_queries(str(save_queries), checked)
-                _first[0] = False
+                first = False
             return checked
 
     show = None if json else (lambda msg: err_console.print(f"[dim]{msg}[/]"))
@@ -129,7 +145,8 @@ def render(report, examples: int) -> None:
         tie = sum(h.tie_agree for h in p.heads)
         ties = sum(h.ties for h in p.heads)
         console.print(f"{p.dtype}: {p.lookups:,} lookups; index sets identical {ident / n:.2%}, differing only inside "
-                      f"ties {tie / n:.2%}, real mismatches {p.mismatches:,}; a tie at the k-th score in {ties / n:.2%}")
+                      f"ties {tie / n:.2%}, real mismatches {p.mismatches:,}; a tie at the k-th score in "
+                      f"{ties / n:.2%}")
     shown = 0
     for p in report.passes:
         for h in p.heads:
@@ -137,9 +154,13 @@ def render(report, examples: int) -> None:
                 if shown >= examples:
                     break
                 shown += 1
-                console.print(f"[red]mismatch[/] {p.dtype} layer {ex.layer} head {ex.head} query {ex.query}: {ex.reason}")
-                console.print(f"  memedit slots {ex.memedit_slots}\n  memedit scores {[round(x, 5) for x in ex.memedit_scores]}")
+                console.print(f"[red]mismatch[/] {p.dtype} layer {ex.layer} head {ex.head} query {ex.query}: "
+                              f"{ex.reason}")
+                console.print(f"  memedit slots {ex.memedit_slots}\n  memedit scores "
+                              f"{[round(x, 5) for x in ex.memedit_scores]}")
                 console.print(f"  true scores    {[round(x, 5) for x in ex.true_scores]}")
-                console.print(f"  FAISS slots   {ex.faiss_slots}\n  FAISS scores   {[round(x, 5) for x in ex.faiss_scores]}")
-    verdict = "[green]all lookups agree with FAISS exact search[/]" if report.ok else "[red]REAL MISMATCHES: the lookup is not exact[/]"
+                console.print(f"  FAISS slots   {ex.faiss_slots}\n  FAISS scores   "
+                              f"{[round(x, 5) for x in ex.faiss_scores]}")
+    verdict = ("[green]all lookups agree with FAISS exact search[/]" if report.ok
+               else "[red]REAL MISMATCHES: the lookup is not exact[/]")
     console.print(verdict)

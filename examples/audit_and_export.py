@@ -52,7 +52,8 @@ def main() -> None:
     print(f"hub slots of table {table!r} (layer {layer}'s top promoted tokens):")
     for slot in use.argsort().values[::-1][:5]:
         tokens = [str(ds.vocab.values[t]) for t in ds.top_tokens.sel(layer=layer, slot=slot).values]
-        print(f"  slot {int(slot):6d}  {int(use[slot]):6d} accesses  |value| {float(ds.value_norms.sel(table=table, slot=slot)):.2f}"
+        print(f"  slot {int(slot):6d}  {int(use[slot]):6d} accesses  |value| "
+              f"{float(ds.value_norms.sel(table=table, slot=slot)):.2f}"
               f"  promotes {' '.join(tokens)}")
     ds.close()
 

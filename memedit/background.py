@@ -39,11 +39,6 @@ class Background:
         """log((|B| + 1) / (df + 1)) per row: (rows,) float32."""
         return torch.log((self.n_batches + 1) / (self.df[table].float() + 1))
 
-    def hot_rows(self, table: str, n: int) -> torch.Tensor:
-        """The ``n`` most-read rows of ``table`` (by background counts), most-read first."""
-        c = self.counts[table]
-        return c.argsort(descending=True, stable=True)[: min(n, c.numel())]
-
 
 def default_corpus(model: MemoryModel) -> list[str]:
     """The demo world's filler sentences and facts (with their answers): the model's 'general text'."""
@@ -91,11 +86,12 @@ def compute(model: MemoryModel, sentences: Sequence[str], batch_size: int = DEFA
         batch_of = (torch.arange(B) // batch_size).repeat_interleave(T)[valid]  # (n_valid,) background batch
         keys: dict[str, list[torch.Tensor]] = {t.name: [] for t in tables}
 
+        # the hook runs inside this iteration (on_lookup below), so it sees this batch's tensors
         def seen(L: int, lk: Lookup) -> None:
             t = table_of[L]
-            idx = lk.indices.reshape(B * T, -1)[valid]  # (n_valid, H*k)
+            idx = lk.indices.reshape(B * T, -1)[valid]  # (n_valid, H*k)  # noqa: B023
             counts[t.name] += torch.bincount(idx.flatten(), minlength=t.n_rows)
-            keys[t.name].append((batch_of[:, None] * t.n_rows + idx).flatten())
+            keys[t.name].append((batch_of[:, None] * t.n_rows + idx).flatten())  # noqa: B023
 
         with on_lookup(model, seen):
             model(toks)

@@ -101,17 +101,18 @@ def causal_trace(model: MemoryModel, prompt: str, subject: str, target: str, sam
         restore = {L: [(b, combos[c - 1][0]) for b, (c, _) in enumerate(part) if c and combos[c - 1][1] == L]
                    for L in layers}
 
+        # the hooks run inside this iteration, so they see this iteration's s_idx and restore
         def corrupt(mod, inp, out):
             out = out.clone()
-            out[:, span] += draws[s_idx].to(out.dtype)
+            out[:, span] += draws[s_idx].to(out.dtype)  # noqa: B023
             return out
 
         def restorer(L):
             def hook(mod, inp, out):
-                if not restore[L]:
+                if not restore[L]:  # noqa: B023
                     return None
                 out = out.clone()
-                b, t = torch.tensor(restore[L]).T
+                b, t = torch.tensor(restore[L]).T  # noqa: B023
                 out[b, t] = clean[L][t]
                 return out
 

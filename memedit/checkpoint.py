@@ -322,7 +322,8 @@ def require_writable(model: MemoryModel) -> None:
             "then pass --model ./my-model"
         )
     if model.source is None or not is_native(Path(model.source)):
-        raise MemeditError(f"{model.source} is not a native memedit folder: `memedit convert DST --model {model.source}` first")
+        raise MemeditError(f"{model.source} is not a native memedit folder: `memedit convert DST --model "
+                           f"{model.source}` first")
 
 
 def fingerprint(model: MemoryModel) -> str:

@@ -53,7 +53,8 @@ def accuracy(model: MemoryModel, prompts: Sequence[str], targets: Sequence[str],
 @contextlib.contextmanager
 def memory_zeroed(model: MemoryModel) -> Iterator[None]:
     """Within the block, every memory layer outputs zeros (for 'do the facts live in memory?' checks)."""
-    handles = [layer.register_forward_hook(lambda m, i, o: torch.zeros_like(o)) for layer in model.memory_layers.values()]
+    handles = [layer.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+               for layer in model.memory_layers.values()]
     try:
         yield
     finally:

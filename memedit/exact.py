@@ -74,7 +74,7 @@ def exact_search(queries: np.ndarray, keys: np.ndarray, k: int, block_bytes: int
 
 def true_scores(queries: np.ndarray, keys: np.ndarray, slots: np.ndarray) -> np.ndarray:
     """q · [C0_i ; C1_j] for given slot ids (n, m), in float64 from each slot's own key. Out-of-range ids: nan."""
-    N, h = keys.shape[1], keys.shape[2]
+    N = keys.shape[1]
     ok = (slots >= 0) & (slots < N * N)
     s = np.where(ok, slots, 0)
     i, j = s // N, s % N
@@ -150,10 +150,10 @@ def compare_head(
     if n == 0:
         return report
     if index is not None:
-        D, I = index.search(queries, k + 1)
+        D, ids = index.search(queries, k + 1)
     else:
-        D, I = exact_search(queries, keys, k + 1, block_bytes)  # (n, k+1): one extra to see ties at the edge
-    ref, ref_ids, kth = D[:, :k].astype(np.float64), I[:, :k], D[:, k - 1].astype(np.float64)
+        D, ids = exact_search(queries, keys, k + 1, block_bytes)  # (n, k+1): one extra to see ties at the edge
+    ref, ref_ids, kth = D[:, :k].astype(np.float64), ids[:, :k], D[:, k - 1].astype(np.float64)
     tol = rtol * score_scale(queries, keys)  # (n,)
     mine = np.sort(scores.astype(np.float64), axis=1)[:, ::-1]  # (n, k) descending
     diff = np.abs(mine - ref)  # (n, k)
@@ -229,7 +229,8 @@ def search_queries(model: MemoryModel, queries: dict[int, torch.Tensor], dtype: 
     return out
 
 
-def corpus_queries(model: MemoryModel, texts: Sequence[str], limit: int = 0, batch_size: int = 64) -> dict[int, Checked]:
+def corpus_queries(model: MemoryModel, texts: Sequence[str], limit: int = 0,
+                   batch_size: int = 64) -> dict[int, Checked]:
     """Run the model on ``texts`` and record every memory layer's queries and lookups at real token positions.
 
     Duplicate queries (same prefix) are checked once; ``limit`` > 0 stops after that many distinct lookups.
@@ -473,7 +474,7 @@ class SlotKeyIndex:
         return N
 
     def sync(self, keys: np.ndarray) -> int:
-        """Bring the buffer in step with ``keys`` (2, N, K/2), touching only changed sub-keys; returns slots rewritten."""
+        """Slots rewritten bringing the buffer in step with ``keys`` (2, N, K/2), touching only changed sub-keys."""
         keys = np.asarray(keys, dtype=np.float32)
         changed = np.argwhere((keys != self.subkeys).any(-1))  # (m, 2): (half, id)
         return sum(self.set_subkey(int(half), int(i), keys[half, i]) for half, i in changed)

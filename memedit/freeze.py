@@ -52,10 +52,16 @@ def unfreeze(model: MemoryModel, rows: dict[str, Sequence[int]] | None = None) -
     require_writable(model)
     state = frozen_rows(model)
     freed = {}
-    targets = {t.name: None for t in model.tables} if rows is None else {model.table(k).name: v for k, v in rows.items()}
+    if rows is None:
+        targets = {t.name: None for t in model.tables}
+    else:
+        targets = {model.table(k).name: v for k, v in rows.items()}
     for name, ids in targets.items():
         old = state.get(name, torch.zeros(0, dtype=torch.long))
-        keep = torch.zeros(0, dtype=torch.long) if ids is None else old[~torch.isin(old, torch.as_tensor(list(ids), dtype=torch.long))]
+        if ids is None:
+            keep = torch.zeros(0, dtype=torch.long)
+        else:
+            keep = old[~torch.isin(old, torch.as_tensor(list(ids), dtype=torch.long))]
         freed[name] = old.numel() - keep.numel()
         state[name] = keep
     write_frozen_rows(model, state)
@@ -69,14 +75,35 @@ def fact_rows(model: MemoryModel, prompts: Sequence[str]) -> dict[str, list[int]
     return core_set(model, prompts)
 
 
-def hot_rows(model: MemoryModel, n: int) -> dict[str, list[int]]:
-    """The ``n`` most-read rows of each table, by background statistics (stored, or computed in memory)."""
-    from .background import get
-
+def hot_rows(model: MemoryModel, n: int, stats: str | Path | None = None) -> dict[str, list[int]]:
+    """The ``n`` most-read rows of each table: by an audit file's access counts (``memedit audit --out``) when
+    ``stats`` is given, else by background statistics (stored, or computed in memory)."""
     if n <= 0:
         raise MemeditError("--hot needs a positive number of rows")
-    bg = get(model)
-    return {t.name: bg.hot_rows(t.name, n).tolist() for t in model.tables}
+    if stats is not None:
+        counts = audit_counts(model, stats)
+    else:
+        from .background import get
+
+        counts = get(model).counts
+    return {t.name: counts[t.name].argsort(descending=True, stable=True)[:n].tolist() for t in model.tables}
+
+
+def audit_counts(model: MemoryModel, path: str | Path) -> dict[str, torch.Tensor]:
+    """{table: (rows,) accesses over every layer and head reading it} from an audit file of this model.
+
+    An audit of this model folder before one of its logged edits is accepted; one of another model is refused.
+    """
+    from .hdf5 import check_same_model, read_audit
+    from .patch import lineage
+
+    stats = read_audit(path)
+    ours = stats.fingerprint in lineage(model)
+    check_same_model(stats, model, fp=stats.fingerprint if ours else None)
+    if set(stats.tables) != {t.name for t in model.tables}:
+        raise MemeditError(f"{path} audits tables {sorted(stats.tables)}, this model has "
+                           f"{sorted(t.name for t in model.tables)}; audit this model with `memedit audit --out`")
+    return {t.name: stats.table_counts(t.name).sum(0) for t in model.tables}  # (H, S) -> (S,)
 
 
 def rows_from_file(path: str | Path) -> list[int]:

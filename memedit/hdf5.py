@@ -198,33 +198,26 @@ def promoted_tokens(model: Any, layer: int, k: int, budget: int = 1 << 23):
         yield start, top.indices, top.values
 
 
-def _touched(entry: dict) -> list[tuple[str, int]]:
-    """(table, row) pairs an edit-log entry says it touched: "rows" as a list (with "table") or {table: rows}."""
-    out: list[tuple[str, int]] = []
-    rows = entry.get("rows")
-    if isinstance(rows, dict):
-        for table, ids in rows.items():
-            out += [(str(table), int(r)) for r in ids]
-    elif isinstance(rows, list):
-        out += [(str(entry.get("table", "")), int(r)) for r in rows if isinstance(r, (int, float))]
-    for part in entry.get("tables", []) if isinstance(entry.get("tables"), list) else []:
-        if isinstance(part, dict):
-            out += [(str(part.get("table", "")), int(r)) for r in part.get("rows", [])]
-    return out
-
-
 def _write_edit_log(w: _Writer, entries: list[dict]) -> None:
+    """Writes the edit log as patch.log_edit writes it (value and key patches): an `edit` per entry, a `touched`
+    per row."""
     g = w.f.create_group("edit_log")
     g.attrs["long_name"] = "the model's edit history (memedit/edits.jsonl), oldest first"
     string = h5py.string_dtype()
-    ids = [str(e.get("id") or e.get("patch_id") or e.get("patch") or "") for e in entries]
-    actions = [str(e.get("action") or e.get("op") or e.get("event") or "") for e in entries]
+    try:
+        ids = [str(e["id"]) for e in entries]
+        actions = [str(e["op"]) for e in entries]
+        touched = [(n, str(t), int(r)) for n, e in enumerate(entries) for t, rows in e["rows"].items() for r in rows]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise MemeditError(f"the edit log memedit/edits.jsonl has an entry without a valid id, op or rows ({e}); "
+                           "it was not written by memedit: restore it from a backup") from None
     w.scale("edit", np.arange(len(entries), dtype=np.int64), group=g)
     w.array("patch_id", np.asarray(ids, dtype=string), ("edit",), group=g)
-    w.array("action", np.asarray(actions, dtype=string), ("edit",), group=g)
+    w.array("action", np.asarray(actions, dtype=string), ("edit",), group=g, attrs={"long_name": "apply or revert"})
+    w.array("kind", np.asarray([str(e.get("kind", "")) for e in entries], dtype=string), ("edit",), group=g,
+            attrs={"long_name": "what made the patch: set, add, ..., edit, keys (a sub-key patch)"})
     w.array("entry", np.asarray([json.dumps(e) for e in entries], dtype=string), ("edit",), group=g,
             attrs={"long_name": "the full log entry as JSON"})
-    touched = [(n, t, r) for n, e in enumerate(entries) for t, r in _touched(e)]
     w.scale("touched", np.arange(len(touched), dtype=np.int64), group=g)
     w.array("touched_edit", np.asarray([x[0] for x in touched], dtype=np.int64), ("touched",), group=g,
             attrs={"long_name": "index into `edit` of the edit that touched the row"})

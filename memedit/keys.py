@@ -70,19 +70,10 @@ class KeyPatch:
 
     @classmethod
     def load(cls, path: str | Path) -> KeyPatch:
-        from safetensors import SafetensorError, safe_open
+        from .patch import read_patch_file
 
         path = Path(path)
-        if not path.is_file():
-            raise MemeditError(f"patch file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise MemeditError(f"{path} is not a readable patch ({e})") from None
-        if meta.get("format") != PATCH_FORMAT:
-            raise MemeditError(f"{path} is not a memedit key patch")
+        meta, tensors = read_patch_file(path, PATCH_FORMAT, "key patch")
         changes = {}
         for key in tensors:
             if key.endswith(".rows"):
@@ -95,6 +86,17 @@ class KeyPatch:
                     raise MemeditError(f"{path}: checksum mismatch for {name}; the patch is damaged")
                 changes[name] = c
         return cls(changes, {k: v for k, v in meta.items() if not k.startswith("sha256.")})
+
+    @property
+    def id(self) -> str:
+        """12 hex digits of a sha256 over every tensor name, row id, old and new row (the patch's log id)."""
+        h = hashlib.sha256()
+        for name in sorted(self.changes):
+            c = self.changes[name]
+            h.update(name.encode())
+            for t in (c.rows.long(), c.old, c.new):
+                h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:12]
 
     def _swap(self, model: MemoryModel, expect: str, put: str) -> None:
         params = dict(model.state_dict(keep_vars=True))
@@ -132,17 +134,6 @@ def diff_patch(before: dict[str, torch.Tensor], model: MemoryModel, meta: dict[s
     return KeyPatch(changes, meta)
 
 
-def write_weights(model: MemoryModel) -> None:
-    """Rewrite the model folder's model.safetensors from the model, atomically."""
-    from safetensors.torch import save_file
-
-    from .checkpoint import FORMAT, atomic_path, native_state, require_writable
-
-    require_writable(model)
-    with atomic_path(Path(model.source) / "model.safetensors") as tmp:
-        save_file(native_state(model), str(tmp), metadata={"format": FORMAT})
-
-
 def default_patch_path(model: MemoryModel, kind: str) -> Path:
     from .checkpoint import state_dir
     from .state import PATCHES
@@ -150,14 +141,53 @@ def default_patch_path(model: MemoryModel, kind: str) -> Path:
     return state_dir(model, create=True) / PATCHES / f"keys-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
 
 
+def log_key_patch(model: MemoryModel, patch: KeyPatch, op: str, path: Path, before: str) -> dict:
+    """Record applying or reverting a key patch in the model's edit log (kind "keys"); returns the entry."""
+    from .checkpoint import state_dir
+    from .patch import log_edit
+
+    tables = {n: t.name for t in model.tables for n in t.state_names}  # a value tensor is logged by its table
+    layers = sorted({L for name in patch.changes for L in model.memory_layers if name == keys_name(L)}
+                    | {L for name in patch.changes if name in tables for L in model.table(tables[name]).layers})
+    path = Path(path).resolve()
+    d = state_dir(model).resolve()
+    file = str(path.relative_to(d)) if path.is_relative_to(d) else str(path)
+    what = patch.meta.get("command", "keys")
+    return log_edit(model, op, patch.id, file, kind="keys", message=f"{what} ({patch.n_rows} rows)",
+                    rows={tables.get(n, n): c.rows for n, c in patch.changes.items()}, layers=layers, before=before)
+
+
 def save_and_apply(model: MemoryModel, patch: KeyPatch, out: str | Path | None, kind: str) -> Path:
-    """Save the patch (the model already holds its new rows), then rewrite the model folder. Returns the patch path."""
-    from .checkpoint import require_writable
+    """The patch's path, after saving it (the model already holds its new rows), rewriting the model folder and
+    logging it."""
+    from .checkpoint import fingerprint, require_writable
+    from .patch import save_weights
 
     require_writable(model)
+    patch.revert(model)  # the fingerprint before the change, for the edit log
+    before = fingerprint(model)
+    patch.apply(model)
     path = patch.save(out or default_patch_path(model, kind))
-    write_weights(model)
+    save_weights(model)
+    log_key_patch(model, patch, "apply", path, before)
     return path
+
+
+def apply_file(model: MemoryModel, path: str | Path, revert: bool = False) -> KeyPatch:
+    """Apply (or revert) a saved key patch to the model and its folder, and log it; returns the patch."""
+    from .checkpoint import fingerprint, require_writable
+    from .patch import save_weights
+
+    require_writable(model)
+    patch = KeyPatch.load(path)
+    before = fingerprint(model)
+    if revert:
+        patch.revert(model)
+    else:
+        patch.apply(model)
+    save_weights(model)
+    log_key_patch(model, patch, "revert" if revert else "apply", Path(path), before)
+    return patch
 
 
 # ---- frozen sub-keys -------------------------------------------------------------------------------------
@@ -350,8 +380,8 @@ def adapt(
                     n_changed += int(moved.sum())
             reindexed = sum(exact.sync_indexes(indexes[L], m) for L, m in mem.items()) if check_exact else 0
             now = selected_slots(model, probe_batches)
-            st = AdaptStep(step + 1, loss.item(), n_changed, collateral(probe_slots, now), slots_replaced(probe_slots, now),
-                           reindexed)
+            st = AdaptStep(step + 1, loss.item(), n_changed, collateral(probe_slots, now),
+                           slots_replaced(probe_slots, now), reindexed)
             history.append(st)
             if progress:
                 progress(st)
@@ -526,7 +556,8 @@ def route(
             if torch.isfinite(cost.view(-1)[c]) and (best is None or cost.view(-1)[c] < best[0]):
                 best = (float(cost.view(-1)[c]), L, h, c, float(d1.view(-1)[c]), float(d2.view(-1)[c]), m)
     if best is None:
-        raise MemeditError("no slot can be routed: every candidate slot or its sub-keys is frozen, or already read by this prompt")
+        raise MemeditError("no slot can be routed: every candidate slot or its sub-keys is frozen, or already read by "
+                           "this prompt")
     _, L, h, s, d1, d2, m = best
     i, j = divmod(s, N)
     mem = layers[L]

@@ -297,7 +297,8 @@ class MemoryModel(nn.Module):
         from .errors import MemeditError
 
         if self.tokenizer is None and self.config.standalone:
-            raise MemeditError("this model has no tokenizer (a standalone memory module): give query vectors instead of text")
+            raise MemeditError("this model has no tokenizer (a standalone memory module): give query vectors instead "
+                               "of text")
         if self.tokenizer is None:
             why = self.meta.get("tokenizer_missing")  # set by importers, e.g. "tokenizer file ... not found"
             raise MemeditError(f"this model has no tokenizer{f' ({why})' if why else ''}: pass --tokenizer PATH "

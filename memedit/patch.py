@@ -13,8 +13,10 @@ File layout (safetensors):
     "tables" (JSON {table: [layers]}), "checksums" (JSON {table: [hex per row]}), "message", "time", "kind",
     "info" (JSON, free-form: e.g. a fact edit's request and metrics)
 
-Edit log entries (``memedit/edits.jsonl``): {"op": "apply"|"revert", "id", "file" (relative to the model
-folder), "time", "message", "kind", "tables": {table: n_rows}, "before", "after" (model fingerprints), "forced"}.
+Edit log entries (``memedit/edits.jsonl``): {"op": "apply"|"revert", "id", "file" (relative to the model's
+``memedit/`` folder, or absolute), "time", "message", "kind" ("keys" for key patches), "tables": {table: n_rows},
+"rows": {table: [row ids]}, "layers", "before", "after" (model fingerprints), "forced"}. Key patches (keys.py) name
+sub-key tensors ("layers.{L}.feed_forward.keys") in "tables" and "rows".
 """
 
 from __future__ import annotations
@@ -125,21 +127,11 @@ class Patch:
     @classmethod
     def load(cls, path: str | Path) -> Patch:
         """Read a patch file, checking its format and that its checksums match its own base rows."""
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise MemeditError(f"patch file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise MemeditError(f"{path} is not a readable patch file ({e})") from None
-        if meta.get("format") != PATCH_FORMAT:
-            raise MemeditError(f"{path} is not a memedit patch (no format={PATCH_FORMAT} in its metadata)")
+        meta, tensors = read_patch_file(path, PATCH_FORMAT, "patch")
         if int(meta.get("format_version", "0")) > PATCH_FORMAT_VERSION:
-            raise MemeditError(f"{path} was written by a newer memedit (patch format {meta['format_version']}); upgrade")
+            raise MemeditError(f"{path} was written by a newer memedit (patch format {meta['format_version']}); "
+                               "upgrade")
         try:
             tables = json.loads(meta["tables"])
             sums = json.loads(meta["checksums"])
@@ -155,10 +147,28 @@ class Patch:
                 raise MemeditError(f"{path}: table {c.table} has inconsistent shapes (rows {tuple(c.rows.shape)}, "
                                    f"old {tuple(c.old.shape)}, new {tuple(c.new.shape)})")
             if sums.get(c.table) != row_checksums(c.old):
-                raise MemeditError(f"{path}: the checksums of table {c.table} do not match its base rows; the file is damaged")
+                raise MemeditError(f"{path}: the checksums of table {c.table} do not match its base rows; the file is "
+                                   "damaged")
         if patch.content_id() != patch.id:
             raise MemeditError(f"{path}: its content does not match its id {patch.id}; the file is damaged")
         return patch
+
+
+def read_patch_file(path: Path, fmt: str, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a patch file, after checking it exists, is safetensors and has format ``fmt``."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise MemeditError(f"patch file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise MemeditError(f"{path} is not a readable patch file ({e})") from None
+    if meta.get("format") != fmt:
+        raise MemeditError(f"{path} is not a memedit {what} (no format={fmt} in its metadata)")
+    return meta, tensors
 
 
 def _bytes(t: torch.Tensor) -> bytes:
@@ -225,7 +235,8 @@ def make_patch(model: MemoryModel, updates: dict[str, tuple[Sequence[int] | torc
         if new.dim() == 1:
             new = new.expand(ids.numel(), -1)
         if new.dim() != 2 or new.shape[1] != V:
-            raise MemeditError(f"new rows have width {new.shape[-1] if new.dim() else 1}, table {t.name} rows have width {V}")
+            raise MemeditError(f"new rows have width {new.shape[-1] if new.dim() else 1}, table {t.name} rows have "
+                               f"width {V}")
         if new.shape[0] != ids.numel():
             raise MemeditError(f"{new.shape[0]} new rows given for {ids.numel()} row ids")
         if not torch.isfinite(new.float()).all():
@@ -253,7 +264,8 @@ def _refuse_frozen(table: str, ids: torch.Tensor, frozen: dict[str, torch.Tensor
     hit = ids[torch.isin(ids, f)]
     if hit.numel():
         shown = ", ".join(map(str, sorted(hit.tolist())[:8])) + (" ..." if hit.numel() > 8 else "")
-        raise MemeditError(f"rows {shown} of table {table} are frozen; `memedit unfreeze --table {table} --rows ...` first")
+        raise MemeditError(f"rows {shown} of table {table} are frozen; `memedit unfreeze --table {table} --rows ...` "
+                           "first")
 
 
 OPS = ("set", "add", "scale", "zero", "copy")
@@ -273,7 +285,9 @@ def load_values(path: str | Path) -> torch.Tensor:
             raise MemeditError(f"cannot read {path} as a numeric .npy array ({e})") from None
         if not np.issubdtype(arr.dtype, np.number):
             raise MemeditError(f"{path} holds {arr.dtype} values, not numbers")
-        return torch.from_numpy(arr.astype("float64")).float() if arr.dtype == np.float64 else torch.from_numpy(arr.copy())
+        if arr.dtype == np.float64:
+            return torch.from_numpy(arr.astype("float64")).float()
+        return torch.from_numpy(arr.copy())
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -373,7 +387,8 @@ def check_patch(model: MemoryModel, patch: Patch, force: bool = False, revert: b
         check_rows(model, t.name, c.rows.tolist())
         V = t.weight.shape[1]
         if c.new.shape[1] != V:
-            raise MemeditError(f"the patch's rows of table {t.name} have width {c.new.shape[1]}, the model's have width {V}")
+            raise MemeditError(f"the patch's rows of table {t.name} have width {c.new.shape[1]}, the model's have "
+                               f"width {V}")
         if c.new.dtype != t.weight.dtype:
             raise MemeditError(f"the patch stores {c.new.dtype} rows, table {t.name} holds {t.weight.dtype}")
         if not (torch.isfinite(c.new.float()).all() and torch.isfinite(c.old.float()).all()):
@@ -382,14 +397,15 @@ def check_patch(model: MemoryModel, patch: Patch, force: bool = False, revert: b
     if not revert:
         fp = lineage(model)
         if patch.base not in fp:
-            msg = f"patch {patch.id} was made for another model (fingerprint {patch.base}, this model {fingerprint(model)})"
+            msg = (f"patch {patch.id} was made for another model (fingerprint {patch.base}, "
+                   f"this model {fingerprint(model)})")
             if not force:
                 raise MemeditError(msg + "; pass --force to apply it anyway")
             warnings.append(msg)
     for c in patch.changes:
         expect = c.new if revert else c.old
         cur = model.table(c.table).weight.detach()[c.rows]
-        differ = [int(r) for r, a, b in zip(c.rows, row_checksums(cur), row_checksums(expect)) if a != b]
+        differ = [int(r) for r, a, b in zip(c.rows, row_checksums(cur), row_checksums(expect), strict=True) if a != b]
         if differ:
             what = "rows changed since the patch was applied" if revert else "rows differ from the patch's base"
             msg = f"{len(differ)} {what} in table {c.table} (e.g. row {differ[0]})"
@@ -420,6 +436,10 @@ def apply(model: MemoryModel, patch: Patch, force: bool = False, message: str | 
 def revert(model: MemoryModel, ref: str, force: bool = False) -> tuple[Patch, list[str]]:
     """Revert an applied patch, by id or file; returns (the patch, warnings). Restores its rows byte for byte."""
     require_writable(model)
+    keys = [e for e in edit_log(model) if e.get("kind") == "keys" and ref and str(e.get("id", "")).startswith(ref)]
+    if keys:
+        raise MemeditError(f"{ref} is a key patch: revert it with "
+                           f"`memedit keys revert {state_dir(model) / keys[-1]['file']}`")
     patch = find_patch(model, ref)
     if patch.id not in applied_ids(model):
         raise MemeditError(f"patch {patch.id} is not applied to {model.source} (see `memedit patch log`)")
@@ -440,7 +460,8 @@ def find_patch(model: MemoryModel, ref: str) -> Patch:
     d = state_dir(model) / PATCHES
     hits = sorted(d.glob(f"{ref}*.safetensors")) if d.is_dir() and ref else []
     if len(hits) != 1:
-        raise MemeditError(f"no patch {ref!r} in {d}" if not hits else f"patch id {ref!r} is ambiguous; give more digits")
+        raise MemeditError(f"no patch {ref!r} in {d}" if not hits else f"patch id {ref!r} is ambiguous; give more "
+                                                                       "digits")
     return Patch.load(hits[0])
 
 
@@ -457,12 +478,24 @@ def _commit(model: MemoryModel, patch: Patch, op: str, forced: bool, message: st
     except BaseException:
         write_rows(model, patch, new=(op != "apply"))  # the file is untouched; undo the in-memory change too
         raise
-    entry = {"op": op, "id": patch.id, "file": str(rel), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "message": message if message is not None else patch.message, "kind": patch.kind,
-             "tables": {c.table: c.rows.numel() for c in patch.changes},
-             "layers": sorted({L for c in patch.changes for L in c.layers}),
+    log_edit(model, op, patch.id, str(rel), kind=patch.kind,
+             message=message if message is not None else patch.message,
+             rows={c.table: c.rows for c in patch.changes},
+             layers=sorted({L for c in patch.changes for L in c.layers}), before=before, forced=forced)
+
+
+def log_edit(model: MemoryModel, op: str, id: str, file: str, kind: str, message: str,
+             rows: dict[str, torch.Tensor], layers: list[int], before: str, forced: bool = False) -> dict:
+    """Append an apply/revert entry to the model's edit log (after the model file was written); returns it.
+
+    ``rows`` = {table (or, for key patches, tensor name): row ids}; ``before`` is the fingerprint before the change.
+    """
+    entry = {"op": op, "id": id, "file": file, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "message": message, "kind": kind, "tables": {t: r.numel() for t, r in rows.items()},
+             "rows": {t: r.tolist() for t, r in rows.items()}, "layers": layers,
              "before": before, "after": fingerprint(model), "forced": forced}
     write_edit_log(model, edit_log(model) + [entry])
+    return entry
 
 
 def save_weights(model: MemoryModel) -> None:
@@ -497,4 +530,5 @@ def diff(a: MemoryModel, b: MemoryModel) -> dict:
         x, y = sa[name], sb[name]
         if not torch.equal(x.view(torch.uint8), y.view(torch.uint8)):
             others.append({"name": name, "max_delta": (x.float() - y.float()).abs().max().item()})
-    return {"tables": tables, "other_tensors": others, "identical": not others and all(t["n_rows"] == 0 for t in tables)}
+    identical = not others and all(t["n_rows"] == 0 for t in tables)
+    return {"tables": tables, "other_tensors": others, "identical": identical}

@@ -80,7 +80,8 @@ class EditRequest:
                       heldout_paraphrases=list(d.get("heldout_paraphrases", [])),
                       neighborhood=list(d.get("neighborhood", [])), id=str(d.get("id", "")))
         except KeyError as e:
-            raise MemeditError(f"an edit request needs {e.args[0]!r} (keys: prompt, subject, target_new, ...)") from None
+            raise MemeditError(f"an edit request needs {e.args[0]!r} "
+                               "(keys: prompt, subject, target_new, ...)") from None
         if not req.target_new.strip():
             raise MemeditError("an edit request needs a non-empty target_new")
         return req
@@ -160,7 +161,7 @@ def select(model: MemoryModel, scores: dict[str, torch.Tensor], top_t: int) -> d
         raise MemeditError("every slot this fact reads is frozen: nothing can be trained")
     top = allscores.topk(k).indices
     out, start = {}, 0
-    for name, s in zip(names, flat):
+    for name, s in zip(names, flat, strict=True):
         mine = top[(top >= start) & (top < start + s.numel())] - start
         if mine.numel():
             out[name] = mine.sort().values
@@ -202,7 +203,7 @@ def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[s
     if cfg.optimizer not in ("sgd", "adamw"):
         raise MemeditError(f"unknown optimizer {cfg.optimizer!r}: use sgd or adamw")
     # the optimizer sees only the trainable slices (a copy of each), so nothing else can move
-    slices = [p.detach()[m].clone().requires_grad_(True) for p, m in zip(params, masks)] if masks else \
+    slices = [p.detach()[m].clone().requires_grad_(True) for p, m in zip(params, masks, strict=True)] if masks else \
         [p.detach().clone().requires_grad_(True) for p in params]
     opt = (torch.optim.SGD(slices, lr=cfg.lr) if cfg.optimizer == "sgd"
            else torch.optim.AdamW(slices, lr=cfg.lr, weight_decay=0.0))
@@ -217,11 +218,11 @@ def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[s
                 steps -= 1
                 break
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for s, g, m in zip(slices, grads, masks or [None] * len(params)):
+            for s, g, m in zip(slices, grads, masks or [None] * len(params), strict=True):
                 s.grad = torch.zeros_like(s) if g is None else (g[m] if m is not None else g)  # the gradient mask
             opt.step()
             with torch.no_grad():
-                for p, s, m in zip(params, slices, masks or [None] * len(params)):
+                for p, s, m in zip(params, slices, masks or [None] * len(params), strict=True):
                     if m is not None:
                         p[m] = s.detach()
                     else:

@@ -227,9 +227,9 @@ def compare(a: SlotStats, b: SlotStats, top: int = 10) -> dict[str, Any]:
         gain = delta.topk(k)
         loss = (-delta).topk(k)
 
-        def slots(vals: torch.Tensor, ids: torch.Tensor, sign: float) -> list[dict[str, Any]]:
+        def slots(vals: torch.Tensor, ids: torch.Tensor, sign: float, ra=ra, rb=rb) -> list[dict[str, Any]]:
             return [{"slot": int(i), "before": float(ra[i]), "after": float(rb[i]), "change": sign * float(v)}
-                    for v, i in zip(vals, ids) if float(v) > 0]
+                    for v, i in zip(vals, ids, strict=True) if float(v) > 0]
 
         out["tables"][name] = {
             "gained": slots(gain.values, gain.indices, 1.0),
@@ -242,6 +242,6 @@ def compare(a: SlotStats, b: SlotStats, top: int = 10) -> dict[str, Any]:
     out["metrics"] = [
         {"scope": scope_label(x), "basis": x["basis"],
          **{m: {"before": x[m], "after": y[m], "change": y[m] - x[m]} for m in METRICS}}
-        for x, y in zip(ma, mb) if x["scope"] in ("table", "layer")
+        for x, y in zip(ma, mb, strict=True) if x["scope"] in ("table", "layer")
     ]
     return out

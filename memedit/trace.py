@@ -153,13 +153,14 @@ def drop_slots(model: MemoryModel, tokens: torch.Tensor, pos: int, groups: Seque
                 fill[u.layer][b, u.head] += 1
         rows = torch.arange(G) * T + pos  # the flat (B*T) row of position pos in every copy
 
+        # the hook runs inside this iteration (on_lookup below), so it sees this iteration's rows
         def rewrite(L: int, lk: Lookup) -> Lookup:
-            idx = lk.indices[rows]  # (G, H, k)
-            hit = (idx.unsqueeze(-1) == dropped[L].unsqueeze(-2)).any(-1)  # (G, H, k)
-            w = lk.weights[rows].masked_fill(hit, 0.0)
+            idx = lk.indices[rows]  # (G, H, k)  # noqa: B023
+            hit = (idx.unsqueeze(-1) == dropped[L].unsqueeze(-2)).any(-1)  # (G, H, k)  # noqa: B023
+            w = lk.weights[rows].masked_fill(hit, 0.0)  # noqa: B023
             w = w / w.sum(-1, keepdim=True).clamp_min(1e-30)
             weights = lk.weights.clone()
-            weights[rows] = w
+            weights[rows] = w  # noqa: B023
             return lk.replace(weights=weights)
 
         with on_lookup(model, rewrite):
@@ -222,7 +223,7 @@ class Trace:
         """The model's n most likely next tokens at ``pos`` with their probabilities."""
         pos = self.position if pos is None else pos
         lp, ids = self.logprobs[pos].topk(n)
-        return [(self.model.tokenizer.id_to_token(int(i)), float(p.exp())) for p, i in zip(lp, ids)]
+        return [(self.model.tokenizer.id_to_token(int(i)), float(p.exp())) for p, i in zip(lp, ids, strict=True)]
 
     def prob(self, pos: int | None = None) -> float:
         """The probability of the scored token at ``pos`` (default: the target at the prediction position)."""
@@ -294,7 +295,7 @@ class Trace:
             flat = [u for us in units for u in us]
             lp = self.drop([[u] for u in flat], pos)  # (U,)
             res, start = {}, 0
-            for L, us in zip(self.layers, units):
+            for L, us in zip(self.layers, units, strict=True):
                 H, k = self[name(L, "indices")].shape[1:]
                 res[L] = lp[start : start + len(us)].view(H, k) - self.logprobs[pos, self.target_at(pos)]
                 start += len(us)
@@ -318,7 +319,7 @@ class Trace:
         out = []
         for L in self.layers:
             a, _ = self.attribution(L, pos)
-            out += list(zip(self.units(L, pos), a.flatten().tolist()))
+            out += list(zip(self.units(L, pos), a.flatten().tolist(), strict=True))
         return sorted(out, key=lambda x: -x[1])
 
     def read_by(self, slot: int, layer: int, pos: int | None = None) -> list[int]:
@@ -345,8 +346,9 @@ class Trace:
         tok = self.model.tokenizer
         up, down = logits.topk(n), (-logits).topk(n)
         return {
-            "promotes": [(tok.id_to_token(int(i)), float(x)) for x, i in zip(up.values, up.indices)],
-            "suppresses": [(tok.id_to_token(int(i)), -float(x)) for x, i in zip(down.values, down.indices)],
+            "promotes": [(tok.id_to_token(int(i)), float(x)) for x, i in zip(up.values, up.indices, strict=True)],
+            "suppresses": [(tok.id_to_token(int(i)), -float(x))
+                           for x, i in zip(down.values, down.indices, strict=True)],
         }
 
     def flip_count(self, pos: int | None = None, limit: int | None = None) -> int | None:
@@ -387,7 +389,7 @@ class Trace:
             layers.append({"layer": L, "table": self.table_of(L).name, "heads": heads,
                            "bias_attribution": bias_attr, "attribution": out_attr})
         ablations = {(L, u.head, u.slot): float(a) for L in self.layers
-                     for u, a in zip(self.units(L, pos), self.ablation(L, pos).flatten())}
+                     for u, a in zip(self.units(L, pos), self.ablation(L, pos).flatten(), strict=True)}
         top = []
         for u, a in self.ranked(pos)[:top_slots]:
             wr = self.writes(u, pos, n_tokens)

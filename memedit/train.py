@@ -104,7 +104,7 @@ def train(
         for start in range(0, len(order), tc.batch_size):
             batch = data[order[start : start + tc.batch_size]].to(tc.device)
             scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
-            for g, lr in zip(opt.param_groups, base_lrs):
+            for g, lr in zip(opt.param_groups, base_lrs, strict=True):
                 g["lr"] = lr * scale
             logits = model(batch[:, :-1])
             targets = batch[:, 1:]

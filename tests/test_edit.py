@@ -145,7 +145,7 @@ def test_frozen_rows_stay_bit_identical_after_hundreds_of_operations(folder):
     frozen_bytes = model.table("shared").weight[frozen].clone()
     req = EditRequest.from_dict(REQUEST)
     done = {"patch": 0, "refused": 0, "edit": 0, "revert": 0}
-    for i in range(300):
+    for _ in range(300):
         op = rng.choice(["set", "add", "scale", "zero", "copy", "edit", "revert", "frozen"])
         try:
             if op == "edit" and done["edit"] < 6:

@@ -13,7 +13,7 @@ import xarray as xr
 from memedit.audit import Corpus, audit
 from memedit.checkpoint import fingerprint, load
 from memedit.hdf5 import read_audit
-from memedit.state import write_edit_log, write_frozen_rows
+from memedit.state import write_frozen_rows
 
 from .conftest import tiny_model
 from .test_audit import CORPUS, slow_recount
@@ -56,8 +56,6 @@ def test_audit_file_reads_back_with_h5py_and_matches_a_recount(cli, tiny, corpus
 def test_export_opens_in_xarray_with_norms_top_tokens_frozen_rows_and_edit_log(cli, tiny, corpus_file, tmp_path):
     model, path = tiny
     write_frozen_rows(model, {"shared": torch.tensor([3, 7, 200])})
-    write_edit_log(model, [{"id": "p0001", "action": "apply", "table": "shared", "rows": [3, 9]},
-                           {"id": "p0002", "action": "revert", "rows": {"shared": [9]}}])
     a = tmp_path / "audit.h5"
     assert cli("audit", corpus_file, "--model", path, "--out", a)[0] == 0
     out = tmp_path / "memory.h5"
@@ -83,11 +81,44 @@ def test_export_opens_in_xarray_with_norms_top_tokens_frozen_rows_and_edit_log(c
         model.tokenizer.id_to_token(int(logits.argmax()))
     ds.close()
     log = xr.open_dataset(out, engine="h5netcdf", group="edit_log")
-    assert log.patch_id.values.tolist() == ["p0001", "p0002"]
-    assert log.action.values.tolist() == ["apply", "revert"]
-    assert log.touched_row.values.tolist() == [3, 9, 9] and log.touched_edit.values.tolist() == [0, 0, 1]
-    assert set(log.touched_table.values.tolist()) == {"shared"}
+    assert log.sizes["edit"] == 0 and log.sizes["touched"] == 0  # never edited
     log.close()
+
+
+def test_export_holds_the_real_edit_log_of_value_and_key_patches_and_the_frozen_rows(cli, tiny, tmp_path):
+    from memedit.keys import KeyPatch, keys_name
+    from memedit.patch import Patch
+
+    model, path = tiny
+    code, out, err = cli("patch", "add", "--model", path, "--table", "shared", "--rows", "9,3", "--scalar", 0.5,
+                         "--out", tmp_path / "v.safetensors", "--apply")
+    assert code == 0, err
+    value_patch = Patch.load(tmp_path / "v.safetensors")
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("the cat sat on the mat .\na dog ran in the park .\n")
+    code, _, err = cli("keys", "adapt", corpus, "--model", path, "--probe", corpus, "--steps", 1, "--lr", 2.0,
+                       "--layer", 2, "--out", tmp_path / "k.safetensors")
+    assert code == 0, err
+    key_patch = KeyPatch.load(tmp_path / "k.safetensors")
+    key_rows = key_patch.changes[keys_name(2)].rows.tolist()
+    assert cli("keys", "revert", tmp_path / "k.safetensors", "--model", path)[0] == 0
+    assert cli("freeze", "--model", path, "--rows", "5,17")[0] == 0
+    out = tmp_path / "memory.h5"
+    code, _, err = cli("export", "--out", out, "--model", path, "--top-tokens", "0")
+    assert code == 0, err
+    with h5py.File(out, "r") as f:
+        log = f["edit_log"]
+        ids = [x.decode() for x in log["patch_id"][()]]
+        assert ids == [value_patch.id, key_patch.id, key_patch.id]
+        assert [x.decode() for x in log["action"][()]] == ["apply", "apply", "revert"]
+        assert [x.decode() for x in log["kind"][()]] == ["add", "keys", "keys"]
+        edit, table, row = log["touched_edit"][()], log["touched_table"][()], log["touched_row"][()]
+        assert row[edit == 0].tolist() == [3, 9] and {t.decode() for t in table[edit == 0]} == {"shared"}
+        for n in (1, 2):
+            assert row[edit == n].tolist() == key_rows and {t.decode() for t in table[edit == n]} == {keys_name(2)}
+        assert json.loads(log["entry"][0])["tables"] == {"shared": 2}
+        shared = [t.decode() for t in f["table"][()]].index("shared")
+        assert np.flatnonzero(f["frozen"][shared]).tolist() == [5, 17]
 
 
 def test_export_refuses_stats_of_another_model_and_non_audits(cli, tiny, corpus_file, tmp_path):

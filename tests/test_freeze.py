@@ -76,3 +76,35 @@ def test_freeze_bad_input(cli, tiny):
     code, _, err = cli("freeze", "-m", path)
     assert code == 2 and "nothing to freeze" in err
     assert not (path / "memedit" / "frozen.safetensors").exists()
+
+
+def test_freeze_hot_rows_by_an_audit_file(cli, tiny, tmp_path):
+    import h5py
+
+    from memedit.checkpoint import save
+
+    from .conftest import tiny_model
+
+    _, path = tiny
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TINY_TEXTS * 5) + "\n")
+    audit = tmp_path / "audit.h5"
+    assert cli("audit", corpus, "-m", path, "--out", audit)[0] == 0
+    with h5py.File(audit, "r") as f:  # read back independently of memedit
+        usage = f["table_counts"][0].sum(0)  # (H, S) -> (S,) accesses of the shared table's rows
+    # an edit in between: the audit is still of this model folder (its edit log says so)
+    assert cli("patch", "add", "-m", path, "-t", "shared", "-r", "0", "--scalar", "0.1", "--apply")[0] == 0
+    code, out, err = cli("freeze", "-m", path, "--hot", "6", "--stats", audit, "--json")
+    assert code == 0, err
+    got = json.loads(cli("frozen", "-m", path, "--json")[1])["shared"]
+    assert len(got) == 6 and usage[got].min() >= np.sort(usage)[::-1][5] > 0
+
+    other = save(tiny_model(seed=1), tmp_path / "other")
+    theirs = tmp_path / "theirs.h5"
+    assert cli("audit", corpus, "-m", other, "--out", theirs)[0] == 0
+    code, _, err = cli("freeze", "-m", path, "--hot", "6", "--stats", theirs)
+    assert code == 2 and "different model" in err
+    code, _, err = cli("freeze", "-m", path, "--stats", audit)
+    assert code == 2 and "--hot" in err
+    code, _, err = cli("freeze", "-m", path, "--hot", "6", "--stats", corpus)
+    assert code == 2 and "not an HDF5 file" in err

@@ -42,7 +42,8 @@ def ref(tmp_path_factory):
 def run_with_inputs(model, ids):
     """Logits (T, vocab) plus, per memory layer, its input x (T, D) and its Lookup, captured by hooks."""
     inputs = {}
-    hooks = [layer.register_forward_pre_hook(lambda mod, args, L=L: inputs.__setitem__(L, args[0].reshape(-1, args[0].shape[-1])))
+    hooks = [layer.register_forward_pre_hook(
+        lambda mod, args, L=L: inputs.__setitem__(L, args[0].reshape(-1, args[0].shape[-1])))
              for L, layer in model.memory_layers.items()]
     try:
         with capture_lookups(model) as rec:
@@ -206,8 +207,8 @@ def test_product_key_memory_module_matches_the_real_pkm_forward(tmp_path, cli):
     assert model.config.standalone and [(t.name, t.layers) for t in model.tables] == [("layer0", [0])]
 
     picked = {}
-    pkm.values.register_forward_hook(lambda mod, args, kwargs, out: picked.update(ids=args[0], w=kwargs["per_sample_weights"]),
-                                     with_kwargs=True)
+    pkm.values.register_forward_hook(
+        lambda mod, args, kwargs, out: picked.update(ids=args[0], w=kwargs["per_sample_weights"]), with_kwargs=True)
     x = torch.randn(3, 7, 64)
     with torch.no_grad():
         want = pkm(x)
@@ -500,7 +501,8 @@ def test_a_pkm_inside_a_bigger_state_dict_or_a_safetensors_file(tmp_path):
     from safetensors.torch import save_file
 
     pkm = PKM(dim=32, heads=2, num_keys=8, topk=4, dim_head=8).eval()
-    save_file({f"blocks.1.pkm.{k}": v.contiguous() for k, v in pkm.state_dict().items()}, str(tmp_path / "p.safetensors"))
+    save_file({f"blocks.1.pkm.{k}": v.contiguous() for k, v in pkm.state_dict().items()},
+              str(tmp_path / "p.safetensors"))
     model = memedit.load(tmp_path / "p.safetensors", knn=4)
     x = torch.randn(6, 32)
     with torch.no_grad():

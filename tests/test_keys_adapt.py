@@ -144,3 +144,35 @@ def test_adapt_on_heldout_phrasings_lowers_their_loss_on_the_demo_model(demo, tm
     assert res.exact_lookups > 0 and res.exact_mismatches == 0
     assert 0 < res.steps[-1].slots_replaced <= res.steps[-1].collateral
     assert res.probe_loss_after < res.probe_loss_before + 0.1  # background text barely affected
+
+
+def test_key_patches_are_recorded_in_the_edit_log(cli, tiny, tmp_path):
+    model, path = tiny
+    corpus = write_texts(tmp_path / "text.txt", TINY_TEXTS)
+    probe = write_texts(tmp_path / "probe.txt", ["the dog sat in the park ."])
+    keys_before = {L: model.memory_layers[L].keys.detach().clone() for L in model.memory_layers}
+    code, out, _ = cli("keys", "adapt", corpus, "--model", path, "--probe", probe, "--steps", 2, "--lr", 2.0, "--json")
+    assert code == 0
+    patch_file = json.loads(out)["patch"]
+    patch = KeyPatch.load(patch_file)
+    code, out, _ = cli("patch", "log", "--model", path, "--json")
+    log = json.loads(out)
+    [entry] = log["entries"]
+    assert entry["op"] == "apply" and entry["kind"] == "keys" and entry["id"] == patch.id
+    assert log["applied"] == [patch.id]
+    assert entry["rows"] == {name: c.rows.tolist() for name, c in patch.changes.items()}
+    assert entry["before"] == fingerprint(model) and entry["after"] == fingerprint(load(path))
+    code, out, _ = cli("patch", "log", "--model", path, env={"COLUMNS": "250"})
+    assert code == 0 and patch.id in out and "keys" in out
+
+    code, _, _ = cli("keys", "revert", patch_file, "--model", path)
+    assert code == 0
+    code, out, _ = cli("patch", "log", "--model", path, "--json")
+    log = json.loads(out)
+    assert [e["op"] for e in log["entries"]] == ["apply", "revert"] and log["entries"][1]["id"] == patch.id
+    assert log["applied"] == []
+    reverted = load(path)
+    for L, k in keys_before.items():
+        now = reverted.memory_layers[L].keys.detach()
+        assert k.view(torch.uint8).numpy().tobytes() == now.view(torch.uint8).numpy().tobytes()
+    assert fingerprint(reverted) == fingerprint(model)

@@ -49,6 +49,13 @@ def test_route_on_tiny_model_selects_the_slot_and_predicts_the_target(cli, tiny,
     patch = KeyPatch.load(tmp_path / "r.safetensors")
     assert {n: c.rows.numel() for n, c in patch.changes.items()} == {
         keys_name(d["layer"]): 2, "layers.0.feed_forward.values.weight": 1}
+    # the edit log names the value row by its table, and `patch revert` points to `keys revert`
+    [entry] = json.loads(cli("patch", "log", "--model", path, "--json")[1])["entries"]
+    assert entry["kind"] == "keys" and entry["id"] == patch.id
+    assert entry["rows"] == {keys_name(d["layer"]): patch.changes[keys_name(d["layer"])].rows.tolist(),
+                             "shared": [d["slot"]]}
+    code, _, err = cli("patch", "revert", patch.id, "--model", path)
+    assert code == 2 and "keys revert" in err
     code, _, _ = cli("keys", "revert", tmp_path / "r.safetensors", "--model", path)
     assert code == 0 and fingerprint(load(path)) == fingerprint(model)
 

@@ -50,7 +50,7 @@ def test_attributions_sum_to_the_layer_attribution_and_the_logit():
         assert float(attr.sum()) + bias_attr == pytest.approx(layer_attr, abs=1e-4)
         # a unit's attribution is its weight times what its value row writes for the target
         w = t[name(L, "weights")][-1]
-        for u, a, wt in list(zip(t.units(L), attr.flatten(), w.flatten()))[:4]:
+        for u, a, wt in list(zip(t.units(L), attr.flatten(), w.flatten(), strict=True))[:4]:
             row = t.writes(u, n=model.config.vocab_size)
             logit_of_target = dict(row["promotes"])[t.target.token]
             assert float(a) == pytest.approx(float(wt) * logit_of_target, abs=1e-5)

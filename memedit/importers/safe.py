@@ -67,6 +67,7 @@ def read_dcp_metadata(path: Path) -> Any:
         with open(f, "rb") as fh:
             return _MetadataUnpickler(fh).load()
     except pickle.UnpicklingError as e:
-        raise MemeditError(f"refusing {f}: it names code outside DCP's metadata classes ({first_line(e)[:160]})") from None
+        raise MemeditError(f"refusing {f}: it names code outside DCP's metadata classes "
+                           f"({first_line(e)[:160]})") from None
     except (EOFError, OSError, ValueError, TypeError, AttributeError, IndexError) as e:
         raise MemeditError(f"{f} is corrupt or truncated ({first_line(e)[:160]})") from None

@@ -83,7 +83,8 @@ def load_xlm(state: dict[str, torch.Tensor], origin: str, knn: int | None = None
     b = s.get("query_proj.query_mlps.0.bias", torch.zeros(w.shape[0], dtype=w.dtype))
     if "query_proj.query_mlps.1.running_mean" in s:  # eval-mode BatchNorm1d: fold it into the linear
         g, beta = s["query_proj.query_mlps.1.weight"].double(), s["query_proj.query_mlps.1.bias"].double()
-        mean, var = s["query_proj.query_mlps.1.running_mean"].double(), s["query_proj.query_mlps.1.running_var"].double()
+        mean = s["query_proj.query_mlps.1.running_mean"].double()
+        var = s["query_proj.query_mlps.1.running_var"].double()
         scale = g / torch.sqrt(var + 1e-5)
         w, b = (w.double() * scale[:, None]).to(w.dtype), ((b.double() - mean) * scale + beta).to(b.dtype)
     mem = MemoryConfig(layers=[0], n_keys=N, heads=H, knn=_knn(knn, N), k_dim=2 * half, v_dim=-1,

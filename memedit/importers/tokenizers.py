@@ -1,4 +1,5 @@
-"""Tokenizers that imported checkpoints bring: lingua's ``bytes``, SentencePiece, tiktoken, HuggingFace ``tokenizer.json``.
+"""Tokenizers that imported checkpoints bring: lingua's ``bytes``, SentencePiece, tiktoken, HuggingFace
+``tokenizer.json``.
 
 Each one saves itself as ONE self-contained ``tokenizer.json`` (the native folder's tokenizer file), so a converted
 model needs nothing outside its folder. sentencepiece, tiktoken and tokenizers are optional extras: a missing one is
@@ -16,7 +17,8 @@ from ..errors import MemeditError
 
 # lingua's tiktoken setup: 256 special ids after the BPE ranks, these named, the rest reserved
 TIKTOKEN_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 TIKTOKEN_SPECIALS = {
     "<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|fim_prefix|>": 2, "<|fim_middle|>": 3,
