@@ -79,9 +79,9 @@ def load_model(model: Optional[str], dtype: Optional[str] = None, tokenizer: Opt
     """Load --model; a tokenizer comes from --tokenizer, else $MEMEDIT_TOKENIZER (so every command honours it)."""
     import os
 
-    import memedit
-
     import torch
+
+    import memedit
 
     tokenizer = tokenizer or os.environ.get("MEMEDIT_TOKENIZER")
     if tokenizer:
