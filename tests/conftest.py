@@ -62,6 +62,12 @@ def cli():
     return run
 
 
+def write_texts(path, lines):
+    """Write one text per line to ``path`` (a corpus file); returns the path."""
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def read_json(text: str):
     return json.loads(text)
 

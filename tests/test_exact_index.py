@@ -12,15 +12,6 @@ from memedit.errors import MemeditError
 from .conftest import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and immune to oversubscription on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_random_update_sequences_equal_a_fresh_build():
     rng = np.random.default_rng(0)
     N, h = 24, 6

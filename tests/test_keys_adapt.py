@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from memedit.capture import capture_lookups
@@ -12,21 +11,7 @@ from memedit.checkpoint import fingerprint, load
 from memedit.keys import KeyPatch, keys_name, token_batches
 from memedit.state import write_frozen_rows
 
-from .conftest import TINY_TEXTS, tiny_model
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and immune to oversubscription on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def write_texts(path, lines):
-    path.write_text("\n".join(lines) + "\n")
-    return path
+from .conftest import TINY_TEXTS, tiny_model, write_texts
 
 
 def stage1_rows(model, texts, L):

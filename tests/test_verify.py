@@ -20,15 +20,6 @@ from memedit.memory import Lookup, ProductKeySearch
 from .conftest import TINY_TEXTS, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and immune to oversubscription on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ---- injected bugs ---------------------------------------------------------------------------------------
 class SwappedSlotIds(ProductKeySearch):
     """Bug: composes the slot id as j*N + i (second half major)."""
