@@ -20,6 +20,7 @@ from memedit.capture import capture_lookups  # noqa: E402
 from tests.reference_layout import (  # noqa: E402
     brute_force_memory,
     params,
+    real_pkm,
     reference_forward,
     reference_state,
     write_consolidated,
@@ -67,14 +68,7 @@ def lingua_rows(root: Path) -> None:
 
 
 def pkm_row(root: Path) -> None:
-    from product_key_memory import PKM
-
-    torch.manual_seed(0)
-    pkm = PKM(dim=64, heads=4, num_keys=16, topk=8, dim_head=16).eval()
-    with torch.no_grad():
-        pkm.norm.weight.normal_(1.0, 0.2)
-        pkm.norm.bias.normal_(0.0, 0.2)
-    torch.save(pkm.state_dict(), root / "pkm.pt")
+    pkm = real_pkm(root / "pkm.pt")
     model = memedit.load(root / "pkm.pt", knn=8)
     picked = {}
     pkm.values.register_forward_hook(lambda m, a, kw, o: picked.update(ids=a[0]), with_kwargs=True)

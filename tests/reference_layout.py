@@ -200,3 +200,16 @@ def reference_forward(state: dict, p: dict, tokens: list[int]):
             out = (g * torch.sigmoid(g) * (x @ W[f + "w3.weight"].T)) @ W[f + "w2.weight"].T
         h = h + out
     return rms(h, W["norm.weight"]) @ W["output.weight"].T, lookups
+
+
+def real_pkm(path: Path):
+    """A real product-key-memory ``PKM`` (dim 64, 4 heads, 16 keys, top-8, non-trivial LayerNorm) saved at ``path``."""
+    from product_key_memory import PKM
+
+    torch.manual_seed(0)
+    pkm = PKM(dim=64, heads=4, num_keys=16, topk=8, dim_head=16).eval()
+    with torch.no_grad():
+        pkm.norm.weight.normal_(1.0, 0.2)
+        pkm.norm.bias.normal_(0.0, 0.2)
+    torch.save(pkm.state_dict(), path)
+    return pkm

@@ -19,6 +19,7 @@ from memedit.errors import MemeditError
 from .reference_layout import (
     brute_force_memory,
     params,
+    real_pkm,
     reference_forward,
     reference_state,
     write_consolidated,
@@ -195,14 +196,7 @@ def test_an_edited_model_goes_back_with_the_edit_in_every_copy(ref, tmp_path, cl
 
 # ---- standalone memory modules ------------------------------------------------------------------
 def test_product_key_memory_module_matches_the_real_pkm_forward(tmp_path, cli):
-    from product_key_memory import PKM
-
-    torch.manual_seed(0)
-    pkm = PKM(dim=64, heads=4, num_keys=16, topk=8, dim_head=16).eval()
-    with torch.no_grad():
-        pkm.norm.weight.normal_(1.0, 0.2)
-        pkm.norm.bias.normal_(0.0, 0.2)
-    torch.save(pkm.state_dict(), tmp_path / "pkm.pt")
+    pkm = real_pkm(tmp_path / "pkm.pt")
     model = memedit.load(tmp_path / "pkm.pt", knn=8)
     assert model.config.standalone and [(t.name, t.layers) for t in model.tables] == [("layer0", [0])]
 
