@@ -56,6 +56,9 @@ def verify(
     save_queries: Annotated[Optional[Path],
                             typer.Option(help="Also write the checked queries (first dtype) as .npz.")] = None,
     examples: Annotated[int, typer.Option(min=0, help="Mismatches to print in full.")] = 3,
+    reference: Annotated[str,
+                         typer.Option(help="FAISS reference: flat (brute force over all slot keys, blockwise) or "
+                                           "miq (its MultiIndexQuantizer product-key search).")] = "flat",
     model: ModelOpt = None,
     json: JsonOpt = False,
 ) -> None:
@@ -102,7 +105,7 @@ def verify(
             return checked
 
     show = None if json else (lambda msg: err_console.print(f"[dim]{msg}[/]"))
-    report = exact.verify(m, source, name, passes, threads=threads, progress=show)
+    report = exact.verify(m, source, name, passes, threads=threads, progress=show, reference=reference)
     if json:
         print_json(report.to_json())
     else:
