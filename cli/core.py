@@ -20,7 +20,7 @@ def info(model: ModelOpt = None, dtype: DtypeOpt = None, tokenizer: TokenizerOpt
     """
     from memedit.info import describe
 
-    d = describe(load_model(model, dtype, tokenizer))
+    d = describe(load_model(model, dtype, tokenizer, header_only=True))  # headers and config: no weights read
     if json:
         return print_json(d)
     console.print(f"[bold]model[/] {d['source']}{' (bundled, read-only)' if d['read_only'] else ''}")

@@ -240,6 +240,10 @@ def load_state(model: MemoryModel, state: dict[str, torch.Tensor], origin: str) 
             raise MemeditError(f"{origin}: {name} has shape {tuple(src.shape)}, the config implies {tuple(dst.shape)}")
         if not src.is_floating_point():
             raise MemeditError(f"{origin}: {name} has dtype {src.dtype}, expected a floating-point tensor")
+        if dst.is_meta:  # a model built on the meta device takes the (possibly memory-mapped) tensor itself
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, torch.nn.Parameter(src, requires_grad=False))
+            continue
         with torch.no_grad():
             dst.data = src.clone()  # each tensor keeps its stored dtype (e.g. bfloat16 values beside float32 keys)
     _retie_shared(model)
