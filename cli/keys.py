@@ -56,6 +56,10 @@ def adapt_cmd(
     probe: Annotated[Optional[Path],
                      typer.Option(help="Background text whose lookups measure collateral (default: a sample of the "
                                        "world corpus).")] = None,
+    exact_index: Annotated[bool,
+                           typer.Option("--exact-index", help="Keep an incrementally updated FAISS index of every "
+                                                              "head's N² slot keys and check the probe lookups "
+                                                              "against it (N² × K floats per head).")] = False,
     out: OutOpt = None,
     dry_run: DryRunOpt = False,
     model: ModelOpt = None,
@@ -83,7 +87,8 @@ def adapt_cmd(
                           f"collateral {st.collateral:.2%} (slots replaced {st.slots_replaced:.2%})  slots re-indexed "
                           f"{st.slots_reindexed:,}")
 
-    res = adapt(m, texts, probe_texts, steps=steps, batch_size=batch_size, lr=lr, layers=layer, progress=show)
+    res = adapt(m, texts, probe_texts, steps=steps, batch_size=batch_size, lr=lr, layers=layer,
+                check_exact=exact_index, progress=show)
     path = None
     if not dry_run and res.patch.changes:
         res.patch.meta["corpus"] = str(corpus)
@@ -96,8 +101,9 @@ def adapt_cmd(
     console.print(f"sub-keys changed: {res.subkeys_changed:,} of {res.subkeys_total:,} "
                   f"({res.frozen_skipped:,} frozen ones left alone); collateral: {res.steps[-1].collateral:.2%} of "
                   f"probe lookups changed, {res.steps[-1].slots_replaced:.2%} of their slots replaced")
-    console.print(f"exact check: {res.exact_lookups:,} probe lookups vs the incrementally updated FAISS index, "
-                  f"{res.exact_mismatches} mismatches")
+    if exact_index:
+        console.print(f"exact check: {res.exact_lookups:,} probe lookups vs the incrementally updated FAISS index, "
+                      f"{res.exact_mismatches} mismatches")
     console.print(f"wrote patch {path} and applied it" if path else "nothing written (--dry-run or no change)")
 
 

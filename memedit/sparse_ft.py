@@ -14,6 +14,7 @@ Metrics (:func:`measure`) follow the knowledge-editing conventions of §7, taken
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -192,47 +193,46 @@ def _loss(model: MemoryModel, tokens: torch.Tensor, answer_pos: torch.Tensor, ta
 
 def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[str, torch.Tensor] | None,
                cfg: EditConfig) -> tuple[int, float]:
-    """Train the given value rows (or, with ``cfg.train_all``, every parameter) in place; returns (steps, loss)."""
+    """Train the given value rows (or, with ``cfg.train_all``, every parameter) in place; returns (steps, loss).
+
+    The rows are gathered into small leaf tensors that the forward pass reads instead of the table
+    (:func:`memedit.capture.trainable_rows`): the optimizer sees only them, so nothing else can move and no
+    gradient or optimizer state is as large as the table. They are written back at the end.
+    """
+    from .capture import trainable_rows
+
     tokens, answer_pos, targets = _batch(model, requests)
-    if cfg.train_all:
-        params = [p for p in model.parameters()]
-        masks = None
-    else:
-        params = [model.table(name).weight for name in rows]
-        masks = list(rows.values())
     if cfg.optimizer not in ("sgd", "adamw"):
         raise MemeditError(f"unknown optimizer {cfg.optimizer!r}: use sgd or adamw")
-    # the optimizer sees only the trainable slices (a copy of each), so nothing else can move
-    slices = [p.detach()[m].clone().requires_grad_(True) for p, m in zip(params, masks, strict=True)] if masks else \
-        [p.detach().clone().requires_grad_(True) for p in params]
-    opt = (torch.optim.SGD(slices, lr=cfg.lr) if cfg.optimizer == "sgd"
-           else torch.optim.AdamW(slices, lr=cfg.lr, weight_decay=0.0))
     steps, loss_val = 0, float("nan")
-    try:
-        for p in params:
-            p.requires_grad_(True)
+    with contextlib.ExitStack() as stack:
+        if cfg.train_all:  # the baseline: dense, every parameter
+            params = list(model.parameters())
+            for p in params:
+                p.requires_grad_(True)
+            stack.callback(lambda: [p.requires_grad_(False) for p in params])
+        else:
+            leaves = stack.enter_context(trainable_rows(model, rows))
+            params = list(leaves.values())
+        opt = (torch.optim.SGD(params, lr=cfg.lr) if cfg.optimizer == "sgd"
+               else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0))
         for steps in range(1, cfg.steps + 1):
-            loss = _loss(model, tokens, answer_pos, targets)
+            with torch.enable_grad():
+                loss = _loss(model, tokens, answer_pos, targets)
             loss_val = loss.item()
             if loss_val < cfg.stop_loss:
                 steps -= 1
                 break
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for s, g, m in zip(slices, grads, masks or [None] * len(params), strict=True):
-                s.grad = torch.zeros_like(s) if g is None else (g[m] if m is not None else g)  # the gradient mask
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
             opt.step()
-            with torch.no_grad():
-                for p, s, m in zip(params, slices, masks or [None] * len(params), strict=True):
-                    if m is not None:
-                        p[m] = s.detach()
-                    else:
-                        p.copy_(s.detach())
         else:
             with torch.no_grad():
                 loss_val = _loss(model, tokens, answer_pos, targets).item()
-    finally:
-        for p in params:
-            p.requires_grad_(False)
+        if not cfg.train_all:
+            with torch.no_grad():
+                for name, leaf in leaves.items():
+                    model.table(name).weight[rows[name]] = leaf.detach()
     return steps, loss_val
 
 
