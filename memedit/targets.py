@@ -77,8 +77,8 @@ def tokenize_target(model: MemoryModel, prompt: str, target: str) -> TargetToken
         raise MemeditError(f"the target {text!r} has no tokens")
     unk = _unknown_id(model.tokenizer)
     if unk is not None and unk in ids:
-        raise MemeditError(f"the target {text!r} cannot be represented by this model's tokenizer "
-                           "(it is not in the vocabulary)")
+        raise MemeditError(f"the target {text!r} is not in the model's vocabulary (its tokenizer maps it to "
+                           "the unknown token)")
     return TargetTokens(prompt=prompt, text=text, prompt_ids=tuple(prompt_ids), ids=tuple(ids), joined=joined)
 
 
