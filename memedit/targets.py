@@ -189,7 +189,9 @@ def greedy_answer(model: MemoryModel, prompt: str, max_tokens: int = MAX_ANSWER_
         text = cand
         if ends:  # one token that is a whole word with its punctuation
             break
-    return text.strip()
+    # bytes that are not valid UTF-8 (or a character cut off at max_tokens) end the answer: it must be text that
+    # tokenizes back to itself, so that it can be scored as a target
+    return text.split("\ufffd")[0].strip()
 
 
 def answer_or_given(model: MemoryModel, prompt: str, given: str | None) -> str:

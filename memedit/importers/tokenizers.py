@@ -52,7 +52,7 @@ class BytesTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="backslashreplace")
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
     def id_to_token(self, i: int) -> str:
         if not 0 <= i < self.vocab_size:
