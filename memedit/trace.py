@@ -145,6 +145,9 @@ def _cached(model: MemoryModel, T: int) -> Iterator[dict[str, torch.Tensor]]:
         handles.append(layer.register_forward_hook(keep(name(L, "out"))))
     handles.append(model.norm.register_forward_pre_hook(
         lambda mod, args: cache.__setitem__("final.resid", args[0].detach())))
+    for b, block in enumerate(model.layers):  # block inputs: what ablations restart from (TransformerLens's name)
+        handles.append(block.register_forward_pre_hook(
+            lambda mod, args, b=b: cache.__setitem__(f"blocks.{b}.hook_resid_pre", args[0].detach())))
     try:
         with capture_lookups(model) as rec:
             yield cache
@@ -163,17 +166,37 @@ def _chunk(model: MemoryModel, T: int, limit: int = 256) -> int:
     return max(1, min(limit, (1 << 26) // max(1, T * model.config.vocab_size)))
 
 
-def _dropped_logits(model: MemoryModel, tokens: torch.Tensor, pos: int, groups: Sequence[Sequence[Unit]]
-                    ) -> Iterator[torch.Tensor]:
-    """Logits (G_chunk, T, vocab) of copies of ``tokens`` (T,), copy g with group g dropped at ``pos``, by chunks.
+def block_inputs(model: MemoryModel, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Every block's input residual (T, D) for one sequence of tokens (T,)."""
+    got: dict[int, torch.Tensor] = {}
+    handles = [block.register_forward_pre_hook(lambda mod, args, b=b: got.__setitem__(b, args[0][0].detach()))
+               for b, block in enumerate(model.layers)]
+    try:
+        with torch.no_grad():
+            model(tokens.to(_device(model)).unsqueeze(0))
+    finally:
+        for h in handles:
+            h.remove()
+    return [got[b] for b in range(len(model.layers))]
+
+
+def _dropped_logits(model: MemoryModel, tokens: torch.Tensor, pos: int, groups: Sequence[Sequence[Unit]],
+                    inputs: list[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+    """Logits (G_chunk, T - pos, vocab) of positions pos..T-1 of copies of ``tokens`` (T,), copy g with group g
+    dropped at ``pos``, by chunks.
 
     In each head, a dropped slot gets weight 0 and the remaining weights are renormalised (a head with every slot
     dropped reads nothing). Dropping is by slot id, so a lookup that changed because of an upstream drop is
-    handled correctly.
+    handled correctly. A drop at ``pos`` cannot change earlier positions (attention is causal) nor earlier blocks,
+    so only positions >= pos are recomputed, from the first block with a dropped unit on, attending to the clean
+    keys and values of earlier positions (``inputs``: every block's clean input residual, see
+    :func:`block_inputs`).
     """
     T = tokens.shape[0]
+    S = T - pos
     H = model.config.memory.heads
-    chunk = _chunk(model, T)
+    inputs = block_inputs(model, tokens) if inputs is None else inputs
+    chunk = _chunk(model, S)
     for start in range(0, len(groups), chunk):
         part = groups[start : start + chunk]
         G = len(part)
@@ -187,7 +210,8 @@ def _dropped_logits(model: MemoryModel, tokens: torch.Tensor, pos: int, groups: 
                 c = fill[u.layer][b, u.head]
                 dropped[u.layer][b, u.head, c] = u.slot
                 fill[u.layer][b, u.head] += 1
-        rows = torch.arange(G) * T + pos  # the flat (B*T) row of position pos in every copy
+        first = min([u.layer for g in part for u in g], default=len(model.layers) - 1)
+        rows = torch.arange(G) * S  # the flat (G*S) row of position pos in every copy
 
         # the hook runs inside this iteration (on_lookup below), so it sees this iteration's rows
         def rewrite(L: int, lk: Lookup) -> Lookup:
@@ -200,20 +224,25 @@ def _dropped_logits(model: MemoryModel, tokens: torch.Tensor, pos: int, groups: 
             return lk.replace(weights=weights)
 
         with torch.no_grad(), on_lookup(model, rewrite):
-            yield model(tokens.to(_device(model)).unsqueeze(0).expand(G, T)).float().cpu()
+            yield model.suffix_logits(inputs, pos, first, G).float().cpu()
 
 
-def drop_slots(model: MemoryModel, tokens: torch.Tensor, pos: int, groups: Sequence[Sequence[Unit]]) -> torch.Tensor:
+def drop_slots(model: MemoryModel, tokens: torch.Tensor, pos: int, groups: Sequence[Sequence[Unit]],
+               inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Log-probabilities (G, vocab) of the next token at ``pos`` with each group of units dropped at ``pos``."""
-    return torch.cat([torch.log_softmax(lg[:, pos], -1) for lg in _dropped_logits(model, tokens, pos, groups)])
+    return torch.cat([torch.log_softmax(lg[:, 0], -1) for lg in _dropped_logits(model, tokens, pos, groups, inputs)])
 
 
 def drop_scores(model: MemoryModel, tokens: torch.Tensor, pos: int, groups: Sequence[Sequence[Unit]],
-                positions: Sequence[int], scored: Sequence[int]) -> torch.Tensor:
-    """(G,): the summed log-probability of token ``scored[i]`` at ``positions[i]``, each group dropped at ``pos``."""
-    p, want = torch.tensor(list(positions)), torch.tensor(list(scored))
+                positions: Sequence[int], scored: Sequence[int], inputs: list[torch.Tensor] | None = None
+                ) -> torch.Tensor:
+    """(G,): the summed log-probability of token ``scored[i]`` at ``positions[i]`` (all >= ``pos``), each group
+    dropped at ``pos``."""
+    if min(positions) < pos:
+        raise ValueError("a drop at pos cannot change earlier positions: score only positions >= pos")
+    p, want = torch.tensor(list(positions)) - pos, torch.tensor(list(scored))
     out = []
-    for lg in _dropped_logits(model, tokens, pos, groups):
+    for lg in _dropped_logits(model, tokens, pos, groups, inputs):
         lp = torch.log_softmax(lg[:, p], -1)  # (G, n, vocab)
         out.append(lp.gather(-1, want.expand(lp.shape[0], -1).unsqueeze(-1))[..., 0].sum(-1))
     return torch.cat(out)
@@ -378,10 +407,21 @@ class Trace:
             self._ablation[pos] = res
         return self._ablation[pos][layer]
 
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        """Every block's input residual (T, D) of the traced forward."""
+        return [self.cache[f"blocks.{b}.hook_resid_pre"] for b in range(len(self.model.layers))]
+
     def drop(self, groups: Sequence[Sequence[Unit]], pos: int | None = None) -> torch.Tensor:
-        """The whole target's log-probability (G,) with each group of units dropped at ``pos`` (batched forwards)."""
+        """The whole target's log-probability (G,) with each group of units dropped at ``pos`` (batched forwards of
+        the positions >= ``pos`` only; earlier target tokens keep their log-probability)."""
         pos = self.position if pos is None else pos
-        return drop_scores(self.model, self.tokens, pos, groups, self.target_positions, self.target.token_ids)
+        later = [(p, t) for p, t in zip(self.target_positions, self.target.token_ids, strict=True) if p >= pos]
+        unchanged = float(self.target_logprobs[: self.target.n_tokens - len(later)].sum())
+        if not later:
+            return torch.full((len(groups),), unchanged)
+        p, t = zip(*later, strict=True)
+        return unchanged + drop_scores(self.model, self.tokens, pos, groups, p, t, self.inputs)
 
     # ---- units ----------------------------------------------------------------------------------
     def units(self, layer: int, pos: int | None = None) -> list[Unit]:
@@ -438,7 +478,7 @@ class Trace:
             return 0
         ranked = [u for u, _ in self.ranked(pos)]
         n_max = len(ranked) if limit is None else min(limit, len(ranked))
-        lp = drop_slots(self.model, self.tokens, pos, [ranked[:n] for n in range(1, n_max + 1)])  # (n_max, vocab)
+        lp = drop_slots(self.model, self.tokens, pos, [ranked[:n] for n in range(1, n_max + 1)], self.inputs)
         flipped = (lp.argmax(-1) != self.target_at(pos)).nonzero()
         return int(flipped[0, 0]) + 1 if len(flipped) else None
 
