@@ -10,7 +10,19 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .common import DtypeOpt, JsonOpt, ModelOpt, command, console, err_console, esc, fail, load_model, print_json
+from .common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    command,
+    console,
+    err_console,
+    esc,
+    fail,
+    load_model,
+    print_json,
+)
 
 BASIC = ("used", "kl_uniform", "gini", "top50", "top99", "top1pct_share", "dead")  # all metrics: --json
 
@@ -61,6 +73,7 @@ def audit(
         "--distributed", help="Run as one rank of a torchrun job (torchrun --nproc-per-node P -m memedit.audit ...).")
     ] = False,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     json: JsonOpt = False,
 ) -> None:
@@ -78,7 +91,7 @@ def audit(
     from memedit.audit import audit as run
     from memedit.stats import report
 
-    m = load_model(model, dtype)
+    m = load_model(model, dtype, device=device)
     src = Corpus.open(corpus, m)
     import os
 
@@ -202,6 +215,7 @@ def export(
     top_tokens: Annotated[int, typer.Option("--top-tokens", min=0, help="Top promoted tokens per slot (0: none).")
                           ] = 10,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     json: JsonOpt = False,
 ) -> None:
@@ -215,7 +229,7 @@ def export(
     from memedit.stats import report
 
     audit_stats = read_audit(stats) if stats is not None else None
-    m = load_model(model, dtype)
+    m = load_model(model, dtype, device=device)
     metrics = report(audit_stats) if audit_stats is not None else None
     path = run(out, m, audit_stats, metrics, top_k=top_tokens)
     size = path.stat().st_size

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from . import patch_cmd  # noqa: F401  (registers the `patch` group)
 from .app import app
-from .common import JsonOpt, ModelOpt, command, console, esc, load_model, print_json
+from .common import DeviceOpt, JsonOpt, ModelOpt, command, console, esc, load_model, print_json
 
 FactsOpt = Annotated[Optional[Path], typer.Option("--facts", help="Facts JSONL (default: the model's own world).")]
 
@@ -148,6 +148,7 @@ def background(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sentences per background batch.")] = 32,
     max_batches: Annotated[int, typer.Option("--max-batches", min=1, help="Use at most this many batches.")] = 1000,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Compute and store background slot statistics (per-batch document frequency and counts) for fact edits.
@@ -159,7 +160,7 @@ def background(
     from memedit import background as B
     from memedit.checkpoint import require_writable
 
-    m = load_model(model)
+    m = load_model(model, device=device)
     require_writable(m)
     sentences = B.read_corpus(str(corpus)) if corpus is not None else B.default_corpus(m)
     t0 = time.perf_counter()
@@ -205,6 +206,7 @@ def edit(
     out: Annotated[Optional[Path],
                    typer.Option("--out", "-o", help="Also write the patch file here (one patch).")] = None,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Rewrite facts by sparse memory finetuning: train only the value rows that matter, save it as a patch.
@@ -219,7 +221,7 @@ def edit(
     from memedit.facts import load_facts, world_of
     from memedit.patch import apply
 
-    m = load_model(model)
+    m = load_model(model, device=device)
     if not dry_run:
         require_writable(m)
     reqs = _requests(m, prompt, subject, target_new, target_true, paraphrase, heldout, neighborhood, fact, requests,

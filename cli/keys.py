@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .common import JsonOpt, ModelOpt, command, console, esc, load_model, print_json
+from .common import DeviceOpt, JsonOpt, ModelOpt, command, console, esc, load_model, print_json
 
 keys_app = typer.Typer(help="Change sub-keys: online adaptation, routing a fact to a free slot, key patches.",
                        no_args_is_help=True)
@@ -67,6 +67,7 @@ def adapt_cmd(
     out: OutOpt = None,
     dry_run: DryRunOpt = False,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Adapt the sub-keys online to CORPUS: each step moves only sub-keys that entered a stage-1 top-k in its batch.
@@ -79,7 +80,7 @@ def adapt_cmd(
     from memedit.checkpoint import require_writable
     from memedit.keys import adapt, save_and_apply
 
-    m = load_model(model)
+    m = load_model(model, device=device)
     if not dry_run:
         require_writable(m)
     texts = read_lines(corpus, "corpus")
@@ -163,6 +164,7 @@ def route_cmd(
     out: OutOpt = None,
     dry_run: DryRunOpt = False,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Write a new fact into a free slot: move that slot's two sub-keys just enough for the fact's query to select
@@ -175,7 +177,7 @@ def route_cmd(
     from memedit.facts import world_of
     from memedit.keys import route, save_and_apply
 
-    m = load_model(model)
+    m = load_model(model, device=device)
     if not dry_run:
         require_writable(m)
     if slot != "auto" and not slot.lstrip("-").isdigit():

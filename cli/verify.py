@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .common import JsonOpt, ModelOpt, command, console, err_console, esc, load_model, print_json
+from .common import DeviceOpt, JsonOpt, ModelOpt, command, console, err_console, esc, load_model, print_json
 
 
 def parse_dtypes(spec: str, model_dtype):
@@ -60,6 +60,7 @@ def verify(
                          typer.Option(help="FAISS reference: flat (brute force over all slot keys, blockwise) or "
                                            "miq (its MultiIndexQuantizer product-key search).")] = "flat",
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Compare every memory head's top-k with FAISS exact inner-product search over all N² slot keys.
@@ -73,7 +74,7 @@ def verify(
 
     if sum(x is not None and x != 0 for x in (corpus, random, queries)) > 1:
         raise MemeditError("give only one of --corpus, --random and --queries")
-    m = load_model(model)
+    m = load_model(model, device=device)
     if layer is not None and layer not in m.memory_layers:
         raise MemeditError(f"layer {layer} is not a memory layer (memory layers: {list(m.memory_layers)})")
     passes = parse_dtypes(dtypes, m.dtype)

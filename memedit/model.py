@@ -304,6 +304,7 @@ class MemoryModel(nn.Module):
                 "this is a standalone memory module with no host language model: commands that run text need a "
                 "host LM; give query vectors instead (e.g. model.memory_layers[0].lookup(x))"
             )
+        tokens = tokens.to(self.tok_embeddings.weight.device)  # callers build token ids on the CPU
         cos, sin = self.rope(tokens.shape[1], tokens.device)
         h = self.tok_embeddings(tokens)
         for block in self.layers:
