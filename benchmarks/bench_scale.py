@@ -208,8 +208,8 @@ def main() -> None:
     ]
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     results = []
-    print(f"| command | wall | floor | peak private | floor | peak total RSS | written | exit |\n"
-          f"|---|---|---|---|---|---|---|---|", flush=True)
+    print("| command | wall | floor | peak private | floor | peak total RSS | written | exit |\n"
+          "|---|---|---|---|---|---|---|---|", flush=True)
     for row in rows:
         first = row.name.split()[0] if row.args[0] != "keys" else "keys " + row.args[1]
         if only and first not in only and row.args[0] != "convert":
