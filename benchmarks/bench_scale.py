@@ -165,7 +165,8 @@ def run(args: list[str], cwd: Path, timeout: float) -> dict:
     err.seek(0)
     lines = [ln.strip() for ln in err.read().splitlines() if ln.strip()]
     err.close()
-    return {"wall": wall, "private": max(peak_anon, 0), "rss": max(peak_rss, usage.ru_maxrss * 1024),
+    # ru_maxrss is not used: after fork + exec it keeps this (parent) process's high-water mark
+    return {"wall": wall, "private": peak_anon, "rss": peak_rss,
             "written": usage.ru_oublock * 512, "rc": proc.returncode, "killed": killed,
             "error": lines[-1][:140] if lines and proc.returncode else ""}
 
