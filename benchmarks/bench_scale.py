@@ -178,13 +178,16 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600, help="seconds before a command is killed")
     ap.add_argument("--only", default="", help="comma-separated row names to run (convert always runs)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--reuse", action="store_true", help="keep the last run's NATIVE folder and files (with --only: "
+                                                          "rerun a few rows; convert is skipped when NATIVE exists)")
     args = ap.parse_args()
 
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     cons = build_checkpoint(args.n_keys, args.dim)
     work = CACHE / "scale-run"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if not args.reuse:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     text = write_text(work / "text.txt")
     native = work / "native"
     rows = [
@@ -201,9 +204,10 @@ def main() -> None:
         Row("export --out E.h5 --stats A.h5",
             ["export", "--out", str(work / "E.h5"), "--stats", str(work / "A.h5"), "--model", str(native)], 60, 2),
         Row("background TEXT", ["background", str(text), "--model", str(native)], 30, 2),
-        Row('edit --prompt "The capital of {} is" --subject France --target-new " Rome"',
+        # a random model has no answer of its own to the prompt, so the old answer is given
+        Row('edit --prompt "The capital of {} is" --subject France --target-new " Rome" --target-true " Paris"',
             ["edit", "--prompt", "The capital of {} is", "--subject", "France", "--target-new", " Rome",
-             "--model", str(native)], 30, 2),
+             "--target-true", " Paris", "--model", str(native)], 30, 2),
         Row("keys adapt TEXT", ["keys", "adapt", str(text), "--model", str(native)], 60, 2),
         Row("verify --random 64 --json", ["verify", "--random", "64", "--json", "--model", str(native)], 40, 2),
     ]
@@ -213,7 +217,7 @@ def main() -> None:
           "|---|---|---|---|---|---|---|---|", flush=True)
     for row in rows:
         first = row.name.split()[0] if row.args[0] != "keys" else "keys " + row.args[1]
-        if only and first not in only and row.args[0] != "convert":
+        if only and first not in only and not (row.args[0] == "convert" and not native.exists()):
             continue
         r = run(row.args, work, args.timeout)
         results.append({"command": row.name, **r, "floor_wall": row.floor_wall, "floor_private": row.floor_private})
