@@ -17,7 +17,7 @@ import torch
 
 from ..errors import MemeditError
 from ..memory import MemoryConfig
-from ..model import MemoryModel, ModelConfig
+from ..model import MemoryModel, ModelConfig, meta_model
 
 # params.json "model" fields memedit uses, with the reference's defaults (None: required)
 MODEL_FIELDS: dict[str, Any] = {
@@ -165,8 +165,7 @@ def model_from_state(cfg: ModelConfig, state: Mapping[str, torch.Tensor], origin
                 )
             del copy
     try:
-        with torch.device("meta"):  # no memory for weights that load_state replaces with the stored tensors
-            model = MemoryModel(cfg)
+        model = meta_model(cfg)  # no memory for weights that load_state replaces with the stored tensors
     except ValueError as e:
         raise MemeditError(f"{origin}: {e}") from None
     for n in names:
