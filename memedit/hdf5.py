@@ -19,6 +19,7 @@ import torch
 
 from .checkpoint import atomic_path
 from .errors import MemeditError
+from .readout import top_written_tokens as promoted_tokens  # the one readout (memedit/readout.py)
 from .stats import WEIGHT_SCALE, SlotStats
 
 FORMAT = "memedit-slot-stats"
@@ -167,8 +168,8 @@ def export(path: str | Path, model: Any, stats: SlotStats | None = None, metrics
             for d in (ids, logit):
                 for i, dim in enumerate(("layer", "slot", "rank")):
                     d.dims[i].attach_scale(f[dim])
-            ids.attrs["long_name"] = ("tokens each slot's value row promotes most: value_proj(row) through the final "
-                                      "norm's scale and the unembedding, swilu gate taken as 1")
+            ids.attrs["long_name"] = ("tokens each slot's value row promotes most: the position-independent readout "
+                                      "of memedit/readout.py (gate 1, final-norm weight, unembedding)")
             if model.tokenizer is not None:
                 V = model.config.vocab_size
                 w.scale("token", np.arange(V, dtype=np.int64))
@@ -176,26 +177,6 @@ def export(path: str | Path, model: Any, stats: SlotStats | None = None, metrics
                 w.array("vocab", vocab, ("token",), attrs={"long_name": "the string of each token id"})
         _write_edit_log(w, edit_log(model))
     return path
-
-
-@torch.no_grad()
-def promoted_tokens(model: Any, layer: int, k: int, budget: int = 1 << 23):
-    """Yields (first slot, top-k token ids (B, k), their logits (B, k)) over blocks of value rows of ``layer``.
-
-    Each row is read out as the layer would write it with a gate of 1 (``value_proj(row)``), then through the
-    final norm's scale and the unembedding. Blocks hold at most ``budget`` logits, so a 1M-slot table stays
-    bounded in memory.
-    """
-    mem = model.memory_layers[layer]
-    unembed = model.output.weight.float() * model.norm.weight.float()  # (vocab, D)
-    readout = unembed @ mem.value_proj.weight.float() if mem.value_proj is not None else unembed  # (vocab, V)
-    rows = mem.values.weight
-    block = max(1, budget // readout.shape[0])
-    k = min(k, readout.shape[0])
-    for start in range(0, rows.shape[0], block):
-        logits = rows[start : start + block].float() @ readout.T  # (B, vocab)
-        top = logits.topk(k, dim=-1)
-        yield start, top.indices, top.values
 
 
 def _write_edit_log(w: _Writer, entries: list[dict]) -> None:
