@@ -20,7 +20,7 @@ import torch
 from .checkpoint import atomic_path
 from .errors import MemeditError
 from .readout import top_written_tokens as promoted_tokens  # the one readout (memedit/readout.py)
-from .stats import WEIGHT_SCALE, SlotStats
+from .stats import AFTER, BEFORE, POSITION_BITS, WEIGHT_SCALE, SlotStats, TopContexts
 
 FORMAT = "memedit-slot-stats"
 FORMAT_VERSION = 1
@@ -81,6 +81,75 @@ def write_stats(w: _Writer, stats: SlotStats, metrics: list[dict] | None) -> Non
             slot_axis=2, attrs={"long_name": "accesses of each value row, summed over the layers reading the table"})
     w.array("table_weights", np.stack([_np(stats.table_weights(n)) for n in names]), ("table", "head", "slot"),
             slot_axis=2, attrs={"long_name": "weight mass of each value row, summed over the layers reading it"})
+    if stats.contexts is not None:
+        _write_contexts(w, stats.contexts, names)
+
+
+def _write_contexts(w: _Writer, c: TopContexts, names: list[str]) -> None:
+    """Group `contexts`: per table and slot the top-M selections (docs/hdf5-schema.md)."""
+    g = w.f.create_group("contexts")
+    g.attrs["long_name"] = ("per slot of each value table, the M selections with the largest softmax weight over "
+                            "all layers and heads reading it; ties to the smaller (document, position, layer, head)")
+    g.attrs["before"], g.attrs["after"] = np.int64(BEFORE), np.int64(AFTER)
+    S, M = next(iter(c.weight.values())).shape
+    w.scale("table", np.asarray(names, dtype=h5py.string_dtype()), group=g)
+    w.scale("slot", np.arange(S, dtype=np.int64), group=g)
+    w.scale("context", np.arange(M, dtype=np.int64), group=g)
+    w.scale("offset", np.arange(-BEFORE, AFTER + 1, dtype=np.int64), group=g)
+    stack = lambda d: np.stack([_np(d[n]) for n in names])  # noqa: E731
+    key, where = stack(c.key), stack(c.where).astype(np.int64)
+    empty = stack(c.weight) < 0
+    layers = np.asarray(c.layers, dtype=np.int64)
+    dims = ("table", "slot", "context")
+    w.array("weight", np.where(empty, np.nan, stack(c.weight)).astype(np.float32), dims, slot_axis=1, group=g,
+            attrs={"long_name": "softmax weight of the selection (NaN: fewer than M selections)"})
+    w.array("document", np.where(empty, -1, key >> POSITION_BITS), dims, slot_axis=1, group=g,
+            attrs={"long_name": "global document id: the corpus's non-empty documents counted from 0 (-1: none)"})
+    w.array("position", np.where(empty, -1, key & ((1 << POSITION_BITS) - 1)), dims, slot_axis=1, group=g,
+            attrs={"long_name": "token position in the document, BOS at 0 (-1: none)"})
+    w.array("layer", np.where(empty, -1, layers[np.clip(where >> 8, 0, None)]), dims, slot_axis=1, group=g,
+            attrs={"long_name": "memory layer (block index) that selected the slot (-1: none)"})
+    w.array("head", np.where(empty, -1, where & 0xFF), dims, slot_axis=1, group=g,
+            attrs={"long_name": "head that selected the slot (-1: none)"})
+    w.array("tokens", stack(c.tokens), (*dims, "offset"), slot_axis=1, group=g,
+            attrs={"long_name": "token ids from 8 before to 2 after the position, within the sequence the model "
+                                "read (-1: outside it)"})
+
+
+def _read_contexts(f: h5py.File, stats_layers: list[int], tables: dict[str, list[int]]) -> TopContexts | None:
+    if "contexts" not in f:
+        return None
+    g = f["contexts"]
+    names = [x.decode() if isinstance(x, bytes) else str(x) for x in g["table"][()]]
+    wt, doc, pos = g["weight"][()], g["document"][()], g["position"][()]
+    layer, head, tok = g["layer"][()], g["head"][()], g["tokens"][()]
+    empty = np.isnan(wt)
+    li = np.searchsorted(np.asarray(stats_layers), np.clip(layer, 0, None))
+    key = np.where(empty, np.iinfo(np.int64).max, (doc << POSITION_BITS) | np.clip(pos, 0, None))
+    where = np.where(empty, -1, (li << 8) | head).astype(np.int16)
+    t = lambda a, n: torch.from_numpy(np.ascontiguousarray(a[names.index(n)]))  # noqa: E731
+    return TopContexts(
+        layers=list(stats_layers), tables=tables, m=wt.shape[2],
+        weight={n: t(np.where(empty, -1.0, wt).astype(np.float32), n) for n in tables},
+        key={n: t(key, n) for n in tables}, where={n: t(where, n) for n in tables},
+        tokens={n: t(tok.astype(np.int32), n) for n in tables})
+
+
+def read_slot_contexts(path: str | Path, table: str, slot: int) -> list[dict[str, Any]] | None:
+    """One slot's top contexts from an audit file, reading only that slot's chunk; None if the audit kept none."""
+    with _open(path) as f:
+        if "contexts" not in f:
+            return None
+        g = f["contexts"]
+        names = [x.decode() if isinstance(x, bytes) else str(x) for x in g["table"][()]]
+        if table not in names:
+            raise MemeditError(f"the audit {path} has no value table {table!r} (tables: {', '.join(names)})")
+        t = names.index(table)
+        wt = g["weight"][t, slot]
+        cols = {k: g[k][t, slot] for k in ("document", "position", "layer", "head", "tokens")}
+        return [{"document": int(cols["document"][r]), "position": int(cols["position"][r]), "weight": float(wt[r]),
+                 "layer": int(cols["layer"][r]), "head": int(cols["head"][r]), "tokens": cols["tokens"][r].tolist()}
+                for r in range(len(wt)) if not np.isnan(wt[r])]
 
 
 def _layout(w: _Writer, stats: SlotStats | None, model: Any | None, top_k: int) -> None:
@@ -207,8 +276,8 @@ def _write_edit_log(w: _Writer, entries: list[dict]) -> None:
 
 
 # ---- reading back ------------------------------------------------------------------------------------------
-def read_audit(path: str | Path) -> SlotStats:
-    """The slot statistics stored in an audit or export file (``memedit audit --out`` / ``memedit export``)."""
+def _open(path: str | Path) -> h5py.File:
+    """An audit or export file opened for reading (one-line errors for a missing, foreign or newer file)."""
     path = Path(path)
     if not path.is_file():
         raise MemeditError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
@@ -216,12 +285,20 @@ def read_audit(path: str | Path) -> SlotStats:
         f = h5py.File(path, "r")
     except OSError:
         raise MemeditError(f"{path} is not an HDF5 file; give a file written by `memedit audit --out`") from None
-    with f:
-        if f.attrs.get("format") != FORMAT:
-            raise MemeditError(f"{path} is not a memedit audit (no format={FORMAT!r} attribute); "
-                               "make one with `memedit audit --out FILE.h5`")
-        if int(f.attrs.get("format_version", 0)) > FORMAT_VERSION:
-            raise MemeditError(f"{path} was written by a newer memedit; upgrade memedit")
+    if f.attrs.get("format") != FORMAT:
+        f.close()
+        raise MemeditError(f"{path} is not a memedit audit (no format={FORMAT!r} attribute); "
+                           "make one with `memedit audit --out FILE.h5`")
+    if int(f.attrs.get("format_version", 0)) > FORMAT_VERSION:
+        f.close()
+        raise MemeditError(f"{path} was written by a newer memedit; upgrade memedit")
+    return f
+
+
+def read_audit(path: str | Path) -> SlotStats:
+    """The slot statistics stored in an audit or export file (``memedit audit --out`` / ``memedit export``)."""
+    path = Path(path)
+    with _open(path) as f:
         if "counts" not in f:
             raise MemeditError(f"{path} holds no slot statistics (an export without --stats); "
                                "give a file written by `memedit audit --out`")
@@ -235,6 +312,7 @@ def read_audit(path: str | Path) -> SlotStats:
                 subkey_counts=torch.from_numpy(f["subkey_counts"][()].astype(np.int64)),
                 tokens=int(f.attrs["tokens"]), corpus=str(f.attrs.get("corpus", "")),
                 fingerprint=str(f.attrs.get("fingerprint", "")), config=json.loads(f.attrs["model_config"]),
+                contexts=_read_contexts(f, [int(x) for x in f["layer"][()]], json.loads(f.attrs["tables"])),
             )
         except (KeyError, ValueError, TypeError, OSError) as e:
             raise MemeditError(f"{path} is a damaged memedit audit ({type(e).__name__}: {e})") from None
