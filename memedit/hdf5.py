@@ -135,6 +135,37 @@ def _read_contexts(f: h5py.File, stats_layers: list[int], tables: dict[str, list
         tokens={n: t(tok.astype(np.int32), n) for n in tables})
 
 
+def read_slot_usage(path: str | Path, table: str, slot: int, shape: tuple[list[int], int, int]) -> dict[str, Any]:
+    """One slot's usage in an audit file: count and weight mass (all heads), its rank by count among the table's
+    slots (1 = most used; ties share a rank), and per (layer, head) that selected it, count and weight. ``shape`` =
+    (memory layers, N, heads) of the model, checked against the file. Reads the table's counts and the slot's
+    column only."""
+    with _open(path) as f:
+        if "counts" not in f:
+            raise MemeditError(f"{path} holds no slot statistics; give a file written by `memedit audit --out`")
+        tables = json.loads(f.attrs["tables"])
+        layers = [int(x) for x in f["layer"][()]]
+        if (layers, int(f.attrs["n_keys"]), int(f.attrs["heads"])) != (list(shape[0]), shape[1], shape[2]):
+            raise MemeditError(f"the audit {path} is of a differently shaped memory (layers {layers}, N "
+                               f"{int(f.attrs['n_keys'])}, heads {int(f.attrs['heads'])}); audit this model")
+        if table not in tables:
+            raise MemeditError(f"the audit {path} has no value table {table!r}")
+        t = list(tables).index(table)
+        per_slot = f["table_counts"][t].sum(0)  # (S,) over heads
+        count = int(per_slot[slot])
+        heads = []
+        for L in tables[table]:
+            li = layers.index(L)
+            c, wt = f["counts"][li, :, slot], f["weights"][li, :, slot]
+            heads += [{"layer": L, "head": h, "count": int(c[h]), "weight": float(wt[h])}
+                      for h in range(len(c)) if c[h] > 0]
+        return {"audit": str(path), "corpus": str(f.attrs.get("corpus", "")), "tokens": int(f.attrs["tokens"]),
+                "fingerprint": str(f.attrs.get("fingerprint", "")), "count": count,
+                "weight": float(f["table_weights"][t, :, slot].sum()),
+                "rank": int((per_slot > count).sum()) + 1 if count else None, "of": int(len(per_slot)),
+                "used_slots": int((per_slot > 0).sum()), "heads": heads}
+
+
 def read_slot_contexts(path: str | Path, table: str, slot: int) -> list[dict[str, Any]] | None:
     """One slot's top contexts from an audit file, reading only that slot's chunk; None if the audit kept none."""
     with _open(path) as f:
