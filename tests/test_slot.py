@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-
 from memedit.audit import Corpus, audit
 from memedit.checkpoint import load
 from memedit.freeze import freeze
