@@ -76,8 +76,8 @@ class Readout:
         return logits
 
 
-def _top(logits: torch.Tensor, n: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-n (values, ids) per row ignoring NaN (undecodable ids)."""
+def top_tokens(logits: torch.Tensor, n: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-n (values, ids) per row of logits (B, vocab), never an undecodable id (NaN)."""
     fill = float("-inf") if largest else float("inf")
     x = torch.nan_to_num(logits, nan=fill)
     top = x.topk(min(n, x.shape[-1]), dim=-1, largest=largest)
@@ -109,8 +109,8 @@ def slot_writes(model, layer: int, slots: Sequence[int] | torch.Tensor, gate: to
         rows = model.memory_layers[layer].values.weight[ids]
     logits = ro.logits(rows, gate, gating, norm_scale)  # (B, vocab)
     tok = model.tokenizer if model is not None else None
-    up_v, up_i = _top(logits, n, True)
-    dn_v, dn_i = _top(logits, n, False)
+    up_v, up_i = top_tokens(logits, n, True)
+    dn_v, dn_i = top_tokens(logits, n, False)
     out = []
     for b, s in enumerate(ids.tolist()):
         out.append({
@@ -138,5 +138,5 @@ def top_written_tokens(model, layer: int, k: int, budget: int = 1 << 23
     rows = model.memory_layers[layer].values.weight
     block = max(1, budget // folded.unembed.shape[0])
     for start in range(0, rows.shape[0], block):
-        vals, ids = _top(folded.logits(rows[start : start + block]), k, True)
+        vals, ids = top_tokens(folded.logits(rows[start : start + block]), k, True)
         yield start, ids, vals
