@@ -13,7 +13,7 @@ from .common import DtypeOpt, JsonOpt, ModelOpt, command, console, err_console, 
 
 @command(app)
 def report(
-    out: Annotated[Path, typer.Option("--out", "-o", help="The folder to write (a previous report there is replaced).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The folder to write (replaces a previous report).")],
     stats: Annotated[Optional[Path], typer.Option("--stats", help="An audit file (audit --out, with --contexts M for "
                                                                   "top contexts).")] = None,
     fact: Annotated[Optional[list[str]], typer.Option("--fact", help="Trace this fact of the model's world "

@@ -37,7 +37,7 @@ window.MEMEDIT = (function () {
     return el("span", { class: cls, title: fmt(x, 4) }, el("span", { style: "width:" + w.toFixed(1) + "%" }));
   }
   function section(title, ...kids) { return el("section", {}, el("h2", {}, title), ...kids); }
-  function table(head, rows, cls) {
+  function tbl(head, rows, cls) {
     return el("table", { class: cls || "" }, el("thead", {}, el("tr", {}, head.map((h) => el("th", {}, h)))),
       el("tbody", {}, rows.map((r) => el("tr", {}, r.map((c) => el("td", {}, c))))));
   }
@@ -93,7 +93,7 @@ window.MEMEDIT = (function () {
       const a = m.audit;
       parts.push(section("Audit", el("p", {}, int(a.tokens) + " tokens of " + a.corpus +
         (a.contexts ? "; top contexts kept per slot." : "; no top contexts (audit with --contexts M)."))),
-        table(["scope", "basis", "used", "Gini", "KL to uniform", "top 50%", "top 1% share", "dead"],
+        tbl(["scope", "basis", "used", "Gini", "KL to uniform", "top 50%", "top 1% share", "dead"],
           a.metrics.map((r) => [r.scope === "table" ? "table " + r.table : "layer " + r.layer, r.basis,
             fmt(r.used, 2) + "%", fmt(r.gini), fmt(r.kl_uniform), int(r.top50), fmt(100 * r.top1pct_share, 1) + "%",
             int(r.dead)]), "metrics"));
@@ -146,10 +146,10 @@ window.MEMEDIT = (function () {
     parts.push(el("p", { id: "slot-facts" }, facts));
     parts.push(section("What it writes", el("p", { class: "muted" }, "position-independent readout: the value " +
       "row through value_proj (gate 1), the final norm's weight and the unembedding"),
-      table(["through layer", "promotes", "suppresses"], (r.p || []).map(([L, up], n) => [String(L),
+      tbl(["through layer", "promotes", "suppresses"], (r.p || []).map(([L, up], n) => [String(L),
         el("span", {}, up.map(([t, x]) => el("span", { class: "chip up" }, tok(t) + " " + fmt(x, 2)))),
         el("span", {}, r.s[n][1].map(([t, x]) => el("span", { class: "chip down" }, tok(t) + " " + fmt(x, 2))))]))));
-    if (r.h) parts.push(section("Heads that selected it", table(["layer", "head", "count"],
+    if (r.h) parts.push(section("Heads that selected it", tbl(["layer", "head", "count"],
       r.h.map(([L, hh, c]) => [String(L), String(hh), int(c)]))));
     if (r.x) {
       const maxw = Math.max(...r.x.map((c) => c[0]));
@@ -166,7 +166,7 @@ window.MEMEDIT = (function () {
     }))));
     if (r.e) parts.push(section("Edits", el("ul", {}, r.e.map((id) => el("li", {},
       el("a", { href: "edits.html#" + id }, id))))));
-    parts.push(section("Sub-key norms", table(["layer", "head", "|sub-key i|", "|sub-key j|"],
+    parts.push(section("Sub-key norms", tbl(["layer", "head", "|sub-key i|", "|sub-key j|"],
       r.k.map(([L, hh, a, b]) => [String(L), String(hh), fmt(a), fmt(b)]))));
     setMain(...parts);
   }
@@ -180,7 +180,7 @@ window.MEMEDIT = (function () {
   }
   function heatmap(c, tokens) {
     const max = Math.max(1e-9, ...c.effect.flat().map(Math.abs));
-    return table(["token", ...c.layers.map((L) => "layer " + L)], c.effect.map((row, t) => [
+    return tbl(["token", ...c.layers.map((L) => "layer " + L)], c.effect.map((row, t) => [
       tokens[t] + (c.subject_positions.includes(t) ? " *" : ""),
       ...row.map((x) => el("span", { class: "heat", title: fmt(x, 4),
         style: "background:rgba(106,61,154," + Math.max(0, x / max).toFixed(3) + ")" }, fmt(x, 3)))]), "heatmap");
@@ -193,7 +193,7 @@ window.MEMEDIT = (function () {
         tg.rank + (tg.note ? " (" + tg.note + ")" : "") + ". Top predictions: " +
         d.top.map(([t, x]) => t + " " + fmt(x)).join(", "))];
     if (d.fact) {
-      parts.push(section("Phrasings", table(["prompt", "held out", "P(target)", "rank", "flip count"],
+      parts.push(section("Phrasings", tbl(["prompt", "held out", "P(target)", "rank", "flip count"],
         d.fact.phrasings.map((q) => [q.prompt, q.heldout ? "yes" : "", fmt(q.prob), String(q.rank),
           q.flip === null ? "–" : String(q.flip)]))),
         el("p", {}, "Core set (slots every training phrasing selects at the answer): ",
@@ -205,7 +205,7 @@ window.MEMEDIT = (function () {
         "restored at one position, minus corrupted (subject “" + d.causal.subject + "” noised; clean " +
         fmt(d.causal.clean) + ", corrupted " + fmt(d.causal.corrupted) + ")"), heatmap(d.causal, d.tokens)));
     }
-    parts.push(section("Top slots by attribution", table(["slot", "layer", "head", "attribution", "ablation",
+    parts.push(section("Top slots by attribution", tbl(["slot", "layer", "head", "attribution", "ablation",
       "promotes"], tg.top_slots.map((s) => [el("a", { href: slotHref(s.table, s.slot) }, String(s.slot)),
       String(s.layer), String(s.head), fmt(s.attribution), fmt(s.ablation), s.promotes.join(" ")]))));
     const all = tg.layers.flatMap((l) => l.heads.flatMap((h) => h.slots));
@@ -213,9 +213,9 @@ window.MEMEDIT = (function () {
     for (const lay of tg.layers) {
       parts.push(section("Memory layer " + lay.layer + " (table " + lay.table + ", attribution " +
         fmt(lay.attribution) + ")", el("div", { class: "heads" }, lay.heads.map((h) => el("div", { class: "head" },
-        el("h3", {}, "head " + h.head), table(["slot", "weight", "attribution", "ablation"], h.slots.map(([s, w, a, b]) => [
+        el("h3", {}, "head " + h.head), tbl(["slot", "weight", "attribution", "ablation"], h.slots.map(([s, w, a, b]) => [
           el("a", { href: slotHref(lay.table, s) }, String(s)), el("span", {}, bar(w, 1), " " + fmt(w)),
-          el("span", {}, bar(a, maxA, true), " " + fmt(a)), el("span", {}, bar(b, maxB, true), " " + fmt(b))]), "slots"))))));
+          el("span", {}, bar(a, maxA, true), " " + fmt(a)), el("span", {}, bar(b, maxB, true), " " + fmt(b, 4))]), "slots"))))));
     }
     setMain(...parts);
   }
