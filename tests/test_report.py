@@ -46,7 +46,8 @@ def test_site_holds_every_used_slot_within_2kb_and_agrees_with_memedit_slot(demo
     rec = recs[str(slot)]
     info = slot_info(demo, slot, n=5)
     assert rec["c"] == int(stats.table_counts("shared").sum(0)[slot]) and rec["r"] == 1
-    assert [demo.tokenizer.id_to_token(t) for t, _ in rec["p"][0][1]] == [x["token"] for x in info["writes"][0]["promotes"]]
+    promoted = [demo.tokenizer.id_to_token(t) for t, _ in rec["p"][0][1]]
+    assert promoted == [x["token"] for x in info["writes"][0]["promotes"]]
     assert [c[0] for c in rec["x"]] == pytest.approx([c["weight"] for c in stats.contexts.entries("shared", slot)],
                                                      rel=1e-3)
     _, (n, fact) = load_js(out / "data" / "facts" / "0.js")
