@@ -273,7 +273,9 @@ def export(path: str | Path, model: Any, stats: SlotStats | None = None, metrics
             if model.tokenizer is not None:
                 V = model.config.vocab_size
                 w.scale("token", np.arange(V, dtype=np.int64))
-                vocab = np.asarray([model.tokenizer.id_to_token(i) for i in range(V)], dtype=h5py.string_dtype())
+                from .tokenizer import token_text
+
+                vocab = np.asarray([token_text(model.tokenizer, i) for i in range(V)], dtype=h5py.string_dtype())
                 w.array("vocab", vocab, ("token",), attrs={"long_name": "the string of each token id"})
         _write_edit_log(w, edit_log(model))
     return path

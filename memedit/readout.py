@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import MemeditError
+from .tokenizer import token_text
 
 
 @dataclass
@@ -82,14 +83,6 @@ def top_tokens(logits: torch.Tensor, n: int, largest: bool) -> tuple[torch.Tenso
     x = torch.nan_to_num(logits, nan=fill)
     top = x.topk(min(n, x.shape[-1]), dim=-1, largest=largest)
     return top.values, top.indices
-
-
-def token_text(tokenizer, i: int) -> str:
-    """A token id as printable text: control characters and raw bytes escaped (``\\n``, ``\\x00``)."""
-    s = tokenizer.id_to_token(int(i)) if tokenizer is not None else f"<{int(i)}>"
-    if isinstance(s, bytes):
-        s = s.decode("utf-8", errors="backslashreplace")
-    return s if s.isprintable() else s.encode("unicode_escape").decode("ascii")
 
 
 @torch.no_grad()

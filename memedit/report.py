@@ -37,7 +37,8 @@ import torch
 
 from .errors import MemeditError
 from .model import MemoryModel
-from .readout import Readout, token_text, top_tokens
+from .readout import Readout, top_tokens
+from .tokenizer import token_text
 from .stats import SlotStats
 
 SHARD = 512  # slots per data file

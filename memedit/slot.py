@@ -22,7 +22,8 @@ import torch
 
 from .errors import MemeditError
 from .model import MemoryModel, ModelConfig
-from .readout import Readout, slot_writes, token_text
+from .readout import Readout, slot_writes
+from .tokenizer import token_text
 
 
 @dataclass
