@@ -38,8 +38,8 @@ import torch
 from .errors import MemeditError
 from .model import MemoryModel
 from .readout import Readout, top_tokens
-from .tokenizer import token_text
 from .stats import SlotStats
+from .tokenizer import token_text
 
 SHARD = 512  # slots per data file
 MARKER = "memedit-report.json"

@@ -35,7 +35,7 @@ def test_a_multi_byte_target_is_scored_by_all_its_bytes(ref, cli):
     tg = json.loads(out)["target"]
     assert tg["tokens"] == list("Paris") or tg["tokens"] == [" ", "P", "a", "r", "i", "s"]
     ids = [256] + list(PROMPT.encode())
-    want = list(" Paris".encode())
+    want = list(b" Paris")
     assert tg["token_ids"] == want and tg["n_tokens"] == 6 and tg["joined"]
     # an independent float64 forward from the raw state dict (rounding the value mix to bf16 as the reference
     # kernel does) over prompt + target: the sum of the target bytes' log-probs
