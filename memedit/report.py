@@ -67,34 +67,39 @@ def traced_page(model: MemoryModel, page: TracedPage, n_tokens: int = 5) -> dict
     selected slots with weight, attribution and ablation, the top-attributed slots with what they write, the
     causal-tracing grid (when a subject is known), and for a fact its phrasings and core set.
 
-    One function on purpose: when a trace covers several target tokens, each becomes one more entry of
-    ``targets`` built by the same code.
+    The target is a token sequence (memedit/targets.py): ``targets`` holds one entry per target token, at the
+    position that predicts it; attributions are to that token's logit, ablations change the whole target's
+    log-probability (memedit/trace.py).
     """
     from .trace import trace
 
     t = trace(model, page.prompt, page.target)
-    rep = t.position_report(t.position, top_slots=10, n_tokens=n_tokens)
-    layers = []
-    for lay in rep["layers"]:
-        heads = [{"head": h["head"], "slots": [[s["slot"], _r(s["weight"]), _r(s["attribution"]), _r(s["ablation"])]
-                                               for s in h["slots"]]} for h in lay["heads"]]
-        layers.append({"layer": lay["layer"], "table": lay["table"], "attribution": _r(lay["attribution"]),
-                       "heads": heads})
-    target = {"token": rep["scored"]["token"], "prob": _r(rep["scored"]["prob"]), "rank": rep["scored"]["rank"],
-              "note": t.target.note, "layers": layers,
-              "top_slots": [{"layer": s["layer"], "head": s["head"], "slot": s["slot"], "table": s["table"],
-                             "attribution": _r(s["attribution"]), "ablation": _r(s["ablation"]),
-                             "promotes": [x["token"] for x in s["promotes"]]} for s in rep["top_slots"]]}
+    targets, top = [], []
+    for pos in t.target_positions:  # one entry per target token, each scored with teacher forcing
+        rep = t.position_report(pos, top_slots=10, n_tokens=n_tokens)
+        layers = []
+        for lay in rep["layers"]:
+            heads = [{"head": h["head"], "slots": [[s["slot"], _r(s["weight"]), _r(s["attribution"]),
+                                                    _r(s["ablation"])] for s in h["slots"]]} for h in lay["heads"]]
+            layers.append({"layer": lay["layer"], "table": lay["table"], "attribution": _r(lay["attribution"]),
+                           "heads": heads})
+        targets.append({"position": pos, "token": rep["scored"]["token"], "prob": _r(rep["scored"]["prob"]),
+                        "rank": rep["scored"]["rank"], "layers": layers,
+                        "top_slots": [{"layer": s["layer"], "head": s["head"], "slot": s["slot"], "table": s["table"],
+                                       "attribution": _r(s["attribution"]), "ablation": _r(s["ablation"]),
+                                       "promotes": [x["token"] for x in s["promotes"]]} for s in rep["top_slots"]]})
+        top = top or [[x["token"], _r(x["prob"])] for x in rep["top"]]
     out: dict[str, Any] = {
-        "prompt": page.prompt, "tokens": [t.token_at(p) for p in range(t.T)],
-        "top": [[x["token"], _r(x["prob"])] for x in rep["top"]], "targets": [target], "causal": None,
-        "fact": None,
+        "prompt": page.prompt, "tokens": [t.token_at(p) for p in range(t.prompt_len)],
+        "target": {"text": t.target.text, "tokens": t.target.tokens, "prob": _r(t.target_prob),
+                   "logprob": _r(t.logprob), "exact_match": t.exact_match, "note": t.target.note},
+        "top": top, "targets": targets, "causal": None, "fact": None,
     }
     if page.subject:
         from .causal import causal_trace
 
         ct = causal_trace(model, page.prompt, page.subject, t.target.text)
-        out["causal"] = {"subject": ct.subject, "subject_positions": ct.subject_positions, "layers": ct.layers,
+        out["causal"] = {"subject": ct.subject, "tokens": ct.tokens, "subject_positions": ct.subject_positions, "layers": ct.layers,
                          "clean": _r(ct.clean_prob), "corrupted": _r(ct.corrupted_prob),
                          "effect": [[_r(x) for x in row] for row in ct.indirect_effect.tolist()]}
     if page.fact is not None:
@@ -357,7 +362,7 @@ def build_report(model: MemoryModel, out: str | Path, stats: SlotStats | None = 
                 say(f"tracing {page.fact.id if page.fact else repr(page.prompt)}")
                 d = traced_page(model, page, n_tokens)
                 label = d["fact"]["id"] if d["fact"] else f"p{n}"
-                for lay in d["targets"][0]["layers"]:
+                for lay in (lay for tg in d["targets"] for lay in tg["layers"]):
                     for h in lay["heads"]:
                         for s in h["slots"]:
                             extra[lay["table"]].add(s[0])
@@ -365,7 +370,7 @@ def build_report(model: MemoryModel, out: str | Path, stats: SlotStats | None = 
                             if label not in rec.setdefault("t", []):
                                 rec["t"].append(label)
                 _js(tmp / "data" / "facts" / f"{n}.js", "addFact", n, d)
-                traced.append({"n": n, "label": label, "prompt": d["prompt"], "target": d["targets"][0]["token"],
+                traced.append({"n": n, "label": label, "prompt": d["prompt"], "target": d["target"]["text"],
                                "subject": d["fact"]["subject"] if d["fact"] else None})
             say("reading out the slots")
             _slot_records(model, stats, extra, n_tokens, slots)

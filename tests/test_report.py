@@ -23,7 +23,7 @@ def site(demo, tmp_path_factory):
     """A report of the demo: an audit of 20,000 tokens of its world with top contexts, a fact and a prompt."""
     stats = audit(demo, Corpus.open(None, demo), max_tokens=20_000, contexts=4)
     out = tmp_path_factory.mktemp("report") / "site"
-    summary = build_report(demo, out, stats, facts=["f00000"], prompts=[("Reidreir works as a", "engineer")])
+    summary = build_report(demo, out, stats, facts=["f00000"], prompts=[("Reidreir works as a", "chemist engineer")])
     return out, summary, stats
 
 
@@ -52,6 +52,9 @@ def test_site_holds_every_used_slot_within_2kb_and_agrees_with_memedit_slot(demo
                                                      rel=1e-3)
     _, (n, fact) = load_js(out / "data" / "facts" / "0.js")
     assert fact["fact"]["id"] == "f00000" and fact["causal"]["layers"] == [0, 1]
+    assert len(fact["targets"]) == len(demo.tokenizer.encode(" Thakrian"))
+    _, (_, prompt) = load_js(out / "data" / "facts" / "1.js")
+    assert [t["token"] for t in prompt["targets"]] == ["chemist", "engineer"]  # one entry per target token
     heads = fact["targets"][0]["layers"][0]["heads"]
     assert len(heads) == demo.config.memory.heads and len(heads[0]["slots"]) == demo.config.memory.knn
 

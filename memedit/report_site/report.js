@@ -187,10 +187,12 @@ window.MEMEDIT = (function () {
   }
   function drawFact(p, d) {
     document.title = p.label + " — memedit report";
-    const tg = d.targets[0];
+    const tgt = d.target;
     const parts = [el("h1", {}, d.fact ? "fact " + d.fact.id : "prompt " + p.label),
-      el("p", {}, el("b", {}, d.prompt), " → ", el("b", {}, tg.token), ": probability " + fmt(tg.prob) + ", rank " +
-        tg.rank + (tg.note ? " (" + tg.note + ")" : "") + ". Top predictions: " +
+      el("p", {}, el("b", {}, d.prompt), " → ", el("b", {}, tgt.text), ": probability " + fmt(tgt.prob) +
+        " (log " + fmt(tgt.logprob) + ", " + d.targets.length + " token" + (d.targets.length > 1 ? "s" : "") + ")" +
+        (tgt.exact_match ? ", the model's greedy answer" : ", not the greedy answer") +
+        (tgt.note ? " (" + tgt.note + ")" : "") + ". Top predictions: " +
         d.top.map(([t, x]) => t + " " + fmt(x)).join(", "))];
     if (d.fact) {
       parts.push(section("Phrasings", tbl(["prompt", "held out", "P(target)", "rank", "flip count"],
@@ -201,22 +203,29 @@ window.MEMEDIT = (function () {
             ss.map((s) => el("a", { class: "chip", href: slotHref(t, s) }, String(s)))))));
     }
     if (d.causal) {
-      parts.push(section("Causal tracing", el("p", { class: "muted" }, "P(" + tg.token + ") with memory layer L " +
+      parts.push(section("Causal tracing", el("p", { class: "muted" }, "P(" + tgt.text + ") with memory layer L " +
         "restored at one position, minus corrupted (subject “" + d.causal.subject + "” noised; clean " +
-        fmt(d.causal.clean) + ", corrupted " + fmt(d.causal.corrupted) + ")"), heatmap(d.causal, d.tokens)));
+        fmt(d.causal.clean) + ", corrupted " + fmt(d.causal.corrupted) + ")"), heatmap(d.causal, d.causal.tokens)));
     }
-    parts.push(section("Top slots by attribution", tbl(["slot", "layer", "head", "attribution", "ablation",
-      "promotes"], tg.top_slots.map((s) => [el("a", { href: slotHref(s.table, s.slot) }, String(s.slot)),
-      String(s.layer), String(s.head), fmt(s.attribution), fmt(s.ablation), s.promotes.join(" ")]))));
-    const all = tg.layers.flatMap((l) => l.heads.flatMap((h) => h.slots));
-    const maxA = Math.max(1e-9, ...all.map((s) => Math.abs(s[2]))), maxB = Math.max(1e-9, ...all.map((s) => Math.abs(s[3])));
-    for (const lay of tg.layers) {
-      parts.push(section("Memory layer " + lay.layer + " (table " + lay.table + ", attribution " +
-        fmt(lay.attribution) + ")", el("div", { class: "heads" }, lay.heads.map((h) => el("div", { class: "head" },
-        el("h3", {}, "head " + h.head), tbl(["slot", "weight", "attribution", "ablation"], h.slots.map(([s, w, a, b]) => [
-          el("a", { href: slotHref(lay.table, s) }, String(s)), el("span", {}, bar(w, 1), " " + fmt(w)),
-          el("span", {}, bar(a, maxA, true), " " + fmt(a)), el("span", {}, bar(b, maxB, true), " " + fmt(b, 4))]), "slots"))))));
-    }
+    d.targets.forEach((tg, n) => {
+      const head = d.targets.length > 1 ? "target token " + (n + 1) + " “" + tg.token + "”: " : "";
+      parts.push(el("h2", { class: "target" }, head + "P(" + tg.token + ") " + fmt(tg.prob) + ", rank " + tg.rank +
+        " at position " + tg.position));
+      parts.push(section("Top slots by attribution", tbl(["slot", "layer", "head", "attribution", "ablation",
+        "promotes"], tg.top_slots.map((s) => [el("a", { href: slotHref(s.table, s.slot) }, String(s.slot)),
+        String(s.layer), String(s.head), fmt(s.attribution), fmt(s.ablation, 4), s.promotes.join(" ")]))));
+      const all = tg.layers.flatMap((l) => l.heads.flatMap((h) => h.slots));
+      const maxA = Math.max(1e-9, ...all.map((s) => Math.abs(s[2])));
+      const maxB = Math.max(1e-9, ...all.map((s) => Math.abs(s[3])));
+      for (const lay of tg.layers) {
+        parts.push(section("Memory layer " + lay.layer + " (table " + lay.table + ", attribution " +
+          fmt(lay.attribution) + ")", el("div", { class: "heads" }, lay.heads.map((h) => el("div", { class: "head" },
+          el("h3", {}, "head " + h.head), tbl(["slot", "weight", "attribution", "ablation"], h.slots.map(([s, w, a, b]) => [
+            el("a", { href: slotHref(lay.table, s) }, String(s)), el("span", {}, bar(w, 1), " " + fmt(w)),
+            el("span", {}, bar(a, maxA, true), " " + fmt(a)), el("span", {}, bar(b, maxB, true), " " + fmt(b, 4))]),
+            "slots"))))));
+      }
+    });
     setMain(...parts);
   }
 
