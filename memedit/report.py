@@ -99,7 +99,8 @@ def traced_page(model: MemoryModel, page: TracedPage, n_tokens: int = 5) -> dict
         from .causal import causal_trace
 
         ct = causal_trace(model, page.prompt, page.subject, t.target.text)
-        out["causal"] = {"subject": ct.subject, "tokens": ct.tokens, "subject_positions": ct.subject_positions, "layers": ct.layers,
+        out["causal"] = {"subject": ct.subject, "tokens": ct.tokens, "subject_positions": ct.subject_positions,
+                         "layers": ct.layers,
                          "clean": _r(ct.clean_prob), "corrupted": _r(ct.corrupted_prob),
                          "effect": [[_r(x) for x in row] for row in ct.indirect_effect.tolist()]}
     if page.fact is not None:
