@@ -15,7 +15,8 @@ from memedit.errors import MemeditError
 from memedit.report import SHARD, build_report
 from memedit.slot import slot_info
 
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+# where the browser test saves its screenshots (index, slot and fact pages); README's copies are in docs/screenshots
+SCREENSHOTS = Path(os.environ.get("MEMEDIT_SCREENSHOTS", Path(__file__).resolve().parents[1] / "build" / "screenshots"))
 
 
 @pytest.fixture(scope="module")
