@@ -25,12 +25,13 @@ from .stats import AFTER, BEFORE, POSITION_BITS, WEIGHT_SCALE, SlotStats, TopCon
 FORMAT = "memedit-slot-stats"
 FORMAT_VERSION = 1
 CHUNK = 65536  # slots per chunk (reference §9)
+CONTEXT_CHUNK = 4096  # slots per chunk of the top contexts: `memedit slot` decompresses one chunk per dataset
 FILTERS = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 
 
-def _chunks(shape: tuple[int, ...], slot_axis: int) -> tuple[int, ...]:
+def _chunks(shape: tuple[int, ...], slot_axis: int, chunk: int = CHUNK) -> tuple[int, ...]:
     """One chunk = up to 64K slots of one (layer, head) row; whole extent along axes after the slot axis."""
-    return tuple(min(n, CHUNK) if a == slot_axis else (n if a > slot_axis else 1) for a, n in enumerate(shape))
+    return tuple(min(n, chunk) if a == slot_axis else (n if a > slot_axis else 1) for a, n in enumerate(shape))
 
 
 class _Writer:
@@ -46,11 +47,11 @@ class _Writer:
         d.make_scale(name)
 
     def array(self, name: str, data: np.ndarray, dims: tuple[str, ...], attrs: dict[str, Any] | None = None,
-              slot_axis: int | None = None, group: h5py.Group | None = None) -> None:
+              slot_axis: int | None = None, group: h5py.Group | None = None, chunk: int = CHUNK) -> None:
         g = group if group is not None else self.f
         opts: dict[str, Any] = {}
         if data.size and slot_axis is not None:
-            opts = dict(FILTERS, chunks=_chunks(data.shape, slot_axis))
+            opts = dict(FILTERS, chunks=_chunks(data.shape, slot_axis, chunk))
         d = g.create_dataset(name, data=data, **opts)
         for i, dim in enumerate(dims):
             d.dims[i].attach_scale(g[dim])
@@ -101,19 +102,19 @@ def _write_contexts(w: _Writer, c: TopContexts, names: list[str]) -> None:
     empty = stack(c.weight) < 0
     layers = np.asarray(c.layers, dtype=np.int64)
     dims = ("table", "slot", "context")
-    w.array("weight", np.where(empty, np.nan, stack(c.weight)).astype(np.float32), dims, slot_axis=1, group=g,
-            attrs={"long_name": "softmax weight of the selection (NaN: fewer than M selections)"})
-    w.array("document", np.where(empty, -1, key >> POSITION_BITS), dims, slot_axis=1, group=g,
-            attrs={"long_name": "global document id: the corpus's non-empty documents counted from 0 (-1: none)"})
-    w.array("position", np.where(empty, -1, key & ((1 << POSITION_BITS) - 1)), dims, slot_axis=1, group=g,
-            attrs={"long_name": "token position in the document, BOS at 0 (-1: none)"})
-    w.array("layer", np.where(empty, -1, layers[np.clip(where >> 8, 0, None)]), dims, slot_axis=1, group=g,
-            attrs={"long_name": "memory layer (block index) that selected the slot (-1: none)"})
-    w.array("head", np.where(empty, -1, where & 0xFF), dims, slot_axis=1, group=g,
-            attrs={"long_name": "head that selected the slot (-1: none)"})
-    w.array("tokens", stack(c.tokens), (*dims, "offset"), slot_axis=1, group=g,
-            attrs={"long_name": "token ids from 8 before to 2 after the position, within the sequence the model "
-                                "read (-1: outside it)"})
+    put = lambda name, data, dims, long_name: w.array(  # noqa: E731
+        name, data, dims, slot_axis=1, group=g, chunk=CONTEXT_CHUNK, attrs={"long_name": long_name})
+    put("weight", np.where(empty, np.nan, stack(c.weight)).astype(np.float32), dims,
+        "softmax weight of the selection (NaN: fewer than M selections)")
+    put("document", np.where(empty, -1, key >> POSITION_BITS), dims,
+        "global document id: the corpus's non-empty documents counted from 0 (-1: none)")
+    put("position", np.where(empty, -1, key & ((1 << POSITION_BITS) - 1)), dims,
+        "token position in the document, BOS at 0 (-1: none)")
+    put("layer", np.where(empty, -1, layers[np.clip(where >> 8, 0, None)]), dims,
+        "memory layer (block index) that selected the slot (-1: none)")
+    put("head", np.where(empty, -1, where & 0xFF), dims, "head that selected the slot (-1: none)")
+    put("tokens", stack(c.tokens), (*dims, "offset"),
+        "token ids from 8 before to 2 after the position, within the sequence the model read (-1: outside it)")
 
 
 def _read_contexts(f: h5py.File, stats_layers: list[int], tables: dict[str, list[int]]) -> TopContexts | None:
