@@ -132,3 +132,23 @@ def test_browse_index_search_slot_fact_and_back_without_console_errors(site):
         finally:
             browser.close()
     assert errors == []
+
+
+def test_edit_log_page_data_has_each_patch_rows_and_change_norms(tiny, tmp_path):
+    from memedit.freeze import freeze
+    from memedit.patch import apply, row_patch
+
+    model, _ = tiny
+    before = model.table("shared").weight[[3, 9]].clone()
+    p = row_patch(model, "scale", "shared", [3, 9], scalar=3.0, message="triple")
+    apply(model, p)
+    freeze(model, {"shared": [9]})
+    build_report(model, tmp_path / "site")
+    _, (edits,) = load_js(tmp_path / "site" / "data" / "edits.js")
+    (e,) = edits
+    assert (e["op"], e["kind"], e["message"], e["rows"]) == ("apply", "scale", "triple", {"shared": [3, 9]})
+    norms = (2 * before).norm(dim=1).tolist()  # scaling by 3 changes a row by twice itself
+    assert [r for r, _ in e["changes"]["shared"]] == [3, 9]
+    assert [d for _, d in e["changes"]["shared"]] == pytest.approx(norms, rel=1e-3)
+    _, (_, _, recs) = load_js(tmp_path / "site" / "data" / "slots" / "shared-0.js")
+    assert recs["9"]["z"] == 1 and recs["3"]["e"] == [e["id"]] and "z" not in recs["3"]
