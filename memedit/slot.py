@@ -107,7 +107,11 @@ def slot_info(model: MemoryModel | str | Path, slot: int, table: str | None = No
               n: int = 5) -> dict[str, Any]:
     """Everything about one slot as plain data (the --json schema of `memedit slot`): sub-keys and their norms per
     (layer, head), value-row norm, what it writes per reading layer, frozen state, the edits that touched it, and
-    with ``stats`` (an audit file) its usage and top contexts."""
+    with ``stats`` (an audit file) its usage and top contexts.
+
+    The audit is checked against the model by shape (layers, N, heads), not by fingerprint: a fingerprint hashes
+    every weight, which is what this function avoids reading; ``usage["fingerprint"]`` says which model it was.
+    """
     w = _Weights.of(model)
     mem = w.config.memory
     name = _table(w, slot, table)
