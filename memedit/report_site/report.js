@@ -183,7 +183,8 @@ window.MEMEDIT = (function () {
     return tbl(["token", ...c.layers.map((L) => "layer " + L)], c.effect.map((row, t) => [
       tokens[t] + (c.subject_positions.includes(t) ? " *" : ""),
       ...row.map((x) => el("span", { class: "heat", title: fmt(x, 4),
-        style: "background:rgba(106,61,154," + Math.max(0, x / max).toFixed(3) + ")" }, fmt(x, 3)))]), "heatmap");
+        style: "background:rgba(106,61,154," + Math.max(0, x / max).toFixed(3) + ")" + (x / max > 0.5 ? ";color:#fff" : "") },
+        fmt(x, 3)))]), "heatmap");
   }
   function drawFact(p, d) {
     document.title = p.label + " — memedit report";
@@ -211,6 +212,9 @@ window.MEMEDIT = (function () {
       const head = d.targets.length > 1 ? "target token " + (n + 1) + " “" + tg.token + "”: " : "";
       parts.push(el("h2", { class: "target" }, head + "P(" + tg.token + ") " + fmt(tg.prob) + ", rank " + tg.rank +
         " at position " + tg.position));
+      parts.push(el("p", { class: "muted" }, "attribution: the slot's direct effect on the logit of “" + tg.token +
+        "” (weight × its readout at this position); ablation: change in the whole target's log-probability when " +
+        "the slot is dropped from its head's lookup (negative: the slot supports the target)"));
       parts.push(section("Top slots by attribution", tbl(["slot", "layer", "head", "attribution", "ablation",
         "promotes"], tg.top_slots.map((s) => [el("a", { href: slotHref(s.table, s.slot) }, String(s.slot)),
         String(s.layer), String(s.head), fmt(s.attribution), fmt(s.ablation, 4), s.promotes.join(" ")]))));
