@@ -22,7 +22,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ from .state import frozen_rows
 from .targets import TargetTokens, answer_or_given, score, tokenize_target
 
 RANKINGS = ("tfidf", "kl", "counts")
+PROTECT = ("none", "edits", "hot")
 
 
 @dataclass
@@ -54,6 +55,12 @@ class EditConfig:
     ranking: str = "tfidf"  # "tfidf", "kl" or "counts" (no IDF, a baseline)
     positions: str = "answer"  # count slot reads at the "answer" position only, or at "all" prompt positions
     train_all: bool = False  # baseline only: finetune every parameter instead of the selected value rows
+    # continual editing: keep other knowledge's rows out of an edit
+    protect: str = "none"  # "none"; "edits": rows earlier edits trained; "hot": also the background's most-read rows
+    hot_fraction: float = 0.02  # with protect="hot": this fraction of each table's rows, by background df
+    adaptive: bool = False  # train min_t rows first, and double them (up to top_t) only while the edit does not hold
+    min_t: int = 16  # with adaptive: the rows tried first
+    round_steps: int = 25  # with adaptive: steps per round before the rows are doubled (the last round: the rest)
 
 
 @dataclass
@@ -185,20 +192,64 @@ def rank(counts: dict[str, torch.Tensor], bg: Background | None, ranking: str = 
     return out
 
 
-def select(model: MemoryModel, scores: dict[str, torch.Tensor], top_t: int) -> dict[str, torch.Tensor]:
-    """The top-t rows over all tables by score (rows the fact read, not frozen): {table: sorted row ids}."""
+def edited_rows(model: MemoryModel) -> dict[str, torch.Tensor]:
+    """{table: row ids} trained by the fact edits the model folder's edit log holds as applied (not reverted)."""
+    from .state import edit_log
+
+    applied: dict[str, dict] = {}
+    for e in edit_log(model):
+        if e.get("kind") != "edit" or "id" not in e:
+            continue
+        if e.get("op") == "apply":
+            applied[e["id"]] = e.get("rows") or {}
+        elif e.get("op") == "revert":
+            applied.pop(e["id"], None)
+    out: dict[str, list[int]] = {}
+    for rows in applied.values():
+        for name, ids in rows.items():
+            out.setdefault(name, []).extend(int(i) for i in ids)
+    return {k: torch.tensor(sorted(set(v)), dtype=torch.long) for k, v in out.items()}
+
+
+def protected_rows(model: MemoryModel, cfg: EditConfig, bg: Background | None,
+                   extra: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """{table: row ids} an edit must not train under ``cfg.protect``, plus ``extra`` (e.g. rows of edits made in
+    memory)."""
+    if cfg.protect not in PROTECT:
+        raise MemeditError(f"unknown protect {cfg.protect!r} (choose from {', '.join(PROTECT)})")
+    parts: list[dict[str, torch.Tensor]] = [extra or {}]
+    if cfg.protect in ("edits", "hot"):
+        parts.append(edited_rows(model))
+    if cfg.protect == "hot":
+        if bg is None:
+            raise MemeditError("protect=hot needs background statistics: run `memedit background CORPUS` first")
+        for name, df in bg.df.items():
+            n = int(cfg.hot_fraction * df.numel())
+            if n:
+                parts.append({name: df.float().topk(n).indices})
+    out: dict[str, torch.Tensor] = {}
+    for d in parts:
+        for name, ids in d.items():
+            out[name] = torch.cat([out[name], ids.long()]) if name in out else ids.long()
+    return out
+
+
+def select(model: MemoryModel, scores: dict[str, torch.Tensor], top_t: int,
+           protected: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The top-t rows over all tables by score (rows the fact read, not frozen, not protected): {table: row ids}."""
     frozen = frozen_rows(model)
     names, flat = [], []
     for name, s in scores.items():
         s = s.clone()
-        if name in frozen and frozen[name].numel():
-            s[frozen[name]] = -math.inf
+        for off in (frozen.get(name), (protected or {}).get(name)):
+            if off is not None and off.numel():
+                s[off] = -math.inf
         names.append(name)
         flat.append(s)
     allscores = torch.cat(flat)
     k = min(top_t, int(torch.isfinite(allscores).sum()))
     if k == 0:
-        raise MemeditError("every slot this fact reads is frozen: nothing can be trained")
+        raise MemeditError("every slot this fact reads is frozen or protected: nothing can be trained")
     top = allscores.topk(k).indices
     out, start = {}, 0
     for name, s in zip(names, flat, strict=True):
@@ -269,7 +320,7 @@ def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[s
 
 
 def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | None, cfg: EditConfig | None = None,
-         message: str = "") -> EditResult:
+         message: str = "", protect: dict[str, torch.Tensor] | None = None) -> EditResult:
     """The patch that rewrites the facts of ``requests`` (one batch), with what was trained; the model is unchanged.
 
     Apply the patch with :func:`memedit.patch.apply` (a model folder) or :func:`memedit.patch.write_rows` (memory).
@@ -288,15 +339,33 @@ def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | N
         steps, loss = train_rows(model, requests, None, cfg)
         return EditResult(None, {}, steps, loss, time.perf_counter() - t0)
     counts = fact_counts(model, items, cfg.positions)
-    rows = select(model, rank(counts, bg, cfg.ranking), cfg.top_t * len(requests))
-    base = {name: model.table(name).weight.detach()[ids].clone() for name, ids in rows.items()}
+    scores = rank(counts, bg, cfg.ranking)
+    most = cfg.top_t * len(requests)
+    off = protected_rows(model, cfg, bg, protect)
+    t = min(most, cfg.min_t * len(requests)) if cfg.adaptive else most
+    base: dict[str, dict[int, torch.Tensor]] = {}  # table -> {row id: its original contents}, every row trained
+    rows: dict[str, torch.Tensor] = {}
+    steps = 0
     try:
-        steps, loss = train_rows(model, requests, rows, cfg)
+        while True:
+            rows = select(model, scores, t, off)
+            for name, ids in rows.items():  # remember the originals of the rows this round adds
+                seen = base.setdefault(name, {})
+                new = [i for i in ids.tolist() if i not in seen]
+                if new:
+                    seen.update(zip(new, model.table(name).weight.detach()[new].clone(), strict=True))
+            budget = cfg.steps - steps if (not cfg.adaptive or t >= most) else min(cfg.round_steps, cfg.steps - steps)
+            n, loss = train_rows(model, requests, rows, replace(cfg, steps=max(1, budget)))
+            steps += n
+            if not cfg.adaptive or loss < cfg.stop_loss or t >= most or steps >= cfg.steps:
+                break
+            t = min(most, 2 * t)  # the edit does not hold yet: train more rows, starting from where it stands
         updates = {name: (ids, model.table(name).weight.detach()[ids].clone()) for name, ids in rows.items()}
     finally:  # the model is left as it was; the patch carries the change
         with torch.no_grad():
-            for name, ids in rows.items():
-                model.table(name).weight[ids] = base[name]
+            for name, originals in base.items():
+                ids = torch.tensor(list(originals), dtype=torch.long)
+                model.table(name).weight[ids] = torch.stack(list(originals.values()))
     info = {"requests": [asdict(r) for r in requests], "config": asdict(cfg), "steps": steps, "loss": loss}
     msg = message or "edit: " + "; ".join(f"{r.rewrite_prompt} -> {r.target_new}" for r in requests)[:200]
     if steps == 0:
@@ -380,8 +449,11 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
 
     groups = [[r] for r in requests] if sequential else [list(requests)]
     results = []
+    made: dict[str, torch.Tensor] = {}  # rows trained by the edits of this run (a folder's log holds earlier ones)
     for n, group in enumerate(groups, 1):
-        res = edit(model, group, bg, cfg)
+        res = edit(model, group, bg, cfg, protect=made if cfg.protect != "none" else None)
+        for name, ids in res.slots.items():
+            made[name] = torch.cat([made.get(name, torch.empty(0, dtype=torch.long)), torch.tensor(ids)])
         if res.patch is not None:
             if commit is not None:
                 commit(res.patch)  # e.g. memedit.patch.apply: writes the rows in memory and in the folder
