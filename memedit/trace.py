@@ -448,24 +448,17 @@ class Trace:
         return next(t for t in self.model.tables if layer in t.layers)
 
     def writes(self, unit: Unit, pos: int | None = None, n: int = 5) -> dict[str, list[tuple[str, float]]]:
-        """What a unit's value row writes at ``pos``: the n tokens it promotes and suppresses most, with logits."""
+        """What a unit's value row writes at ``pos`` (memedit/readout.py, with this position's gate and final-norm
+        scale): the n tokens it promotes and suppresses most, with logits."""
+        from .readout import slot_writes
+
         pos = self.position if pos is None else pos
-        mem = self.model.memory_layers[unit.layer]
-        v = mem.values.weight[unit.slot].float()  # (V,)
-        if mem.swilu_projection is not None:
-            v = v * self[name(unit.layer, "gate")][pos].float()
-        if mem.value_proj is not None:
-            v = mem.value_proj.weight.float() @ v  # (D,)
-        if mem.gating is not None:
-            v = v * self[name(unit.layer, "gating")][pos].float()
-        logits = v @ self.unembed(pos)  # (vocab,)
-        tok = self.model.tokenizer
-        up, down = logits.topk(n), (-logits).topk(n)
-        return {
-            "promotes": [(token_text(tok, int(i)), float(x)) for x, i in zip(up.values, up.indices, strict=True)],
-            "suppresses": [(token_text(tok, int(i)), -float(x))
-                           for x, i in zip(down.values, down.indices, strict=True)],
-        }
+        h = self["final.resid"][pos].float()
+        scale = torch.rsqrt(h.pow(2).mean() + self.model.norm.eps)
+        gate = self[name(unit.layer, "gate")][pos] if name(unit.layer, "gate") in self else None
+        gating = self[name(unit.layer, "gating")][pos] if name(unit.layer, "gating") in self else None
+        (w,) = slot_writes(self.model, unit.layer, [unit.slot], gate, gating, scale, n)
+        return {"promotes": w["promotes"], "suppresses": w["suppresses"]}
 
     def flip_count(self, pos: int | None = None, limit: int | None = None) -> int | None:
         """The smallest n such that dropping the n top-attributed units changes the top prediction at ``pos``.
