@@ -274,7 +274,6 @@ class Trace:
         self.cache = {k: v[0].cpu() for k, v in cache.items()}  # (T, ...) each
         self.logprobs = torch.log_softmax(logits[0].float().cpu(), -1)  # (T, vocab)
         self._ablation: dict[int, dict[int, torch.Tensor]] = {}
-        self._unembed: dict[int, torch.Tensor] = {}
 
     # ---- captured values ------------------------------------------------------------------------
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -363,16 +362,6 @@ class Trace:
             g = self[name(layer, "gating")][pos].float()  # (1,)
             c, bias = c * g, bias * g
         return c, bias
-
-    def unembed(self, pos: int | None = None) -> torch.Tensor:
-        """(D, vocab): the map from a residual-stream write at ``pos`` to logits, final-norm scale frozen."""
-        pos = self.position if pos is None else pos
-        if pos not in self._unembed:
-            norm = self.model.norm
-            h = self["final.resid"][pos].float()
-            scale = torch.rsqrt(h.pow(2).mean() + norm.eps)
-            self._unembed[pos] = (scale * norm.weight.float()).unsqueeze(-1) * self.model.output.weight.float().T
-        return self._unembed[pos]
 
     def logit_direction(self, pos: int | None = None) -> torch.Tensor:
         """(D,): the direction whose dot product with a residual write gives its attribution to the scored token."""
