@@ -69,6 +69,9 @@ def audit(
     heads: Annotated[bool, typer.Option("--heads", help="Also show every head's metrics.")] = False,
     subkeys: Annotated[bool, typer.Option("--subkeys", help="Also show sub-key balance per head and half.")] = False,
     top: Annotated[int, typer.Option("--top", min=1, help="With `diff`: slots to list that gained/lost use.")] = 10,
+    contexts: Annotated[int, typer.Option(
+        "--contexts", min=0, max=1024, help="Keep each slot's M highest-weight contexts in --out (see `memedit slot`).")
+    ] = 0,
     distributed: Annotated[bool, typer.Option(
         "--distributed", help="Run as one rank of a torchrun job (torchrun --nproc-per-node P -m memedit.audit ...).")
     ] = False,
@@ -80,7 +83,7 @@ def audit(
     """Audit how the memory is used over a corpus: per table, layer and head, used %, KL to uniform, Gini,
     top50/90/99, the top 1% of slots' share, dead slots and entropy, by access count and by softmax weight.
 
-    Examples: memedit audit corpus.txt --tokens 100000 --out audit.h5 --plot usage.png;
+    Examples: memedit audit corpus.txt --tokens 100000 --out audit.h5 --plot usage.png --contexts 8;
     memedit audit diff before.h5 after.h5
     """
     if corpus == "diff" and not Path("diff").is_file():
@@ -97,9 +100,9 @@ def audit(
 
     with TokenProgress(disable=json or os.environ.get("RANK", "0") != "0") as progress:
         if distributed:
-            stats, rank = audit_distributed(m, src, tokens, batch_size, progress)
+            stats, rank = audit_distributed(m, src, tokens, batch_size, progress, contexts=contexts)
         else:
-            stats, rank = run(m, src, tokens, batch_size, progress), 0
+            stats, rank = run(m, src, tokens, batch_size, progress, contexts=contexts), 0
     if rank != 0:
         return
     rows = report(stats)

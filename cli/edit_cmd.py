@@ -190,7 +190,14 @@ def edit(
                     typer.Option("--fact", help="Rewrite a world fact to its target_new (id).")] = None,
     requests: Annotated[Optional[Path], typer.Option("--requests", help="Edit requests, JSONL.")] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help="One edit per request, in order.")] = False,
-    top_t: Annotated[Optional[int], typer.Option("--top-t", min=1, help="Value rows trained per fact.")] = None,
+    top_t: Annotated[Optional[int], typer.Option("--top-t", min=1, help="At most this many value rows trained per "
+                                                                         "fact.")] = None,
+    adaptive: Annotated[bool, typer.Option("--adaptive/--fixed",
+                                           help="Train as few rows as the edit needs (16, doubled while it does not "
+                                                "hold, up to --top-t), or always --top-t.")] = True,
+    protect: Annotated[str, typer.Option("--protect", help="Rows left alone: none; edits (rows earlier edits "
+                                                           "trained); hot (also the background's most-read).")]
+    = "none",
     lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="At most this many steps.")] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="sgd, or adamw (forgets more).")] = "sgd",
@@ -228,7 +235,7 @@ def edit(
                      facts)
     if out is not None and sequential and len(reqs) > 1:
         raise MemeditError("--out writes one patch; with --sequential every edit is logged in the model folder")
-    cfg = S.EditConfig(optimizer=optimizer, ranking=ranking, positions=positions)
+    cfg = S.EditConfig(optimizer=optimizer, ranking=ranking, positions=positions, adaptive=adaptive, protect=protect)
     for k, v in (("top_t", top_t), ("lr", lr), ("steps", steps)):
         if v is not None:
             setattr(cfg, k, v)
