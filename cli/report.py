@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .app import app
-from .common import DtypeOpt, JsonOpt, ModelOpt, command, console, err_console, fail, load_model, print_json
+from .common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, command, console, err_console, fail, load_model, print_json
 
 
 @command(app)
@@ -23,6 +23,7 @@ def report(
                       ] = None,
     n: Annotated[int, typer.Option("--tokens", "-n", min=1, help="Promoted and suppressed tokens per slot.")] = 5,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     json: JsonOpt = False,
 ) -> None:
@@ -38,7 +39,7 @@ def report(
     if targets and len(targets) != len(prompts):
         fail(f"give one --target per --prompt ({len(prompts)} prompts, {len(targets)} targets), or none")
     audit_stats = read_audit(stats) if stats is not None else None
-    m = load_model(model, dtype)
+    m = load_model(model, dtype, device=device)
     say = None if json else (lambda s: err_console.print(f"[dim]{s}[/]"))
     summary = build_report(m, out, audit_stats, list(fact or []),
                            list(zip(prompts, targets or [None] * len(prompts), strict=True)), n, say)
