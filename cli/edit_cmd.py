@@ -239,8 +239,6 @@ def edit(
     for k, v in (("top_t", top_t), ("lr", lr), ("steps", steps)):
         if v is not None:
             setattr(cfg, k, v)
-    if optimizer == "adamw" and lr is None:
-        cfg.lr = 1e-2
     bg = None
     if ranking != "counts":
         from memedit.background import get

@@ -51,7 +51,7 @@ class EditConfig:
     # (benchmarks/bench_continual.py); on a BPE model with 2-4-token targets, a fixed 128 rows / 100 steps made 85 %
     # of single edits and adaptive up to 256 rows / 200 steps 100 % (tests/test_real_models.py, README).
     top_t: int = 256  # at most this many value rows trained per fact
-    lr: float = 5.0  # SGD learning rate (§6: 2 to 5)
+    lr: float | None = None  # None: 5.0 for SGD (§6: 2 to 5), 1e-2 for AdamW
     steps: int = 200  # at most this many optimizer steps in all (most edits stop early)
     stop_loss: float = 0.05  # stop early once the mean loss on the training phrasings is below this
     optimizer: str = "sgd"  # "sgd" (default) or "adamw" (forgets more, §6)
@@ -64,6 +64,13 @@ class EditConfig:
     adaptive: bool = True  # train min_t rows first, and double them (up to top_t) only while the edit does not hold
     min_t: int = 16  # with adaptive: the rows tried first
     round_steps: int = 25  # with adaptive: steps per round before the rows are doubled (the last round: the rest)
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the optimizer's default when it is None."""
+        if self.lr is not None:
+            return self.lr
+        return 5.0 if self.optimizer == "sgd" else 1e-2
 
 
 @dataclass
@@ -299,8 +306,8 @@ def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[s
         else:
             leaves = stack.enter_context(trainable_rows(model, rows))
             params = list(leaves.values())
-        opt = (torch.optim.SGD(params, lr=cfg.lr) if cfg.optimizer == "sgd"
-               else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0))
+        opt = (torch.optim.SGD(params, lr=cfg.learning_rate) if cfg.optimizer == "sgd"
+               else torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0))
         for steps in range(1, cfg.steps + 1):
             with torch.enable_grad():
                 loss = _loss(model, tokens, labels)
