@@ -66,7 +66,7 @@ def generate(
     out = gen(load_model(model, dtype, tokenizer), prompt, max_tokens)
     if json:
         return print_json(out)
-    console.print(f"{prompt} [bold green]{out['completion']}[/]")
+    console.print(f"{prompt} [bold green]{out['completion'].lstrip()}[/]")  # a BPE piece may start with a space
 
 
 @command(app)

@@ -1,20 +1,23 @@
 """A small BPE model on a few hundred facts of the demo's world generator: a fixture for tests of multi-token targets.
 
-``bpe_model(tmp_path)`` trains it with the recipe of ``memedit train`` (memedit/train.py) at a tiny size, in well
-under a minute on 2 CPU cores, and saves it as a native folder. Every subject and every object of this world is 2+
-BPE tokens, so scoring, tracing and editing meet whole-target sequences as on a real model.
+The model lives in ``tests/data/bpe-world/`` (a native folder, ~1 MB), trained by the recipe of ``memedit train``
+(memedit/train.py) at a tiny size; ``python -m tests.bpe_world`` trains it again (a few minutes on 2 busy cores).
+Every subject and every object of its world is 2+ BPE tokens, so scoring, tracing and editing meet whole-target
+sequences as on a real model. ``bpe_model(tmp_path)`` hands a test a writable copy.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from memedit.checkpoint import load, save
+from memedit.checkpoint import load
 from memedit.facts import World, world_of
 from memedit.model import MemoryModel
-from memedit.train import TrainConfig, train
+from memedit.train import TrainConfig
 
-# 50 people x 6 relations = 300 facts; a small memory (4,096 slots) and model (D 64) that learn them in ~30 s.
+FIXTURE = Path(__file__).parent / "data" / "bpe-world"
+# 50 people x 6 relations = 300 facts; a small memory (4,096 slots) and model (D 64).
 BPE_CONFIG = dict(seed=7, n_subjects=50, dim=64, n_heads=4, n_keys=64, mem_heads=2, knn=8, k_dim=32,
                   epochs=30, batch_size=32, threads=1)
 
@@ -24,9 +27,33 @@ def bpe_train_config(**overrides) -> TrainConfig:
     return TrainConfig(**{**BPE_CONFIG, **overrides})
 
 
-def bpe_model(tmp_path: Path, **overrides) -> tuple[MemoryModel, Path, World]:
-    """Train the fixture model, save it under ``tmp_path/bpe``; returns (the model as loaded, its folder, its world)."""
-    model, _ = train(bpe_train_config(**overrides))
-    path = save(model, Path(tmp_path) / "bpe")
-    loaded = load(path)
-    return loaded, path, world_of(loaded)
+def bpe_model(tmp_path: Path) -> tuple[MemoryModel, Path, World]:
+    """A writable copy of the fixture model under ``tmp_path/bpe``; returns (the model as loaded, its folder, its
+    world)."""
+    path = Path(tmp_path) / "bpe"
+    shutil.copytree(FIXTURE, path)
+    model = load(path)
+    return model, path, world_of(model)
+
+
+def main() -> None:  # python -m tests.bpe_world: train the fixture again and print its figures
+    import time
+
+    from memedit.checkpoint import save
+    from memedit.evaluate import fact_accuracies
+    from memedit.train import multi_token_share, train
+
+    t0 = time.time()
+    model, world = train(bpe_train_config())
+    print(f"trained in {time.time() - t0:.0f}s")
+    objects = [o for r in world.relations for o in r.objects]
+    print(f"2+ tokens: objects {multi_token_share(model.tokenizer, objects):.1%}, "
+          f"subjects {multi_token_share(model.tokenizer, world.subjects):.1%}")
+    print("accuracy", fact_accuracies(model, world.facts))
+    print("memory zeroed", fact_accuracies(model, world.facts, zero_memory=True))
+    save(model, FIXTURE, overwrite=True)
+    print(f"wrote {FIXTURE}")
+
+
+if __name__ == "__main__":
+    main()
