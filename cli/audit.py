@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .common import DtypeOpt, JsonOpt, ModelOpt, command, console, err_console, fail, load_model, print_json
+from .common import DtypeOpt, JsonOpt, ModelOpt, command, console, err_console, esc, fail, load_model, print_json
 
 BASIC = ("used", "kl_uniform", "gini", "top50", "top99", "top1pct_share", "dead")  # all metrics: --json
 
@@ -103,7 +103,7 @@ def audit(
                            "out": str(out) if out else None, "plot": str(plot) if plot else None, "metrics": rows})
     shown = [r for r in rows if r["scope"] in ("table", "layer") or (heads and r["scope"] == "head")
              or (subkeys and r["scope"] == "subkey")]
-    console.print(_metrics_table(shown, f"slot usage over {stats.tokens:,} tokens of {stats.corpus}"))
+    console.print(_metrics_table(shown, f"slot usage over {stats.tokens:,} tokens of {esc(stats.corpus)}"))
     for r in rows:
         if r["scope"] == "table" and r["basis"] == "count":
             console.print(f"table {r['table']}: {r['used']:.2f}% of {stats.n_slots:,} slots used, "

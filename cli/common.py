@@ -37,6 +37,13 @@ DtypeOpt = Annotated[
 ]
 
 
+def esc(text: str) -> str:
+    """User text (prompts, tokens, targets) made safe to print with rich: markup such as [/b] shows literally."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
 def fail(message: str) -> None:
     """Print a one-line error and exit with code 2."""
     from rich.markup import escape

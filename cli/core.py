@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .common import DtypeOpt, JsonOpt, ModelOpt, TokenizerOpt, command, console, load_model, print_json
+from .common import DtypeOpt, JsonOpt, ModelOpt, TokenizerOpt, command, console, esc, load_model, print_json
 
 
 @command(app)
@@ -66,7 +66,7 @@ def generate(
     out = gen(load_model(model, dtype, tokenizer), prompt, max_tokens)
     if json:
         return print_json(out)
-    console.print(f"{prompt} [bold green]{out['completion'].lstrip()}[/]")  # a BPE piece may start with a space
+    console.print(f"{esc(prompt)} [bold green]{esc(out['completion'].lstrip())}[/]")  # BPE pieces start with a space
 
 
 @command(app)

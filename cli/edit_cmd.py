@@ -10,7 +10,7 @@ from rich.table import Table
 
 from . import patch_cmd  # noqa: F401  (registers the `patch` group)
 from .app import app
-from .common import JsonOpt, ModelOpt, command, console, load_model, print_json
+from .common import JsonOpt, ModelOpt, command, console, esc, load_model, print_json
 
 FactsOpt = Annotated[Optional[Path], typer.Option("--facts", help="Facts JSONL (default: the model's own world).")]
 
@@ -249,7 +249,7 @@ def edit(
     for w in caught:
         from .common import err_console
 
-        err_console.print(f"[yellow]warning:[/] {w.message}")
+        err_console.print(f"[yellow]warning:[/] {esc(str(w.message))}")
     if out is not None:
         results[0].patch.save(out)
     rows = []
@@ -265,8 +265,8 @@ def edit(
     fmt = lambda x: "-" if x is None else f"{x:.0%}"  # noqa: E731
     for n, r in enumerate(rows, 1):
         q = r["request"]
-        text = q["prompt"].format(q["subject"]) if "{}" in q["prompt"] else q["prompt"]
-        console.print(f"[bold]{n}.[/] {text} [red]{q['target_true']}[/] -> [green]{q['target_new']}[/]  "
+        text = q["prompt"].replace("{}", q["subject"])
+        console.print(f"[bold]{n}.[/] {esc(text)} [red]{esc(q['target_true'])}[/] -> [green]{esc(q['target_new'])}[/]  "
                       f"patch {r['patch']}: {r['rows_trained']} rows, {r['steps']} steps, {r['seconds']:.2f}s")
     t = Table(title="fact edits" + (" (dry run: nothing written)" if dry_run else ""))
     for c in ("#", "efficacy", "paraphrase", "held-out", "neighborhood", "score", "forgetting"):

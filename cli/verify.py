@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .common import JsonOpt, ModelOpt, command, console, err_console, load_model, print_json
+from .common import JsonOpt, ModelOpt, command, console, err_console, esc, load_model, print_json
 
 
 def parse_dtypes(spec: str, model_dtype):
@@ -117,7 +117,8 @@ def read_corpus(path: Optional[Path], model) -> list[str]:
 
     if path is None:
         if not model.meta.get("world"):
-            raise MemeditError("this model records no facts world: pass --corpus FILE, --random N or --queries FILE")
+            raise MemeditError("nothing to verify on: this model has no demo world to default to; pass --corpus FILE, "
+                               "--random N or --queries FILE")
         return world_of(model).training_sentences()
     try:
         lines = path.read_text().splitlines()
@@ -130,7 +131,7 @@ def read_corpus(path: Optional[Path], model) -> list[str]:
 
 
 def render(report, examples: int) -> None:
-    console.print(f"[bold]queries[/] {report.source}")
+    console.print(f"[bold]queries[/] {esc(report.source)}")
     for p in report.passes:
         t = Table(title=f"{p.dtype} (tolerance {p.rtol:.1e} × score scale)")
         for c in ("L", "head", "lookups", "agree", "same ids", "tie only", "REAL", "k-th ties", "max |Δ|"):

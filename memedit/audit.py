@@ -47,7 +47,8 @@ class Corpus:
             try:
                 world = world_of(model)
             except MemeditError:
-                raise MemeditError("this model records no facts world: give a CORPUS file (text or JSONL)") from None
+                raise MemeditError("no CORPUS given, and this model has no demo world to default to: pass a CORPUS file "
+                                   "(text, one document per line, or JSONL with a \"text\" field)") from None
             return cls(description=f"demo world (seed {world.seed}) training sentences",
                        texts=world.training_sentences())
         path = Path(source).expanduser()

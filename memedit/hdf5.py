@@ -172,7 +172,9 @@ def export(path: str | Path, model: Any, stats: SlotStats | None = None, metrics
             if model.tokenizer is not None:
                 V = model.config.vocab_size
                 w.scale("token", np.arange(V, dtype=np.int64))
-                vocab = np.asarray([model.tokenizer.id_to_token(i) for i in range(V)], dtype=h5py.string_dtype())
+                from .tokenizer import token_text
+
+                vocab = np.asarray([token_text(model.tokenizer, i) for i in range(V)], dtype=h5py.string_dtype())
                 w.array("vocab", vocab, ("token",), attrs={"long_name": "the string of each token id"})
         _write_edit_log(w, edit_log(model))
     return path
@@ -184,10 +186,12 @@ def promoted_tokens(model: Any, layer: int, k: int, budget: int = 1 << 23):
 
     Each row is read out as the layer would write it with a gate of 1 (``value_proj(row)``), then through the
     final norm's scale and the unembedding. Blocks hold at most ``budget`` logits, so a 1M-slot table stays
-    bounded in memory.
+    bounded in memory. Only ids the tokenizer can decode compete: a padded vocabulary's extra ids are skipped.
     """
     mem = model.memory_layers[layer]
-    unembed = model.output.weight.float() * model.norm.weight.float()  # (vocab, D)
+    n_tok = model.config.vocab_size if model.tokenizer is None else min(model.config.vocab_size,
+                                                                         model.tokenizer.vocab_size)
+    unembed = model.output.weight[:n_tok].float() * model.norm.weight.float()  # (vocab, D)
     readout = unembed @ mem.value_proj.weight.float() if mem.value_proj is not None else unembed  # (vocab, V)
     rows = mem.values.weight
     block = max(1, budget // readout.shape[0])

@@ -497,11 +497,16 @@ def route(
     """Write a new fact into one slot: pick a free slot, move its two sub-keys as little as needed for the fact's
     query to select it (in one head of one layer), then train its value row so the target is predicted."""
     from .capture import answer_lookups
-    from .evaluate import accuracy, answer_token, last_logits
+    from .evaluate import last_logits
     from .state import frozen_rows
+    from .targets import accuracy, tokenize_target
 
-    text = prompt.format(subject) if "{}" in prompt else prompt
-    want = answer_token(model, target)
+    text = prompt.replace("{}", subject)
+    tt = tokenize_target(model, text, target)
+    if len(tt.ids) > 1:
+        raise MemeditError(f"keys route writes one slot for one next token, and the target {tt.text!r} is "
+                           f"{len(tt.ids)} tokens: use `memedit edit` (sparse memory finetuning) for it")
+    want = tt.ids[0]
     layers = model.memory_layers
     if layer is not None and layer not in layers:
         raise MemeditError(f"layer {layer} is not a memory layer (memory layers: {list(layers)})")

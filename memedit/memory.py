@@ -160,12 +160,24 @@ class MemoryLayer(nn.Module):
         return self.search(q, self.keys4d.to(q.dtype))
 
     def read(self, lk: Lookup, dtype: torch.dtype) -> torch.Tensor:
-        """Step 7: m = sum over heads and ranks of w * Values[idx], as one embedding bag. Returns (n, V)."""
+        """Step 7: m = sum over heads and ranks of w * Values[idx], as one embedding bag. Returns (n, V) in ``dtype``.
+
+        Numerics of the reference kernel (xformers_embedding_bag): the weights are taken in the compute dtype
+        ``dtype``, every row is upcast to float32, the sum is float32, and m is rounded to the table's dtype.
+        """
         n = lk.indices.shape[0]
         table = self.values.weight
-        w = lk.weights.reshape(n, -1).to(table.dtype)
-        m = F.embedding_bag(lk.indices.reshape(n, -1), table, per_sample_weights=w, mode="sum")
-        return m.to(dtype)
+        idx = lk.indices.reshape(n, -1)  # (n, H*k)
+        w = lk.weights.reshape(n, -1).to(dtype).float()  # (n, H*k): in the compute dtype, then exact in float32
+        if table.dtype == torch.float32:
+            m = F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
+        else:  # gather the selected rows in chunks, so a low-precision table is never upcast whole
+            step = max(1, (1 << 24) // max(1, idx.shape[1] * table.shape[1]))
+            m = torch.cat([
+                (F.embedding(idx[s : s + step], table).float() * w[s : s + step, :, None]).sum(1)  # (chunk, V)
+                for s in range(0, n, step)
+            ]) if n else table.new_zeros(0, table.shape[1], dtype=torch.float32)
+        return m.to(table.dtype).to(dtype)
 
     def project(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """Step 8: from the value mix m (n, V) and the inputs x (n, D) to the layer output (n, D)."""

@@ -77,8 +77,8 @@ def tokenize_target(model: MemoryModel, prompt: str, target: str) -> TargetToken
         raise MemeditError(f"the target {text!r} has no tokens")
     unk = _unknown_id(model.tokenizer)
     if unk is not None and unk in ids:
-        raise MemeditError(f"the target {text!r} cannot be represented by this model's tokenizer "
-                           "(it is not in the vocabulary)")
+        raise MemeditError(f"the target {text!r} is not in the model's vocabulary (its tokenizer maps it to "
+                           "the unknown token)")
     return TargetTokens(prompt=prompt, text=text, prompt_ids=tuple(prompt_ids), ids=tuple(ids), joined=joined)
 
 
@@ -189,7 +189,9 @@ def greedy_answer(model: MemoryModel, prompt: str, max_tokens: int = MAX_ANSWER_
         text = cand
         if ends:  # one token that is a whole word with its punctuation
             break
-    return text.strip()
+    # bytes that are not valid UTF-8 (or a character cut off at max_tokens) end the answer: it must be text that
+    # tokenizes back to itself, so that it can be scored as a target
+    return text.split("\ufffd")[0].strip()
 
 
 def answer_or_given(model: MemoryModel, prompt: str, given: str | None) -> str:

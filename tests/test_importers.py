@@ -69,6 +69,7 @@ def test_reference_checkpoint_float32_equals_independent_computation(ref, which)
     ids = model.encode(PROMPT)
     assert ids[0] == 256 and ids[1:] == list(PROMPT.encode())  # lingua's bytes tokenizer from params.json
     logits, seen = run_with_inputs(model, ids)
+    state = {k: v.float() for k, v in state.items()}  # --dtype float32 upcasts the table: nothing rounds to bf16
     want, ref_lookups = reference_forward(state, p, ids)
     assert (logits.double() - want).abs().max() < 1e-5
     pk = p["model"]["productkey_args"]
@@ -87,8 +88,8 @@ def test_values_stay_bfloat16_and_outputs_match_within_bf16_tolerance(ref):
     assert torch.equal(model.table("shared").weight, state["layers.1.feed_forward.values.weight"])
     ids = model.encode(PROMPT)
     logits, seen = run_with_inputs(model, ids)
-    want, _ = reference_forward(state, p, ids)
-    assert (logits.double() - want).abs().max() < 2e-2 * want.abs().max()
+    want, _ = reference_forward(state, p, ids)  # rounds the value mix to bf16 where the reference kernel does
+    assert (logits.double() - want).abs().max() < 5e-4  # summation order alone moves logits ~1e-5 here
     for L, (x, lk) in seen.items():
         slots, _, _ = brute_force_memory(state, f"layers.{L}.feed_forward.", p["model"]["productkey_args"], x)
         assert torch.equal(sorted_slots(lk.indices), sorted_slots(slots))  # lookups in float32: same slots
@@ -139,6 +140,7 @@ def test_unshared_values_are_one_table_per_layer(tmp_path):
     assert [(t.name, t.layers) for t in model.tables] == [("layer1", [1]), ("layer3", [3])]
     ids = model.encode(PROMPT)
     logits, _ = run_with_inputs(model, ids)
+    state = {k: v.float() for k, v in state.items()}  # as computed: float32 (no bf16 rounding of the value mix)
     assert (logits.double() - reference_forward(state, p, ids)[0]).abs().max() < 1e-5
 
 
