@@ -14,12 +14,12 @@ the fact's true object. After every ``--every`` edits, on the model as it stands
   untouched     exact-match accuracy on the training phrasings of every fact not edited (``--untouched N``: a fixed
                 sample of N prompts instead), and its drop from the start
 Methods (memedit's strategies are options of ``memedit edit``; see EditConfig):
-  memedit            TF-IDF top-t rows (the `memedit edit` defaults)
+  memedit            the `memedit edit` defaults: TF-IDF ranking, adaptive rows (16 first, doubled every 25 steps
+                     while the edit does not hold, up to 256; at most 200 steps)
   protect            + rows that earlier edits trained are never trained again
-  adaptive           + only as many rows as the edit needs (16, doubled while the edit does not hold, up to top-t)
-  protect-adaptive   both
-  hot-adaptive       protect + adaptive + the background's 2 % most-read rows left alone
-  counts             top-t rows by access counts alone (no IDF)
+  hot                + protect, and the background's 2 % most-read rows left alone
+  fixed-128          128 rows per edit, at most 100 steps (memedit's defaults before continual editing)
+  counts             fixed-128 ranked by access counts alone (no IDF)
   full-ft            every parameter trained (AdamW, lr 3e-5: the full-finetuning baseline of bench_edit.py)
   rome               a ROME-style rank-one edit of the last memory layer's value_proj (benchmarks/baselines.py)
 """
@@ -46,14 +46,14 @@ from memedit.patch import write_rows  # noqa: E402
 from memedit.sparse_ft import EditConfig, EditRequest, edit  # noqa: E402
 from memedit.targets import score  # noqa: E402
 
+FIXED = {"adaptive": False, "top_t": 128, "steps": 100}  # the defaults before continual editing
 STRATEGIES = {
     "memedit": {},
     "protect": {"protect": "edits"},
-    "adaptive": {"adaptive": True},
-    "protect-adaptive": {"protect": "edits", "adaptive": True},
-    "hot-adaptive": {"protect": "hot", "adaptive": True},
-    "counts": {"ranking": "counts"},
-    "full-ft": {"train_all": True, "optimizer": "adamw", "lr": 3e-5},
+    "hot": {"protect": "hot"},
+    "fixed-128": FIXED,
+    "counts": {**FIXED, "ranking": "counts"},
+    "full-ft": {**FIXED, "train_all": True, "optimizer": "adamw", "lr": 3e-5},
 }
 METHODS = list(STRATEGIES) + ["rome"]
 

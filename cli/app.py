@@ -22,6 +22,8 @@ from . import edit_cmd  # noqa: E402,F401
 from . import verify  # noqa: E402,F401
 from . import keys  # noqa: E402,F401
 from . import audit  # noqa: E402,F401
+from . import slot  # noqa: E402,F401
+from . import report  # noqa: E402,F401
 # isort: on
 
 

@@ -35,6 +35,11 @@ TokenizerOpt = Annotated[
 DtypeOpt = Annotated[
     Optional[str], typer.Option("--dtype", help="Compute dtype: float32 or bfloat16 (default: as stored).")
 ]
+DeviceOpt = Annotated[
+    Optional[str],
+    typer.Option("--device", envvar="MEMEDIT_DEVICE", show_envvar=True,
+                 help="torch device to run the model on: cpu (default), cuda, cuda:1 ..."),
+]
 
 
 def esc(text: str) -> str:
@@ -82,8 +87,10 @@ def command(app: typer.Typer, name: str | None = None, **kw) -> Callable:
 SMALL_MODEL = 50_000_000  # parameters
 
 
-def load_model(model: Optional[str], dtype: Optional[str] = None, tokenizer: Optional[str] = None, **options: Any):
-    """Load --model; a tokenizer comes from --tokenizer, else $MEMEDIT_TOKENIZER (so every command honours it)."""
+def load_model(model: Optional[str], dtype: Optional[str] = None, tokenizer: Optional[str] = None,
+               device: Optional[str] = None, **options: Any):
+    """Load --model on --device; a tokenizer comes from --tokenizer, else $MEMEDIT_TOKENIZER (so every command
+    honours it)."""
     import os
 
     import torch
@@ -93,7 +100,7 @@ def load_model(model: Optional[str], dtype: Optional[str] = None, tokenizer: Opt
     tokenizer = tokenizer or os.environ.get("MEMEDIT_TOKENIZER")
     if tokenizer:
         options["tokenizer"] = tokenizer
-    m = memedit.load(model, dtype=dtype, **options)
+    m = memedit.load(model, dtype=dtype, device=device, **options)
     if sum(p.numel() for p in m.parameters()) < SMALL_MODEL and "OMP_NUM_THREADS" not in os.environ:
         # A command on a small model runs many tiny batches: a second thread only waits for the first, and on a
         # busy machine a spinning thread pool made commands 5-50x slower. Big models keep torch's default.

@@ -11,12 +11,12 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .common import DtypeOpt, JsonOpt, ModelOpt, command, console, esc, load_model, print_json
+from .common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, command, console, esc, load_model, print_json
 
 
 @contextlib.contextmanager
-def _loaded(model: Optional[str], dtype: Optional[str]) -> Iterator:
-    yield load_model(model, dtype)
+def _loaded(model: Optional[str], dtype: Optional[str], device: Optional[str] = None) -> Iterator:
+    yield load_model(model, dtype, device=device)
 
 
 def _tokens(items: list[dict]) -> str:
@@ -48,6 +48,7 @@ def inspect(
     heldout: Annotated[bool, typer.Option("--heldout", help="With --fact: held-out phrasings join the core set.")]
     = False,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     json: JsonOpt = False,
 ) -> None:
@@ -68,14 +69,14 @@ def inspect(
 
         raise MemeditError("--facts needs --fact ID: which fact of the file to trace")
     if fact is not None:
-        return _inspect_fact(fact, facts, heldout, model, dtype, json)
+        return _inspect_fact(fact, facts, heldout, model, dtype, json, device)
     if prompt is None:
         from memedit.errors import MemeditError
 
         raise MemeditError('give a PROMPT (memedit inspect "Reidreir was born in") or --fact ID')
     from memedit.trace import trace
 
-    with _loaded(model, dtype) as m:
+    with _loaded(model, dtype, device) as m:
         d = trace(m, prompt, target).to_dict(all_positions=all_positions, top_slots=top)
     if json:
         return print_json(d)
@@ -158,12 +159,12 @@ def _signed(x: float) -> str:
 
 
 def _inspect_fact(fact_id: str, facts: Optional[Path], heldout: bool, model: Optional[str], dtype: Optional[str],
-                  json: bool) -> None:
+                  json: bool, device: Optional[str] = None) -> None:
     from memedit.errors import MemeditError
     from memedit.facts import load_facts, world_of
     from memedit.trace import trace_fact
 
-    with _loaded(model, dtype) as m:
+    with _loaded(model, dtype, device) as m:
         if facts is not None:
             found = [f for f in load_facts(facts) if f.id == fact_id]
             if not found:
@@ -202,6 +203,7 @@ def trace_causal(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Save the heat map as PNG (needs matplotlib).")]
     = None,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     json: JsonOpt = False,
 ) -> None:
@@ -215,7 +217,7 @@ def trace_causal(
     from memedit.causal import causal_trace
     from memedit.causal import plot as save_plot
 
-    with _loaded(model, dtype) as m:
+    with _loaded(model, dtype, device) as m:
         ct = causal_trace(m, prompt, subject, target, samples=samples, noise=noise, seed=seed)
     if plot is not None:
         save_plot(ct, plot)

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .common import JsonOpt, ModelOpt, command, console, esc, load_model, print_json
+from .common import DeviceOpt, JsonOpt, ModelOpt, command, console, esc, load_model, print_json
 
 keys_app = typer.Typer(help="Change sub-keys: online adaptation, routing a fact to a free slot, key patches.",
                        no_args_is_help=True)
@@ -60,9 +60,14 @@ def adapt_cmd(
     probe: Annotated[Optional[Path],
                      typer.Option(help="Background text whose lookups measure collateral (default: a sample of the "
                                        "world corpus).")] = None,
+    exact_index: Annotated[bool,
+                           typer.Option("--exact-index", help="Keep an incrementally updated FAISS index of every "
+                                                              "head's N² slot keys and check the probe lookups "
+                                                              "against it (N² × K floats per head).")] = False,
     out: OutOpt = None,
     dry_run: DryRunOpt = False,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Adapt the sub-keys online to CORPUS: each step moves only sub-keys that entered a stage-1 top-k in its batch.
@@ -75,7 +80,7 @@ def adapt_cmd(
     from memedit.checkpoint import require_writable
     from memedit.keys import adapt, save_and_apply
 
-    m = load_model(model)
+    m = load_model(model, device=device)
     if not dry_run:
         require_writable(m)
     texts = read_lines(corpus, "corpus")
@@ -89,7 +94,8 @@ def adapt_cmd(
                           f"collateral {st.collateral:.2%} (slots replaced {st.slots_replaced:.2%})  slots re-indexed "
                           f"{st.slots_reindexed:,}")
 
-    res = adapt(m, texts, probe_texts, steps=steps, batch_size=batch_size, lr=lr, layers=layer, progress=show)
+    res = adapt(m, texts, probe_texts, steps=steps, batch_size=batch_size, lr=lr, layers=layer,
+                check_exact=exact_index, progress=show)
     path = None
     if not dry_run and res.patch.changes:
         res.patch.meta["corpus"] = str(corpus)
@@ -102,8 +108,9 @@ def adapt_cmd(
     console.print(f"sub-keys changed: {res.subkeys_changed:,} of {res.subkeys_total:,} "
                   f"({res.frozen_skipped:,} frozen ones left alone); collateral: {res.steps[-1].collateral:.2%} of "
                   f"probe lookups changed, {res.steps[-1].slots_replaced:.2%} of their slots replaced")
-    console.print(f"exact check: {res.exact_lookups:,} probe lookups vs the incrementally updated FAISS index, "
-                  f"{res.exact_mismatches} mismatches")
+    if exact_index:
+        console.print(f"exact check: {res.exact_lookups:,} probe lookups vs the incrementally updated FAISS index, "
+                      f"{res.exact_mismatches} mismatches")
     console.print(f"wrote patch {path} and applied it" if path else "nothing written (--dry-run or no change)")
 
 
@@ -157,6 +164,7 @@ def route_cmd(
     out: OutOpt = None,
     dry_run: DryRunOpt = False,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Write a new fact into a free slot: move that slot's two sub-keys just enough for the fact's query to select
@@ -169,7 +177,7 @@ def route_cmd(
     from memedit.facts import world_of
     from memedit.keys import route, save_and_apply
 
-    m = load_model(model)
+    m = load_model(model, device=device)
     if not dry_run:
         require_writable(m)
     if slot != "auto" and not slot.lstrip("-").isdigit():

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .common import JsonOpt, ModelOpt, command, console, err_console, esc, load_model, print_json
+from .common import DeviceOpt, JsonOpt, ModelOpt, command, console, err_console, esc, load_model, print_json
 
 
 def parse_dtypes(spec: str, model_dtype):
@@ -56,7 +56,11 @@ def verify(
     save_queries: Annotated[Optional[Path],
                             typer.Option(help="Also write the checked queries (first dtype) as .npz.")] = None,
     examples: Annotated[int, typer.Option(min=0, help="Mismatches to print in full.")] = 3,
+    reference: Annotated[str,
+                         typer.Option(help="FAISS reference: flat (brute force over all slot keys, blockwise) or "
+                                           "miq (its MultiIndexQuantizer product-key search).")] = "flat",
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Compare every memory head's top-k with FAISS exact inner-product search over all N² slot keys.
@@ -70,7 +74,7 @@ def verify(
 
     if sum(x is not None and x != 0 for x in (corpus, random, queries)) > 1:
         raise MemeditError("give only one of --corpus, --random and --queries")
-    m = load_model(model)
+    m = load_model(model, device=device)
     if layer is not None and layer not in m.memory_layers:
         raise MemeditError(f"layer {layer} is not a memory layer (memory layers: {list(m.memory_layers)})")
     passes = parse_dtypes(dtypes, m.dtype)
@@ -102,7 +106,7 @@ def verify(
             return checked
 
     show = None if json else (lambda msg: err_console.print(f"[dim]{msg}[/]"))
-    report = exact.verify(m, source, name, passes, threads=threads, progress=show)
+    report = exact.verify(m, source, name, passes, threads=threads, progress=show, reference=reference)
     if json:
         print_json(report.to_json())
     else:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .memory import MemoryConfig, MemoryLayer
 
@@ -304,6 +305,7 @@ class MemoryModel(nn.Module):
                 "this is a standalone memory module with no host language model: commands that run text need a "
                 "host LM; give query vectors instead (e.g. model.memory_layers[0].lookup(x))"
             )
+        tokens = tokens.to(self.tok_embeddings.weight.device)  # callers build token ids on the CPU
         cos, sin = self.rope(tokens.shape[1], tokens.device)
         h = self.tok_embeddings(tokens)
         for block in self.layers:
@@ -371,3 +373,19 @@ class MemoryModel(nn.Module):
                 p.zero_()
         for layer in self.memory_layers.values():
             layer.reset_parameters(g)
+
+
+class _SkipInit(TorchFunctionMode):
+    """Skips ``torch.nn.init``'s in-place initialisers: on the meta device they only cost seconds of imports."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_"):
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+def meta_model(cfg: ModelConfig) -> MemoryModel:
+    """A model with every tensor on the meta device (shapes and dtypes, no memory, nothing initialised), for a loader
+    to fill with stored tensors."""
+    with torch.device("meta"), _SkipInit():
+        return MemoryModel(cfg)

@@ -274,7 +274,6 @@ class Trace:
         self.cache = {k: v[0].cpu() for k, v in cache.items()}  # (T, ...) each
         self.logprobs = torch.log_softmax(logits[0].float().cpu(), -1)  # (T, vocab)
         self._ablation: dict[int, dict[int, torch.Tensor]] = {}
-        self._unembed: dict[int, torch.Tensor] = {}
 
     # ---- captured values ------------------------------------------------------------------------
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -364,16 +363,6 @@ class Trace:
             c, bias = c * g, bias * g
         return c, bias
 
-    def unembed(self, pos: int | None = None) -> torch.Tensor:
-        """(D, vocab): the map from a residual-stream write at ``pos`` to logits, final-norm scale frozen."""
-        pos = self.position if pos is None else pos
-        if pos not in self._unembed:
-            norm = self.model.norm
-            h = self["final.resid"][pos].float()
-            scale = torch.rsqrt(h.pow(2).mean() + norm.eps)
-            self._unembed[pos] = (scale * norm.weight.float()).unsqueeze(-1) * self.model.output.weight.float().T
-        return self._unembed[pos]
-
     def logit_direction(self, pos: int | None = None) -> torch.Tensor:
         """(D,): the direction whose dot product with a residual write gives its attribution to the scored token."""
         pos = self.position if pos is None else pos
@@ -448,24 +437,17 @@ class Trace:
         return next(t for t in self.model.tables if layer in t.layers)
 
     def writes(self, unit: Unit, pos: int | None = None, n: int = 5) -> dict[str, list[tuple[str, float]]]:
-        """What a unit's value row writes at ``pos``: the n tokens it promotes and suppresses most, with logits."""
+        """What a unit's value row writes at ``pos`` (memedit/readout.py, with this position's gate and final-norm
+        scale): the n tokens it promotes and suppresses most, with logits."""
+        from .readout import slot_writes
+
         pos = self.position if pos is None else pos
-        mem = self.model.memory_layers[unit.layer]
-        v = mem.values.weight[unit.slot].float()  # (V,)
-        if mem.swilu_projection is not None:
-            v = v * self[name(unit.layer, "gate")][pos].float()
-        if mem.value_proj is not None:
-            v = mem.value_proj.weight.float() @ v  # (D,)
-        if mem.gating is not None:
-            v = v * self[name(unit.layer, "gating")][pos].float()
-        logits = v @ self.unembed(pos)  # (vocab,)
-        tok = self.model.tokenizer
-        up, down = logits.topk(n), (-logits).topk(n)
-        return {
-            "promotes": [(token_text(tok, int(i)), float(x)) for x, i in zip(up.values, up.indices, strict=True)],
-            "suppresses": [(token_text(tok, int(i)), -float(x))
-                           for x, i in zip(down.values, down.indices, strict=True)],
-        }
+        h = self["final.resid"][pos].float()
+        scale = torch.rsqrt(h.pow(2).mean() + self.model.norm.eps)
+        gate = self[name(unit.layer, "gate")][pos] if name(unit.layer, "gate") in self else None
+        gating = self[name(unit.layer, "gating")][pos] if name(unit.layer, "gating") in self else None
+        (w,) = slot_writes(self.model, unit.layer, [unit.slot], gate, gating, scale, n)
+        return {"promotes": w["promotes"], "suppresses": w["suppresses"]}
 
     def flip_count(self, pos: int | None = None, limit: int | None = None) -> int | None:
         """The smallest n such that dropping the n top-attributed units changes the top prediction at ``pos``.

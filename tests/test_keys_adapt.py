@@ -34,7 +34,7 @@ def test_adapt_lowers_loss_moves_only_stage1_subkeys_and_reverts_exactly(cli, ti
     probe = write_texts(tmp_path / "probe.txt", ["the dog sat in the park .", "a cat ran on the mat ."])
     base = fingerprint(model)
     code, out, _ = cli("keys", "adapt", corpus, "--model", path, "--probe", probe, "--steps", 6, "--lr", 2.0,
-                       "--out", tmp_path / "p.safetensors", "--json")
+                       "--out", tmp_path / "p.safetensors", "--exact-index", "--json")
     assert code == 0
     d = json.loads(out)
     assert d["loss_after"] < d["loss_before"]
@@ -125,7 +125,8 @@ def test_adapt_on_heldout_phrasings_lowers_their_loss_on_the_demo_model(demo, tm
     model = load(save(demo, tmp_path / "mine"))
     world = world_of(model)
     heldout = [f"{p} {f.target_true} ." for f in world.facts[:48] for p in f.heldout_paraphrases]
-    res = adapt(model, heldout, world.training_sentences()[::400], steps=12, batch_size=32, lr=0.2)
+    res = adapt(model, heldout, world.training_sentences()[::400], steps=12, batch_size=32, lr=0.2,
+                check_exact=True)
     assert res.loss_after < res.loss_before - 0.05
     assert res.exact_lookups > 0 and res.exact_mismatches == 0
     assert 0 < res.steps[-1].slots_replaced <= res.steps[-1].collateral

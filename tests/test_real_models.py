@@ -35,7 +35,7 @@ def test_a_multi_byte_target_is_scored_by_all_its_bytes(ref, cli):
     tg = json.loads(out)["target"]
     assert tg["tokens"] == list("Paris") or tg["tokens"] == [" ", "P", "a", "r", "i", "s"]
     ids = [256] + list(PROMPT.encode())
-    want = list(" Paris".encode())
+    want = list(b" Paris")
     assert tg["token_ids"] == want and tg["n_tokens"] == 6 and tg["joined"]
     # an independent float64 forward from the raw state dict (rounding the value mix to bf16 as the reference
     # kernel does) over prompt + target: the sum of the target bytes' log-probs
@@ -129,3 +129,33 @@ def test_an_unknown_word_target_is_refused_on_a_word_level_model(tiny, cli, tmp_
     code, _, err = cli("edit", "--prompt", "{} was born in", "--subject", "Reidreir", "--target-new", "Zzqqxx",
                        "--dry-run", "--forgetting-sample", "0", "--ranking", "counts", "--model", path)
     assert code == 2 and "not in the model's vocabulary" in err and len(err.strip().splitlines()) == 1
+
+
+def test_single_edits_on_a_bpe_model_hold_whole_targets(tmp_path):
+    """A small model with a BPE tokenizer (every object 2+ tokens): single edits, each measured then undone."""
+    import random
+
+    from memedit import background as B
+    from memedit.patch import write_rows
+    from memedit.sparse_ft import EditConfig, EditRequest, edit, measure
+
+    from .bpe_world import bpe_model
+
+    model, _, world = bpe_model(tmp_path)
+    bg = B.compute(model, world.training_sentences(), 32, 1000, corpus="the fixture world")
+    facts = random.Random(0).sample(world.facts, 20)
+    assert all(len(tokenize_target(model, f.training_prompts[0], f.target_new).ids) >= 2 for f in facts)
+    rows = []
+    for f in facts:
+        req = EditRequest.from_fact(f)
+        res = edit(model, [req], bg, EditConfig())
+        write_rows(model, res.patch, new=True)
+        rows.append(measure(model, req))
+        write_rows(model, res.patch, new=False)
+
+    def mean(key):
+        vals = [r[key] for r in rows if r[key] is not None]
+        return sum(vals) / len(vals)
+
+    # measured: efficacy 100 %, exact match 100 %, neighbourhood 100 % (20 facts, seed 0)
+    assert mean("efficacy") >= 0.95 and mean("exact_match") >= 0.9 and mean("neighborhood") >= 0.9
