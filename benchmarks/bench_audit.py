@@ -36,17 +36,15 @@ def demo_or_demo_shaped():
         m = memedit.load()
         return m, "bundled demo model" if m.read_only else f"demo model from {m.source}"
     except memedit.MemeditError:
-        from memedit.facts import World
         from memedit.model import MemoryModel
-        from memedit.tokenizer import WordTokenizer
-        from memedit.train import TrainConfig, demo_config
+        from memedit.train import TrainConfig, demo_config, world_tokenizer
 
         tc = TrainConfig()
-        world = World(tc.seed, tc.n_subjects)
-        tok = WordTokenizer.from_texts(world.all_texts())
+        world = tc.world()
+        tok = world_tokenizer(world, tc.vocab_size)
         m = MemoryModel(demo_config(tc, tok.vocab_size), tokenizer=tok)
         m.init_weights(tc.seed)
-        m.meta["world"] = {"seed": tc.seed, "n_subjects": tc.n_subjects}
+        m.meta["world"] = dict(world.spec)
         return m.eval().requires_grad_(False), "untrained model of the demo's shape (demo not bundled yet)"
 
 

@@ -67,7 +67,7 @@ def generate(
     out = gen(load_model(model, dtype, tokenizer, device), prompt, max_tokens)
     if json:
         return print_json(out)
-    console.print(f"{esc(prompt)} [bold green]{esc(out['completion'])}[/]")
+    console.print(f"{esc(prompt)} [bold green]{esc(out['completion'].lstrip())}[/]")  # BPE pieces start with a space
 
 
 @command(app)
@@ -123,7 +123,8 @@ def train(
     out: Annotated[Path,
                    typer.Option("--out", "-o", help="Folder to write the trained model to.")] = Path("demo-model"),
     epochs: Annotated[Optional[int],
-                      typer.Option(min=1, help="Passes over the world's training sentences (default 20).")] = None,
+                      typer.Option(min=1, help="Passes over the world's training sentences (default: the bundled "
+                                              "model's).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="World and initialisation seed (default 1234).")] = None,
     device: Annotated[str, typer.Option(help="torch device to train on: cpu, cuda, cuda:1 ...")] = "cpu",
     json: JsonOpt = False,
@@ -165,5 +166,6 @@ def train(
     if json:
         return print_json(res)
     console.print(f"wrote {out} in {seconds:.0f}s")
-    console.print(f"answer accuracy: training phrasings {acc['train']:.1%}, held-out phrasings {acc['heldout']:.1%}")
-    console.print(f"with memory zeroed: training phrasings {zero['train']:.1%}")
+    console.print(f"whole-answer accuracy: training wordings {acc['train']:.1%}, held-out wordings (seen with other "
+                  f"subjects) {acc['heldout']:.1%}, never-seen wordings {acc['unseen']:.1%}")
+    console.print(f"with memory zeroed: training wordings {zero['train']:.1%}")

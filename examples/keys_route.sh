@@ -15,8 +15,8 @@ f = world_of(memedit.load()).facts[7]
 print(f.prompt.replace(' ', '_'), f.subject, f.target_new)")
 PROMPT=${PROMPT//_/ }
 
-$MEMEDIT generate "${PROMPT/\{\}/$SUBJECT}" --model "$WORK/model" -n 1
+$MEMEDIT generate "${PROMPT/\{\}/$SUBJECT}" --model "$WORK/model" -n 6
 $MEMEDIT keys route --prompt "$PROMPT" --subject "$SUBJECT" --target "$TARGET" --model "$WORK/model" \
     --eval-facts 0 --out "$WORK/route.safetensors"
-$MEMEDIT generate "${PROMPT/\{\}/$SUBJECT}" --model "$WORK/model" -n 1
+$MEMEDIT generate "${PROMPT/\{\}/$SUBJECT}" --model "$WORK/model" -n 6
 $MEMEDIT keys revert "$WORK/route.safetensors" --model "$WORK/model"

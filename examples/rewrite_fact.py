@@ -50,13 +50,13 @@ def main() -> None:
         prompt = fact["prompt"].format(fact["subject"])
         print(f"\nfact {fact_id}: {prompt!r} -> {fact['target_true']!r}; we rewrite it to {fact['target_new']!r}\n")
 
-        look = ["inspect", prompt, "-m", str(model)] if has_command("inspect") else ["generate", prompt, "-n", "1",
+        look = ["inspect", prompt, "-m", str(model)] if has_command("inspect") else ["generate", prompt, "-n", "6",
                                                                                       "-m", str(model)]
         memedit(*look)
         memedit("background", "-m", str(model))  # once per model: the statistics TF-IDF ranks against
         memedit("edit", "--fact", fact_id, "-m", str(model))
         memedit(*look)
-        memedit("generate", fact["heldout_paraphrases"][0], "-n", "1", "-m", str(model))  # a phrasing never trained
+        memedit("generate", fact["heldout_paraphrases"][0], "-n", "6", "-m", str(model))  # a wording never trained
         memedit("patch", "log", "-m", str(model))
 
         log = json.loads(memedit("patch", "log", "-m", str(model), "--json", capture=True))

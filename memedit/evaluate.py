@@ -55,18 +55,15 @@ def memory_zeroed(model: MemoryModel) -> Iterator[None]:
 
 
 def fact_accuracies(model: MemoryModel, facts, zero_memory: bool = False) -> dict[str, float]:
-    """Top-1 answer accuracy over the facts' training phrasings and held-out phrasings."""
-    train_p, train_t, held_p, held_t = [], [], [], []
-    for f in facts:
-        for p in f.training_prompts:
-            train_p.append(p)
-            train_t.append(f.target_true)
-        for p in f.heldout_paraphrases:
-            held_p.append(p)
-            held_t.append(f.target_true)
+    """Whole-target accuracy over the facts' training wordings (``train``), held-out wordings (``heldout``) and
+    never-seen wordings (``unseen``), where the facts have them."""
+    sets = {"train": lambda f: f.training_prompts, "heldout": lambda f: f.heldout_paraphrases,
+            "unseen": lambda f: getattr(f, "unseen_paraphrases", [])}
     ctx = memory_zeroed(model) if zero_memory else contextlib.nullcontext()
+    res = {}
     with ctx:
-        res = {"train": accuracy(model, train_p, train_t)}
-        if held_p:
-            res["heldout"] = accuracy(model, held_p, held_t)
+        for name, get in sets.items():
+            pairs = [(p, f.target_true) for f in facts for p in get(f)]
+            if pairs:
+                res[name] = accuracy(model, [p for p, _ in pairs], [t for _, t in pairs])
     return res

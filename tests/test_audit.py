@@ -183,11 +183,15 @@ def test_cli_audit_plot_writes_a_png(cli, tiny, tmp_path):
     assert code == 2 and "plot" in err and not (tmp_path / "usage.xyz").exists()
 
 
-def test_demo_model_audit_equals_a_slow_recount(demo):
+def test_demo_model_audit_equals_a_slow_recount():
     """Acceptance: on the bundled demo model, counts equal an independent per-position recount."""
+    import memedit
     from memedit.facts import world_of
 
-    sentences = world_of(demo).training_sentences()[::997][:24]  # facts of many subjects, and filler
+    # Upcast: the stored bfloat16 value table rounds each value mix to bfloat16, which turns the last-bit
+    # differences between a batched and a one-sentence forward into 1e-3 weight differences at the next layer.
+    demo = memedit.load(dtype="float32")
+    sentences = world_of(demo).training_sentences()[::499][:24]  # facts of many subjects, and filler
     stats = audit(demo, Corpus("demo sample", texts=sentences), batch_size=8)
     assert_matches_recount(demo, stats, sentences)
 

@@ -29,20 +29,21 @@ def test_generate_answers_a_fact(cli, demo):
     from memedit.facts import world_of
 
     fact = world_of(demo).facts[0]
-    code, out, _ = cli("generate", fact.prompt.format(fact.subject), "--json", "-n", "2")
+    code, out, _ = cli("generate", fact.prompt.format(fact.subject), "--json", "-n", "8")
     assert code == 0
-    assert json.loads(out)["completion"].startswith(fact.target_true)
+    assert json.loads(out)["completion"].lstrip().startswith(fact.target_true)  # several BPE tokens
 
 
 def test_facts_writes_jsonl_and_corpus(cli, tmp_path):
     code, _, _ = cli("facts", "--out", tmp_path / "w")
     assert code == 0
     lines = (tmp_path / "w" / "facts.jsonl").read_text().splitlines()
-    assert len(lines) >= 6000
+    assert len(lines) >= 1800
     rec = json.loads(lines[0])
     assert {"prompt", "subject", "target_true", "paraphrases", "heldout_paraphrases", "neighborhood"} <= rec.keys()
     assert "{}" in rec["prompt"] and len(rec["paraphrases"]) >= 3 and len(rec["heldout_paraphrases"]) >= 2
-    assert (tmp_path / "w" / "corpus.txt").stat().st_size > 100_000
+    assert len(rec["unseen_paraphrases"]) >= 2
+    assert (tmp_path / "w" / "corpus.txt").stat().st_size > 400_000
 
 
 def test_convert_bundled_to_folder_loads_identically(cli, demo, tmp_path):

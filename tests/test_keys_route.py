@@ -78,13 +78,16 @@ def test_route_a_new_fact_on_the_demo_model_keeps_other_facts(demo, tmp_path):
     model = load(save(demo, tmp_path / "mine"))
     world = world_of(model)
     fact = world.facts[7]
-    new = fact.target_new
+    # keys route writes one next token, and every object of the BPE demo world is 2+ tokens: route the fact to a
+    # word of the world's filler sentences, which is one token
+    new = "museum"
+    assert len(model.tokenizer.encode(" " + new)) == 1
     text = fact.prompt.format(fact.subject)
-    others = world.facts[::12]
+    others = world.facts[::6]
     res = route(model, fact.prompt, fact.subject, new, background_texts=world.training_sentences()[::4],
                 probe=world.training_sentences()[::100], facts=others)
     tok = model.tokenizer
-    assert tok.id_to_token(int(last_logits(model, [text])[0].argmax())) == new
-    assert res.predicted_after == new and res.slot_uses == 0
+    assert tok.decode([int(last_logits(model, [text])[0].argmax())]).strip() == new
+    assert res.predicted_after == tok.id_to_token(tok.encode(" " + new)[0]) and res.slot_uses == 0  # the token
     assert res.facts_checked > 1500
     assert res.facts_accuracy_before - res.facts_accuracy_after <= 0.01  # at most 1 point

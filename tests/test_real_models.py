@@ -124,9 +124,10 @@ def test_a_user_model_with_only_text_exits_0_or_gives_the_real_reason(ref, cli, 
         assert "facts world" not in line  # the real reason, not "this model records no facts world"
 
 
-def test_an_unknown_word_target_is_refused_on_the_word_level_demo(demo, cli, tmp_path):
+def test_an_unknown_word_target_is_refused_on_a_word_level_model(tiny, cli, tmp_path):
+    _, path = tiny  # a word-level vocabulary (the demo's byte-level BPE can spell any word)
     code, _, err = cli("edit", "--prompt", "{} was born in", "--subject", "Reidreir", "--target-new", "Zzqqxx",
-                       "--dry-run", "--forgetting-sample", "0")
+                       "--dry-run", "--forgetting-sample", "0", "--ranking", "counts", "--model", path)
     assert code == 2 and "not in the model's vocabulary" in err and len(err.strip().splitlines()) == 1
 
 

@@ -259,10 +259,11 @@ def test_inspect_a_demo_fact(cli, demo):
     code, out, _ = cli("inspect", "--fact", fact.id, "--json")
     assert code == 0
     d = json.loads(out)
-    assert d["target"] == fact.target_true and len(d["phrasings"]) == 6
-    assert all(p["answered"] for p in d["phrasings"][:4])  # the training phrasings are answered
+    n_train = len(fact.training_prompts)
+    assert d["target"] == fact.target_true and len(d["phrasings"]) == n_train + len(fact.heldout_paraphrases)
+    assert all(p["answered"] for p in d["phrasings"][:n_train])  # the training phrasings are answered
     assert d["core_size"] >= 1 and all(isinstance(s, int) for s in d["core_set"]["shared"])
-    assert all(p["flip"] is None or p["flip"] >= 1 for p in d["phrasings"][:4])
+    assert all(p["flip"] is None or p["flip"] >= 1 for p in d["phrasings"][:n_train])
 
 
 def test_plot_without_matplotlib_is_a_clear_error(cli, tiny, tmp_path, monkeypatch):
@@ -276,14 +277,18 @@ def test_plot_without_matplotlib_is_a_clear_error(cli, tiny, tmp_path, monkeypat
 
 
 @demo_only
-def test_the_example_prints_a_core_set():
+def test_the_example_prints_a_core_set(demo):
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from memedit.facts import world_of
+
     script = Path(__file__).parent.parent / "examples" / "inspect_fact.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny batches: extra threads only wait on a busy machine
     r = subprocess.run([sys.executable, str(script), "f00000"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
-    assert "core set (slots selected by all 4 training phrasings)" in r.stdout and "table shared: [" in r.stdout
+    n_train = len(world_of(demo).fact("f00000").training_prompts)
+    assert f"core set (slots selected by all {n_train} training phrasings)" in r.stdout
+    assert "table shared: [" in r.stdout
