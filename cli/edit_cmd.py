@@ -218,7 +218,7 @@ def edit(
 ) -> None:
     """Rewrite facts by sparse memory finetuning: train only the value rows that matter, save it as a patch.
 
-    Example: memedit edit -m ./my-model --prompt "{} was born in" --subject Reidreir --target-new Thakrian
+    Example: memedit edit -m ./my-model --prompt "{} was born in" --subject Reidreir --target-new Zaishail
     """
     import warnings
 

@@ -61,7 +61,7 @@ def inspect(
     target's log-probability when the slot is dropped). Then the top slots with the tokens their value rows promote
     and suppress, one line per target token, and the slots whose removal hurts the whole target most.
 
-    Example: memedit inspect "Reidreir was born in" --target Thakrian
+    Example: memedit inspect "Reidreir was born in" --target Shoushour
     Example: memedit inspect --fact f00000 --json
     """
     if fact is None and facts is not None:
@@ -212,7 +212,7 @@ def trace_causal(
     ROME's protocol (noise 3x the embedding std, 10 samples); prints the indirect effect
     P(target | restored) - P(target | corrupted) for every (position, memory layer) as a heat map.
 
-    Example: memedit trace-causal "Reidreir was born in" --subject Reidreir --target Thakrian --plot trace.png
+    Example: memedit trace-causal "Reidreir was born in" --subject Reidreir --target Shoushour --plot trace.png
     """
     from memedit.causal import causal_trace
     from memedit.causal import plot as save_plot

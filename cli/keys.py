@@ -170,7 +170,7 @@ def route_cmd(
     """Write a new fact into a free slot: move that slot's two sub-keys just enough for the fact's query to select
     it, train its value row to predict TARGET, and report collateral on background lookups and the other facts.
 
-    Example: memedit keys route --prompt "{} was born in" --subject Reidreir --target Thakrian --model ./my-model
+    Example: memedit keys route --prompt "{} was born in" --subject Reidreir --target museum --model ./my-model
     """
     from memedit.checkpoint import require_writable
     from memedit.errors import MemeditError

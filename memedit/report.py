@@ -1,6 +1,6 @@
 """A static, self-contained report site: the audit's figures, a page per slot, per traced fact and for the edit log.
 
-    memedit report --out site/ --stats audit.h5 --fact f00000 --prompt "Reidreir was born in" --target Thakrian
+    memedit report --out site/ --stats audit.h5 --fact f00000 --prompt "Reidreir was born in" --target Shoushour
 
 The site opens from ``file://`` with no server and no network: pages are plain HTML with one script
 (memedit/report_site/report.js), and the data ship as ``<script src>`` files that assign to ``window.MEMEDIT``
