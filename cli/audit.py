@@ -78,7 +78,11 @@ def audit(
     from memedit.audit import audit as run
     from memedit.stats import report
 
+    from memedit.checkpoint import check_output
+
     m = load_model(model, dtype)
+    if out is not None:
+        check_output(m, out)
     src = Corpus.open(corpus, m)
     import os
 
@@ -214,8 +218,11 @@ def export(
     from memedit.hdf5 import read_audit
     from memedit.stats import report
 
+    from memedit.checkpoint import check_output
+
     audit_stats = read_audit(stats) if stats is not None else None
     m = load_model(model, dtype)
+    check_output(m, out)
     metrics = report(audit_stats) if audit_stats is not None else None
     path = run(out, m, audit_stats, metrics, top_k=top_tokens)
     size = path.stat().st_size

@@ -50,6 +50,7 @@ def atomic_path(path: str | Path, crash: str = "") -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; a saved file gets the usual permissions
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # again: some writers (safetensors) replace the file with 0600
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         if crash:

@@ -181,6 +181,9 @@ def row_checksums(rows: torch.Tensor) -> list[str]:
 
 
 # ---- making patches --------------------------------------------------------------------------------
+MAX_ROWS = 1 << 24  # a larger row list is a typo, and expanding it would exhaust memory
+
+
 def parse_rows(spec: Sequence[str] | str) -> list[int]:
     """Row ids from "3,7,10-12" style specs (ranges inclusive), in the given order, duplicates dropped."""
     items = [spec] if isinstance(spec, str) else list(spec)
@@ -195,6 +198,9 @@ def parse_rows(spec: Sequence[str] | str) -> list[int]:
                     lo, hi = int(a), int(b)
                     if hi < lo:
                         raise ValueError
+                    if hi - lo + 1 + len(out) > MAX_ROWS:  # bounded before it is expanded
+                        raise MemeditError(f"row range {part} has {hi - lo + 1:,} rows; at most {MAX_ROWS:,} rows "
+                                           "can be given at once")
                     out.extend(range(lo, hi + 1))
                 else:
                     out.append(int(part))

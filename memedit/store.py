@@ -568,9 +568,10 @@ def commit(model, changes: list[Change], head: dict, check=None) -> Record:
     st = store_of(model)
     with st.locked():
         refresh(model)
+        check_changes(model, changes)
         if check is not None:
             changes = check(model, changes) or changes
-        check_changes(model, changes)
+            check_changes(model, changes)
         changes = [c for c in changes if c.rows.numel()]
         before, after = _fingerprints(model, changes)
         head = dict(head)
