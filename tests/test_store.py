@@ -277,3 +277,64 @@ def test_files_keep_the_users_umask(cli, tiny):
         os.umask(old)
     for f in ("memedit/rows.log", "memedit/frozen.safetensors"):
         assert (path / f).stat().st_mode & 0o777 == 0o644, f
+
+
+def write_sparse_model(path: Path, n_keys: int = 1024, dim: int = 256) -> tuple[Path, dict[int, torch.Tensor]]:
+    """A native folder whose bf16 value table (n_keys² × dim) is a sparse file with a few rows written; returns
+    (folder, {row: its values})."""
+    from memedit.checkpoint import FORMAT, FORMAT_VERSION
+    from memedit.memory import MemoryConfig
+    from memedit.model import MemoryModel, ModelConfig
+    from memedit.tokenizer import WordTokenizer
+
+    from .conftest import TINY_TEXTS
+
+    tok = WordTokenizer.from_texts(TINY_TEXTS)
+    cfg = ModelConfig(dim=dim, n_layers=2, n_heads=4, vocab_size=tok.vocab_size, multiple_of=16, max_seqlen=32,
+                      memory=MemoryConfig(layers=[1], n_keys=n_keys, heads=1, knn=4, k_dim=16))
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in MemoryModel(cfg).state_dict().items()}
+    big = "layers.1.feed_forward.values.weight"
+    g = torch.Generator().manual_seed(0)
+    small = {k: torch.randn(s, generator=g) * 0.05 for k, s in shapes.items() if k != big}
+    header, off = {}, 0
+    for k, t in small.items():
+        header[k] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [off, off + t.numel() * 4]}
+        off += t.numel() * 4
+    nbig = shapes[big][0] * dim * 2
+    header[big] = {"dtype": "BF16", "shape": list(shapes[big]), "data_offsets": [off, off + nbig]}
+    hj = json.dumps(header).encode()
+    hj += b" " * (-len(hj) % 8)
+    path.mkdir()
+    rows = {5: torch.full((dim,), 0.5), 777_777: torch.full((dim,), -2.0)}
+    with open(path / "model.safetensors", "wb") as f:
+        f.write(len(hj).to_bytes(8, "little") + hj)
+        for t in small.values():
+            f.write(t.contiguous().numpy().tobytes())
+        start = f.tell()
+        for r, v in rows.items():
+            f.seek(start + r * dim * 2)
+            f.write(v.to(torch.bfloat16).view(torch.uint8).numpy().tobytes())
+        f.truncate(start + nbig)
+    (path / "config.json").write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
+                                                  "dtype": "float32", "model": cfg.to_dict(), "meta": {}}))
+    tok.save(path / "tokenizer.json")
+    return path, rows
+
+
+def test_a_large_table_loads_mapped_with_small_private_memory(tmp_path):
+    path, rows = write_sparse_model(tmp_path / "big", n_keys=2048)  # a 2 GiB bf16 value table, sparse on disk
+    code = f"""
+import re, torch, memedit
+def anon():
+    return int(re.search(r"RssAnon:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+a = anon()
+m = memedit.load({str(path)!r})
+w = m.table("layer1").weight
+assert w.dtype == torch.bfloat16 and w.shape[0] == 2048 * 2048
+assert w[5].float().eq(0.5).all() and w[777777].float().eq(-2.0).all() and w[6].float().eq(0).all()
+print(anon() - a)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.strip()) < 128 << 20  # the 2 GiB table is mapped, not copied
