@@ -385,8 +385,8 @@ def require_writable(model: MemoryModel) -> None:
 def fingerprint(model: MemoryModel) -> str:
     """16 hex digits identifying the config and every tensor's bytes (a shared table once).
 
-    A hash of the per-tensor sums of row hashes (store.row_hash_sum), so the store keeps it up to date at the cost of
-    the rows a write changes, and a tensor changed in memory is re-hashed (it is noticed by its version counter)."""
+    A hash of the per-tensor sums of block hashes (store.block_hash_sum), so the store keeps it up to date at the
+    cost of the rows a write changes, and a tensor changed in memory is re-hashed (noticed by its version counter)."""
     from .store import fingerprint_of, tensor_sums
 
     return fingerprint_of(model.config.to_dict(), tensor_sums(model))

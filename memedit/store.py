@@ -142,34 +142,39 @@ def _rows2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
 
 
-def row_hash_sum(name: str, t: torch.Tensor, rows: torch.Tensor | None = None) -> int:
-    """The sum (mod 2**128) of sha256(name, row id, row bytes) over the rows of ``t`` (or the given rows of it).
+BLOCK = 64  # rows per hashed block: a write re-hashes the blocks of the rows it changes (64 rows of 2 KiB: 128 KiB)
 
-    A multiset hash: changing a row changes the sum by hash(new) - hash(old), so a write updates the fingerprint at
-    the cost of the rows it touched, and reverting restores it exactly."""
-    m = _rows2d(t).contiguous().view(torch.uint8).numpy()
-    ids = range(m.shape[0]) if rows is None else rows.tolist()
+
+def block_hash_sum(name: str, t: torch.Tensor, blocks: list[int] | None = None,
+                   sub: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
+    """The sum (mod 2**128) of sha256(name, block index, block bytes) over the blocks of BLOCK rows of ``t`` (all,
+    or the given ones; ``sub`` = (row ids, rows) replaces those rows first, without touching ``t``).
+
+    A multiset hash: changing rows changes the sum by hash(new blocks) - hash(old blocks), so a write updates the
+    fingerprint at the cost of the blocks it touched, and reverting restores it exactly."""
+    m = _rows2d(t)
+    n = m.shape[0]
     prefix = f"{name}:{t.dtype}:{tuple(t.shape)}:".encode()
+    if blocks is None:
+        blocks = range((n + BLOCK - 1) // BLOCK)
     total = 0
-    for i in ids:
+    for b in blocks:
+        chunk = m[b * BLOCK: (b + 1) * BLOCK]
+        if sub is not None:
+            ids, rows = sub
+            inside = (ids >= b * BLOCK) & (ids < (b + 1) * BLOCK)
+            if inside.any():
+                chunk = chunk.clone()
+                chunk[ids[inside] - b * BLOCK] = rows[inside].reshape(int(inside.sum()), -1).to(chunk.dtype)
         h = hashlib.sha256(prefix)
-        h.update(str(i).encode() + b":")
-        h.update(m[i] if rows is None else m[i])
+        h.update(f"{b}:".encode())
+        h.update(chunk.contiguous().view(torch.uint8).numpy())
         total += int.from_bytes(h.digest()[:16], "little")
     return total % FP_MOD
 
 
-def _rows_hash(name: str, shape: tuple, dtype: torch.dtype, ids: torch.Tensor, rows: torch.Tensor) -> int:
-    """row_hash_sum of rows given apart from their tensor (old or new rows of a record)."""
-    m = rows.detach().contiguous().reshape(rows.shape[0], -1).view(torch.uint8).numpy()
-    prefix = f"{name}:{dtype}:{tuple(shape)}:".encode()
-    total = 0
-    for i, r in zip(ids.tolist(), m, strict=True):
-        h = hashlib.sha256(prefix)
-        h.update(str(i).encode() + b":")
-        h.update(r)
-        total += int.from_bytes(h.digest()[:16], "little")
-    return total % FP_MOD
+def _blocks(rows: torch.Tensor, t: torch.Tensor) -> list[int]:
+    return [0] if t.dim() < 2 else torch.unique(rows // BLOCK).tolist()
 
 
 def fingerprint_of(config: dict, sums: dict[str, int]) -> str:
@@ -190,7 +195,7 @@ def tensor_sums(model) -> dict[str, int]:
         key = (t._version, t.data_ptr(), tuple(t.shape), t.dtype)
         hit = cache.get(name)
         if hit is None or hit[0] != key:
-            hit = (key, row_hash_sum(name, t))
+            hit = (key, block_hash_sum(name, t))
             cache[name] = hit
         out[name] = hit[1]
     return out
@@ -463,12 +468,14 @@ def apply_records(model, records: list[Record], params: dict[str, torch.Tensor] 
             sums = model.__dict__.get("_fp_cache", {})
             hit = sums.get(c.name)
             fresh = hit is not None and hit[0][0] == p._version and hit[0][1] == p.data_ptr()
+            folder = model.__dict__.get("_store_sums")
+            track = fresh or folder is not None
+            blocks = _blocks(c.rows, p) if track else []
+            d = -block_hash_sum(c.name, p, blocks) if track else 0
             with torch.no_grad():
                 p.detach()[c.rows] = c.new.to(p.dtype).reshape(c.rows.numel(), *p.shape[1:])
-            folder = model.__dict__.get("_store_sums")
-            if fresh or folder is not None:
-                d = _rows_hash(c.name, tuple(p.shape), p.dtype, c.rows, c.new.reshape(c.rows.numel(), *p.shape[1:]))
-                d -= _rows_hash(c.name, tuple(p.shape), p.dtype, c.rows, c.old.reshape(c.rows.numel(), *p.shape[1:]))
+            if track:
+                d += block_hash_sum(c.name, p, blocks)
                 if fresh:
                     _set_cached_sum(model, c.name, p, (hit[1] + d) % FP_MOD)
                 if folder is not None and c.name in folder:
@@ -612,8 +619,8 @@ def _fingerprints(model, changes: list[Change]) -> tuple[str, str]:
     state = native_state(model, contiguous=False)
     for c in changes:
         p = state[c.name]
-        d = _rows_hash(c.name, tuple(p.shape), p.dtype, c.rows, c.new) - _rows_hash(c.name, tuple(p.shape), p.dtype,
-                                                                                      c.rows, c.old)
+        blocks = _blocks(c.rows, p)
+        d = block_hash_sum(c.name, p, blocks, (c.rows, c.new)) - block_hash_sum(c.name, p, blocks)
         sums[c.name] = (sums[c.name] + d) % FP_MOD
     return before, fingerprint_of(model.config.to_dict(), sums)
 
