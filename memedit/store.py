@@ -278,11 +278,17 @@ def decode_payload(payload: bytes, with_rows: bool = True) -> Record:
     return Record(head, changes, hashlib.sha256(payload).hexdigest())
 
 
-def scan_log(path: Path, with_rows: bool = True) -> tuple[list[Record], int, int]:
-    """(complete records, byte offset where they end, file size) of a row log; a torn or damaged tail is left out."""
+def scan_log(path: Path, with_rows: bool = True, start: int = 0) -> tuple[list[Record], int, int]:
+    """(complete records, byte offset where they end, file size) of a row log (from byte ``start``, the end of
+    records already read); a torn or damaged tail is left out."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            if start:
+                head = f.read(len(LOG_MAGIC))
+                f.seek(start)
+                data = head + f.read()
+            else:
+                data = f.read()
     except FileNotFoundError:
         return [], 0, 0
     except OSError as e:
@@ -294,6 +300,7 @@ def scan_log(path: Path, with_rows: bool = True) -> tuple[list[Record], int, int
             raise MemeditError(f"{path} has row-log format {data[len(LOG_MAGIC) - 1]}, newer than this memedit")
         raise MemeditError(f"{path} is not a memedit row log; run `memedit check --model {path.parent.parent}`")
     pos, out = len(LOG_MAGIC), []
+    shift = start - pos if start else 0  # offsets in ``data`` are file offsets minus this
     while pos + REC_HEAD.size <= len(data):
         magic, n, crc = REC_HEAD.unpack_from(data, pos)
         end = pos + REC_HEAD.size + n
@@ -307,7 +314,7 @@ def scan_log(path: Path, with_rows: bool = True) -> tuple[list[Record], int, int
         except (ValueError, KeyError, struct.error):
             break
         pos = end
-    return out, pos, len(data)
+    return out, pos + shift, len(data) + shift
 
 
 # ---- the store -------------------------------------------------------------------------------------------
@@ -433,6 +440,7 @@ class Store:
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
+            self.end = os.fstat(fd).st_size
         finally:
             os.close(fd)
         crash_point("log-appended")
@@ -497,11 +505,13 @@ def writable_tensors(model) -> dict[str, torch.Tensor]:
 def refresh(model) -> int:
     """Apply records other writers appended since ``model`` was loaded; returns how many (call under the lock)."""
     st = Store(model.source)
-    records = st.records()
-    seen = model.__dict__.get("_log_count", 0)
-    new = records[seen:]
+    start = model.__dict__.get("_log_end", 0)
+    new, end, _ = scan_log(st.log, True, start)
+    if not start:  # a model loaded without an offset: skip what it already holds
+        new = new[model.__dict__.get("_log_count", 0):]
     if new:
         apply_records(model, new)
+    model.__dict__["_log_end"] = end
     return len(new)
 
 
@@ -587,6 +597,8 @@ def commit(model, changes: list[Change], head: dict, check=None) -> Record:
                     layers=_layers(model, changes), before=before, after=after)
         rec = st.append(head, changes)
         apply_records(model, [rec])
+        model.__dict__["_log_end"] = st.end
+        _write_fp_cache(model, st, rec)
     return rec
 
 
@@ -652,13 +664,55 @@ def open_folder(model, folder: Path, state: dict[str, torch.Tensor], meta: dict[
                 _set_cached_sum(model, name, t, fp[name])
         if set(fp) == set(state):
             model.__dict__["_store_sums"] = dict(fp)
-    records = st.records()
+    records, end, _ = scan_log(st.log)
+    model.__dict__["_log_end"] = end
     folded = st.folded(meta)
     if folded > len(records) or (folded and records[folded - 1].sha != meta.get("memedit.head")):
         raise MemeditError(f"the row log of {folder} does not match its weights (the base holds {folded} records, "
                            f"the log has {len(records)}); run `memedit check --model {folder}`")
     model.__dict__["_log_count"] = folded
     apply_records(model, records[folded:])
+    if "_store_sums" not in model.__dict__:  # a base written without sums: perhaps a writer cached them
+        cached = _read_fp_cache(st, records)
+        if cached is not None:
+            from .checkpoint import native_state
+
+            model.__dict__["_store_sums"] = dict(cached)
+            for name, t in native_state(model, contiguous=False).items():
+                if name in cached:
+                    _set_cached_sum(model, name, t, cached[name])
+
+
+FP_CACHE = "fingerprint.json"
+
+
+def _base_id(st: Store) -> list[int]:
+    s = st.base.stat()
+    return [s.st_size, s.st_mtime_ns, s.st_ino]
+
+
+def _read_fp_cache(st: Store, records: list[Record]) -> dict[str, int] | None:
+    """The folder's fingerprint sums a writer cached for this base and exactly these records, else None."""
+    try:
+        c = json.loads((st.dir / FP_CACHE).read_text())
+        if c["base"] != _base_id(st) or c["records"] != len(records) or \
+                c["head"] != (records[-1].sha if records else ""):
+            return None
+        return {k: int(v, 16) for k, v in c["sums"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _write_fp_cache(model, st: Store, rec: Record) -> None:
+    """Cache the folder's sums (for a base that does not store them), so the next process need not hash it all."""
+    from .checkpoint import atomic_write_text
+
+    sums = model.__dict__.get("_store_sums")
+    if sums is None or "memedit.fp" in st.base_meta():
+        return
+    c = {"base": _base_id(st), "records": len(st.records(with_rows=False)), "head": rec.sha,
+         "sums": {k: f"{v:032x}" for k, v in sums.items()}}
+    atomic_write_text(st.dir / FP_CACHE, json.dumps(c))
 
 
 def base_metadata(model, records: list[Record]) -> dict[str, str]:
