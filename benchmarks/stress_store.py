@@ -199,9 +199,9 @@ def big() -> dict:
         for run in ("first", "second"):
             size0 = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
             t0 = time.perf_counter()
-            p = subprocess.Popen(cmd("patch", "set", "-m", folder, "-t", "layer1", "-r", "5,9" if run == "first" else
-                                     "11,12", "--scalar", 0 if run == "first" else 1, "--apply", "--json"), stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, env=ENV)
+            rows, value = ("5,9", 0) if run == "first" else ("11,12", 1)
+            p = subprocess.Popen(cmd("patch", "set", "-m", folder, "-t", "layer1", "-r", rows, "--scalar", value,
+                                     "--apply", "--json"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
             stop, peak = threading.Event(), []
             th = threading.Thread(target=peak_anon, args=(p.pid, stop, peak))
             th.start()

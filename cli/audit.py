@@ -76,9 +76,8 @@ def audit(
         fail(f"unexpected arguments {' '.join(map(str, files))}: give one CORPUS (or `diff A.h5 B.h5`)")
     from memedit.audit import Corpus, audit_distributed
     from memedit.audit import audit as run
-    from memedit.stats import report
-
     from memedit.checkpoint import check_output
+    from memedit.stats import report
 
     m = load_model(model, dtype)
     if out is not None:
@@ -214,11 +213,10 @@ def export(
 
     Example: memedit audit --out audit.h5 && memedit export --out memory.h5 --stats audit.h5
     """
+    from memedit.checkpoint import check_output
     from memedit.hdf5 import export as run
     from memedit.hdf5 import read_audit
     from memedit.stats import report
-
-    from memedit.checkpoint import check_output
 
     audit_stats = read_audit(stats) if stats is not None else None
     m = load_model(model, dtype)

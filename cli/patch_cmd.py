@@ -60,7 +60,6 @@ def _make(op: str, table: str, rows: list[str], values: Optional[Path], scalar: 
           from_row: Optional[int], out: Optional[Path], apply: bool, message: str, model: Optional[str],
           json: bool) -> None:
     from memedit import patch as P
-
     from memedit.checkpoint import check_output
 
     m = load_model(model)

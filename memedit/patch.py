@@ -2,8 +2,9 @@
 
 A patch holds, per value table, the row ids, the old rows (the base) and the new rows, plus metadata: format
 version, id, the layers that read each table, the fingerprint of the model it was made on, a checksum of each base
-row, a message and a time. Applying appends one record (the changed rows, old and new) to the model folder's row log through the store
-(store.py), which is also the edit log; reverting appends the inverse record, restoring the old rows byte for byte.
+row, a message and a time. Applying appends one record (the changed rows, old and new) to the model folder's row
+log through the store (store.py), which is also the edit log; reverting appends the inverse record, restoring the
+old rows byte for byte.
 
 File layout (safetensors):
     "{table}.rows"  (n,) int64     row ids, sorted, unique
@@ -13,8 +14,8 @@ File layout (safetensors):
     "tables" (JSON {table: [layers]}), "checksums" (JSON {table: [hex per row]}), "message", "time", "kind",
     "info" (JSON, free-form: e.g. a fact edit's request and metrics)
 
-Edit log entries (read from ``memedit/rows.log``, see store.Record.entry): {"op": "apply"|"revert", "id", "file" (relative to the model's
-``memedit/`` folder, or absolute), "time", "message", "kind" ("keys" for key patches), "tables": {table: n_rows},
+Edit log entries (read from ``memedit/rows.log``, see store.Record.entry): {"op": "apply"|"revert", "id", "file"
+(relative to the model's ``memedit/`` folder, or absolute), "time", "message", "kind" ("keys" for key patches), "tables": {table: n_rows},
 "rows": {table: [row ids]}, "layers", "before", "after" (model fingerprints), "forced"}. Key patches (keys.py) name
 sub-key tensors ("layers.{L}.feed_forward.keys") in "tables" and "rows".
 """

@@ -364,7 +364,8 @@ class Store:
                 print(f"waiting for {holder} to finish writing {self.folder} ...", file=sys.stderr, flush=True)
                 fcntl.flock(fd, fcntl.LOCK_EX)
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} ({' '.join(Path(a).name if n == 0 else a for n, a in enumerate(sys.argv[:5]))[:200]})".encode(), 0)
+            argv = " ".join([Path(sys.argv[0]).name, *sys.argv[1:5]])[:200] if sys.argv else "python"
+            os.pwrite(fd, f"pid {os.getpid()} ({argv})".encode(), 0)
             _HELD[key] = fd
             if not legacy_ok and is_legacy(self.dir):
                 raise MemeditError(f"{self.folder} was written by an earlier memedit (edit log in {LEGACY_LOG}); run "

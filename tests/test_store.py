@@ -185,7 +185,8 @@ def _bad_inputs(path: Path, tmp: Path) -> list[tuple]:
     for op in ("set", "add", "scale", "zero", "copy"):
         extra = {"set": ["--scalar", "1"], "add": ["--scalar", "1"], "scale": ["--scalar", "2"], "zero": [],
                  "copy": ["--from-row", "0"]}[op]
-        for bad in (["-t", "nope", "-r", "1"], ["-t", "shared", "-r", "999999"], ["-t", "shared", "-r", "0-10000000000"],
+        for bad in (["-t", "nope", "-r", "1"], ["-t", "shared", "-r", "999999"],
+                    ["-t", "shared", "-r", "0-10000000000"],
                     ["-t", "shared", "-r", "abc"], ["-t", "shared", "-r", "5-3"], ["-t", "shared", "-r", "-1"],
                     ["-t", "shared", "-r", "1", "--out", f"{m}/model.safetensors"],
                     ["-t", "shared", "-r", "1", "--out", f"{m}/config.json"],
