@@ -14,10 +14,10 @@ File layout (safetensors):
     "tables" (JSON {table: [layers]}), "checksums" (JSON {table: [hex per row]}), "message", "time", "kind",
     "info" (JSON, free-form: e.g. a fact edit's request and metrics)
 
-Edit log entries (read from ``memedit/rows.log``, see store.Record.entry): {"op": "apply"|"revert", "id", "file"
-(relative to the model's ``memedit/`` folder, or absolute), "time", "message", "kind" ("keys" for key patches), "tables": {table: n_rows},
-"rows": {table: [row ids]}, "layers", "before", "after" (model fingerprints), "forced"}. Key patches (keys.py) name
-sub-key tensors ("layers.{L}.feed_forward.keys") in "tables" and "rows".
+Edit log entries (read from ``memedit/rows.log``, see store.Record.entry): {"op": "apply"|"revert", "id",
+"file" (relative to the model's ``memedit/`` folder, or absolute), "time", "message", "kind" ("keys" for key
+patches), "tables": {table: n_rows}, "rows": {table: [row ids]}, "layers", "before", "after" (model fingerprints),
+"forced"}. Key patches (keys.py) name sub-key tensors ("layers.{L}.feed_forward.keys") in "tables" and "rows".
 """
 
 from __future__ import annotations
