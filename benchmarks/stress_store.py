@@ -214,6 +214,14 @@ def big() -> dict:
                         "peak_private_MiB": round(peak[0] / 2**20, 1) if peak else None}
             if p.returncode:
                 res[run]["error"] = err.decode()[-300:]
+        # the same command in a process that has already imported torch and memedit: the store's own cost
+        code = ("import time, sys; from memedit_cli.app import app; from typer.testing import CliRunner; "
+                "t = time.perf_counter(); r = CliRunner().invoke(app, sys.argv[1:]); "
+                "print(r.exit_code, round(time.perf_counter() - t, 3))")
+        r = subprocess.run([sys.executable, "-c", code, "patch", "set", "-m", str(folder), "-t", "layer1", "-r",
+                            "13,14", "--scalar", "3", "--apply"], capture_output=True, text=True, env=ENV)
+        rc, secs = r.stdout.split()[-2:]
+        res["after_imports"] = {"rc": int(rc), "seconds": float(secs)}
         return {"table": "1,048,576 x 1024 bf16", **res}
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -209,7 +209,8 @@ def _bad_inputs(path: Path, tmp: Path) -> list[tuple]:
              f"{m}/model.safetensors", "--forgetting-sample", "0", "--ranking", "counts"),
             ("compact", "-m", str(tmp / "nowhere")), ("check", "-m", str(tmp / "nowhere")),
             ("check", "-m", str(junk)), ("patch", "log", "-m", str(tmp / "nowhere")),
-            ("patch", "revert", "abc"), ("patch", "revert", ""), ("keys", "revert", str(tmp))]
+            ("patch", "revert", "abc"), ("patch", "revert", ""), ("keys", "revert", str(tmp)),
+            ("generate", "the cat " * 5000), ("generate", "the cat", "-n", str(10**9))]
     return [a if "-m" in a or a[:2] == ("patch", "show") else (*a, "-m", m) for a in out]
 
 
