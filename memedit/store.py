@@ -278,7 +278,50 @@ def decode_payload(payload: bytes, with_rows: bool = True) -> Record:
     return Record(head, changes, hashlib.sha256(payload).hexdigest())
 
 
+_SCANNED: dict[tuple, tuple[list[Record], int, bytes]] = {}  # (path, dev, ino, with_rows) -> (records, end, tail)
+
+
 def scan_log(path: Path, with_rows: bool = True, start: int = 0) -> tuple[list[Record], int, int]:
+    """(complete records, byte offset where they end, file size) of a row log; a torn or damaged tail is left out.
+
+    Records already read by this process are reused (the log is append-only; a replaced file has a new inode, and
+    the last record's framing is compared to be sure), so reading the log after each write costs the new records."""
+    if start:
+        return _scan_log(path, with_rows, start)
+    try:
+        s = os.stat(path)
+    except FileNotFoundError:
+        return [], 0, 0
+    except OSError as e:
+        raise MemeditError(f"cannot read {path}: {e.strerror or e}") from None
+    key = (str(path), s.st_dev, s.st_ino, with_rows)
+    hit = _SCANNED.get(key)
+    if hit is not None and hit[1] <= s.st_size:
+        records, end, tail = hit
+        try:
+            with open(path, "rb") as f:
+                f.seek(end - len(tail))
+                same = f.read(len(tail)) == tail
+        except OSError:
+            same = False
+        if same:
+            if s.st_size == end:
+                return list(records), end, s.st_size
+            more, end2, size = _scan_log(path, with_rows, end)
+            records = records + more
+        else:
+            hit = None
+    if hit is None:
+        records, end2, size = _scan_log(path, with_rows, 0)
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            n = min(end2, 64)
+            f.seek(end2 - n)
+            _SCANNED[key] = (records, end2, f.read(n))
+    return list(records), end2, size
+
+
+def _scan_log(path: Path, with_rows: bool = True, start: int = 0) -> tuple[list[Record], int, int]:
     """(complete records, byte offset where they end, file size) of a row log (from byte ``start``, the end of
     records already read); a torn or damaged tail is left out."""
     try:
