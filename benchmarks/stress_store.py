@@ -215,7 +215,8 @@ def big() -> dict:
             if p.returncode:
                 res[run]["error"] = err.decode()[-300:]
         # the same command in a process that has already imported torch and memedit: the store's own cost
-        code = ("import time, sys; from memedit_cli.app import app; from typer.testing import CliRunner; "
+        code = ("import time, sys, torch, memedit.checkpoint, memedit.patch; from memedit_cli.app import app; "
+                "from typer.testing import CliRunner; "
                 "t = time.perf_counter(); r = CliRunner().invoke(app, sys.argv[1:]); "
                 "print(r.exit_code, round(time.perf_counter() - t, 3))")
         r = subprocess.run([sys.executable, "-c", code, "patch", "set", "-m", str(folder), "-t", "layer1", "-r",
