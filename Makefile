@@ -18,9 +18,11 @@ demo: install
 	$(BIN)/memedit info
 	$(BIN)/memedit generate "Reidreir was born in"
 
+# The browser tests of `memedit report` need a Chromium (apt-get install chromium); without one they skip, and -rs
+# prints the one line saying so.
 test: install
 	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -rs tests
 
 bench: install
 	$(BIN)/python benchmarks/bench_lookup.py

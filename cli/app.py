@@ -33,6 +33,8 @@ from . import verify  # noqa: E402,F401
 from . import keys  # noqa: E402,F401
 from . import audit  # noqa: E402,F401
 from . import store_cmd  # noqa: E402,F401
+from . import slot  # noqa: E402,F401
+from . import report  # noqa: E402,F401
 # isort: on
 
 

@@ -10,7 +10,19 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .common import DtypeOpt, JsonOpt, ModelOpt, command, console, err_console, fail, load_model, print_json
+from .common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    command,
+    console,
+    err_console,
+    esc,
+    fail,
+    load_model,
+    print_json,
+)
 
 BASIC = ("used", "kl_uniform", "gini", "top50", "top99", "top1pct_share", "dead")  # all metrics: --json
 
@@ -57,17 +69,21 @@ def audit(
     heads: Annotated[bool, typer.Option("--heads", help="Also show every head's metrics.")] = False,
     subkeys: Annotated[bool, typer.Option("--subkeys", help="Also show sub-key balance per head and half.")] = False,
     top: Annotated[int, typer.Option("--top", min=1, help="With `diff`: slots to list that gained/lost use.")] = 10,
+    contexts: Annotated[int, typer.Option(
+        "--contexts", min=0, max=1024, help="Keep each slot's M highest-weight contexts in --out (see `memedit slot`).")
+    ] = 0,
     distributed: Annotated[bool, typer.Option(
         "--distributed", help="Run as one rank of a torchrun job (torchrun --nproc-per-node P -m memedit.audit ...).")
     ] = False,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Audit how the memory is used over a corpus: per table, layer and head, used %, KL to uniform, Gini,
     top50/90/99, the top 1% of slots' share, dead slots and entropy, by access count and by softmax weight.
 
-    Examples: memedit audit corpus.txt --tokens 100000 --out audit.h5 --plot usage.png;
+    Examples: memedit audit corpus.txt --tokens 100000 --out audit.h5 --plot usage.png --contexts 8;
     memedit audit diff before.h5 after.h5
     """
     if corpus == "diff" and not Path("diff").is_file():
@@ -79,7 +95,7 @@ def audit(
     from memedit.checkpoint import check_output
     from memedit.stats import report
 
-    m = load_model(model, dtype)
+    m = load_model(model, dtype, device=device)
     if out is not None:
         check_output(m, out)
     src = Corpus.open(corpus, m)
@@ -87,9 +103,9 @@ def audit(
 
     with TokenProgress(disable=json or os.environ.get("RANK", "0") != "0") as progress:
         if distributed:
-            stats, rank = audit_distributed(m, src, tokens, batch_size, progress)
+            stats, rank = audit_distributed(m, src, tokens, batch_size, progress, contexts=contexts)
         else:
-            stats, rank = run(m, src, tokens, batch_size, progress), 0
+            stats, rank = run(m, src, tokens, batch_size, progress, contexts=contexts), 0
     if rank != 0:
         return
     rows = report(stats)
@@ -106,7 +122,7 @@ def audit(
                            "out": str(out) if out else None, "plot": str(plot) if plot else None, "metrics": rows})
     shown = [r for r in rows if r["scope"] in ("table", "layer") or (heads and r["scope"] == "head")
              or (subkeys and r["scope"] == "subkey")]
-    console.print(_metrics_table(shown, f"slot usage over {stats.tokens:,} tokens of {stats.corpus}"))
+    console.print(_metrics_table(shown, f"slot usage over {stats.tokens:,} tokens of {esc(stats.corpus)}"))
     for r in rows:
         if r["scope"] == "table" and r["basis"] == "count":
             console.print(f"table {r['table']}: {r['used']:.2f}% of {stats.n_slots:,} slots used, "
@@ -205,6 +221,7 @@ def export(
     top_tokens: Annotated[int, typer.Option("--top-tokens", min=0, help="Top promoted tokens per slot (0: none).")
                           ] = 10,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     json: JsonOpt = False,
 ) -> None:
@@ -219,7 +236,7 @@ def export(
     from memedit.stats import report
 
     audit_stats = read_audit(stats) if stats is not None else None
-    m = load_model(model, dtype)
+    m = load_model(model, dtype, device=device)
     check_output(m, out)
     metrics = report(audit_stats) if audit_stats is not None else None
     path = run(out, m, audit_stats, metrics, top_k=top_tokens)

@@ -35,6 +35,18 @@ TokenizerOpt = Annotated[
 DtypeOpt = Annotated[
     Optional[str], typer.Option("--dtype", help="Compute dtype: float32 or bfloat16 (default: as stored).")
 ]
+DeviceOpt = Annotated[
+    Optional[str],
+    typer.Option("--device", envvar="MEMEDIT_DEVICE", show_envvar=True,
+                 help="torch device to run the model on: cpu (default), cuda, cuda:1 ..."),
+]
+
+
+def esc(text: str) -> str:
+    """User text (prompts, tokens, targets) made safe to print with rich: markup such as [/b] shows literally."""
+    from rich.markup import escape
+
+    return escape(str(text))
 
 
 def fail(message: str) -> None:
@@ -80,8 +92,10 @@ def command(app: typer.Typer, name: str | None = None, **kw) -> Callable:
 SMALL_MODEL = 50_000_000  # parameters
 
 
-def load_model(model: Optional[str], dtype: Optional[str] = None, tokenizer: Optional[str] = None, **options: Any):
-    """Load --model; a tokenizer comes from --tokenizer, else $MEMEDIT_TOKENIZER (so every command honours it)."""
+def load_model(model: Optional[str], dtype: Optional[str] = None, tokenizer: Optional[str] = None,
+               device: Optional[str] = None, **options: Any):
+    """Load --model on --device; a tokenizer comes from --tokenizer, else $MEMEDIT_TOKENIZER (so every command
+    honours it)."""
     import os
 
     import torch
@@ -91,7 +105,7 @@ def load_model(model: Optional[str], dtype: Optional[str] = None, tokenizer: Opt
     tokenizer = tokenizer or os.environ.get("MEMEDIT_TOKENIZER")
     if tokenizer:
         options["tokenizer"] = tokenizer
-    m = memedit.load(model, dtype=dtype, **options)
+    m = memedit.load(model, dtype=dtype, device=device, **options)
     if sum(p.numel() for p in m.parameters()) < SMALL_MODEL and "OMP_NUM_THREADS" not in os.environ:
         # A command on a small model runs many tiny batches: a second thread only waits for the first, and on a
         # busy machine a spinning thread pool made commands 5-50x slower. Big models keep torch's default.

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .common import DtypeOpt, JsonOpt, ModelOpt, TokenizerOpt, command, console, load_model, print_json
+from .common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, TokenizerOpt, command, console, esc, load_model, print_json
 
 
 @command(app)
@@ -20,7 +20,7 @@ def info(model: ModelOpt = None, dtype: DtypeOpt = None, tokenizer: TokenizerOpt
     """
     from memedit.info import describe
 
-    d = describe(load_model(model, dtype, tokenizer))
+    d = describe(load_model(model, dtype, tokenizer, header_only=True))  # headers and config: no weights read
     if json:
         return print_json(d)
     console.print(f"[bold]model[/] {d['source']}{' (bundled, read-only)' if d['read_only'] else ''}")
@@ -53,6 +53,7 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens to generate.")] = 8,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     tokenizer: TokenizerOpt = None,
     json: JsonOpt = False,
@@ -63,10 +64,10 @@ def generate(
     """
     from memedit.generate import generate as gen
 
-    out = gen(load_model(model, dtype, tokenizer), prompt, max_tokens)
+    out = gen(load_model(model, dtype, tokenizer, device), prompt, max_tokens)
     if json:
         return print_json(out)
-    console.print(f"{prompt} [bold green]{out['completion']}[/]")
+    console.print(f"{esc(prompt)} [bold green]{esc(out['completion'])}[/]")
 
 
 @command(app)

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from . import patch_cmd  # noqa: F401  (registers the `patch` group)
 from .app import app
-from .common import JsonOpt, ModelOpt, command, console, load_model, print_json
+from .common import DeviceOpt, JsonOpt, ModelOpt, command, console, esc, load_model, print_json
 
 FactsOpt = Annotated[Optional[Path], typer.Option("--facts", help="Facts JSONL (default: the model's own world).")]
 
@@ -148,6 +148,7 @@ def background(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sentences per background batch.")] = 32,
     max_batches: Annotated[int, typer.Option("--max-batches", min=1, help="Use at most this many batches.")] = 1000,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Compute and store background slot statistics (per-batch document frequency and counts) for fact edits.
@@ -159,7 +160,7 @@ def background(
     from memedit import background as B
     from memedit.checkpoint import require_writable
 
-    m = load_model(model)
+    m = load_model(model, device=device)
     require_writable(m)
     sentences = B.read_corpus(str(corpus)) if corpus is not None else B.default_corpus(m)
     t0 = time.perf_counter()
@@ -189,7 +190,14 @@ def edit(
                     typer.Option("--fact", help="Rewrite a world fact to its target_new (id).")] = None,
     requests: Annotated[Optional[Path], typer.Option("--requests", help="Edit requests, JSONL.")] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help="One edit per request, in order.")] = False,
-    top_t: Annotated[Optional[int], typer.Option("--top-t", min=1, help="Value rows trained per fact.")] = None,
+    top_t: Annotated[Optional[int], typer.Option("--top-t", min=1, help="At most this many value rows trained per "
+                                                                         "fact.")] = None,
+    adaptive: Annotated[bool, typer.Option("--adaptive/--fixed",
+                                           help="Train as few rows as the edit needs (16, doubled while it does not "
+                                                "hold, up to --top-t), or always --top-t.")] = True,
+    protect: Annotated[str, typer.Option("--protect", help="Rows left alone: none; edits (rows earlier edits "
+                                                           "trained); hot (also the background's most-read).")]
+    = "none",
     lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="At most this many steps.")] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="sgd, or adamw (forgets more).")] = "sgd",
@@ -205,6 +213,7 @@ def edit(
     out: Annotated[Optional[Path],
                    typer.Option("--out", "-o", help="Also write the patch file here (one patch).")] = None,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Rewrite facts by sparse memory finetuning: train only the value rows that matter, save it as a patch.
@@ -219,7 +228,7 @@ def edit(
     from memedit.facts import load_facts, world_of
     from memedit.patch import apply
 
-    m = load_model(model)
+    m = load_model(model, device=device)
     if not dry_run:
         require_writable(m)
     reqs = _requests(m, prompt, subject, target_new, target_true, paraphrase, heldout, neighborhood, fact, requests,
@@ -230,12 +239,10 @@ def edit(
         from memedit.checkpoint import check_output
 
         check_output(m, out)  # before anything is applied
-    cfg = S.EditConfig(optimizer=optimizer, ranking=ranking, positions=positions)
+    cfg = S.EditConfig(optimizer=optimizer, ranking=ranking, positions=positions, adaptive=adaptive, protect=protect)
     for k, v in (("top_t", top_t), ("lr", lr), ("steps", steps)):
         if v is not None:
             setattr(cfg, k, v)
-    if optimizer == "adamw" and lr is None:
-        cfg.lr = 1e-2
     bg = None
     if ranking != "counts":
         from memedit.background import get
@@ -253,7 +260,7 @@ def edit(
     for w in caught:
         from .common import err_console
 
-        err_console.print(f"[yellow]warning:[/] {w.message}")
+        err_console.print(f"[yellow]warning:[/] {esc(str(w.message))}")
     if out is not None:
         results[0].patch.save(out)
     rows = []
@@ -269,8 +276,8 @@ def edit(
     fmt = lambda x: "-" if x is None else f"{x:.0%}"  # noqa: E731
     for n, r in enumerate(rows, 1):
         q = r["request"]
-        text = q["prompt"].format(q["subject"]) if "{}" in q["prompt"] else q["prompt"]
-        console.print(f"[bold]{n}.[/] {text} [red]{q['target_true']}[/] -> [green]{q['target_new']}[/]  "
+        text = q["prompt"].replace("{}", q["subject"])
+        console.print(f"[bold]{n}.[/] {esc(text)} [red]{esc(q['target_true'])}[/] -> [green]{esc(q['target_new'])}[/]  "
                       f"patch {r['patch']}: {r['rows_trained']} rows, {r['steps']} steps, {r['seconds']:.2f}s")
     t = Table(title="fact edits" + (" (dry run: nothing written)" if dry_run else ""))
     for c in ("#", "efficacy", "paraphrase", "held-out", "neighborhood", "score", "forgetting"):

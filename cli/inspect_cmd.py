@@ -11,20 +11,21 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .common import DtypeOpt, JsonOpt, ModelOpt, command, console, load_model, print_json
+from .common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, command, console, esc, load_model, print_json
 
 
 @contextlib.contextmanager
-def _loaded(model: Optional[str], dtype: Optional[str]) -> Iterator:
-    yield load_model(model, dtype)
+def _loaded(model: Optional[str], dtype: Optional[str], device: Optional[str] = None) -> Iterator:
+    yield load_model(model, dtype, device=device)
 
 
 def _tokens(items: list[dict]) -> str:
-    return " ".join(x["token"] for x in items)
+    return esc(" ".join(x["token"] for x in items))
 
 
 TargetOpt = Annotated[
-    Optional[str], typer.Option("--target", "-t", help="Answer to score (first token); default: the top prediction.")
+    Optional[str], typer.Option("--target", "-t", help="Answer to score (every token of it); default: the model's "
+                                                       "own answer, greedy to the end of the word.")
 ]
 FactOpt = Annotated[Optional[str], typer.Option("--fact", help="Trace a fact and its paraphrases by id (e.g. f00000).")]
 FactsOpt = Annotated[
@@ -47,15 +48,18 @@ def inspect(
     heldout: Annotated[bool, typer.Option("--heldout", help="With --fact: held-out phrasings join the core set.")]
     = False,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Trace which slots fire for PROMPT and how much each one moves the answer.
 
-    Shows the top-5 next tokens and the target's probability and rank; per memory layer and head, the k slots.
-    Per slot: sub-keys (i, j), score, weight, attribution (direct logit attribution to the target) and ablation.
-    Ablation: the change in the target's log-probability when the slot is dropped from the lookup.
-    Then the top slots across layers, with the tokens their value rows promote and suppress.
+    The target is a token sequence: its log-probability is the sum over its tokens (teacher forcing). Shows the
+    top-5 next tokens, the whole target's log-probability and its first token's rank; per memory layer and head,
+    the k slots at the position that predicts the first target token. Per slot: sub-keys (i, j), score, weight,
+    attribution (direct logit attribution to the token predicted there) and ablation (the change in the WHOLE
+    target's log-probability when the slot is dropped). Then the top slots with the tokens their value rows promote
+    and suppress, one line per target token, and the slots whose removal hurts the whole target most.
 
     Example: memedit inspect "Reidreir was born in" --target Thakrian
     Example: memedit inspect --fact f00000 --json
@@ -65,14 +69,14 @@ def inspect(
 
         raise MemeditError("--facts needs --fact ID: which fact of the file to trace")
     if fact is not None:
-        return _inspect_fact(fact, facts, heldout, model, dtype, json)
+        return _inspect_fact(fact, facts, heldout, model, dtype, json, device)
     if prompt is None:
         from memedit.errors import MemeditError
 
         raise MemeditError('give a PROMPT (memedit inspect "Reidreir was born in") or --fact ID')
     from memedit.trace import trace
 
-    with _loaded(model, dtype) as m:
+    with _loaded(model, dtype, device) as m:
         d = trace(m, prompt, target).to_dict(all_positions=all_positions, top_slots=top)
     if json:
         return print_json(d)
@@ -81,13 +85,18 @@ def inspect(
 
 def _render_trace(d: dict, per_head: int) -> None:
     tg = d["target"]
-    console.print(f"[bold]prompt[/] {d['prompt']!r}  ({len(d['tokens'])} tokens, traced at position {d['position']})")
-    console.print(f"[bold]target[/] {tg['token']!r}: p = {tg['prob']:.4f}, rank {tg['rank']}")
+    console.print(f"[bold]prompt[/] {esc(repr(d['prompt']))}  ({len(d['tokens'])} tokens, first target token "
+                  f"predicted at position {d['position']})")
+    spelled = " ".join(esc(repr(t)) for t in tg["tokens"])
+    console.print(f"[bold]target[/] {esc(repr(tg['text']))} = {tg['n_tokens']} token(s) {spelled}: "
+                  f"log p = {tg['logprob']:.3f} (mean {tg['mean_logprob']:.3f} per token), p = {tg['prob']:.4f}, "
+                  f"first token rank {tg['first_rank']}, greedy continuation {'is' if tg['exact_match'] else 'is not'}"
+                  " the target")
     if tg["note"]:
-        console.print(f"[yellow]{tg['note']}[/]")
+        console.print(f"[yellow]{esc(tg['note'])}[/]")
     if d.get("warning"):
-        console.print(f"[yellow]warning: {d['warning']}[/]")
-    console.print("[bold]next token[/] " + ", ".join(f"{x['token']} {x['prob']:.3f}" for x in d["top"]))
+        console.print(f"[yellow]warning: {esc(d['warning'])}[/]")
+    console.print("[bold]next token[/] " + ", ".join(f"{esc(repr(x['token']))} {x['prob']:.3f}" for x in d["top"]))
     for layer in d["layers"]:
         slot_sum = sum(s["attribution"] for h in layer["heads"] for s in h["slots"])
         t = Table(title=f"memory layer {layer['layer']} (table {layer['table']}): "
@@ -104,23 +113,41 @@ def _render_trace(d: dict, per_head: int) -> None:
             if len(shown) < len(h["slots"]):
                 t.add_row("", f"[dim]+{len(h['slots']) - len(shown)} more[/]", "", "", "", "", "")
         console.print(t)
-    t = Table(title=f"top {len(d['top_slots'])} slots by attribution to {tg['token']!r}", title_justify="left")
+    t = Table(title=f"top {len(d['top_slots'])} slots by attribution to {esc(repr(tg['token']))}", title_justify="left")
     for c in ("layer", "head", "slot", "attribution", "ablation Δlogp", "read by", "promotes", "suppresses"):
         t.add_column(c, justify="right" if c in ("layer", "head", "slot", "attribution", "ablation Δlogp") else "left")
     for s in d["top_slots"]:
         t.add_row(str(s["layer"]), str(s["head"]), str(s["slot"]), _signed(s["attribution"]), _signed(s["ablation"]),
                   ",".join(map(str, s["read_by"])), _tokens(s["promotes"][:3]), _tokens(s["suppresses"][:3]))
     console.print(t)
-    console.print("[dim]attribution: direct logit attribution (final-norm scale frozen); ablation: Δ log-prob of the "
-                  "target when the slot is dropped (other weights renormalised); promotes/suppresses: tokens the "
-                  "value row raises/lowers most (--json has the logits)[/]")
+    if len(d["per_token"]) > 1:
+        t = Table(title="per target token (the position that predicts it)", title_justify="left")
+        for c in ("pos", "predicts", "p", "rank", "top slot (layer/head/slot)", "attribution", "ablation Δlogp"):
+            t.add_column(c)
+        for p in d["per_token"]:
+            best = p["top_slots"][0] if p["top_slots"] else None
+            t.add_row(str(p["position"]), esc(repr(p["scored"]["token"])), f"{p['scored']['prob']:.3f}",
+                      str(p["scored"]["rank"]), f"{best['layer']}/{best['head']}/{best['slot']}" if best else "",
+                      _signed(best["attribution"]) if best else "", _signed(best["ablation"]) if best else "")
+        console.print(t)
+    t = Table(title="slots whose removal lowers the whole target's log-probability most", title_justify="left")
+    for c in ("pos", "predicts", "layer", "head", "slot", "ablation Δlogp", "attribution"):
+        t.add_column(c, justify="right")
+    for r in d["summary"]:
+        t.add_row(str(r["position"]), esc(repr(r["predicts"])), str(r["layer"]), str(r["head"]), str(r["slot"]),
+                  _signed(r["ablation"]), _signed(r["attribution"]))
+    console.print(t)
+    console.print("[dim]attribution: direct logit attribution to the token predicted at that position (final-norm "
+                  "scale frozen); ablation: Δ log-prob of the whole target when the slot is dropped (other weights "
+                  "renormalised); promotes/suppresses: tokens the value row raises/lowers most (--json has the "
+                  "logits)[/]")
     if "positions" in d:
-        t = Table(title="every position (scoring the next prompt token; the target at the last)", title_justify="left")
+        t = Table(title="every position (scoring the next token)", title_justify="left")
         for c in ("pos", "token", "scored", "p", "rank", "top slot (layer/head/slot)", "attribution", "ablation Δlogp"):
             t.add_column(c)
         for p in d["positions"]:
             best = p["top_slots"][0] if p["top_slots"] else None
-            t.add_row(str(p["position"]), p["token"], p["scored"]["token"], f"{p['scored']['prob']:.3f}",
+            t.add_row(str(p["position"]), esc(p["token"]), esc(p["scored"]["token"]), f"{p['scored']['prob']:.3f}",
                       str(p["scored"]["rank"]), f"{best['layer']}/{best['head']}/{best['slot']}" if best else "",
                       _signed(best["attribution"]) if best else "", _signed(best["ablation"]) if best else "")
         console.print(t)
@@ -132,12 +159,12 @@ def _signed(x: float) -> str:
 
 
 def _inspect_fact(fact_id: str, facts: Optional[Path], heldout: bool, model: Optional[str], dtype: Optional[str],
-                  json: bool) -> None:
+                  json: bool, device: Optional[str] = None) -> None:
     from memedit.errors import MemeditError
     from memedit.facts import load_facts, world_of
     from memedit.trace import trace_fact
 
-    with _loaded(model, dtype) as m:
+    with _loaded(model, dtype, device) as m:
         if facts is not None:
             found = [f for f in load_facts(facts) if f.id == fact_id]
             if not found:
@@ -148,15 +175,15 @@ def _inspect_fact(fact_id: str, facts: Optional[Path], heldout: bool, model: Opt
         ft = trace_fact(m, f, heldout_in_core=heldout)
     if json:
         return print_json(ft.to_dict())
-    console.print(f"[bold]fact[/] {f.id}: {f.prompt.format(f.subject)} [bold green]{f.target_true}[/] "
-                  f"({len(ft.phrasings)} phrasings)")
+    console.print(f"[bold]fact[/] {esc(f.id)}: {esc(f.prompt.replace('{}', f.subject))} "
+                  f"[bold green]{esc(f.target_true)}[/] ({len(ft.phrasings)} phrasings)")
     t = Table()
-    for c in ("phrasing", "p(target)", "rank", "top", "slots to drop to flip"):
+    for c in ("phrasing", "p(target)", "first-token rank", "top", "slots to drop to flip"):
         t.add_column(c, justify="left" if c == "phrasing" else "right")
     for p in ft.phrasings:
         flip = "n/a" if not p["answered"] else ("none flips" if p["flip"] is None else str(p["flip"]))
-        phrasing = p["prompt"] + (" [dim](held-out)[/]" if p["heldout"] else "")
-        t.add_row(phrasing, f"{p['prob']:.3f}", str(p["rank"]), p["top"], flip)
+        phrasing = esc(p["prompt"]) + (" [dim](held-out)[/]" if p["heldout"] else "")
+        t.add_row(phrasing, f"{p['prob']:.3f}", str(p["rank"]), esc(p["top"]), flip)
     console.print(t)
     console.print(f"[bold]core set[/]: {ft.core_size} slots selected at the answer position by all {ft.core_over} "
                   f"{'phrasings' if heldout else 'training phrasings (--heldout adds the held-out ones)'}")
@@ -176,6 +203,7 @@ def trace_causal(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Save the heat map as PNG (needs matplotlib).")]
     = None,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     json: JsonOpt = False,
 ) -> None:
@@ -189,7 +217,7 @@ def trace_causal(
     from memedit.causal import causal_trace
     from memedit.causal import plot as save_plot
 
-    with _loaded(model, dtype) as m:
+    with _loaded(model, dtype, device) as m:
         ct = causal_trace(m, prompt, subject, target, samples=samples, noise=noise, seed=seed)
     if plot is not None:
         save_plot(ct, plot)
@@ -198,10 +226,11 @@ def trace_causal(
         if plot is not None:
             d["plot"] = str(plot)
         return print_json(d)
-    console.print(f"[bold]prompt[/] {prompt!r}, subject {subject!r} (positions {ct.subject_positions}), "
-                  f"target {ct.target.token!r}")
+    console.print(f"[bold]prompt[/] {esc(repr(prompt))}, subject {esc(repr(subject))} (positions "
+                  f"{ct.subject_positions}), target {esc(repr(ct.target.text))} ({ct.target.n_tokens} token(s), "
+                  "scored whole)")
     if ct.target.note:
-        console.print(f"[yellow]{ct.target.note}[/]")
+        console.print(f"[yellow]{esc(ct.target.note)}[/]")
     console.print(f"P(target): clean {ct.clean_prob:.4f}, corrupted {ct.corrupted_prob:.4f} "
                   f"(noise {noise}x embedding std, {samples} samples, seed {seed})")
     ie = ct.indirect_effect
@@ -218,7 +247,7 @@ def trace_causal(
             level = int(255 - 200 * min(1.0, max(0.0, x) / top))
             cells.append(f"[black on rgb({level},{level},255)] {x:+.3f} [/]")
         mark = "*" if pos in ct.subject_positions else ""
-        t.add_row(str(pos), tok + mark, *cells)
+        t.add_row(str(pos), esc(tok) + mark, *cells)
     console.print(t)
     console.print("[dim]* subject token (corrupted)[/]")
     if plot is not None:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .common import JsonOpt, ModelOpt, command, console, load_model, print_json
+from .common import DeviceOpt, JsonOpt, ModelOpt, command, console, esc, load_model, print_json
 
 keys_app = typer.Typer(help="Change sub-keys: online adaptation, routing a fact to a free slot, key patches.",
                        no_args_is_help=True)
@@ -33,17 +33,21 @@ def read_lines(path: Path, what: str) -> list[str]:
     return lines
 
 
-def background_text(model, probe: Optional[Path], n: int = 512) -> list[str]:
-    """The probe set: --probe, else an even sample of the model's world corpus (facts and filler)."""
+def background_text(model, probe: Optional[Path], fallback: Optional[list[str]] = None, n: int = 512
+                    ) -> tuple[list[str], str]:
+    """The probe set and where it came from: --probe, else an even sample of the model's demo-world corpus, else
+    a sample of ``fallback`` (the user's own text)."""
     from memedit.errors import MemeditError
     from memedit.facts import world_of
 
     if probe is not None:
-        return read_lines(probe, "probe text")
-    if not model.meta.get("world"):
-        raise MemeditError("this model records no facts world: give background text with --probe FILE")
-    sents = world_of(model).training_sentences()
-    return sents[:: max(1, len(sents) // n)][:n]
+        return read_lines(probe, "probe text"), str(probe)
+    if model.meta.get("world"):
+        sents = world_of(model).training_sentences()
+        return sents[:: max(1, len(sents) // n)][:n], "a sample of the demo world's corpus"
+    if fallback:
+        return fallback[:: max(1, len(fallback) // n)][:n], "the adapted text itself (no --probe given)"
+    raise MemeditError("no background text to measure collateral on: pass --probe FILE (one passage per line)")
 
 
 @command(keys_app, "adapt")
@@ -56,9 +60,14 @@ def adapt_cmd(
     probe: Annotated[Optional[Path],
                      typer.Option(help="Background text whose lookups measure collateral (default: a sample of the "
                                        "world corpus).")] = None,
+    exact_index: Annotated[bool,
+                           typer.Option("--exact-index", help="Keep an incrementally updated FAISS index of every "
+                                                              "head's N² slot keys and check the probe lookups "
+                                                              "against it (N² × K floats per head).")] = False,
     out: OutOpt = None,
     dry_run: DryRunOpt = False,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Adapt the sub-keys online to CORPUS: each step moves only sub-keys that entered a stage-1 top-k in its batch.
@@ -71,11 +80,13 @@ def adapt_cmd(
     from memedit.checkpoint import require_writable
     from memedit.keys import adapt, save_and_apply
 
-    m = load_model(model)
+    m = load_model(model, device=device)
     if not dry_run:
         require_writable(m)
     texts = read_lines(corpus, "corpus")
-    probe_texts = background_text(m, probe)
+    probe_texts, probe_from = background_text(m, probe, fallback=texts)
+    if not json and probe is None and not m.meta.get("world"):
+        console.print(f"note: collateral is measured on {probe_from}; pass --probe FILE for separate background text")
 
     def show(st) -> None:
         if not json:
@@ -83,7 +94,8 @@ def adapt_cmd(
                           f"collateral {st.collateral:.2%} (slots replaced {st.slots_replaced:.2%})  slots re-indexed "
                           f"{st.slots_reindexed:,}")
 
-    res = adapt(m, texts, probe_texts, steps=steps, batch_size=batch_size, lr=lr, layers=layer, progress=show)
+    res = adapt(m, texts, probe_texts, steps=steps, batch_size=batch_size, lr=lr, layers=layer,
+                check_exact=exact_index, progress=show)
     path = None
     if not dry_run and res.patch.changes:
         res.patch.meta["corpus"] = str(corpus)
@@ -96,8 +108,9 @@ def adapt_cmd(
     console.print(f"sub-keys changed: {res.subkeys_changed:,} of {res.subkeys_total:,} "
                   f"({res.frozen_skipped:,} frozen ones left alone); collateral: {res.steps[-1].collateral:.2%} of "
                   f"probe lookups changed, {res.steps[-1].slots_replaced:.2%} of their slots replaced")
-    console.print(f"exact check: {res.exact_lookups:,} probe lookups vs the incrementally updated FAISS index, "
-                  f"{res.exact_mismatches} mismatches")
+    if exact_index:
+        console.print(f"exact check: {res.exact_lookups:,} probe lookups vs the incrementally updated FAISS index, "
+                      f"{res.exact_mismatches} mismatches")
     console.print(f"wrote patch {path} and applied it" if path else "nothing written (--dry-run or no change)")
 
 
@@ -151,6 +164,7 @@ def route_cmd(
     out: OutOpt = None,
     dry_run: DryRunOpt = False,
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Write a new fact into a free slot: move that slot's two sub-keys just enough for the fact's query to select
@@ -163,18 +177,23 @@ def route_cmd(
     from memedit.facts import world_of
     from memedit.keys import route, save_and_apply
 
-    m = load_model(model)
+    m = load_model(model, device=device)
     if not dry_run:
         require_writable(m)
     if slot != "auto" and not slot.lstrip("-").isdigit():
         raise MemeditError(f"--slot must be a slot id or 'auto', got {slot!r}")
+    from memedit.state import background as stored_background
+
     world = world_of(m) if m.meta.get("world") else None
     if probe is not None:
         background = read_lines(probe, "probe text")
     elif world is not None:
         background = world.training_sentences()
+    elif stored_background(m) is not None:
+        background = []  # slot usage from the stored background statistics; no probe collateral
     else:
-        raise MemeditError("this model records no facts world: give background text with --probe FILE")
+        raise MemeditError("keys route picks the least-used slot from background text: pass --probe FILE, or store "
+                           "background statistics with `memedit background CORPUS` first")
     facts = None
     if world is not None:
         facts = world.facts if eval_facts == 0 else world.facts[:: max(1, len(world.facts) // eval_facts)][:eval_facts]
@@ -193,7 +212,8 @@ def route_cmd(
     t.add_row("sub-keys moved", f"|Δ| {res.moved[0]:.4f} and {res.moved[1]:.4f} (norms {res.subkey_norms[0]:.3f}, "
                                 f"{res.subkey_norms[1]:.3f})")
     t.add_row("selected", f"rank {res.rank} of the head's top-k, weight {res.weight:.3f}")
-    t.add_row("prediction", f"{res.predicted_before!r} (p(target) {res.p_before:.3f}) -> {res.predicted_after!r} (p "
+    before, after = esc(repr(res.predicted_before)), esc(repr(res.predicted_after))
+    t.add_row("prediction", f"{before} (p(target) {res.p_before:.3f}) -> {after} (p "
                             f"{res.p_after:.3f})")
     t.add_row("probe collateral", f"{res.collateral:.2%} of background lookups changed ({res.slots_replaced:.2%} of "
                                   f"slots); {res.probe_selecting_slot} select the slot")

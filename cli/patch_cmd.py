@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .common import JsonOpt, ModelOpt, command, console, err_console, load_model, print_json
+from .common import JsonOpt, ModelOpt, command, console, err_console, esc, load_model, print_json
 
 patch_app = typer.Typer(help="Exact, reversible value-row patches: make, apply, revert, show, log, diff.",
                         no_args_is_help=True)
@@ -42,7 +42,7 @@ def layers_note(change: dict) -> str:
 
 
 def show_patch(summary: dict, title: str) -> None:
-    console.print(f"[bold]{title}[/] {summary['id']}  {summary['kind']}  {summary['message']}")
+    console.print(f"[bold]{title}[/] {summary['id']}  {summary['kind']}  {esc(summary['message'])}")
     t = Table()
     for c in ("table", "layers that change", "rows", "max |delta|"):
         t.add_column(c)

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .common import JsonOpt, ModelOpt, command, console, err_console, load_model, print_json
+from .common import DeviceOpt, JsonOpt, ModelOpt, command, console, err_console, esc, load_model, print_json
 
 
 def parse_dtypes(spec: str, model_dtype):
@@ -56,7 +56,11 @@ def verify(
     save_queries: Annotated[Optional[Path],
                             typer.Option(help="Also write the checked queries (first dtype) as .npz.")] = None,
     examples: Annotated[int, typer.Option(min=0, help="Mismatches to print in full.")] = 3,
+    reference: Annotated[str,
+                         typer.Option(help="FAISS reference: flat (brute force over all slot keys, blockwise) or "
+                                           "miq (its MultiIndexQuantizer product-key search).")] = "flat",
     model: ModelOpt = None,
+    device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Compare every memory head's top-k with FAISS exact inner-product search over all N² slot keys.
@@ -70,7 +74,7 @@ def verify(
 
     if sum(x is not None and x != 0 for x in (corpus, random, queries)) > 1:
         raise MemeditError("give only one of --corpus, --random and --queries")
-    m = load_model(model)
+    m = load_model(model, device=device)
     if layer is not None and layer not in m.memory_layers:
         raise MemeditError(f"layer {layer} is not a memory layer (memory layers: {list(m.memory_layers)})")
     passes = parse_dtypes(dtypes, m.dtype)
@@ -102,7 +106,7 @@ def verify(
             return checked
 
     show = None if json else (lambda msg: err_console.print(f"[dim]{msg}[/]"))
-    report = exact.verify(m, source, name, passes, threads=threads, progress=show)
+    report = exact.verify(m, source, name, passes, threads=threads, progress=show, reference=reference)
     if json:
         print_json(report.to_json())
     else:
@@ -117,7 +121,8 @@ def read_corpus(path: Optional[Path], model) -> list[str]:
 
     if path is None:
         if not model.meta.get("world"):
-            raise MemeditError("this model records no facts world: pass --corpus FILE, --random N or --queries FILE")
+            raise MemeditError("nothing to verify on: this model has no demo world to default to; pass --corpus FILE, "
+                               "--random N or --queries FILE")
         return world_of(model).training_sentences()
     try:
         lines = path.read_text().splitlines()
@@ -130,7 +135,7 @@ def read_corpus(path: Optional[Path], model) -> list[str]:
 
 
 def render(report, examples: int) -> None:
-    console.print(f"[bold]queries[/] {report.source}")
+    console.print(f"[bold]queries[/] {esc(report.source)}")
     for p in report.passes:
         t = Table(title=f"{p.dtype} (tolerance {p.rtol:.1e} × score scale)")
         for c in ("L", "head", "lookups", "agree", "same ids", "tie only", "REAL", "k-th ties", "max |Δ|"):

@@ -25,7 +25,7 @@ from .capture import on_lookup
 from .errors import MemeditError
 from .evaluate import pad_batch
 from .model import MemoryModel
-from .stats import SlotCounter, SlotStats
+from .stats import SlotCounter, SlotStats, TopContexts
 
 Progress = Callable[[int, float], None]  # (tokens audited so far, fraction of the corpus read)
 
@@ -47,7 +47,8 @@ class Corpus:
             try:
                 world = world_of(model)
             except MemeditError:
-                raise MemeditError("this model records no facts world: give a CORPUS file (text or JSONL)") from None
+                raise MemeditError("no CORPUS given, and this model has no demo world to default to: pass a CORPUS "
+                                   "file (text, one document per line, or JSONL with a \"text\" field)") from None
             return cls(description=f"demo world (seed {world.seed}) training sentences",
                        texts=world.training_sentences())
         path = Path(source).expanduser()
@@ -103,17 +104,24 @@ def _jsonl_text(line: str, path: Path, n: int) -> str:
     return rec["text"]
 
 
-def token_batches(model: MemoryModel, corpus: Corpus, batch_size: int = 64, max_tokens: int | None = None
-                  ) -> Iterator[tuple[list[list[int]], float]]:
-    """Batches of token sequences (BOS + tokens, split at max_seqlen), stopping after ``max_tokens`` tokens.
+def token_batches(model: MemoryModel, corpus: Corpus, batch_size: int = 64, max_tokens: int | None = None,
+                  origins: bool = False) -> Iterator[tuple]:
+    """Batches of token sequences (BOS + tokens, split at max_seqlen), stopping after ``max_tokens`` tokens:
+    (sequences, fraction of the corpus read), and with ``origins`` a third item, (document, first position) of
+    every sequence, where document counts the corpus's non-empty documents from 0.
 
     Deterministic: every rank of a distributed audit sees the same batches.
     """
     T = model.config.max_seqlen
     batch: list[list[int]] = []
+    where: list[tuple[int, int]] = []
     taken = 0
     frac = 0.0
-    for text, frac in corpus.documents():
+
+    def out(f: float) -> tuple:
+        return (batch, f, where) if origins else (batch, f)
+
+    for doc, (text, frac) in enumerate(corpus.documents()):
         try:
             ids = model.encode(text)
         except MemeditError:  # a document the tokenizer makes nothing of
@@ -125,40 +133,43 @@ def token_batches(model: MemoryModel, corpus: Corpus, batch_size: int = 64, max_
             if not seq:
                 continue
             batch.append(seq)
+            where.append((doc, start))
             taken += len(seq)
             if len(batch) == batch_size:
-                yield batch, frac
-                batch = []
+                yield out(frac)
+                batch, where = [], []
             if max_tokens is not None and taken >= max_tokens:
                 if batch:
-                    yield batch, 1.0
+                    yield out(1.0)
                 return
     if batch:
-        yield batch, frac
+        yield out(frac)
 
 
 @torch.no_grad()
 def audit(model: MemoryModel, corpus: Corpus, max_tokens: int | None = None, batch_size: int = 64,
-          progress: Progress | None = None, rank: int = 0, world_size: int = 1) -> SlotStats:
-    """Slot statistics of ``model`` over ``corpus`` (this rank's share of the batches when ``world_size`` > 1)."""
+          progress: Progress | None = None, rank: int = 0, world_size: int = 1, contexts: int = 0) -> SlotStats:
+    """Slot statistics of ``model`` over ``corpus`` (this rank's share of the batches when ``world_size`` > 1);
+    with ``contexts`` M > 0 also the top-M contexts of every slot (stats.TopContexts)."""
     from .checkpoint import fingerprint
 
     if model.tokenizer is None:
         raise MemeditError("this model has no tokenizer, so it cannot read a text corpus")
     if max_tokens is not None and max_tokens < 1:
         raise MemeditError(f"--tokens must be at least 1, got {max_tokens}")
-    stats = SlotStats.empty(model, corpus=corpus.description, fingerprint=fingerprint(model))
+    stats = SlotStats.empty(model, corpus=corpus.description, fingerprint=fingerprint(model), contexts=contexts)
     counter = SlotCounter(stats)
     pad = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else 0
     device = next(model.parameters()).device
     seen = 0  # tokens in the stream so far, all ranks
     with on_lookup(model, counter):
-        for b, (seqs, frac) in enumerate(token_batches(model, corpus, batch_size, max_tokens)):
+        for b, (seqs, frac, where) in enumerate(token_batches(model, corpus, batch_size, max_tokens, origins=True)):
             n = sum(len(s) for s in seqs)
             seen += n
             if b % world_size == rank:
                 tokens, lengths = pad_batch(seqs, pad)
-                counter.mask = (torch.arange(tokens.shape[1]) < lengths[:, None]).reshape(-1)  # (B*T,) not padding
+                docs, starts = torch.tensor(where, dtype=torch.int64).view(-1, 2).unbind(1)
+                counter.batch(tokens, lengths, docs, starts)
                 model(tokens.to(device))
                 stats.tokens += n
             if progress is not None:
@@ -197,14 +208,29 @@ def all_reduce(stats: SlotStats) -> SlotStats:
     tokens = tokens.to(device)
     dist.all_reduce(tokens, op=dist.ReduceOp.SUM)
     stats.tokens = int(tokens.item())
+    if stats.contexts is not None:  # top-M sets do not add: gather every rank's and merge them, in rank order
+        c = stats.contexts
+        parts = {}
+        for name in ("weight", "key", "where", "tokens"):
+            for t, v in getattr(c, name).items():
+                wide = v.int() if v.dtype == torch.int16 else v  # gloo has no int16
+                got = [torch.empty_like(wide).to(device) for _ in range(dist.get_world_size())]
+                dist.all_gather(got, wide.to(device))
+                parts[(name, t)] = [g.cpu().to(v.dtype) for g in got]
+        merged = None
+        for r in range(dist.get_world_size()):
+            one = TopContexts(c.layers, c.tables, c.m, *({t: parts[(name, t)][r] for t in c.tables}
+                                                         for name in ("weight", "key", "where", "tokens")))
+            merged = one if merged is None else merged.merged(one)
+        stats.contexts = merged
     return stats
 
 
 def audit_distributed(model: MemoryModel, corpus: Corpus, max_tokens: int | None = None, batch_size: int = 64,
-                      progress: Progress | None = None) -> tuple[SlotStats, int]:
+                      progress: Progress | None = None, contexts: int = 0) -> tuple[SlotStats, int]:
     """Audit this rank's shard and sum over all ranks: (the whole corpus's statistics, this rank)."""
     rank, world = init_distributed(next(model.parameters()).device)
-    stats = audit(model, corpus, max_tokens, batch_size, progress if rank == 0 else None, rank, world)
+    stats = audit(model, corpus, max_tokens, batch_size, progress if rank == 0 else None, rank, world, contexts)
     return all_reduce(stats), rank
 
 

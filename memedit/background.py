@@ -44,6 +44,9 @@ def default_corpus(model: MemoryModel) -> list[str]:
     """The demo world's filler sentences and facts (with their answers): the model's 'general text'."""
     from .facts import world_of
 
+    if not getattr(model, "meta", {}).get("world"):
+        raise MemeditError("no CORPUS given, and this model has no demo world to default to: pass CORPUS, your own "
+                           "text (one passage per line, or JSONL with a \"text\" field)")
     return world_of(model).training_sentences()
 
 
@@ -138,6 +141,9 @@ def get(model: MemoryModel) -> Background:
     bg = stored(model)
     if bg is not None:
         return bg
+    if not getattr(model, "meta", {}).get("world"):
+        raise MemeditError("this model has no background slot statistics yet (TF-IDF and KL ranking need them): run "
+                           "`memedit background CORPUS` on your own text first, or pass --ranking counts")
     if model not in _CACHE:
         _CACHE[model] = compute(model, default_corpus(model), max_batches=IN_MEMORY_BATCHES,
                                 corpus=f"default, {IN_MEMORY_BATCHES} batches (computed in memory)")

@@ -40,6 +40,58 @@ def capture_lookups(model: MemoryModel) -> Iterator[dict[int, list[Lookup]]]:
         yield rec
 
 
+@contextlib.contextmanager
+def trainable_rows(model: MemoryModel, rows: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """Leaf tensors {table: (m, V)} that stand in for the given rows (sorted, unique ids) of each value table.
+
+    Inside the block every lookup that selects one of those rows reads it from the leaf instead of the table:
+    a hook on ``layer.search`` keeps the lookup, and a hook on ``layer.hook_mem`` (the value mix, before the
+    projection) adds sum over the selected trainable rows of w * (leaf row - stored row). The forward pass is the
+    one the model would compute with the leaves written into the table, and gradients reach only the leaves:
+    no gradient or optimizer state the size of the table (sparse memory finetuning, Lin et al. 2025). The table
+    is left unchanged; write the trained leaves back with ``table.weight[ids] = leaf``.
+    """
+    from torch.nn import functional as F
+
+    tables = {t.name: t for t in model.tables}
+    leaves, base = {}, {}
+    for name, ids in rows.items():
+        w = tables[name].weight
+        if ids.numel() and not bool((ids[1:] > ids[:-1]).all()):
+            raise ValueError("trainable_rows needs sorted, unique row ids")
+        base[name] = w.detach()[ids].float()  # (m, V)
+        leaves[name] = w.detach()[ids].clone().requires_grad_(True)  # (m, V) in the table's dtype
+    lookups: dict[int, Lookup] = {}
+    handles = []
+    for name, t in tables.items():
+        if name not in rows:
+            continue
+        ids = rows[name]
+        for L in t.layers:
+            layer = model.memory_layers[L]
+
+            def keep(mod, inp, out, L=L):
+                lookups[L] = out
+
+            def substitute(mod, inp, m, L=L, ids=ids, name=name):
+                lk = lookups.pop(L)
+                n = m.shape[0]
+                idx = lk.indices.reshape(n, -1)  # (n, H*k)
+                pos = torch.searchsorted(ids, idx).clamp(max=max(ids.numel() - 1, 0))  # (n, H*k) row in the leaf
+                hit = ids[pos] == idx if ids.numel() else torch.zeros_like(idx, dtype=torch.bool)
+                w = lk.weights.reshape(n, -1).float() * hit  # (n, H*k) weights of the trainable rows only
+                delta = F.embedding_bag(pos, leaves[name].float() - base[name], per_sample_weights=w, mode="sum")
+                return m + delta.to(m.dtype)  # (n, V)
+
+            handles.append(layer.search.register_forward_hook(keep))
+            handles.append(layer.hook_mem.register_forward_hook(substitute))
+    try:
+        yield leaves
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def answer_lookups(model: MemoryModel, prompts: Sequence[str]) -> dict[int, Lookup]:
     """The lookups at the last position of each prompt: {layer: Lookup with n_tokens = len(prompts)}."""

@@ -5,6 +5,9 @@ to its clean value and see how much of the answer's probability comes back:
 
     indirect effect (t, L) = P(target | corrupted, memory layer L restored at t) - P(target | corrupted)
 
+P(target) is the probability of the WHOLE target, the product over its tokens with teacher forcing
+(memedit/targets.py); the grid covers the prompt's positions.
+
 Noise: ``noise`` (default 3) times the standard deviation of the token-embedding table (all entries; ROME uses the
 std of subject embeddings over a corpus, which a synthetic model does not have), ``samples`` (default 10) draws
 from a generator seeded with ``seed``. The same draws are reused for every (position, layer), so the grid differs
@@ -19,13 +22,15 @@ import torch
 
 from .errors import MemeditError
 from .model import MemoryModel
-from .trace import Target, target_token
+from .targets import tokenize_target
+from .tokenizer import token_text
+from .trace import Target, as_target
 
 
 @dataclass
 class CausalTrace:
     prompt: str
-    tokens: list[str]  # the prompt's tokens as text, BOS first
+    tokens: list[str]  # the prompt's tokens as text, BOS first (the grid's rows)
     subject: str
     subject_positions: list[int]  # token positions that were corrupted
     target: Target
@@ -46,8 +51,8 @@ class CausalTrace:
         return {
             "prompt": self.prompt, "tokens": self.tokens, "subject": self.subject,
             "subject_positions": self.subject_positions,
-            "target": {"text": self.target.text, "token": self.target.token, "token_id": self.target.token_id,
-                       "note": self.target.note},
+            "target": {"text": self.target.text, "tokens": self.target.tokens, "token_ids": self.target.token_ids,
+                       "n_tokens": self.target.n_tokens, "note": self.target.note},
             "layers": self.layers, "clean_prob": self.clean_prob, "corrupted_prob": self.corrupted_prob,
             "restored": self.restored.tolist(), "indirect_effect": self.indirect_effect.tolist(),
             "noise_std": self.noise_std, "samples": self.samples, "seed": self.seed,
@@ -73,17 +78,24 @@ def causal_trace(model: MemoryModel, prompt: str, subject: str, target: str, sam
     """Indirect effects of restoring each memory layer's output at each position of a subject-corrupted prompt."""
     if samples < 1:
         raise MemeditError("--samples must be at least 1")
-    ids = model.encode(prompt)
+    tt = tokenize_target(model, prompt, target)
+    ids = list(tt.prompt_ids)
     span = subject_span(model, ids, subject)
-    tgt = target_token(model, target)
-    tokens = torch.tensor(ids)
-    T, layers = len(ids), list(model.memory_layers)
+    tgt = as_target(model, tt, tt.note)
+    seq = torch.tensor(tt.sequence)  # teacher forcing: the prompt and the target's tokens but the last
+    T, S, layers = len(ids), len(seq), list(model.memory_layers)
+    want_pos = torch.arange(T - 1, T - 1 + len(tt.ids))  # the positions that predict the target's tokens
+    want = torch.tensor(tt.ids)
+
+    def target_prob(logits: torch.Tensor) -> torch.Tensor:  # (B, S, vocab) -> (B,) whole-target probability
+        lp = torch.log_softmax(logits[:, want_pos].float(), -1)  # (B, n, vocab)
+        return lp.gather(-1, want.expand(lp.shape[0], -1).unsqueeze(-1))[..., 0].sum(-1).exp()
 
     clean: dict[int, torch.Tensor] = {}
     handles = [layer.register_forward_hook(lambda m, i, o, L=L: clean.__setitem__(L, o[0].detach()))
                for L, layer in model.memory_layers.items()]
     try:
-        clean_prob = float(torch.softmax(model(tokens[None])[0, -1].float(), -1)[tgt.token_id])
+        clean_prob = float(target_prob(model(seq[None]))[0])
     finally:
         for h in handles:
             h.remove()
@@ -121,14 +133,14 @@ def causal_trace(model: MemoryModel, prompt: str, subject: str, target: str, sam
         handles = [model.tok_embeddings.register_forward_hook(corrupt)]
         handles += [layer.register_forward_hook(restorer(L)) for L, layer in model.memory_layers.items()]
         try:
-            logits = model(tokens[None].expand(len(part), T))[:, -1]  # (B, vocab)
+            logits = model(seq[None].expand(len(part), S))  # (B, S, vocab)
         finally:
             for h in handles:
                 h.remove()
-        probs[start : start + len(part)] = torch.softmax(logits.float(), -1)[:, tgt.token_id]
+        probs[start : start + len(part)] = target_prob(logits)
     probs = probs.view(len(combos) + 1, samples).mean(-1)
     return CausalTrace(
-        prompt=prompt, tokens=[model.tokenizer.id_to_token(i) for i in ids], subject=subject,
+        prompt=prompt, tokens=[token_text(model.tokenizer, i) for i in ids], subject=subject,
         subject_positions=span, target=tgt, layers=layers, clean_prob=clean_prob,
         corrupted_prob=float(probs[0]), restored=probs[1:].view(T, len(layers)), noise_std=std,
         samples=samples, seed=seed,
@@ -154,7 +166,7 @@ def plot(ct: CausalTrace, path) -> None:
     ])
     ax.set_xticks(range(len(ct.layers)), [f"layer {L}" for L in ct.layers])
     ax.set_xlabel("memory layer restored")
-    ax.set_title(f"P({ct.target.token}) restored − corrupted\n"
+    ax.set_title(f"P({ct.target.text!r}) restored − corrupted\n"
                  f"clean {ct.clean_prob:.3f}, corrupted {ct.corrupted_prob:.3f}",
                  fontsize=9)
     fig.colorbar(im, ax=ax)

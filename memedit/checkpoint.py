@@ -148,8 +148,11 @@ def is_native(path: Path) -> bool:
         return False
 
 
-def load(path: str | Path | None = None, dtype: str | None = None, **options) -> MemoryModel:
+def load(path: str | Path | None = None, dtype: str | None = None, device: str | None = None,
+         **options) -> MemoryModel:
     """Load a model: a native folder, the bundled demo model (default), or a layout an importer knows.
+
+    ``device``: the torch device to put it on ("cpu", the default, "cuda", "cuda:1", ...).
 
     Options: ``tokenizer`` (a tokenizer file to use instead of the model's own), ``knn`` (slots per head of a
     standalone XLM / product-key-memory module, which its state dict does not store).
@@ -170,9 +173,26 @@ def load(path: str | Path | None = None, dtype: str | None = None, **options) ->
         if dtype not in DTYPES:
             raise MemeditError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
         model.to(DTYPES[dtype])
+    if device is not None and check_device(device).type != "cpu":
+        model.to(check_device(device))
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def check_device(device: str) -> torch.device:
+    """The torch device called ``device``, refused with a one-line error when it is not there."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise MemeditError(f"unknown device {device!r} (use cpu, cuda, cuda:1 ...)") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise MemeditError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use --device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise MemeditError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    if d.type not in ("cpu", "cuda"):
+        raise MemeditError(f"device {device!r} is not supported (use cpu or cuda)")
+    return d
 
 
 def load_native(path: str | Path) -> MemoryModel:
@@ -270,6 +290,11 @@ def load_state(model: MemoryModel, state: dict[str, torch.Tensor], origin: str, 
             raise MemeditError(f"{origin}: {name} has shape {tuple(src.shape)}, the config implies {tuple(dst.shape)}")
         if not src.is_floating_point():
             raise MemeditError(f"{origin}: {name} has dtype {src.dtype}, expected a floating-point tensor")
+        if dst.is_meta:  # a model built on the meta device takes the (possibly memory-mapped) tensor itself
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr,
+                    torch.nn.Parameter(src.clone() if copy else src, requires_grad=False))
+            continue
         # each tensor keeps its stored dtype (e.g. bfloat16 values beside float32 keys)
         _set_param(model, name, src.clone() if copy else src)
     _retie_shared(model)

@@ -1,4 +1,4 @@
-"""Batched prompt scoring: next-token predictions at the end of each prompt, and fact accuracy."""
+"""Batched prompt scoring: next-token predictions at the end of each prompt, and fact accuracy (whole targets)."""
 
 from __future__ import annotations
 
@@ -22,14 +22,6 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return tokens, torch.tensor([len(s) for s in seqs])
 
 
-def answer_token(model: MemoryModel, word: str) -> int:
-    """The token id of a one-token answer; a multi-token answer is scored by its first token."""
-    ids = model.tokenizer.encode(" " + word.strip()) if model.tokenizer is not None else []
-    if not ids:
-        raise MemeditError(f"the target {word!r} has no tokens")
-    return ids[0]
-
-
 @torch.no_grad()
 def last_logits(model: MemoryModel, prompts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
     """Logits (n_prompts, vocab) for the token after each prompt, in float32."""
@@ -43,11 +35,11 @@ def last_logits(model: MemoryModel, prompts: Sequence[str], batch_size: int = 51
     return torch.cat(out)
 
 
-def accuracy(model: MemoryModel, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 512) -> float:
-    """Fraction of prompts whose greedy next token is the target's (first) token."""
-    logits = last_logits(model, prompts, batch_size)
-    want = torch.tensor([answer_token(model, t) for t in targets])
-    return (logits.argmax(-1) == want).float().mean().item()
+def accuracy(model: MemoryModel, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 256) -> float:
+    """Fraction of prompts whose greedy continuation is the whole target (memedit/targets.py)."""
+    from .targets import accuracy as exact_match_rate
+
+    return exact_match_rate(model, prompts, targets, batch_size)
 
 
 @contextlib.contextmanager

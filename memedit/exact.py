@@ -32,6 +32,8 @@ from .model import MemoryModel
 
 BLOCK_BYTES = 64 << 20  # slot keys materialised per FAISS block (knn_ground_truth holds one more copy)
 MAX_EXAMPLES = 5  # mismatches kept in full per (layer, head)
+REFERENCES = ("flat", "miq")  # blockwise brute force (the default), FAISS MultiIndexQuantizer
+MIQ_RTOL = 8 * float(np.finfo(np.float32).eps)  # the L2 form of an inner product rounds a few eps of the scale
 
 
 def rtol_for(dtype: torch.dtype) -> float:
@@ -70,6 +72,60 @@ def exact_search(queries: np.ndarray, keys: np.ndarray, k: int, block_bytes: int
     k = min(k, keys.shape[1] ** 2)
     blocks = slot_key_blocks(keys.astype(np.float32, copy=False), k, block_bytes)
     return knn_ground_truth(xq, blocks, k, metric_type=faiss.METRIC_INNER_PRODUCT, ngpu=0)
+
+
+def miq_index(keys: np.ndarray):
+    """FAISS ``MultiIndexQuantizer`` over one head's sub-keys (2, N, K/2), in the L2 form of :func:`miq_search`.
+
+    Returns (index, M): each sub-key c gets one more coordinate sqrt(M² - |c|²), M the largest sub-key norm, so
+    all have norm M; N is padded to a power of two with sub-keys (0, ..., 0, 2M) that no query can prefer.
+    """
+    import faiss
+
+    N, h = keys.shape[1], keys.shape[2]
+    nbits = max(1, (N - 1).bit_length())
+    c = keys.astype(np.float32)  # (2, N, K/2)
+    norm2 = (c.astype(np.float64) ** 2).sum(-1)  # (2, N)
+    M = float(np.sqrt(norm2.max())) or 1.0
+    cent = np.zeros((2, 1 << nbits, h + 1), dtype=np.float32)
+    cent[:, :N, :h] = c
+    cent[:, :N, h] = np.sqrt(np.maximum(M * M - norm2, 0.0))
+    cent[:, N:, h] = 2 * M
+    index = faiss.MultiIndexQuantizer(2 * (h + 1), 2, nbits)
+    faiss.copy_array_to_vector(cent.ravel(), index.pq.centroids)
+    index.is_trained = True
+    index.ntotal = 1 << (2 * nbits)
+    return index, M
+
+
+def miq_queries(queries: np.ndarray, M: float) -> tuple[np.ndarray, np.ndarray]:
+    """(MIQ queries (n, K+2) float32, scale (n, 1)): each half-query gets a 0 and each query is scaled to norm M,
+    which keeps the ranking and stops the constant terms of the L2 form from swamping the scores in float32."""
+    q = np.asarray(queries, dtype=np.float64)
+    n, h = q.shape[0], q.shape[1] // 2
+    alpha = M / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)  # (n, 1)
+    xq = np.zeros((n, 2, h + 1), dtype=np.float32)
+    xq[:, :, :h] = (alpha * q).reshape(n, 2, h)
+    return xq.reshape(n, 2 * (h + 1)), alpha
+
+
+def miq_search(queries: np.ndarray, keys: np.ndarray, k: int, index=None):
+    """FAISS ``MultiIndexQuantizer`` top-k by inner product: (scores (n, k) float32, slot ids (n, k) int64).
+
+    A second reference, independent of the brute force: FAISS's own product-key search (multi-sequence over two
+    sorted lists, Babenko & Lempitsky 2012). MIQ is L2; with every sub-key of norm M (:func:`miq_index`) and a 0
+    appended to each half-query, |q_h - c|² = |q_h|² + M² - 2 q_h·c, so the L2 top-k is the inner-product top-k.
+    MIQ labels hold the first half in the LOW bits. ``index``: a prebuilt ``miq_index(keys)``.
+    """
+    N = keys.shape[1]
+    index, M = index or miq_index(keys)
+    nbits = index.pq.nbits
+    xq, alpha = miq_queries(queries, M)
+    D, labels = index.search(xq, min(k, N * N))
+    q2 = (np.asarray(queries, dtype=np.float64) ** 2).sum(1, keepdims=True)
+    scores = (alpha**2 * q2 + 2 * M * M - D) / (2 * alpha)  # undo the L2 form and the scale
+    i, j = labels & ((1 << nbits) - 1), labels >> nbits
+    return scores.astype(np.float32), np.where(labels >= 0, i * N + j, -1)
 
 
 def true_scores(queries: np.ndarray, keys: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -141,16 +197,27 @@ def compare_head(
     report: HeadReport,
     block_bytes: int = BLOCK_BYTES,
     index: SlotKeyIndex | None = None,
+    reference: str = "flat",
 ) -> HeadReport:
     """Check memedit's top-k against FAISS for one head, adding the counts to ``report``.
 
-    The reference is the blockwise search, or ``index`` (materialised slot keys) when given.
+    The reference is the blockwise search, or ``index`` (materialised slot keys) when given, or with
+    ``reference="miq"`` FAISS's MultiIndexQuantizer (:func:`miq_search`): its slots are rescored from their own
+    keys in float64 and its rounding (a few float32 eps of the score scale, from the L2 form) widens ``rtol``.
     """
     n, k = slots.shape
     if n == 0:
         return report
+    if reference not in REFERENCES:
+        raise MemeditError(f"unknown reference {reference!r} (choose from {', '.join(REFERENCES)})")
     if index is not None:
         D, ids = index.search(queries, k + 1)
+    elif reference == "miq":
+        _, ids = miq_search(queries, keys, k + 1)
+        D = true_scores(queries, keys, ids)
+        order = np.argsort(-D, axis=1, kind="stable")
+        D, ids = np.take_along_axis(D, order, 1), np.take_along_axis(ids, order, 1)
+        rtol = max(rtol, MIQ_RTOL)
     else:
         D, ids = exact_search(queries, keys, k + 1, block_bytes)  # (n, k+1): one extra to see ties at the edge
     ref, ref_ids, kth = D[:, :k].astype(np.float64), ids[:, :k], D[:, k - 1].astype(np.float64)
@@ -327,6 +394,7 @@ def compare(
     rtol: float,
     block_bytes: int = BLOCK_BYTES,
     indexes: dict[int, list[SlotKeyIndex]] | None = None,
+    reference: str = "flat",
 ) -> list[HeadReport]:
     """Compare every (layer, head) of captured lookups with FAISS (blockwise, or the kept ``indexes``)."""
     out = []
@@ -337,7 +405,7 @@ def compare(
             rep = HeadReport(L, h)
             compare_head(np.ascontiguousarray(q[:, h]), keys[h], c.lookup.indices[:, h].cpu().numpy(),
                          c.lookup.scores[:, h].float().cpu().numpy(), rtol, rep, block_bytes,
-                         index=indexes[L][h] if indexes else None)
+                         index=indexes[L][h] if indexes else None, reference=reference)
             out.append(rep)
     return out
 
@@ -372,6 +440,7 @@ def verify(
     threads: int = 1,
     block_bytes: int = BLOCK_BYTES,
     progress: Callable[[str], None] | None = None,
+    reference: str = "flat",
 ) -> VerifyReport:
     """Run ``source`` (which makes lookups through the model's one lookup) once per dtype and compare with FAISS."""
     from .checkpoint import dtype_name
@@ -384,7 +453,8 @@ def verify(
             checked = source(in_dtype(model, dt), dt)
             if progress:
                 progress(f"{dtype_name(dt)}: FAISS exact search")
-            passes.append(PassReport(dtype_name(dt), rtol_for(dt), compare(checked, rtol_for(dt), block_bytes)))
+            passes.append(PassReport(dtype_name(dt), rtol_for(dt), compare(checked, rtol_for(dt), block_bytes,
+                                                                       reference=reference)))
     return VerifyReport(source_name, passes)
 
 

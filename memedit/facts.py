@@ -203,5 +203,6 @@ def world_of(model) -> World:
 
     spec = getattr(model, "meta", {}).get("world")
     if not spec:
-        raise MemeditError("this model records no facts world: pass --facts FILE.jsonl")
+        raise MemeditError("this model has no demo world of facts to look fact ids up in: pass --facts FILE.jsonl "
+                           "(edit requests with an id)")
     return World(int(spec["seed"]), int(spec["n_subjects"]))

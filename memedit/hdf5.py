@@ -19,17 +19,19 @@ import torch
 
 from .checkpoint import atomic_path
 from .errors import MemeditError
-from .stats import WEIGHT_SCALE, SlotStats
+from .readout import top_written_tokens as promoted_tokens  # the one readout (memedit/readout.py)
+from .stats import AFTER, BEFORE, POSITION_BITS, WEIGHT_SCALE, SlotStats, TopContexts
 
 FORMAT = "memedit-slot-stats"
 FORMAT_VERSION = 1
 CHUNK = 65536  # slots per chunk (reference §9)
+CONTEXT_CHUNK = 4096  # slots per chunk of the top contexts: `memedit slot` decompresses one chunk per dataset
 FILTERS = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 
 
-def _chunks(shape: tuple[int, ...], slot_axis: int) -> tuple[int, ...]:
+def _chunks(shape: tuple[int, ...], slot_axis: int, chunk: int = CHUNK) -> tuple[int, ...]:
     """One chunk = up to 64K slots of one (layer, head) row; whole extent along axes after the slot axis."""
-    return tuple(min(n, CHUNK) if a == slot_axis else (n if a > slot_axis else 1) for a, n in enumerate(shape))
+    return tuple(min(n, chunk) if a == slot_axis else (n if a > slot_axis else 1) for a, n in enumerate(shape))
 
 
 class _Writer:
@@ -45,11 +47,11 @@ class _Writer:
         d.make_scale(name)
 
     def array(self, name: str, data: np.ndarray, dims: tuple[str, ...], attrs: dict[str, Any] | None = None,
-              slot_axis: int | None = None, group: h5py.Group | None = None) -> None:
+              slot_axis: int | None = None, group: h5py.Group | None = None, chunk: int = CHUNK) -> None:
         g = group if group is not None else self.f
         opts: dict[str, Any] = {}
         if data.size and slot_axis is not None:
-            opts = dict(FILTERS, chunks=_chunks(data.shape, slot_axis))
+            opts = dict(FILTERS, chunks=_chunks(data.shape, slot_axis, chunk))
         d = g.create_dataset(name, data=data, **opts)
         for i, dim in enumerate(dims):
             d.dims[i].attach_scale(g[dim])
@@ -80,6 +82,106 @@ def write_stats(w: _Writer, stats: SlotStats, metrics: list[dict] | None) -> Non
             slot_axis=2, attrs={"long_name": "accesses of each value row, summed over the layers reading the table"})
     w.array("table_weights", np.stack([_np(stats.table_weights(n)) for n in names]), ("table", "head", "slot"),
             slot_axis=2, attrs={"long_name": "weight mass of each value row, summed over the layers reading it"})
+    if stats.contexts is not None:
+        _write_contexts(w, stats.contexts, names)
+
+
+def _write_contexts(w: _Writer, c: TopContexts, names: list[str]) -> None:
+    """Group `contexts`: per table and slot the top-M selections (docs/hdf5-schema.md)."""
+    g = w.f.create_group("contexts")
+    g.attrs["long_name"] = ("per slot of each value table, the M selections with the largest softmax weight over "
+                            "all layers and heads reading it; ties to the smaller (document, position, layer, head)")
+    g.attrs["before"], g.attrs["after"] = np.int64(BEFORE), np.int64(AFTER)
+    S, M = next(iter(c.weight.values())).shape
+    w.scale("table", np.asarray(names, dtype=h5py.string_dtype()), group=g)
+    w.scale("slot", np.arange(S, dtype=np.int64), group=g)
+    w.scale("context", np.arange(M, dtype=np.int64), group=g)
+    w.scale("offset", np.arange(-BEFORE, AFTER + 1, dtype=np.int64), group=g)
+    stack = lambda d: np.stack([_np(d[n]) for n in names])  # noqa: E731
+    key, where = stack(c.key), stack(c.where).astype(np.int64)
+    empty = stack(c.weight) < 0
+    layers = np.asarray(c.layers, dtype=np.int64)
+    dims = ("table", "slot", "context")
+    put = lambda name, data, dims, long_name: w.array(  # noqa: E731
+        name, data, dims, slot_axis=1, group=g, chunk=CONTEXT_CHUNK, attrs={"long_name": long_name})
+    put("weight", np.where(empty, np.nan, stack(c.weight)).astype(np.float32), dims,
+        "softmax weight of the selection (NaN: fewer than M selections)")
+    put("document", np.where(empty, -1, key >> POSITION_BITS), dims,
+        "global document id: the corpus's non-empty documents counted from 0 (-1: none)")
+    put("position", np.where(empty, -1, key & ((1 << POSITION_BITS) - 1)), dims,
+        "token position in the document, BOS at 0 (-1: none)")
+    put("layer", np.where(empty, -1, layers[np.clip(where >> 8, 0, None)]), dims,
+        "memory layer (block index) that selected the slot (-1: none)")
+    put("head", np.where(empty, -1, where & 0xFF), dims, "head that selected the slot (-1: none)")
+    put("tokens", stack(c.tokens), (*dims, "offset"),
+        "token ids from 8 before to 2 after the position, within the sequence the model read (-1: outside it)")
+
+
+def _read_contexts(f: h5py.File, stats_layers: list[int], tables: dict[str, list[int]]) -> TopContexts | None:
+    if "contexts" not in f:
+        return None
+    g = f["contexts"]
+    names = [x.decode() if isinstance(x, bytes) else str(x) for x in g["table"][()]]
+    wt, doc, pos = g["weight"][()], g["document"][()], g["position"][()]
+    layer, head, tok = g["layer"][()], g["head"][()], g["tokens"][()]
+    empty = np.isnan(wt)
+    li = np.searchsorted(np.asarray(stats_layers), np.clip(layer, 0, None))
+    key = np.where(empty, np.iinfo(np.int64).max, (doc << POSITION_BITS) | np.clip(pos, 0, None))
+    where = np.where(empty, -1, (li << 8) | head).astype(np.int16)
+    t = lambda a, n: torch.from_numpy(np.ascontiguousarray(a[names.index(n)]))  # noqa: E731
+    return TopContexts(
+        layers=list(stats_layers), tables=tables, m=wt.shape[2],
+        weight={n: t(np.where(empty, -1.0, wt).astype(np.float32), n) for n in tables},
+        key={n: t(key, n) for n in tables}, where={n: t(where, n) for n in tables},
+        tokens={n: t(tok.astype(np.int32), n) for n in tables})
+
+
+def read_slot_usage(path: str | Path, table: str, slot: int, shape: tuple[list[int], int, int]) -> dict[str, Any]:
+    """One slot's usage in an audit file: count and weight mass (all heads), its rank by count among the table's
+    slots (1 = most used; ties share a rank), and per (layer, head) that selected it, count and weight. ``shape`` =
+    (memory layers, N, heads) of the model, checked against the file. Reads the table's counts and the slot's
+    column only."""
+    with _open(path) as f:
+        if "counts" not in f:
+            raise MemeditError(f"{path} holds no slot statistics; give a file written by `memedit audit --out`")
+        tables = json.loads(f.attrs["tables"])
+        layers = [int(x) for x in f["layer"][()]]
+        if (layers, int(f.attrs["n_keys"]), int(f.attrs["heads"])) != (list(shape[0]), shape[1], shape[2]):
+            raise MemeditError(f"the audit {path} is of a differently shaped memory (layers {layers}, N "
+                               f"{int(f.attrs['n_keys'])}, heads {int(f.attrs['heads'])}); audit this model")
+        if table not in tables:
+            raise MemeditError(f"the audit {path} has no value table {table!r}")
+        t = list(tables).index(table)
+        per_slot = f["table_counts"][t].sum(0)  # (S,) over heads
+        count = int(per_slot[slot])
+        heads = []
+        for L in tables[table]:
+            li = layers.index(L)
+            c, wt = f["counts"][li, :, slot], f["weights"][li, :, slot]
+            heads += [{"layer": L, "head": h, "count": int(c[h]), "weight": float(wt[h])}
+                      for h in range(len(c)) if c[h] > 0]
+        return {"audit": str(path), "corpus": str(f.attrs.get("corpus", "")), "tokens": int(f.attrs["tokens"]),
+                "fingerprint": str(f.attrs.get("fingerprint", "")), "count": count,
+                "weight": float(f["table_weights"][t, :, slot].sum()),
+                "rank": int((per_slot > count).sum()) + 1 if count else None, "of": int(len(per_slot)),
+                "used_slots": int((per_slot > 0).sum()), "heads": heads}
+
+
+def read_slot_contexts(path: str | Path, table: str, slot: int) -> list[dict[str, Any]] | None:
+    """One slot's top contexts from an audit file, reading only that slot's chunk; None if the audit kept none."""
+    with _open(path) as f:
+        if "contexts" not in f:
+            return None
+        g = f["contexts"]
+        names = [x.decode() if isinstance(x, bytes) else str(x) for x in g["table"][()]]
+        if table not in names:
+            raise MemeditError(f"the audit {path} has no value table {table!r} (tables: {', '.join(names)})")
+        t = names.index(table)
+        wt = g["weight"][t, slot]
+        cols = {k: g[k][t, slot] for k in ("document", "position", "layer", "head", "tokens")}
+        return [{"document": int(cols["document"][r]), "position": int(cols["position"][r]), "weight": float(wt[r]),
+                 "layer": int(cols["layer"][r]), "head": int(cols["head"][r]), "tokens": cols["tokens"][r].tolist()}
+                for r in range(len(wt)) if not np.isnan(wt[r])]
 
 
 def _layout(w: _Writer, stats: SlotStats | None, model: Any | None, top_k: int) -> None:
@@ -167,35 +269,17 @@ def export(path: str | Path, model: Any, stats: SlotStats | None = None, metrics
             for d in (ids, logit):
                 for i, dim in enumerate(("layer", "slot", "rank")):
                     d.dims[i].attach_scale(f[dim])
-            ids.attrs["long_name"] = ("tokens each slot's value row promotes most: value_proj(row) through the final "
-                                      "norm's scale and the unembedding, swilu gate taken as 1")
+            ids.attrs["long_name"] = ("tokens each slot's value row promotes most: the position-independent readout "
+                                      "of memedit/readout.py (gate 1, final-norm weight, unembedding)")
             if model.tokenizer is not None:
                 V = model.config.vocab_size
                 w.scale("token", np.arange(V, dtype=np.int64))
-                vocab = np.asarray([model.tokenizer.id_to_token(i) for i in range(V)], dtype=h5py.string_dtype())
+                from .tokenizer import token_text
+
+                vocab = np.asarray([token_text(model.tokenizer, i) for i in range(V)], dtype=h5py.string_dtype())
                 w.array("vocab", vocab, ("token",), attrs={"long_name": "the string of each token id"})
         _write_edit_log(w, edit_log(model))
     return path
-
-
-@torch.no_grad()
-def promoted_tokens(model: Any, layer: int, k: int, budget: int = 1 << 23):
-    """Yields (first slot, top-k token ids (B, k), their logits (B, k)) over blocks of value rows of ``layer``.
-
-    Each row is read out as the layer would write it with a gate of 1 (``value_proj(row)``), then through the
-    final norm's scale and the unembedding. Blocks hold at most ``budget`` logits, so a 1M-slot table stays
-    bounded in memory.
-    """
-    mem = model.memory_layers[layer]
-    unembed = model.output.weight.float() * model.norm.weight.float()  # (vocab, D)
-    readout = unembed @ mem.value_proj.weight.float() if mem.value_proj is not None else unembed  # (vocab, V)
-    rows = mem.values.weight
-    block = max(1, budget // readout.shape[0])
-    k = min(k, readout.shape[0])
-    for start in range(0, rows.shape[0], block):
-        logits = rows[start : start + block].float() @ readout.T  # (B, vocab)
-        top = logits.topk(k, dim=-1)
-        yield start, top.indices, top.values
 
 
 def _write_edit_log(w: _Writer, entries: list[dict]) -> None:
@@ -226,8 +310,8 @@ def _write_edit_log(w: _Writer, entries: list[dict]) -> None:
 
 
 # ---- reading back ------------------------------------------------------------------------------------------
-def read_audit(path: str | Path) -> SlotStats:
-    """The slot statistics stored in an audit or export file (``memedit audit --out`` / ``memedit export``)."""
+def _open(path: str | Path) -> h5py.File:
+    """An audit or export file opened for reading (one-line errors for a missing, foreign or newer file)."""
     path = Path(path)
     if not path.is_file():
         raise MemeditError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
@@ -235,12 +319,20 @@ def read_audit(path: str | Path) -> SlotStats:
         f = h5py.File(path, "r")
     except OSError:
         raise MemeditError(f"{path} is not an HDF5 file; give a file written by `memedit audit --out`") from None
-    with f:
-        if f.attrs.get("format") != FORMAT:
-            raise MemeditError(f"{path} is not a memedit audit (no format={FORMAT!r} attribute); "
-                               "make one with `memedit audit --out FILE.h5`")
-        if int(f.attrs.get("format_version", 0)) > FORMAT_VERSION:
-            raise MemeditError(f"{path} was written by a newer memedit; upgrade memedit")
+    if f.attrs.get("format") != FORMAT:
+        f.close()
+        raise MemeditError(f"{path} is not a memedit audit (no format={FORMAT!r} attribute); "
+                           "make one with `memedit audit --out FILE.h5`")
+    if int(f.attrs.get("format_version", 0)) > FORMAT_VERSION:
+        f.close()
+        raise MemeditError(f"{path} was written by a newer memedit; upgrade memedit")
+    return f
+
+
+def read_audit(path: str | Path) -> SlotStats:
+    """The slot statistics stored in an audit or export file (``memedit audit --out`` / ``memedit export``)."""
+    path = Path(path)
+    with _open(path) as f:
         if "counts" not in f:
             raise MemeditError(f"{path} holds no slot statistics (an export without --stats); "
                                "give a file written by `memedit audit --out`")
@@ -254,6 +346,7 @@ def read_audit(path: str | Path) -> SlotStats:
                 subkey_counts=torch.from_numpy(f["subkey_counts"][()].astype(np.int64)),
                 tokens=int(f.attrs["tokens"]), corpus=str(f.attrs.get("corpus", "")),
                 fingerprint=str(f.attrs.get("fingerprint", "")), config=json.loads(f.attrs["model_config"]),
+                contexts=_read_contexts(f, [int(x) for x in f["layer"][()]], json.loads(f.attrs["tables"])),
             )
         except (KeyError, ValueError, TypeError, OSError) as e:
             raise MemeditError(f"{path} is a damaged memedit audit ({type(e).__name__}: {e})") from None

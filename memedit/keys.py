@@ -349,11 +349,15 @@ def adapt(
     batch_size: int = 16,
     lr: float = 0.3,
     layers: Sequence[int] | None = None,
-    check_exact: bool = True,
+    check_exact: bool = False,
     progress: Callable[[AdaptStep], None] | None = None,
 ) -> AdaptResult:
     """Online sparse adaptation of the sub-keys on ``texts``: each step (one batch, SGD on the LM loss) moves only
-    sub-keys that entered a stage-1 top-k in that batch; frozen sub-keys and every other parameter stay fixed."""
+    sub-keys that entered a stage-1 top-k in that batch; frozen sub-keys and every other parameter stay fixed.
+
+    ``check_exact``: keep every head's slot keys in a FAISS index updated incrementally, and check the probe
+    lookups against it at the end. It holds N² × K float32 per head (2 GiB at N 1024, K 512), so only when asked.
+    """
     from . import exact
     from .capture import capture_lookups
 
@@ -424,6 +428,13 @@ def adapt(
 
 
 # ---- keys route ----------------------------------------------------------------------------------------
+def table_std(weight: torch.Tensor, sample_rows: int = 1 << 16) -> float:
+    """The standard deviation of a value table's entries: over every row of a small table, else over evenly spaced
+    rows (a step size needs no more, and a memory-mapped table is not read whole)."""
+    step = max(1, weight.shape[0] // sample_rows)
+    return float(weight.detach()[::step].double().std())
+
+
 @dataclass
 class RouteResult:
     layer: int
@@ -518,11 +529,16 @@ def route(
     """Write a new fact into one slot: pick a free slot, move its two sub-keys as little as needed for the fact's
     query to select it (in one head of one layer), then train its value row so the target is predicted."""
     from .capture import answer_lookups
-    from .evaluate import accuracy, answer_token, last_logits
+    from .evaluate import last_logits
     from .state import frozen_rows
+    from .targets import accuracy, tokenize_target
 
-    text = prompt.format(subject) if "{}" in prompt else prompt
-    want = answer_token(model, target)
+    text = prompt.replace("{}", subject)
+    tt = tokenize_target(model, text, target)
+    if len(tt.ids) > 1:
+        raise MemeditError(f"keys route writes one slot for one next token, and the target {tt.text!r} is "
+                           f"{len(tt.ids)} tokens: use `memedit edit` (sparse memory finetuning) for it")
+    want = tt.ids[0]
     layers = model.memory_layers
     if layer is not None and layer not in layers:
         raise MemeditError(f"layer {layer} is not a memory layer (memory layers: {list(layers)})")
@@ -603,33 +619,35 @@ def route(
         raise MemeditError(f"could not route the fact's query to slot {s} in layer {L} head {h}")
     rank, weight = int(hit[0]), float(lk.weights[0, h, hit[0]])
 
-    # the value row: trained so that the target is predicted (only this row changes)
+    # the value row: trained so that the target is predicted (only this row changes; it is trained as a one-row
+    # leaf the forward pass reads instead of the table, so no gradient is as large as the table)
+    from .capture import trainable_rows
+
     values = table.weight
     old_value = values.detach()[s].clone()
     tokens = torch.tensor([model.encode(text)])
-    values.requires_grad_(True)
     mom, var = torch.zeros_like(old_value, dtype=torch.float32), torch.zeros_like(old_value, dtype=torch.float32)
-    lr = 0.25 * float(values.detach().float().std())
-    try:
+    lr = 0.25 * table_std(values)
+    with trainable_rows(model, {table.name: torch.tensor([s])}) as leaves:
+        row = leaves[table.name]  # (1, V)
         for step in range(1, 201):
             with torch.enable_grad():
                 logits = model(tokens)[0, -1].float()
                 loss = F.cross_entropy(logits[None], torch.tensor([want]))
-                values.grad = None
+                row.grad = None
                 loss.backward()
             top2 = logits.detach().topk(2)
             # predicted with a clear margin; or predicted and 50 steps in (the final norm can cap the margin)
             if top2.indices[0] == want and (float(top2.values[0] - top2.values[1]) > 1.0 or step > 50):
                 break
-            g = values.grad[s].float()
+            g = row.grad[0].float()
             mom.mul_(0.9).add_(0.1 * g)
             var.mul_(0.999).add_(0.001 * g * g)
             upd = (mom / (1 - 0.9**step)) / ((var / (1 - 0.999**step)).sqrt() + 1e-8)
             with torch.no_grad():
-                values[s] = (values[s].float() - lr * upd).to(values.dtype)
-    finally:
-        values.requires_grad_(False)
-        values.grad = None
+                row[0] = (row[0].float() - lr * upd).to(row.dtype)
+        with torch.no_grad():
+            values[s] = row.detach()[0]
     logits1 = last_logits(model, [text])[0]
     tok = model.tokenizer
     patch = KeyPatch(

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .memory import MemoryConfig, MemoryLayer
 
@@ -135,17 +136,33 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values (B, T, kv_heads, hd) of normalised inputs x (B, T, D)."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Causal self-attention over x (B, T, D); with ``past`` (the keys and values of P earlier positions, from
+        :meth:`kv`), x holds positions P..P+T-1 (cos and sin are theirs) and attends to the past as well."""
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k, v = self.kv(x, cos, sin)
+        mask = None
+        if past is not None and past[0].shape[1]:
+            P = past[0].shape[1]
+            k, v = torch.cat([past[0].expand(B, -1, -1, -1), k], 1), torch.cat([past[1].expand(B, -1, -1, -1), v], 1)
+            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)  # query i sees keys <= P + i
         rep = self.n_heads // self.n_kv_heads
         if rep > 1:  # each kv head serves `rep` consecutive query heads
             k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, h, T, hd)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -170,9 +187,14 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = feed_forward
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, past)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def past(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention keys and values of this block for its inputs x (B, P, D): the ``past`` of later positions."""
+        return self.attention.kv(self.attention_norm(x), cos, sin)
 
 
 class StandaloneBlock(nn.Module):
@@ -283,6 +305,7 @@ class MemoryModel(nn.Module):
                 "this is a standalone memory module with no host language model: commands that run text need a "
                 "host LM; give query vectors instead (e.g. model.memory_layers[0].lookup(x))"
             )
+        tokens = tokens.to(self.tok_embeddings.weight.device)  # callers build token ids on the CPU
         cos, sin = self.rope(tokens.shape[1], tokens.device)
         h = self.tok_embeddings(tokens)
         for block in self.layers:
@@ -291,6 +314,22 @@ class MemoryModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.output(self.norm(self.hidden(tokens)))
+
+    def suffix_logits(self, inputs: list[torch.Tensor], start: int, first_block: int, copies: int) -> torch.Tensor:
+        """Logits (copies, T - start, vocab) of positions start..T-1, recomputed from block ``first_block`` on.
+
+        ``inputs[b]`` is block b's input residual (T, D) from a forward over the same tokens. Positions before
+        ``start`` cannot change (attention is causal), so their keys and values come from ``inputs``; the copies
+        differ only by what hooks change inside the recomputed part (e.g. a lookup rewritten at ``start``).
+        """
+        T = inputs[0].shape[0]
+        cos, sin = self.rope(T, inputs[0].device)
+        h = inputs[first_block][start:].unsqueeze(0).expand(copies, -1, -1)  # (G, S, D)
+        for b in range(first_block, len(self.layers)):
+            block = self.layers[b]
+            past = block.past(inputs[b][:start].unsqueeze(0), cos[:start], sin[:start])
+            h = block(h, cos[start:], sin[start:], past)
+        return self.output(self.norm(h))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt as the model reads it: BOS, then the text's tokens."""
@@ -342,3 +381,19 @@ class MemoryModel(nn.Module):
                 p.zero_()
         for layer in self.memory_layers.values():
             layer.reset_parameters(g)
+
+
+class _SkipInit(TorchFunctionMode):
+    """Skips ``torch.nn.init``'s in-place initialisers: on the meta device they only cost seconds of imports."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_"):
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+def meta_model(cfg: ModelConfig) -> MemoryModel:
+    """A model with every tensor on the meta device (shapes and dtypes, no memory, nothing initialised), for a loader
+    to fill with stored tensors."""
+    with torch.device("meta"), _SkipInit():
+        return MemoryModel(cfg)

@@ -80,6 +80,21 @@ class WordTokenizer:
         atomic_write_text(Path(path), json.dumps(self.to_json()))
 
 
+def token_text(tok: Tokenizer | None, i: int) -> str:
+    """Token ``i`` as text to show a person: ``<id N>`` for an id the tokenizer cannot decode (a padded vocabulary
+    has ids past the tokenizer's), non-printable characters escaped (byte tokens, newlines)."""
+    i = int(i)
+    if tok is None or not 0 <= i < tok.vocab_size:
+        return f"<id {i}>"
+    try:
+        t = tok.id_to_token(i)
+    except (MemeditError, ValueError, IndexError, KeyError, TypeError):
+        return f"<id {i}>"
+    if t is None:
+        return f"<id {i}>"
+    return t if t.isprintable() else t.encode("unicode_escape").decode("ascii")
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer.json: memedit's word vocabulary, an imported kind saved by memedit, or a HuggingFace file."""
     path = Path(path)

@@ -30,7 +30,11 @@ Conventions (also in the README):
 - What a value row writes: the row through ``value_proj`` with the gate of the traced position (weight 1, no
   bias), then through the frozen final-norm scale and the unembedding: the tokens it promotes (largest logits)
   and suppresses (smallest). A unit's attribution is exactly its weight times this logit of the target.
-- A target of several tokens is scored by its first token (as everywhere in memedit); the trace says so.
+- A target is a token sequence (memedit/targets.py): the prompt is run with the target's tokens appended (teacher
+  forcing), so position ``p`` scores the token that follows it. The *target positions* are the positions that
+  predict the target's tokens; the first of them is :attr:`Trace.position`. Attributions at a position are to the
+  logit of the token scored there; ablations are always the change in the WHOLE target's log-probability (the sum
+  over its tokens), which a drop at position ``p`` can move only at positions >= ``p``.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from .capture import capture_lookups, on_lookup
 from .errors import MemeditError
 from .memory import Lookup
 from .model import MemoryModel
+from .targets import TargetTokens, greedy_answer, tokenize_target
+from .tokenizer import token_text
 
 LOOKUP_FIELDS = ("indices", "subkeys", "scores", "weights")
 
@@ -67,11 +73,55 @@ class Unit:
 
 @dataclass
 class Target:
-    text: str  # what the user asked for (or the predicted token when none was given)
-    token_id: int  # the token that is scored
-    token: str  # that token as text
-    n_tokens: int  # how many tokens the target text has; only the first is scored
-    note: str = ""  # how a multi-token target was handled
+    """The token sequence a trace scores (see memedit/targets.py for how it is tokenized)."""
+
+    text: str  # the target text (or the model's own answer when none was given)
+    token_ids: list[int]  # its tokens, predicted one after another
+    tokens: list[str]  # the same as text (odd and byte tokens shown escaped)
+    joined: bool = True  # False: the prompt's tokens were not a prefix of prompt + " " + target
+    note: str = ""  # how the target was chosen or tokenized
+
+    @property
+    def token_id(self) -> int:
+        """The first token's id."""
+        return self.token_ids[0]
+
+    @property
+    def token(self) -> str:
+        """The first token as text."""
+        return self.tokens[0]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def make_target(model: MemoryModel, prompt: str, target: str | None) -> tuple[TargetTokens, str]:
+    """The prompt and target tokenized together, and a note; without a target, the model's own answer."""
+    if target is not None:
+        tt = tokenize_target(model, prompt, target)
+        return tt, tt.note
+    answer = greedy_answer(model, prompt)
+    if answer:
+        with contextlib.suppress(MemeditError):
+            tt = tokenize_target(model, prompt, answer)
+            return tt, "no target given: tracing the model's own answer (greedy, to the end of the word)"
+    ids = model.encode(prompt)  # the model answers with no word (e.g. punctuation): its single top token
+    with torch.no_grad():
+        top = int(model(torch.tensor([ids], device=_device(model)))[0, -1].argmax())
+    text = model.tokenizer.decode([top])
+    return (TargetTokens(prompt=prompt, text=text, prompt_ids=tuple(ids), ids=(top,), joined=True),
+            "no target given: tracing the model's top next token")
+
+
+def as_target(model: MemoryModel, tt: TargetTokens, note: str = "") -> Target:
+    """The :class:`Target` of a tokenized prompt and target."""
+    return Target(text=tt.text, token_ids=list(tt.ids), tokens=[token_text(model.tokenizer, i) for i in tt.ids],
+                  joined=tt.joined, note=note)
+
+
+def _device(model: MemoryModel) -> torch.device:
+    return next(model.parameters()).device
 
 
 @contextlib.contextmanager
@@ -95,6 +145,9 @@ def _cached(model: MemoryModel, T: int) -> Iterator[dict[str, torch.Tensor]]:
         handles.append(layer.register_forward_hook(keep(name(L, "out"))))
     handles.append(model.norm.register_forward_pre_hook(
         lambda mod, args: cache.__setitem__("final.resid", args[0].detach())))
+    for b, block in enumerate(model.layers):  # block inputs: what ablations restart from (TransformerLens's name)
+        handles.append(block.register_forward_pre_hook(
+            lambda mod, args, b=b: cache.__setitem__(f"blocks.{b}.hook_resid_pre", args[0].detach())))
     try:
         with capture_lookups(model) as rec:
             yield cache
@@ -108,36 +161,42 @@ def _cached(model: MemoryModel, T: int) -> Iterator[dict[str, torch.Tensor]]:
             h.remove()
 
 
-def target_token(model: MemoryModel, target: str) -> Target:
-    """The token a target word is scored by: its first token (a one-line error if it has none or is unknown)."""
-    from .evaluate import answer_token
-
-    tok = model.tokenizer
-    if not target.strip():
-        raise MemeditError("the target is empty: give the answer word, e.g. --target Paris")
-    first = answer_token(model, target)
-    unk = getattr(tok, "unk_id", None)
-    if unk is not None and first == unk:
-        raise MemeditError(f"the target {target!r} is not in the model's vocabulary")
-    n = len(tok.encode(" " + target.strip()))
-    note = ""
-    if n > 1:
-        note = f"target {target!r} is {n} tokens; scored by its first token {tok.id_to_token(first)!r}"
-    return Target(text=target, token_id=first, token=tok.id_to_token(first), n_tokens=n, note=note)
+def _chunk(model: MemoryModel, T: int, limit: int = 256) -> int:
+    """How many copies of a T-token sequence to run at once: logits of at most ~2**26 floats per forward."""
+    return max(1, min(limit, (1 << 26) // max(1, T * model.config.vocab_size)))
 
 
-@torch.no_grad()
-def drop_slots(model: MemoryModel, tokens: torch.Tensor, pos: int, groups: Sequence[Sequence[Unit]],
-               chunk: int = 256) -> torch.Tensor:
-    """Log-probabilities (G, vocab) at ``pos`` with each group of units dropped from the lookups at ``pos``.
+def block_inputs(model: MemoryModel, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Every block's input residual (T, D) for one sequence of tokens (T,)."""
+    got: dict[int, torch.Tensor] = {}
+    handles = [block.register_forward_pre_hook(lambda mod, args, b=b: got.__setitem__(b, args[0][0].detach()))
+               for b, block in enumerate(model.layers)]
+    try:
+        with torch.no_grad():
+            model(tokens.to(_device(model)).unsqueeze(0))
+    finally:
+        for h in handles:
+            h.remove()
+    return [got[b] for b in range(len(model.layers))]
 
-    One forward over a batch of copies of ``tokens`` (T,), copy g with group g dropped: in each head, a dropped
-    slot gets weight 0 and the remaining weights are renormalised (a head with every slot dropped reads nothing).
-    Dropping is by slot id, so a lookup that changed because of an upstream drop is handled correctly.
+
+def _dropped_logits(model: MemoryModel, tokens: torch.Tensor, pos: int, groups: Sequence[Sequence[Unit]],
+                    inputs: list[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+    """Logits (G_chunk, T - pos, vocab) of positions pos..T-1 of copies of ``tokens`` (T,), copy g with group g
+    dropped at ``pos``, by chunks.
+
+    In each head, a dropped slot gets weight 0 and the remaining weights are renormalised (a head with every slot
+    dropped reads nothing). Dropping is by slot id, so a lookup that changed because of an upstream drop is
+    handled correctly. A drop at ``pos`` cannot change earlier positions (attention is causal) nor earlier blocks,
+    so only positions >= pos are recomputed, from the first block with a dropped unit on, attending to the clean
+    keys and values of earlier positions (``inputs``: every block's clean input residual, see
+    :func:`block_inputs`).
     """
     T = tokens.shape[0]
+    S = T - pos
     H = model.config.memory.heads
-    out = []
+    inputs = block_inputs(model, tokens) if inputs is None else inputs
+    chunk = _chunk(model, S)
     for start in range(0, len(groups), chunk):
         part = groups[start : start + chunk]
         G = len(part)
@@ -151,21 +210,41 @@ def drop_slots(model: MemoryModel, tokens: torch.Tensor, pos: int, groups: Seque
                 c = fill[u.layer][b, u.head]
                 dropped[u.layer][b, u.head, c] = u.slot
                 fill[u.layer][b, u.head] += 1
-        rows = torch.arange(G) * T + pos  # the flat (B*T) row of position pos in every copy
+        first = min([u.layer for g in part for u in g], default=len(model.layers) - 1)
+        rows = torch.arange(G) * S  # the flat (G*S) row of position pos in every copy
 
         # the hook runs inside this iteration (on_lookup below), so it sees this iteration's rows
         def rewrite(L: int, lk: Lookup) -> Lookup:
             idx = lk.indices[rows]  # (G, H, k)  # noqa: B023
-            hit = (idx.unsqueeze(-1) == dropped[L].unsqueeze(-2)).any(-1)  # (G, H, k)  # noqa: B023
+            hit = (idx.unsqueeze(-1) == dropped[L].to(idx.device).unsqueeze(-2)).any(-1)  # (G, H, k)  # noqa: B023
             w = lk.weights[rows].masked_fill(hit, 0.0)  # noqa: B023
             w = w / w.sum(-1, keepdim=True).clamp_min(1e-30)
             weights = lk.weights.clone()
             weights[rows] = w  # noqa: B023
             return lk.replace(weights=weights)
 
-        with on_lookup(model, rewrite):
-            logits = model(tokens.unsqueeze(0).expand(G, T))[:, pos]  # (G, vocab)
-        out.append(torch.log_softmax(logits.float(), -1))
+        with torch.no_grad(), on_lookup(model, rewrite):
+            yield model.suffix_logits(inputs, pos, first, G).float().cpu()
+
+
+def drop_slots(model: MemoryModel, tokens: torch.Tensor, pos: int, groups: Sequence[Sequence[Unit]],
+               inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Log-probabilities (G, vocab) of the next token at ``pos`` with each group of units dropped at ``pos``."""
+    return torch.cat([torch.log_softmax(lg[:, 0], -1) for lg in _dropped_logits(model, tokens, pos, groups, inputs)])
+
+
+def drop_scores(model: MemoryModel, tokens: torch.Tensor, pos: int, groups: Sequence[Sequence[Unit]],
+                positions: Sequence[int], scored: Sequence[int], inputs: list[torch.Tensor] | None = None
+                ) -> torch.Tensor:
+    """(G,): the summed log-probability of token ``scored[i]`` at ``positions[i]`` (all >= ``pos``), each group
+    dropped at ``pos``."""
+    if min(positions) < pos:
+        raise ValueError("a drop at pos cannot change earlier positions: score only positions >= pos")
+    p, want = torch.tensor(list(positions)) - pos, torch.tensor(list(scored))
+    out = []
+    for lg in _dropped_logits(model, tokens, pos, groups, inputs):
+        lp = torch.log_softmax(lg[:, p], -1)  # (G, n, vocab)
+        out.append(lp.gather(-1, want.expand(lp.shape[0], -1).unsqueeze(-1))[..., 0].sum(-1))
     return torch.cat(out)
 
 
@@ -178,25 +257,23 @@ class Trace:
     def __init__(self, model: MemoryModel, prompt: str, target: str | None = None):
         self.model = model
         self.prompt = prompt
-        ids = model.encode(prompt)
+        tt, note = make_target(model, prompt, target)
         tok = model.tokenizer
         unk = getattr(tok, "unk_id", None)
-        self.unknown_words = [i for i, t in enumerate(ids) if unk is not None and t == unk]
-        self.tokens = torch.tensor(ids)  # (T,)
-        self.T = len(ids)
-        self.position = self.T - 1  # the prediction position
+        self.unknown_words = [i for i, t in enumerate(tt.prompt_ids) if unk is not None and t == unk]
+        # teacher forcing: the prompt, then every target token but the last
+        self.tokens = torch.tensor(tt.sequence)  # (T,)
+        self.T = len(self.tokens)
+        self.prompt_len = len(tt.prompt_ids)
+        self.position = self.prompt_len - 1  # the position that predicts the target's first token
+        self.target_positions = list(range(self.position, self.position + len(tt.ids)))
+        self._next = list(tt.prompt_ids[1:]) + list(tt.ids)  # the token scored at each position
+        self.target = as_target(model, tt, note)
         with torch.no_grad(), _cached(model, self.T) as cache:
-            logits = model(self.tokens.unsqueeze(0))
-        self.cache = {k: v[0] for k, v in cache.items()}  # (T, ...) each
-        self.logprobs = torch.log_softmax(logits[0].float(), -1)  # (T, vocab)
-        if target is None:
-            top = int(self.logprobs[self.position].argmax())
-            self.target = Target(text=tok.id_to_token(top), token_id=top, token=tok.id_to_token(top), n_tokens=1,
-                                 note="no target given: tracing the model's top prediction")
-        else:
-            self.target = target_token(model, target)
+            logits = model(self.tokens.unsqueeze(0).to(_device(model)))
+        self.cache = {k: v[0].cpu() for k, v in cache.items()}  # (T, ...) each
+        self.logprobs = torch.log_softmax(logits[0].float().cpu(), -1)  # (T, vocab)
         self._ablation: dict[int, dict[int, torch.Tensor]] = {}
-        self._unembed: dict[int, torch.Tensor] = {}
 
     # ---- captured values ------------------------------------------------------------------------
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -212,18 +289,45 @@ class Trace:
         return list(self.model.memory_layers)
 
     def token_at(self, pos: int) -> str:
-        return self.model.tokenizer.id_to_token(int(self.tokens[pos]))
+        return token_text(self.model.tokenizer, int(self.tokens[pos]))
 
     def target_at(self, pos: int) -> int:
-        """The token scored at ``pos``: the target at the prediction position, else the prompt's next token."""
-        return self.target.token_id if pos == self.position else int(self.tokens[pos + 1])
+        """The token scored at ``pos``: the next token of the prompt, or of the target at a target position."""
+        return self._next[pos]
+
+    # ---- the whole target -----------------------------------------------------------------------
+    @property
+    def target_logprobs(self) -> torch.Tensor:
+        """(n_target_tokens,): log P(each target token | prompt and the target's earlier tokens)."""
+        p = torch.tensor(self.target_positions)
+        return self.logprobs[p, torch.tensor(self.target.token_ids)]
+
+    @property
+    def logprob(self) -> float:
+        """The whole target's log-probability: the sum over its tokens (teacher forcing)."""
+        return float(self.target_logprobs.sum())
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.logprob / self.target.n_tokens
+
+    @property
+    def target_prob(self) -> float:
+        """The whole target's probability (the product over its tokens)."""
+        return float(torch.tensor(self.logprob).exp())
+
+    @property
+    def exact_match(self) -> bool:
+        """Every target token is the model's greedy choice: greedy decoding from the prompt gives the target."""
+        p = torch.tensor(self.target_positions)
+        return bool((self.logprobs[p].argmax(-1) == torch.tensor(self.target.token_ids)).all())
 
     # ---- predictions ----------------------------------------------------------------------------
     def top_tokens(self, pos: int | None = None, n: int = 5) -> list[tuple[str, float]]:
         """The model's n most likely next tokens at ``pos`` with their probabilities."""
         pos = self.position if pos is None else pos
         lp, ids = self.logprobs[pos].topk(n)
-        return [(self.model.tokenizer.id_to_token(int(i)), float(p.exp())) for p, i in zip(lp, ids, strict=True)]
+        return [(token_text(self.model.tokenizer, int(i)), float(p.exp())) for p, i in zip(lp, ids, strict=True)]
 
     def prob(self, pos: int | None = None) -> float:
         """The probability of the scored token at ``pos`` (default: the target at the prediction position)."""
@@ -259,16 +363,6 @@ class Trace:
             c, bias = c * g, bias * g
         return c, bias
 
-    def unembed(self, pos: int | None = None) -> torch.Tensor:
-        """(D, vocab): the map from a residual-stream write at ``pos`` to logits, final-norm scale frozen."""
-        pos = self.position if pos is None else pos
-        if pos not in self._unembed:
-            norm = self.model.norm
-            h = self["final.resid"][pos].float()
-            scale = torch.rsqrt(h.pow(2).mean() + norm.eps)
-            self._unembed[pos] = (scale * norm.weight.float()).unsqueeze(-1) * self.model.output.weight.float().T
-        return self._unembed[pos]
-
     def logit_direction(self, pos: int | None = None) -> torch.Tensor:
         """(D,): the direction whose dot product with a residual write gives its attribution to the scored token."""
         pos = self.position if pos is None else pos
@@ -285,7 +379,7 @@ class Trace:
 
     # ---- ablation -------------------------------------------------------------------------------
     def ablation(self, layer: int, pos: int | None = None) -> torch.Tensor:
-        """(H, k): change in log-probability of the scored token when each unit is dropped at ``pos``.
+        """(H, k): change in the whole target's log-probability when each unit is dropped at ``pos``.
 
         Every unit of every layer is ablated in one batched forward, computed once per position.
         """
@@ -297,15 +391,26 @@ class Trace:
             res, start = {}, 0
             for L, us in zip(self.layers, units, strict=True):
                 H, k = self[name(L, "indices")].shape[1:]
-                res[L] = lp[start : start + len(us)].view(H, k) - self.logprobs[pos, self.target_at(pos)]
+                res[L] = lp[start : start + len(us)].view(H, k) - self.logprob
                 start += len(us)
             self._ablation[pos] = res
         return self._ablation[pos][layer]
 
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        """Every block's input residual (T, D) of the traced forward."""
+        return [self.cache[f"blocks.{b}.hook_resid_pre"] for b in range(len(self.model.layers))]
+
     def drop(self, groups: Sequence[Sequence[Unit]], pos: int | None = None) -> torch.Tensor:
-        """Log-probability (G,) of the scored token at ``pos`` with each group of units dropped (one forward)."""
+        """The whole target's log-probability (G,) with each group of units dropped at ``pos`` (batched forwards of
+        the positions >= ``pos`` only; earlier target tokens keep their log-probability)."""
         pos = self.position if pos is None else pos
-        return drop_slots(self.model, self.tokens, pos, groups)[:, self.target_at(pos)]
+        later = [(p, t) for p, t in zip(self.target_positions, self.target.token_ids, strict=True) if p >= pos]
+        unchanged = float(self.target_logprobs[: self.target.n_tokens - len(later)].sum())
+        if not later:
+            return torch.full((len(groups),), unchanged)
+        p, t = zip(*later, strict=True)
+        return unchanged + drop_scores(self.model, self.tokens, pos, groups, p, t, self.inputs)
 
     # ---- units ----------------------------------------------------------------------------------
     def units(self, layer: int, pos: int | None = None) -> list[Unit]:
@@ -332,24 +437,17 @@ class Trace:
         return next(t for t in self.model.tables if layer in t.layers)
 
     def writes(self, unit: Unit, pos: int | None = None, n: int = 5) -> dict[str, list[tuple[str, float]]]:
-        """What a unit's value row writes at ``pos``: the n tokens it promotes and suppresses most, with logits."""
+        """What a unit's value row writes at ``pos`` (memedit/readout.py, with this position's gate and final-norm
+        scale): the n tokens it promotes and suppresses most, with logits."""
+        from .readout import slot_writes
+
         pos = self.position if pos is None else pos
-        mem = self.model.memory_layers[unit.layer]
-        v = mem.values.weight[unit.slot].float()  # (V,)
-        if mem.swilu_projection is not None:
-            v = v * self[name(unit.layer, "gate")][pos].float()
-        if mem.value_proj is not None:
-            v = mem.value_proj.weight.float() @ v  # (D,)
-        if mem.gating is not None:
-            v = v * self[name(unit.layer, "gating")][pos].float()
-        logits = v @ self.unembed(pos)  # (vocab,)
-        tok = self.model.tokenizer
-        up, down = logits.topk(n), (-logits).topk(n)
-        return {
-            "promotes": [(tok.id_to_token(int(i)), float(x)) for x, i in zip(up.values, up.indices, strict=True)],
-            "suppresses": [(tok.id_to_token(int(i)), -float(x))
-                           for x, i in zip(down.values, down.indices, strict=True)],
-        }
+        h = self["final.resid"][pos].float()
+        scale = torch.rsqrt(h.pow(2).mean() + self.model.norm.eps)
+        gate = self[name(unit.layer, "gate")][pos] if name(unit.layer, "gate") in self else None
+        gating = self[name(unit.layer, "gating")][pos] if name(unit.layer, "gating") in self else None
+        (w,) = slot_writes(self.model, unit.layer, [unit.slot], gate, gating, scale, n)
+        return {"promotes": w["promotes"], "suppresses": w["suppresses"]}
 
     def flip_count(self, pos: int | None = None, limit: int | None = None) -> int | None:
         """The smallest n such that dropping the n top-attributed units changes the top prediction at ``pos``.
@@ -362,13 +460,17 @@ class Trace:
             return 0
         ranked = [u for u, _ in self.ranked(pos)]
         n_max = len(ranked) if limit is None else min(limit, len(ranked))
-        lp = drop_slots(self.model, self.tokens, pos, [ranked[:n] for n in range(1, n_max + 1)])  # (n_max, vocab)
+        lp = drop_slots(self.model, self.tokens, pos, [ranked[:n] for n in range(1, n_max + 1)], self.inputs)
         flipped = (lp.argmax(-1) != self.target_at(pos)).nonzero()
         return int(flipped[0, 0]) + 1 if len(flipped) else None
 
     # ---- reports ----------------------------------------------------------------------------------
     def position_report(self, pos: int, top_slots: int = 10, n_tokens: int = 5) -> dict:
-        """Everything about one position as plain data (the --json schema of `memedit inspect`)."""
+        """Everything about one position as plain data (the --json schema of `memedit inspect`).
+
+        Attributions are to the logit of the token scored at ``pos``; ablations are changes in the whole target's
+        log-probability.
+        """
         scored = self.target_at(pos)
         tok = self.model.tokenizer
         layers = []
@@ -402,7 +504,7 @@ class Trace:
         return {
             "position": pos,
             "token": self.token_at(pos),
-            "scored": {"token": tok.id_to_token(scored), "token_id": scored, "prob": float(lp.exp()),
+            "scored": {"token": token_text(tok, scored), "token_id": scored, "prob": float(lp.exp()),
                        "logprob": float(lp), "rank": self.rank(pos),
                        "logit_direct": float(self["final.resid"][pos].float() @ self.logit_direction(pos))},
             "top": [{"token": t, "prob": p} for t, p in self.top_tokens(pos, n_tokens)],
@@ -410,27 +512,48 @@ class Trace:
             "top_slots": top,
         }
 
+    def summary(self, n: int = 10) -> list[dict]:
+        """The units whose removal lowers the whole target's log-probability most, over every target position."""
+        rows = []
+        for pos in self.target_positions:
+            for L in self.layers:
+                attr, _ = self.attribution(L, pos)
+                for u, a, ab in zip(self.units(L, pos), attr.flatten().tolist(), self.ablation(L, pos).flatten().tolist(),
+                                    strict=True):
+                    rows.append({"position": pos, "predicts": token_text(self.model.tokenizer, self.target_at(pos)),
+                                 "layer": L, "head": u.head, "slot": u.slot, "table": self.table_of(L).name,
+                                 "attribution": a, "ablation": ab})
+        return sorted(rows, key=lambda r: r["ablation"])[:n]
+
     def to_dict(self, all_positions: bool = False, top_slots: int = 10) -> dict:
-        """The whole trace as plain data: prompt, target (prob, rank), per-layer/head slots, top slots."""
-        main = self.position_report(self.position, top_slots)
+        """The whole trace as plain data: prompt, target (whole-target log-prob, per-token reports), top slots."""
+        reports = [self.position_report(p, top_slots) for p in self.target_positions]
+        main = reports[0]
         t = self.target
         d = {
             "prompt": self.prompt,
             "tokens": [self.token_at(p) for p in range(self.T)],
             "position": self.position,
-            "target": {"text": t.text, "token": t.token, "token_id": t.token_id, "n_tokens": t.n_tokens,
-                       "note": t.note, "prob": main["scored"]["prob"], "logprob": main["scored"]["logprob"],
-                       "rank": main["scored"]["rank"]},
+            "target_positions": self.target_positions,
+            "target": {"text": t.text, "tokens": t.tokens, "token_ids": t.token_ids, "n_tokens": t.n_tokens,
+                       "token": t.token, "token_id": t.token_id, "joined": t.joined, "note": t.note,
+                       "logprob": self.logprob, "mean_logprob": self.mean_logprob, "prob": self.target_prob,
+                       "token_logprobs": self.target_logprobs.tolist(), "first_rank": main["scored"]["rank"],
+                       "rank": main["scored"]["rank"], "exact_match": self.exact_match},
             "top": main["top"],
             "layers": main["layers"],
             "top_slots": main["top_slots"],
+            "per_token": reports,
+            "summary": self.summary(top_slots),
             "conventions": {
-                "attribution": "direct logit attribution to the target: the unit's exact contribution through the "
-                               "final RMSNorm with its scale frozen at this position's final residual, then the "
-                               "target's output row",
-                "ablation": "change in log-probability of the target when the slot is dropped from its head's "
-                            "lookup at this position (remaining weights renormalised)",
-                "target": "a target of several tokens is scored by its first token",
+                "target": "a token sequence: the tokens of prompt + ' ' + target after the prompt's; logprob is the "
+                          "sum over them with teacher forcing, mean_logprob per token; first_rank is the first "
+                          "token's rank",
+                "attribution": "direct logit attribution to the token predicted at that position: the unit's exact "
+                               "contribution through the final RMSNorm with its scale frozen at that position's final "
+                               "residual, then the token's output row",
+                "ablation": "change in the whole target's log-probability when the slot is dropped from its head's "
+                            "lookup at that position (remaining weights renormalised)",
             },
         }
         if self.unknown_words:
@@ -441,7 +564,7 @@ class Trace:
 
 
 def trace(model: MemoryModel, prompt: str, target: str | None = None) -> Trace:
-    """A :class:`Trace` of ``prompt``, scoring ``target`` (its first token) or, if None, the top prediction."""
+    """A :class:`Trace` of ``prompt``, scoring the whole ``target`` or, if None, the model's own answer."""
     return Trace(model, prompt, target)
 
 
@@ -488,10 +611,10 @@ def trace_fact(model: MemoryModel, fact, heldout_in_core: bool = False) -> FactT
                    core_over=len(core_prompts))
     for p in train + held:
         t = trace(model, p, fact.target_true)
-        answered = t.rank() == 1
+        answered = t.exact_match
         ft.phrasings.append({
-            "prompt": p, "heldout": p in held, "prob": t.prob(), "rank": t.rank(), "answered": answered,
-            "top": t.top_tokens(n=1)[0][0], "flip": t.flip_count() if answered else None,
+            "prompt": p, "heldout": p in held, "prob": t.target_prob, "logprob": t.logprob, "rank": t.rank(),
+            "answered": answered, "top": t.top_tokens(n=1)[0][0], "flip": t.flip_count() if answered else None,
         })
     return ft
 
@@ -510,13 +633,13 @@ def top_vs_random(model: MemoryModel, facts, n_drop: int = 10, seed: int = 0) ->
     rng = random.Random(seed)
     rows = []
     for f in facts:
-        t = trace(model, f.prompt.format(f.subject), f.target_true)
-        if t.rank() != 1:
+        t = trace(model, f.prompt.replace("{}", f.subject), f.target_true)
+        if not t.exact_match:
             continue
         ranked = [u for u, _ in t.ranked()]
         randoms = rng.sample(ranked, min(n_drop, len(ranked)))
-        lp = t.drop([ranked[:n_drop], randoms])  # (2,)
-        base = t.prob()
+        lp = t.drop([ranked[:n_drop], randoms])  # (2,) whole-target log-probabilities
+        base = t.target_prob
         rows.append({"fact": f.id, "prob": base, "prob_top": float(lp[0].exp()), "prob_random": float(lp[1].exp())})
     n = len(rows)
     lowered = lambda key: sum(r[key] < r["prob"] for r in rows) / n if n else float("nan")  # noqa: E731

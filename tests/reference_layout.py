@@ -35,9 +35,12 @@ PARAMS = {
 }
 
 
-def params(**pk) -> dict:
+def params(vocab_size: int | None = None, **pk) -> dict:
+    """The fixture's params.json, with productkey_args overridden (and the vocabulary padded, if given)."""
     p = json.loads(json.dumps(PARAMS))
     p["model"]["productkey_args"].update(pk)
+    if vocab_size is not None:
+        p["model"]["vocab_size"] = vocab_size
     return p
 
 
@@ -143,7 +146,8 @@ def brute_force_memory(state: dict, prefix: str, pk: dict, x: torch.Tensor):
         m = m + (w[:, :, None] * t["values.weight"][ids]).sum(1)
         slots.append(ids)
         scores.append(sc)
-    out = m
+    vdt = state[prefix + "values.weight"].dtype
+    out = m.to(vdt).double()  # the reference kernel sums in float32 and returns the table's dtype (bf16 rounds)
     if "swilu_projection.weight" in t:
         gate = x @ t["swilu_projection.weight"].T + t["swilu_projection.bias"]
         out = out * gate * torch.sigmoid(gate)

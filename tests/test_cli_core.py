@@ -75,3 +75,21 @@ def test_help_runs_without_importing_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "inspect" in r.stdout or "info" in r.stdout
+
+
+def test_every_command_that_runs_the_model_takes_device(cli, tiny):
+    import torch
+
+    _, path = tiny
+    commands = [["generate"], ["inspect"], ["trace-causal"], ["audit"], ["export"], ["background"], ["edit"],
+                ["keys", "adapt"], ["keys", "route"], ["verify"], ["report"]]
+    for c in commands:
+        code, out, _ = cli(*c, "--help")
+        assert code == 0 and "--device" in out, c
+    code, out, _ = cli("generate", "the cat", "-n", 2, "--model", path, "--device", "cpu")
+    assert code == 0 and out.strip()
+    code, _, err = cli("generate", "the cat", "--model", path, "--device", "tpu")
+    assert code == 2 and "tpu" in err and len(err.strip().splitlines()) == 1
+    if not torch.cuda.is_available():
+        code, _, err = cli("verify", "--random", 10, "--model", path, "--device", "cuda")
+        assert code == 2 and "no CUDA GPU" in err and len(err.strip().splitlines()) == 1

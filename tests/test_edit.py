@@ -186,3 +186,51 @@ def test_dry_run_rewrites_a_fact_of_the_bundled_model_and_refuses_to_write_it(cl
     assert e["efficacy"] == 1.0 and not e["applied"] and e["forgetting"]["n"] > 150
     code, _, err = cli("edit", "--fact", fact.id)
     assert code == 2 and "read-only" in err
+
+
+# ---- sparse training: nothing the size of the table -----------------------------------------------------------
+class LargestAllocation:
+    """A torch dispatch mode recording the largest new storage any op allocates (views of inputs do not count)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                seen = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                        if isinstance(t, torch.Tensor)}
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                        outer.largest = max(outer.largest, t.untyped_storage().nbytes())
+                return out
+
+        self.largest = 0
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_an_edit_allocates_nothing_the_size_of_the_value_table():
+    from .conftest import tiny_model
+
+    model = tiny_model(n_keys=256)  # 65,536 slots x 32: the table is 40x larger than any other tensor
+    table = model.table("shared").weight
+    before = table.clone()
+    req = EditRequest.from_dict(REQUEST)
+    cfg = EditConfig(top_t=16, lr=2.0, steps=20, ranking="counts")
+    with LargestAllocation() as sparse:
+        res = edit(model, [req], None, cfg)
+    assert res.steps > 0 and len(res.slots["shared"]) == 16
+    assert torch.equal(table, before)  # the model is unchanged: the patch carries the trained rows
+    assert res.patch.changes[0].max_delta > 0
+    assert sparse.largest < table.nbytes / 8, f"largest allocation {sparse.largest:,} B, table {table.nbytes:,} B"
+    # the dense baseline, measured the same way, does allocate table-sized gradients: the check can fail
+    with LargestAllocation() as dense:
+        edit(model, [req], None, EditConfig(steps=1, stop_loss=0.0, train_all=True, ranking="counts"))
+    assert dense.largest >= table.nbytes

@@ -69,6 +69,7 @@ def test_reference_checkpoint_float32_equals_independent_computation(ref, which)
     ids = model.encode(PROMPT)
     assert ids[0] == 256 and ids[1:] == list(PROMPT.encode())  # lingua's bytes tokenizer from params.json
     logits, seen = run_with_inputs(model, ids)
+    state = {k: v.float() for k, v in state.items()}  # --dtype float32 upcasts the table: nothing rounds to bf16
     want, ref_lookups = reference_forward(state, p, ids)
     assert (logits.double() - want).abs().max() < 1e-5
     pk = p["model"]["productkey_args"]
@@ -87,8 +88,8 @@ def test_values_stay_bfloat16_and_outputs_match_within_bf16_tolerance(ref):
     assert torch.equal(model.table("shared").weight, state["layers.1.feed_forward.values.weight"])
     ids = model.encode(PROMPT)
     logits, seen = run_with_inputs(model, ids)
-    want, _ = reference_forward(state, p, ids)
-    assert (logits.double() - want).abs().max() < 2e-2 * want.abs().max()
+    want, _ = reference_forward(state, p, ids)  # rounds the value mix to bf16 where the reference kernel does
+    assert (logits.double() - want).abs().max() < 5e-4  # summation order alone moves logits ~1e-5 here
     for L, (x, lk) in seen.items():
         slots, _, _ = brute_force_memory(state, f"layers.{L}.feed_forward.", p["model"]["productkey_args"], x)
         assert torch.equal(sorted_slots(lk.indices), sorted_slots(slots))  # lookups in float32: same slots
@@ -139,6 +140,7 @@ def test_unshared_values_are_one_table_per_layer(tmp_path):
     assert [(t.name, t.layers) for t in model.tables] == [("layer1", [1]), ("layer3", [3])]
     ids = model.encode(PROMPT)
     logits, _ = run_with_inputs(model, ids)
+    state = {k: v.float() for k, v in state.items()}  # as computed: float32 (no bf16 rounding of the value mix)
     assert (logits.double() - reference_forward(state, p, ids)[0]).abs().max() < 1e-5
 
 
@@ -332,7 +334,10 @@ def test_bad_checkpoints_give_one_line_errors(ref, tmp_path, cli):
     shutil.copytree(dcp, tmp_path / "trunc_dcp")
     shard = next((tmp_path / "trunc_dcp").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:3000])
-    assert "cannot read the DCP shards" in one_line_error(cli, "info", "--model", tmp_path / "trunc_dcp")
+    # info reads headers only, so damaged tensor data is found by a command that reads the weights
+    assert "cannot read the DCP shards" in one_line_error(cli, "convert", tmp_path / "out1", "--model",
+                                                          tmp_path / "trunc_dcp")
+    assert not (tmp_path / "out1").exists()
     # missing params.json
     shutil.copytree(cons, tmp_path / "noparams")
     (tmp_path / "noparams" / "consolidated" / "params.json").unlink()
@@ -350,7 +355,8 @@ def test_bad_checkpoints_give_one_line_errors(ref, tmp_path, cli):
     bad["layers.3.feed_forward.values.weight"] = state["layers.3.feed_forward.values.weight"].clone()
     bad["layers.3.feed_forward.values.weight"][0, 0] += 1
     write_consolidated(tmp_path / "differ", bad, p)
-    assert "differs between" in one_line_error(cli, "info", "--model", tmp_path / "differ")
+    assert "differs between" in one_line_error(cli, "convert", tmp_path / "out2", "--model", tmp_path / "differ")
+    assert not (tmp_path / "out2").exists()
     # unknown / missing params.json fields
     for mutate, expect in [(lambda q: q["model"].update(rope_scaling=2), "unknown field model.rope_scaling"),
                            (lambda q: q["model"].pop("dim"), "missing field model.dim"),
@@ -501,3 +507,51 @@ def test_a_pkm_inside_a_bigger_state_dict_or_a_safetensors_file(tmp_path):
     x = torch.randn(6, 32)
     with torch.no_grad():
         assert (model.memory_layers[0](x) - pkm(x[None])[0]).abs().max() < 1e-6
+
+
+# ---- laziness: tensors are mapped, not copied ----------------------------------------------------------------
+def rss_anon() -> int:
+    """This process's private resident memory in bytes (RssAnon of /proc/self/status)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("no /proc/self/status RssAnon on this system")
+
+
+def test_consolidated_and_dcp_load_without_copying_the_value_table(tmp_path, cli):
+    import gc
+
+    from memedit.info import describe
+
+    p = params(mem_n_keys=256)  # 65,536 slots x 64 in bfloat16: 8 MiB per copy, two copies in each file
+    state = reference_state(p)
+    write_consolidated(tmp_path / "cons", state, p)
+    write_dcp_step(tmp_path / "dcp", state, p)
+    table = state["layers.1.feed_forward.values.weight"]
+    rows = torch.tensor([0, 7, 40_000, 65_535])
+    want = table[rows].clone()
+    del state
+    gc.collect()
+
+    memedit.load(tmp_path / "cons" / "consolidated", header_only=True)  # the first load imports modules: not counted
+    before = rss_anon()
+    model = memedit.load(tmp_path / "cons" / "consolidated")
+    grew = rss_anon() - before
+    got = model.table("shared").weight
+    assert got.dtype == torch.bfloat16 and torch.equal(got[rows], want)
+    assert grew < table.nbytes / 2, f"loading grew private memory by {grew / 2**20:.1f} MiB"
+    x = torch.randn(3, 64)
+    lk = model.memory_layers[1].lookup(x)
+    expect = (lk.weights[..., None] * table[lk.indices].float()).sum((1, 2))  # (3, V) the rows it selected
+    assert torch.allclose(model.memory_layers[1].read(lk, torch.float32), expect, atol=1e-2)
+
+    # DCP: read a tensor at a time, the second copy of the shared table compared and dropped
+    dcp_model = memedit.load(tmp_path / "dcp")
+    assert torch.equal(dcp_model.table("shared").weight[rows], want)
+
+    # info: headers only (meta tensors), the stored dtypes and shapes
+    for path in (tmp_path / "cons" / "consolidated", tmp_path / "dcp"):
+        d = describe(memedit.load(path, header_only=True))
+        assert d["n_slots"] == 65_536 and d["tables"][0]["dtype"] == "bfloat16" and d["tables"][0]["rows"] == 65_536
+        code, out, _ = cli("info", "--model", path, "--json")
+        assert code == 0 and json.loads(out)["tables"][0]["layers"] == [1, 3]

@@ -81,3 +81,29 @@ def test_hooks_see_and_can_rewrite_the_one_lookup():
     h.remove()
     torch.testing.assert_close(zeroed, layer.value_proj.bias.expand(5, -1))
     assert not torch.allclose(base, zeroed)
+
+
+def test_topk_by_groups_is_the_exact_topk():
+    from memedit.memory import topk_by_groups
+
+    g = torch.Generator().manual_seed(0)
+    for N, k in ((1024, 32), (256, 32), (64, 4), (48, 16), (16, 16)):
+        x = torch.randn(50, 3, N, generator=g)
+        x[0, 0, : N // 2] = 0.5  # exact ties
+        v, i = topk_by_groups(x, k)
+        ref = x.topk(k, dim=-1)
+        assert torch.equal(v, ref.values)
+        assert torch.equal(x.gather(-1, i), v)  # each id holds its value; ids may differ only among ties
+        assert (i.sort(-1).values.diff(dim=-1) > 0).all()  # no id twice
+
+
+def test_topk_by_groups_passes_gradients_like_topk():
+    from memedit.memory import topk_by_groups
+
+    x = torch.randn(8, 1024, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(2))
+    (topk_by_groups(x, 32)[0] * w).sum().backward()
+    g1 = x.grad.clone()
+    x.grad = None
+    (x.topk(32, dim=-1).values * w).sum().backward()
+    assert torch.equal(g1, x.grad) and g1.count_nonzero() == 8 * 32

@@ -60,6 +60,7 @@ def test_batched_ablation_matches_dropping_one_slot_at_a_time():
     model = tiny_model()
     t = memedit.trace(model, PROMPT, "Thakrian")
     base = t.logprobs[-1, t.target.token_id]
+    assert t.logprob == pytest.approx(float(base), abs=1e-6)  # a one-token target
     checked = 0
     for L in t.layers:
         abl = t.ablation(L)
@@ -140,7 +141,45 @@ def test_inspect_bad_input_is_one_line(cli, tiny):
     code, _, err = cli("inspect", "--model", path)
     assert code == 2 and "--fact" in err
     code, out, _ = cli("inspect", PROMPT, "--target", "Thakrian park", "--model", path, "--json")
-    assert code == 0 and "scored by its first token 'Thakrian'" in json.loads(out)["target"]["note"]
+    tg = json.loads(out)["target"]
+    assert code == 0 and tg["tokens"] == ["Thakrian", "park"] and tg["logprob"] == pytest.approx(
+        sum(tg["token_logprobs"]), abs=1e-5)
+    for hostile in ("[/b] was {0} born in [bold]", "a {} b } {", "x" * 20):
+        code, out, err = cli("inspect", hostile, "--target", "park", "--model", path)
+        assert code == 0 and hostile[:12].replace("[", "") in out.replace("[", ""), err
+
+
+def test_a_multi_token_target_is_scored_whole():
+    model = tiny_model()
+    t = memedit.trace(model, PROMPT, "Thakrian park .")
+    ids = model.encode(PROMPT)
+    want = model.tokenizer.encode(" Thakrian park .")
+    assert t.target.token_ids == want and t.target.n_tokens == 3 and t.target.joined
+    # an independent forward over prompt + target: the sum of the target's token log-probs
+    lp = torch.log_softmax(model(torch.tensor([ids + want]))[0].float(), -1)
+    ref = sum(float(lp[len(ids) - 1 + i, w]) for i, w in enumerate(want))
+    assert t.logprob == pytest.approx(ref, abs=1e-4)
+    assert t.target_positions == [len(ids) - 1, len(ids), len(ids) + 1]
+    # an ablation at the second target position changes only that position and later ones
+    pos = t.target_positions[1]
+    L = t.layers[0]
+    u = t.units(L, pos)[0]
+
+    def drop(layer, lk):
+        if layer != L:
+            return None
+        scores = lk.scores.float().clone()
+        scores[pos, u.head, 0] = float("-inf")
+        return lk.replace(weights=F.softmax(scores, -1))
+
+    with on_lookup(model, drop):
+        lp2 = torch.log_softmax(model(t.tokens[None])[0].float(), -1)
+    ref2 = sum(float(lp2[len(ids) - 1 + i, w]) for i, w in enumerate(want))
+    assert float(t.ablation(L, pos)[u.head, 0]) == pytest.approx(ref2 - t.logprob, abs=1e-5)
+    assert torch.allclose(lp2[: pos], lp[: pos], atol=1e-6)
+    d = t.to_dict()
+    assert [p["position"] for p in d["per_token"]] == t.target_positions
+    assert d["summary"] == sorted(d["summary"], key=lambda r: r["ablation"])
 
 
 def _fact_file(tmp_path):

@@ -224,3 +224,22 @@ def test_standalone_memory_module_verifies_from_query_vectors(cli, tmp_path):
     (tmp_path / "t.txt").write_text("some text\n")
     code, _, err = cli("verify", "--model", tmp_path / "pkm.pt", "--corpus", tmp_path / "t.txt")
     assert code == 2 and "query vectors" in err
+
+
+# ---- FAISS MultiIndexQuantizer as a second reference ----------------------------------------------------------
+def test_miq_reference_agrees_with_the_brute_force_and_flags_the_same_bug(cli, tiny):
+    g = torch.Generator().manual_seed(3)
+    for N in (16, 12):  # 12: padded to a power of two inside miq_search
+        keys, q = torch.randn(2, N, 8, generator=g).numpy(), (torch.randn(300, 16, generator=g) * 4).numpy()
+        d1, i1 = exact.exact_search(q, keys, 5)
+        d2, i2 = exact.miq_search(q, keys, 5)
+        assert np.allclose(d1, d2, rtol=1e-5, atol=1e-4) and (np.sort(i1, 1) == np.sort(i2, 1)).all()
+    _, path = tiny
+    code, out, _ = cli("verify", "--model", path, "--random", 300, "--reference", "miq", "--json")
+    assert code == 0 and json.loads(out)["ok"] is True
+    model = tiny_model()
+    layer = model.memory_layers[2]
+    layer.search = SwappedSlotIds(layer.cfg.n_keys, layer.cfg.knn)
+    report = exact.verify(model, exact.random_source(400, seed=1), "random", [torch.float32], reference="miq")
+    bad = mismatches_by_layer(report)
+    assert bad[2] > 300 and bad[0] == 0

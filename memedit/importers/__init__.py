@@ -23,8 +23,13 @@ from ..model import MemoryModel
 STATE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 
-def load_foreign(path: Path, tokenizer: str | None = None, knn: int | None = None, **options) -> MemoryModel:
-    """Load a checkpoint in a layout other than memedit's native folder (see the module docstring)."""
+def load_foreign(path: Path, tokenizer: str | None = None, knn: int | None = None, header_only: bool = False,
+                 **options) -> MemoryModel:
+    """Load a checkpoint in a layout other than memedit's native folder (see the module docstring).
+
+    ``header_only``: a reference checkpoint's tensors are meta tensors of the stored shapes and dtypes, read from
+    its headers (``memedit info``); a standalone module's state is small and is read.
+    """
     from . import lingua
     from .dcp import is_dcp
 
@@ -34,11 +39,11 @@ def load_foreign(path: Path, tokenizer: str | None = None, knn: int | None = Non
     if path.is_dir():
         for pth in (path / "consolidated.pth", path / "consolidated" / "consolidated.pth"):
             if pth.is_file():
-                model = lingua.load_consolidated(pth, tokenizer)
+                model = lingua.load_consolidated(pth, tokenizer, header_only)
                 break
         else:
             if is_dcp(path):
-                model = lingua.load_step_folder(path, tokenizer)
+                model = lingua.load_step_folder(path, tokenizer, header_only)
             elif (path / "config.json").is_file():
                 raise MemeditError(f"{path}/config.json is not a memedit config (no \"format\": \"memedit\")")
             elif (path / "params.json").is_file():
@@ -47,7 +52,7 @@ def load_foreign(path: Path, tokenizer: str | None = None, knn: int | None = Non
                 raise MemeditError(f"{path} is not a model folder memedit knows (no config.json, params.json, "
                                    "consolidated.pth or DCP shards)")
     elif path.name == "consolidated.pth" or (path.suffix == ".pth" and (path.parent / "params.json").is_file()):
-        model = lingua.load_consolidated(path, tokenizer)
+        model = lingua.load_consolidated(path, tokenizer, header_only)
     elif path.suffix in STATE_SUFFIXES:
         model = load_module_state(path, knn)
         if tokenizer:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 
 from ..errors import MemeditError
 from ..memory import MemoryConfig
-from ..model import MemoryModel, ModelConfig
+from ..model import MemoryModel, ModelConfig, meta_model
 
 # params.json "model" fields memedit uses, with the reference's defaults (None: required)
 MODEL_FIELDS: dict[str, Any] = {
@@ -119,27 +120,58 @@ def _dtype_key(dtype: torch.dtype) -> str:
 
 
 # ---- state dict -> model ------------------------------------------------------------------------
-def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], origin: str) -> MemoryModel:
-    """Build the model and load ``state``; shared value copies must be bit-identical and become ONE table."""
+COMPARE_BYTES = 64 << 20  # rows of two shared-table copies compared at a time
+
+
+def same_blocks(a: torch.Tensor, b: torch.Tensor, block_bytes: int = COMPARE_BYTES) -> bool:
+    """Whether two tensors are bit-identical, compared a block of rows at a time.
+
+    Mapped copies are paged in a block at a time and can leave the page cache again: comparing two 2 GiB copies
+    never holds either whole.
+    """
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dim() == 0 or a.numel() == 0:
+        return torch.equal(a, b)
+    rows = max(1, block_bytes // max(1, a[0].numel() * a.element_size()))
+    return all(torch.equal(a[r : r + rows], b[r : r + rows]) for r in range(0, a.shape[0], rows))
+
+
+def model_from_state(cfg: ModelConfig, state: Mapping[str, torch.Tensor], origin: str) -> MemoryModel:
+    """Build the model and load ``state``; shared value copies must be bit-identical and become ONE table.
+
+    ``state`` may be lazy (a mapping that reads a tensor when asked, :class:`~memedit.importers.dcp.DcpState`) and
+    its tensors memory-mapped: the model is built on the meta device and takes the given tensors as they are (no
+    copy), each copy of a shared table is read once, compared blockwise with the first, and dropped. Meta tensors
+    in ``state`` (headers only, for ``memedit info``) skip the comparison.
+    """
     from ..checkpoint import load_state
 
-    state = {k: v for k, v in state.items() if not k.endswith("rope.freqs_cis")}  # a buffer, if ever saved
+    names = [k for k in state if not k.endswith("rope.freqs_cis")]  # a buffer, if ever saved
     mem = cfg.memory
+    loaded: dict[str, torch.Tensor] = {}  # each tensor asked for once: a lazy state reads it again when asked again
+    copies: list[str] = []
     if mem.share_values and len(mem.layers) > 1:
-        names = [f"layers.{L}.feed_forward.values.weight" for L in mem.layers]
-        present = [n for n in names if n in state]
-        for n in present[1:]:
-            a, b = state[present[0]], state[n]
-            if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b):
+        present = [n for n in (f"layers.{L}.feed_forward.values.weight" for L in mem.layers) if n in state]
+        copies = present[1:]
+        if present:
+            first = loaded[present[0]] = state[present[0]]
+        for n in copies:
+            copy = state[n]
+            if not (first.is_meta or copy.is_meta) and not same_blocks(first, copy):
                 raise MemeditError(
                     f"{origin}: the shared value table differs between {present[0]} and {n} (mem_share_values "
                     "is true, so every copy must be identical); the checkpoint is inconsistent"
                 )
+            del copy
     try:
-        model = MemoryModel(cfg)
+        model = meta_model(cfg)  # no memory for weights that load_state replaces with the stored tensors
     except ValueError as e:
         raise MemeditError(f"{origin}: {e}") from None
-    load_state(model, state, origin)
+    for n in names:
+        if n not in copies and n not in loaded:
+            loaded[n] = state[n]
+    load_state(model, loaded, origin)
     return model
 
 
@@ -164,7 +196,7 @@ def tokenizer_from_params(params: dict, folder: Path):
     return None, f"tokenizer file {path!r} from params.json not found"
 
 
-def load_lingua(folder: Path, params_path: Path, state: dict[str, torch.Tensor], origin: str,
+def load_lingua(folder: Path, params_path: Path, state: Mapping[str, torch.Tensor], origin: str,
                 tokenizer: str | None) -> MemoryModel:
     """Assemble an imported reference model: config, weights, tokenizer, and the facts needed to write it back."""
     from ..checkpoint import check_tokenizer
@@ -185,28 +217,36 @@ def load_lingua(folder: Path, params_path: Path, state: dict[str, torch.Tensor],
     return model
 
 
-def load_consolidated(pth: Path, tokenizer: str | None = None) -> MemoryModel:
-    """A consolidated checkpoint: ``consolidated.pth`` with ``params.json`` beside it (or one folder up)."""
+def load_consolidated(pth: Path, tokenizer: str | None = None, header_only: bool = False) -> MemoryModel:
+    """A consolidated checkpoint: ``consolidated.pth`` with ``params.json`` beside it (or one folder up).
+
+    The file is memory-mapped (a zipfile checkpoint; older ones are read whole), so tensors are read when used.
+    ``header_only``: the model's tensors are meta tensors of the stored shapes and dtypes (for ``memedit info``).
+    """
     from .safe import torch_load
 
     params = next((p for p in (pth.parent / "params.json", pth.parent.parent / "params.json") if p.is_file()), None)
     if params is None:
         raise MemeditError(f"{pth.parent} has no params.json: the reference writes it beside consolidated.pth")
-    ckpt = torch_load(pth)
+    ckpt = torch_load(pth, mmap=True)
     state = ckpt.get("model") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MemeditError(f"{pth} is not a consolidated checkpoint (expected {{'model': {{name: tensor}}, ...}})")
+    if header_only:
+        state = {k: torch.empty_like(v, device="meta") for k, v in state.items()}
     return load_lingua(pth.parent, params, state, str(pth), tokenizer)
 
 
-def load_step_folder(folder: Path, tokenizer: str | None = None) -> MemoryModel:
-    """A training step folder: DCP shards and ``params.json``, read directly (no consolidation needed)."""
-    from .dcp import load_dcp_model
+def load_step_folder(folder: Path, tokenizer: str | None = None, header_only: bool = False) -> MemoryModel:
+    """A training step folder: DCP shards and ``params.json``, read directly (no consolidation needed), a tensor
+    at a time. ``header_only``: meta tensors from the DCP metadata (for ``memedit info``)."""
+    from .dcp import DcpState
 
     params = folder / "params.json"
     if not params.is_file():
         raise MemeditError(f"{folder} has DCP shards but no params.json: copy the run's params.json into it")
-    return load_lingua(folder, params, load_dcp_model(folder), str(folder), tokenizer)
+    state = DcpState(folder)
+    return load_lingua(folder, params, state.meta() if header_only else state, str(folder), tokenizer)
 
 
 # ---- model -> consolidated folder ----------------------------------------------------------------

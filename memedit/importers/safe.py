@@ -20,10 +20,17 @@ def first_line(e: BaseException) -> str:
     return type(e).__name__
 
 
-def torch_load(path: Path) -> Any:
-    """``torch.load(path, weights_only=True)`` with every failure turned into a one-line MemeditError."""
+def torch_load(path: Path, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with every failure turned into a one-line MemeditError.
+
+    ``mmap``: map the tensors of a zipfile checkpoint (torch >= 1.6) instead of reading them (private, copy-on-write
+    pages: nothing is read until used, and nothing written reaches the file); older files are read whole.
+    """
+    import zipfile
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        mmap = mmap and zipfile.is_zipfile(path)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # torch's weights-only unpickler refused a global: the file wants to build objects (or run code)
         found = re.search(r"GLOBAL ([\w.]+)", str(e))

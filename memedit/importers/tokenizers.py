@@ -52,12 +52,14 @@ class BytesTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="backslashreplace")
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
     def id_to_token(self, i: int) -> str:
         if not 0 <= i < self.vocab_size:
             raise MemeditError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
-        return {256: "<bos>", 257: "<eos>"}.get(i, bytes([i]).decode("latin-1") if i < 256 else f"<{i}>")
+        if 32 <= i < 127:
+            return chr(i)
+        return {256: "<bos>", 257: "<eos>"}.get(i, f"\\x{i:02x}" if i < 256 else f"<id {i}>")
 
     def save(self, path: str | Path) -> None:
         _save_json(path, {"memedit_tokenizer": "bytes", "vocab_size": self.vocab_size})

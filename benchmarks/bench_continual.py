@@ -1,0 +1,219 @@
+"""Continual editing: N sequential fact edits on the demo, every method in the same run, a forgetting curve.
+
+    python benchmarks/bench_continual.py [--model PATH] [--n 1000] [--every 50] [--methods a,b,...]
+                                         [--json out.json] [--plot curve.png] [--untouched N]
+
+Each method starts from the same model and makes the same N edits one after another: facts drawn at random (seed
+0), each rewritten to a RANDOM other object of its relation (not the world's ``target_new``), the old answer being
+the fact's true object. After every ``--every`` edits, on the model as it stands:
+  holding       edits made so far whose new target is still preferred on the rewrite prompt (mean per-token
+                log-probability of the new target > that of the old one: whole targets, as CounterFact compares)
+  exact         edits made so far whose rewrite prompt still decodes greedily to the whole new target
+  paraphrase    the same preference on the edited facts' other phrasings (training and held-out)
+  neighborhood  prompts about other subjects of the edited facts' relations keep the old object
+  untouched     exact-match accuracy on the training phrasings of every fact not edited (``--untouched N``: a fixed
+                sample of N prompts instead), and its drop from the start
+Methods (memedit's strategies are options of ``memedit edit``; see EditConfig):
+  memedit            the `memedit edit` defaults: TF-IDF ranking, adaptive rows (16 first, doubled every 25 steps
+                     while the edit does not hold, up to 256; at most 200 steps)
+  protect            + rows that earlier edits trained are never trained again
+  hot                + protect, and the background's 2 % most-read rows left alone
+  fixed-128          128 rows per edit, at most 100 steps (memedit's defaults before continual editing)
+  counts             fixed-128 ranked by access counts alone (no IDF)
+  full-ft            every parameter trained (AdamW, lr 3e-5: the full-finetuning baseline of bench_edit.py)
+  rome               a ROME-style rank-one edit of the last memory layer's value_proj (benchmarks/baselines.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import memedit  # noqa: E402
+from memedit import background as B  # noqa: E402
+from memedit.facts import world_of  # noqa: E402
+from memedit.patch import write_rows  # noqa: E402
+from memedit.sparse_ft import EditConfig, EditRequest, edit  # noqa: E402
+from memedit.targets import score  # noqa: E402
+
+FIXED = {"adaptive": False, "top_t": 128, "steps": 100}  # the defaults before continual editing
+STRATEGIES = {
+    "memedit": {},
+    "protect": {"protect": "edits"},
+    "hot": {"protect": "hot"},
+    "fixed-128": FIXED,
+    "counts": {**FIXED, "ranking": "counts"},
+    "full-ft": {**FIXED, "train_all": True, "optimizer": "adamw", "lr": 3e-5},
+}
+METHODS = list(STRATEGIES) + ["rome"]
+
+
+def requests(world, n: int, seed: int) -> list[EditRequest]:
+    """n facts at random, each rewritten to a random other object of its relation."""
+    rng = random.Random(seed)
+    objects = {r.name: r.objects for r in world.relations}
+    out = []
+    for f in rng.sample(world.facts, n):
+        req = EditRequest.from_fact(f)
+        req.target_new = rng.choice([o for o in objects[f.relation] if o != f.target_true])
+        req.target_true = f.target_true
+        out.append(req)
+    return out
+
+
+def prefers(model, prompts: list[str], first: list[str], second: list[str]) -> list[bool]:
+    """[mean per-token log P(first[i]) > mean per-token log P(second[i])] after prompts[i]."""
+    if not prompts:
+        return []
+    n = len(prompts)
+    sc = score(model, prompts * 2, first + second)
+    return [a.mean_logprob > b.mean_logprob for a, b in zip(sc[:n], sc[n:], strict=True)]
+
+
+def checkpoint(model, made: list[EditRequest], untouched: tuple[list[str], list[str]]) -> dict:
+    """The metrics of the module docstring on the model as it stands."""
+    rw = [r.rewrite_prompt for r in made]
+    hold = prefers(model, rw, [r.target_new for r in made], [r.target_true for r in made])
+    exact = [s.greedy for s in score(model, rw, [r.target_new for r in made])]
+    pp = [(p, r) for r in made for p in r.paraphrases + r.heldout_paraphrases]
+    para = prefers(model, [p for p, _ in pp], [r.target_new for _, r in pp], [r.target_true for _, r in pp])
+    nb = [(p, r) for r in made for p in r.neighborhood]
+    neigh = prefers(model, [p for p, _ in nb], [r.target_true for _, r in nb], [r.target_new for _, r in nb])
+    acc = statistics.mean(s.greedy for s in score(model, *untouched))
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {"edits": len(made), "holding": mean(hold), "exact": mean(exact), "paraphrase": mean(para),
+            "neighborhood": mean(neigh), "untouched": acc}
+
+
+def run(method: str, base_state: dict, model, reqs, bg, every: int, untouched_of, c_inv) -> dict:
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(base_state[k])
+    made: list[EditRequest] = []
+    protect: dict[str, torch.Tensor] = {}
+    cfg = EditConfig(**STRATEGIES.get(method, {}))
+    curve, secs, rows = [], [], []
+    start = checkpoint(model, [], untouched_of(set()))
+    curve.append(start)
+    for n, req in enumerate(reqs, 1):
+        t0 = time.perf_counter()
+        if method == "rome":
+            from baselines import rome_edit
+
+            rome_edit(model, req, max(model.memory_layers), c_inv)
+            rows.append(0)
+        else:
+            res = edit(model, [req], bg, cfg, protect=protect if cfg.protect != "none" else None)
+            if res.patch is not None:
+                write_rows(model, res.patch, new=True)
+                rows.append(res.patch.n_rows)
+            for name, ids in res.slots.items():
+                protect[name] = torch.cat([protect.get(name, torch.empty(0, dtype=torch.long)), torch.tensor(ids)])
+        secs.append(time.perf_counter() - t0)
+        made.append(req)
+        if n % every == 0 or n == len(reqs):
+            c = checkpoint(model, made, untouched_of({r.id for r in made}))
+            c["untouched_drop_pts"] = 100 * (start["untouched"] - c["untouched"])
+            c["seconds_per_edit_median"] = statistics.median(secs)
+            curve.append(c)
+            print(f"  {method:17s} {n:5d} edits: holding {c['holding']:.1%}, exact {c['exact']:.1%}, paraphrase "
+                  f"{c['paraphrase']:.1%}, neighborhood {c['neighborhood']:.1%}, untouched {c['untouched']:.1%} "
+                  f"(-{c['untouched_drop_pts']:.1f} pts), {statistics.median(secs):.2f} s/edit", flush=True)
+    return {"curve": curve, "seconds_median": statistics.median(secs),
+            "rows_mean": statistics.mean(rows) if rows else 0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--untouched", type=int, default=0, help="sample this many untouched prompts (0: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = memedit.load(args.model)
+    world = world_of(model)
+    reqs = requests(world, args.n, args.seed)
+    bg = B.get(model)
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    pairs = [(f.id, p, f.target_true) for f in world.facts for p in f.training_prompts]
+    if args.untouched:
+        pairs = random.Random(1).sample(pairs, args.untouched)
+
+    def untouched_of(edited: set[str]) -> tuple[list[str], list[str]]:
+        keep = [(p, t) for fid, p, t in pairs if fid not in edited]
+        return [p for p, _ in keep], [t for _, t in keep]
+
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)} (choose from {', '.join(METHODS)})")
+    c_inv = None
+    if "rome" in methods:
+        from baselines import key_covariance
+
+        texts = world.training_sentences()
+        c_inv = key_covariance(model, max(model.memory_layers), texts[:: max(1, len(texts) // 4000)])
+    print(f"{args.n} sequential edits on {model.source}, random new objects (seed {args.seed}); untouched prompts: "
+          f"{len(pairs):,}; load average {open('/proc/loadavg').read().split()[0]}", flush=True)
+    results = {}
+    for m in methods:
+        results[m] = run(m, base_state, model, reqs, bg, args.every, untouched_of, c_inv)
+    report(results, args.n)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.plot:
+        plot(results, args.plot)
+
+
+def report(results: dict, n: int) -> None:
+    marks = sorted({c["edits"] for r in results.values() for c in r["curve"][1:]} & {100, 300, 1000, n})
+    print(f"\n{'method':18s} " + " ".join(f"{'@' + str(m):>36s}" for m in marks))
+    print(f"{'':18s} " + " ".join(f"{'hold/para/neigh/untouched-drop':>36s}" for _ in marks) + "   s/edit")
+    for name, r in results.items():
+        cells = []
+        for m in marks:
+            c = next((c for c in r["curve"] if c["edits"] == m), None)
+            cells.append(f"{c['holding']:.1%}/{c['paraphrase']:.1%}/{c['neighborhood']:.1%}/"
+                         f"{c['untouched_drop_pts']:+.1f}" if c else "-")
+        print(f"{name:18s} " + " ".join(f"{x:>36s}" for x in cells) + f"   {r['seconds_median']:.2f}")
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, r in results.items():
+        xs = [c["edits"] for c in r["curve"]]
+        ax.plot(xs, [100 * c["untouched"] for c in r["curve"]], marker="o", ms=3, label=name)
+    ax.set_xlabel("sequential edits made")
+    ax.set_ylabel("accuracy on untouched facts (%)")
+    ax.set_title("forgetting curve (exact match of the whole answer)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
