@@ -14,6 +14,16 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+@app.callback()
+def _options(no_wait: bool = typer.Option(False, "--no-wait", help="If another memedit is writing the model "
+                                                                    "folder, fail at once (exit 2) instead of "
+                                                                    "waiting.")) -> None:
+    import os
+
+    if no_wait:
+        os.environ["MEMEDIT_NO_WAIT"] = "1"
+
+
 # Command modules, in the order --help lists them (each registers its commands on `app`).
 # isort: off
 from . import core  # noqa: E402,F401
@@ -22,6 +32,7 @@ from . import edit_cmd  # noqa: E402,F401
 from . import verify  # noqa: E402,F401
 from . import keys  # noqa: E402,F401
 from . import audit  # noqa: E402,F401
+from . import store_cmd  # noqa: E402,F401
 from . import slot  # noqa: E402,F401
 from . import report  # noqa: E402,F401
 # isort: on

@@ -92,9 +92,12 @@ def audit(
         fail(f"unexpected arguments {' '.join(map(str, files))}: give one CORPUS (or `diff A.h5 B.h5`)")
     from memedit.audit import Corpus, audit_distributed
     from memedit.audit import audit as run
+    from memedit.checkpoint import check_output
     from memedit.stats import report
 
     m = load_model(model, dtype, device=device)
+    if out is not None:
+        check_output(m, out)
     src = Corpus.open(corpus, m)
     import os
 
@@ -227,12 +230,14 @@ def export(
 
     Example: memedit audit --out audit.h5 && memedit export --out memory.h5 --stats audit.h5
     """
+    from memedit.checkpoint import check_output
     from memedit.hdf5 import export as run
     from memedit.hdf5 import read_audit
     from memedit.stats import report
 
     audit_stats = read_audit(stats) if stats is not None else None
     m = load_model(model, dtype, device=device)
+    check_output(m, out)
     metrics = report(audit_stats) if audit_stats is not None else None
     path = run(out, m, audit_stats, metrics, top_k=top_tokens)
     size = path.stat().st_size

@@ -68,6 +68,11 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except MemeditError as e:
             fail(str(e))
+        except OSError as e:  # a disk full, a permission, a vanished file: one line, never a traceback
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            fail(f"{e.strerror or e}{where}")
+        except MemoryError:
+            fail("out of memory: the request is too large for this machine")
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None

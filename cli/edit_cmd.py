@@ -235,6 +235,10 @@ def edit(
                      facts)
     if out is not None and sequential and len(reqs) > 1:
         raise MemeditError("--out writes one patch; with --sequential every edit is logged in the model folder")
+    if out is not None:
+        from memedit.checkpoint import check_output
+
+        check_output(m, out)  # before anything is applied
     cfg = S.EditConfig(optimizer=optimizer, ranking=ranking, positions=positions, adaptive=adaptive, protect=protect)
     for k, v in (("top_t", top_t), ("lr", lr), ("steps", steps)):
         if v is not None:

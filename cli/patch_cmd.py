@@ -60,12 +60,15 @@ def _make(op: str, table: str, rows: list[str], values: Optional[Path], scalar: 
           from_row: Optional[int], out: Optional[Path], apply: bool, message: str, model: Optional[str],
           json: bool) -> None:
     from memedit import patch as P
+    from memedit.checkpoint import check_output
 
     m = load_model(model)
     if apply:
         from memedit.checkpoint import require_writable
 
         require_writable(m)
+    if out is not None:
+        check_output(m, out)
     vals = P.load_values(values) if values is not None else None
     patch = P.row_patch(m, op, table, P.parse_rows(rows), values=vals, scalar=scalar, from_row=from_row,
                         message=message)
@@ -210,9 +213,9 @@ def log(model: ModelOpt = None, json: JsonOpt = False) -> None:
     for c in ("time", "op", "id", "kind", "tables (rows)", "layers", "message", "applied now"):
         t.add_column(c)
     for e in entries:
-        t.add_row(e["time"], e["op"], e["id"], e.get("kind", ""),
+        t.add_row(e.get("time", ""), e.get("op", ""), e.get("id", ""), e.get("kind", ""),
                   ", ".join(f"{k} ({v})" for k, v in e.get("tables", {}).items()),
-                  ", ".join(map(str, e.get("layers", []))), e.get("message", ""), "yes" if e["id"] in live else "")
+                  ", ".join(map(str, e.get("layers", []))), e.get("message", ""), "yes" if e.get("id") in live else "")
     console.print(t)
 
 

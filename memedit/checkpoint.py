@@ -8,7 +8,6 @@ Every write goes to a temporary file in the same folder, is fsynced, then rename
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -32,26 +31,40 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # ---- atomic writes ------------------------------------------------------------------------------
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, crash: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    On any exception the temporary file is removed and ``path`` is left as it was. ``crash`` names the write point
+    for $MEMEDIT_CRASH_AT (store.crash_point: "{crash}-tmp" before the rename, "{crash}-renamed" after it).
     """
+    from .store import crash_point
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise MemeditError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; a saved file gets the usual permissions
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # again: some writers (safetensors) replace the file with 0600
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        if crash:
+            crash_point(f"{crash}-tmp")
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        raise MemeditError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    if crash:
+        crash_point(f"{crash}-renamed")
 
 
 @contextlib.contextmanager
@@ -184,9 +197,7 @@ def check_device(device: str) -> torch.device:
 
 def load_native(path: str | Path) -> MemoryModel:
     """Load a native model folder, validating config, names and shapes."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    from .store import map_tensors, open_folder
     from .tokenizer import load_tokenizer
 
     path = Path(path)
@@ -200,29 +211,47 @@ def load_native(path: str | Path) -> MemoryModel:
         cfg = ModelConfig.from_dict(meta["model"])
     except (KeyError, TypeError) as e:
         raise MemeditError(f"{path / 'config.json'}: invalid model config ({e})") from None
+    check_config(cfg, path / "config.json")
     try:
-        model = MemoryModel(cfg)
+        with torch.device("meta"), _no_init():  # the tensors come from the mapped base: allocate nothing here
+            model = MemoryModel(cfg)
     except ValueError as e:
         raise MemeditError(f"{path / 'config.json'}: {e}") from None
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise MemeditError(f"{path} has no model.safetensors")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise MemeditError(f"{weights} is corrupt or truncated ({e})") from None
-    dtype = DTYPES.get(meta.get("dtype", "float32"))
-    if dtype is None:
+    state, base_meta = map_tensors(weights)
+    if DTYPES.get(meta.get("dtype", "float32")) is None:
         raise MemeditError(f"{path / 'config.json'}: unknown dtype {meta.get('dtype')!r}")
-    model.to(dtype)
-    load_state(model, state, str(weights))
-    tok = path / meta.get("tokenizer", "tokenizer.json")
+    load_state(model, state, str(weights), copy=False)
+    open_folder(model, path, state, base_meta)
+    tok_name = meta.get("tokenizer", "tokenizer.json")
+    tok = path / str(tok_name)
+    if not isinstance(tok_name, str) or Path(tok_name).is_absolute() or not tok.resolve().is_relative_to(
+            path.resolve()):
+        raise MemeditError(f"{path / 'config.json'}: the tokenizer path {tok_name!r} leaves the model folder; give a "
+                           "file name inside it")
     model.tokenizer = load_tokenizer(tok) if tok.is_file() else None
     check_tokenizer(model, str(tok))
     model.meta = dict(meta.get("meta") or {})
     model.source = str(path)
     model.read_only = path.resolve() == BUNDLED.resolve()
     return model
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip torch's random initialisation while a model is built whose tensors will be replaced (on the meta device
+    it would still import and run torch's reference decompositions: seconds per command)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "ones_", "zeros_", "xavier_uniform_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda t, *a, **k: t)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
 
 
 def check_tokenizer(model: MemoryModel, origin: str) -> None:
@@ -232,17 +261,18 @@ def check_tokenizer(model: MemoryModel, origin: str) -> None:
         raise MemeditError(f"{origin} has {tok.vocab_size} tokens but the model only {n}: wrong tokenizer?")
 
 
-def native_state(model: MemoryModel) -> dict[str, torch.Tensor]:
+def native_state(model: MemoryModel, contiguous: bool = True) -> dict[str, torch.Tensor]:
     """The state dict with every shared value table stored once (under its first reading layer)."""
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=not contiguous)
     for t in model.tables:
         for name in t.state_names[1:]:
             del state[name]
-    return {k: v.contiguous() for k, v in state.items()}
+    return {k: v.contiguous() for k, v in state.items()} if contiguous else state
 
 
-def load_state(model: MemoryModel, state: dict[str, torch.Tensor], origin: str) -> None:
-    """Copy ``state`` into ``model``, naming exactly what is missing, unexpected or mis-shaped."""
+def load_state(model: MemoryModel, state: dict[str, torch.Tensor], origin: str, copy: bool = True) -> None:
+    """Copy ``state`` into ``model`` (or, with ``copy=False``, use its tensors as they are, e.g. mapped from a
+    file), naming exactly what is missing, unexpected or mis-shaped."""
     expected = native_state(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected) - _shared_copies(model))
@@ -262,11 +292,24 @@ def load_state(model: MemoryModel, state: dict[str, torch.Tensor], origin: str) 
             raise MemeditError(f"{origin}: {name} has dtype {src.dtype}, expected a floating-point tensor")
         if dst.is_meta:  # a model built on the meta device takes the (possibly memory-mapped) tensor itself
             owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner), attr, torch.nn.Parameter(src, requires_grad=False))
+            setattr(model.get_submodule(owner), attr,
+                    torch.nn.Parameter(src.clone() if copy else src, requires_grad=False))
             continue
-        with torch.no_grad():
-            dst.data = src.clone()  # each tensor keeps its stored dtype (e.g. bfloat16 values beside float32 keys)
+        # each tensor keeps its stored dtype (e.g. bfloat16 values beside float32 keys)
+        _set_param(model, name, src.clone() if copy else src)
     _retie_shared(model)
+
+
+def _set_param(model: MemoryModel, name: str, value: torch.Tensor) -> None:
+    """Replace the parameter ``name`` by ``value`` (works on a model built on the meta device)."""
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    old = mod._parameters.get(attr)
+    if old is not None and old.device.type != "meta" and old.dtype == value.dtype:
+        with torch.no_grad():
+            old.data = value
+    else:
+        mod._parameters[attr] = torch.nn.Parameter(value, requires_grad=old.requires_grad if old is not None else True)
 
 
 def _shared_copies(model: MemoryModel) -> set[str]:
@@ -289,9 +332,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def save(model: MemoryModel, dst: str | Path, overwrite: bool = False) -> Path:
     """Write ``model`` as a native folder at ``dst``, atomically: the folder appears whole or not at all."""
-    from safetensors.torch import save_file
-
     from . import __version__
+    from .store import write_base
 
     dst = Path(dst).expanduser()
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
@@ -311,14 +353,19 @@ def save(model: MemoryModel, dst: str | Path, overwrite: bool = False) -> Path:
             "meta": model.meta,
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        save_file(native_state(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         if model.tokenizer is not None:
             if not hasattr(model.tokenizer, "save"):
                 raise MemeditError(f"cannot save a {type(model.tokenizer).__name__} tokenizer")
             model.tokenizer.save(tmp / "tokenizer.json")
         src_state = Path(model.source) / STATE_DIR if model.source else None
+        records = []
         if src_state is not None and src_state.is_dir():
-            shutil.copytree(src_state, tmp / STATE_DIR)
+            from .store import LOCK, scan_log, upgrade_dir
+
+            shutil.copytree(src_state, tmp / STATE_DIR, ignore=shutil.ignore_patterns(LOCK, ".*.tmp"))
+            upgrade_dir(tmp / STATE_DIR)
+            records = scan_log(tmp / STATE_DIR / "rows.log", with_rows=False)[0]
+        write_base(model, tmp / "model.safetensors", records)  # the model as it is holds every record
         _publish_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -338,6 +385,31 @@ def state_dir(model: MemoryModel, create: bool = False) -> Path:
     return d
 
 
+OWN_FILES = ("config.json", "model.safetensors", "tokenizer.json", "memedit/rows.log", "memedit/lock",
+             "memedit/frozen.safetensors", "memedit/background.safetensors", "memedit/edits.jsonl")
+
+
+def check_output(model: MemoryModel | None, out: str | Path) -> Path:
+    """``out`` if memedit can write it there without harm, checked before any change is made: never one of the
+    model's own files, and its folder must exist (or be creatable) and be writable."""
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise MemeditError(f"{out} is a folder; give a file name")
+    if model is not None and model.source is not None:
+        src = Path(model.source)
+        own = {(src / f).resolve() for f in OWN_FILES} | ({src.resolve()} if src.is_file() else set())
+        if out.resolve() in own or (src.is_dir() and out.resolve().parent == (src / STATE_DIR).resolve()):
+            raise MemeditError(f"{out} is one of the model's own files; write the output somewhere else")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise MemeditError(f"cannot write {out}: {parent} is not a writable folder")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise MemeditError(f"cannot write {out}: the file is not writable")
+    return out
+
+
 def require_writable(model: MemoryModel) -> None:
     """Refuse to change the bundled model or a model that is not a native folder."""
     if model.read_only:
@@ -351,9 +423,34 @@ def require_writable(model: MemoryModel) -> None:
 
 
 def fingerprint(model: MemoryModel) -> str:
-    """A sha256 over the config and every tensor (a shared table once), in name order: 16 hex digits."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    for name, t in sorted(native_state(model).items()):
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    """16 hex digits identifying the config and every tensor's bytes (a shared table once).
+
+    A hash of the per-tensor sums of block hashes (store.block_hash_sum), so the store keeps it up to date at the
+    cost of the rows a write changes, and a tensor changed in memory is re-hashed (noticed by its version counter)."""
+    from .store import fingerprint_of, tensor_sums
+
+    return fingerprint_of(model.config.to_dict(), tensor_sums(model))
+
+
+MAX_ALLOC = 1 << 40  # bytes: a config implying more than this is damage or a typo, not a model
+
+
+def check_config(cfg: ModelConfig, origin: Path) -> None:
+    """Range-check config values before anything is allocated (a vocab_size of 1e9 must be one line, not 512 GB)."""
+    mem = cfg.memory
+    ints = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "max_seqlen": cfg.max_seqlen}
+    if not cfg.standalone:
+        ints["vocab_size"] = cfg.vocab_size
+    if mem.layers:
+        ints.update({"memory.n_keys": mem.n_keys, "memory.heads": mem.heads, "memory.knn": mem.knn,
+                     "memory.k_dim": mem.k_dim})
+    for k, v in ints.items():
+        if not isinstance(v, int) or not 1 <= v <= 1 << 31:
+            raise MemeditError(f"{origin}: {k} = {v!r} is out of range (1..2^31)")
+    v_dim = cfg.dim if mem.v_dim in (-1, None) else mem.v_dim
+    total = (2 * max(cfg.vocab_size, 0) * cfg.dim + cfg.n_layers * 12 * cfg.dim * cfg.dim) * 4
+    if mem.layers:
+        total += (mem.n_keys ** 2) * v_dim * 2 * (1 if mem.share_values else len(mem.layers))
+    if total > MAX_ALLOC:
+        raise MemeditError(f"{origin}: the config implies {total / 2**40:.0f} TiB of weights; a value is wrong "
+                           "(e.g. vocab_size or n_keys)")

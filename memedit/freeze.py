@@ -26,9 +26,13 @@ def frozen(model: MemoryModel) -> dict[str, list[int]]:
 
 def freeze(model: MemoryModel, rows: dict[str, Sequence[int]]) -> dict[str, int]:
     """Add rows {table: ids} to the frozen set; returns {table: rows newly frozen}."""
-    from .checkpoint import require_writable
+    from .store import store_of
 
-    require_writable(model)
+    with store_of(model).locked():  # read-modify-write of the frozen set: one writer at a time
+        return _freeze(model, rows)
+
+
+def _freeze(model: MemoryModel, rows: dict[str, Sequence[int]]) -> dict[str, int]:
     state = frozen_rows(model)  # every entry, including sub-key entries this module does not own
     added = {}
     for name, ids in rows.items():
@@ -47,9 +51,13 @@ def freeze(model: MemoryModel, rows: dict[str, Sequence[int]]) -> dict[str, int]
 
 def unfreeze(model: MemoryModel, rows: dict[str, Sequence[int]] | None = None) -> dict[str, int]:
     """Remove rows {table: ids} (None: every value-table row) from the frozen set; returns {table: rows freed}."""
-    from .checkpoint import require_writable
+    from .store import store_of
 
-    require_writable(model)
+    with store_of(model).locked():
+        return _unfreeze(model, rows)
+
+
+def _unfreeze(model: MemoryModel, rows: dict[str, Sequence[int]] | None) -> dict[str, int]:
     state = frozen_rows(model)
     freed = {}
     if rows is None:

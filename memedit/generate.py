@@ -11,6 +11,7 @@ from .model import MemoryModel
 def generate(model: MemoryModel, prompt: str, max_tokens: int = 8) -> dict:
     """Greedy continuation of ``prompt``; returns {"prompt", "completion", "tokens"} (stops at EOS)."""
     ids = model.encode(prompt)
+    model.check_context(ids + [0] * max_tokens, "the prompt plus the tokens to generate")
     new: list[int] = []
     for _ in range(max_tokens):
         logits = model(torch.tensor([ids + new]))[0, -1]

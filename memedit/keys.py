@@ -8,6 +8,7 @@ under "keys.layer{L}" (row ids of that layer's ``keys``); nothing here changes t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -106,12 +107,12 @@ class KeyPatch:
             p = params[name]
             if c.rows.numel() and (c.rows.max() >= p.shape[0] or c.rows.min() < 0 or c.old.shape[1:] != p.shape[1:]):
                 raise MemeditError(f"the patch's rows of {name} do not fit the model's {tuple(p.shape)}")
-            if not torch.equal(p.data[c.rows].to(c.old.dtype), getattr(c, expect)):
+            if not torch.equal(p.detach()[c.rows].to(c.old.dtype), getattr(c, expect)):
                 state = "not applied" if expect == "new" else "already applied, or the rows changed since"
                 raise MemeditError(f"{name}: the model's rows do not match the patch ({state}); nothing was changed")
         with torch.no_grad():
             for name, c in self.changes.items():
-                params[name].data[c.rows] = getattr(c, put).to(params[name].dtype)
+                params[name].detach()[c.rows] = getattr(c, put).to(params[name].dtype)
 
     def apply(self, model: MemoryModel) -> None:
         """Write the new rows into ``model`` (refused unless its rows equal the patch's old rows)."""
@@ -141,52 +142,72 @@ def default_patch_path(model: MemoryModel, kind: str) -> Path:
     return state_dir(model, create=True) / PATCHES / f"keys-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
 
 
-def log_key_patch(model: MemoryModel, patch: KeyPatch, op: str, path: Path, before: str) -> dict:
-    """Record applying or reverting a key patch in the model's edit log (kind "keys"); returns the entry."""
-    from .checkpoint import state_dir
-    from .patch import log_edit
+def key_changes(model: MemoryModel, patch: KeyPatch) -> list:
+    """The patch as store changes (a value tensor is named by its table; any other tensor is left for the store
+    to refuse: a key patch may change only sub-keys and value rows)."""
+    from .store import Change
 
-    tables = {n: t.name for t in model.tables for n in t.state_names}  # a value tensor is logged by its table
-    layers = sorted({L for name in patch.changes for L in model.memory_layers if name == keys_name(L)}
-                    | {L for name in patch.changes if name in tables for L in model.table(tables[name]).layers})
+    tables = {n: t for t in model.tables for n in t.state_names}
+    out = []
+    for name, c in patch.changes.items():
+        t = tables.get(name)
+        out.append(Change(t.state_names[0] if t else name, t.name if t else name, c.rows.long(), c.old, c.new))
+    return out
+
+
+def _commit_key_patch(model: MemoryModel, patch: KeyPatch, path: Path, revert: bool = False) -> None:
+    """Apply (or revert) ``patch`` to the model folder as one row-log record, after checking the rows there."""
+    from .checkpoint import state_dir
+    from .store import Change, commit, differing
+
+    changes = key_changes(model, patch)
+    if revert:
+        changes = [Change(c.name, c.label, c.rows, c.new, c.old) for c in changes]
+
+    def check(m: MemoryModel, cs: list) -> None:
+        for c, _ in differing(m, cs, "old"):
+            state = "not applied" if revert else "already applied, or the rows changed since"
+            raise MemeditError(f"{c.label}: the model's rows do not match the patch ({state}); nothing was changed")
+
     path = Path(path).resolve()
     d = state_dir(model).resolve()
     file = str(path.relative_to(d)) if path.is_relative_to(d) else str(path)
     what = patch.meta.get("command", "keys")
-    return log_edit(model, op, patch.id, file, kind="keys", message=f"{what} ({patch.n_rows} rows)",
-                    rows={tables.get(n, n): c.rows for n, c in patch.changes.items()}, layers=layers, before=before)
+    commit(model, changes, {"op": "revert" if revert else "apply", "id": patch.id, "file": file, "kind": "keys",
+                            "message": f"{what} ({patch.n_rows} rows)", "forced": False}, check=check)
 
 
 def save_and_apply(model: MemoryModel, patch: KeyPatch, out: str | Path | None, kind: str) -> Path:
-    """The patch's path, after saving it (the model already holds its new rows), rewriting the model folder and
-    logging it."""
-    from .checkpoint import fingerprint, require_writable
-    from .patch import save_weights
+    """The patch's path, after saving it (the model holds its new rows in memory) and writing it to the model
+    folder as one logged record."""
+    from .store import check_changes, crash_point, store_of
 
-    require_writable(model)
-    patch.revert(model)  # the fingerprint before the change, for the edit log
-    before = fingerprint(model)
-    patch.apply(model)
-    path = patch.save(out or default_patch_path(model, kind))
-    save_weights(model)
-    log_key_patch(model, patch, "apply", path, before)
+    st = store_of(model)
+    patch.revert(model)  # the folder's rows: the store writes the change itself
+    try:
+        check_changes(model, key_changes(model, patch), "the key patch")  # refuse before writing the patch file
+        if out is not None:
+            from .checkpoint import check_output
+
+            check_output(model, Path(out))
+        with st.locked():
+            path = patch.save(out or default_patch_path(model, kind))
+            crash_point("patch-saved")
+            _commit_key_patch(model, patch, path)
+    except BaseException:
+        with contextlib.suppress(MemeditError):
+            patch.apply(model)  # leave the in-memory model as the caller had it
+        raise
     return path
 
 
 def apply_file(model: MemoryModel, path: str | Path, revert: bool = False) -> KeyPatch:
     """Apply (or revert) a saved key patch to the model and its folder, and log it; returns the patch."""
-    from .checkpoint import fingerprint, require_writable
-    from .patch import save_weights
+    from .store import store_of
 
-    require_writable(model)
+    store_of(model)
     patch = KeyPatch.load(path)
-    before = fingerprint(model)
-    if revert:
-        patch.revert(model)
-    else:
-        patch.apply(model)
-    save_weights(model)
-    log_key_patch(model, patch, "revert" if revert else "apply", Path(path), before)
+    _commit_key_patch(model, patch, Path(path), revert=revert)
     return patch
 
 

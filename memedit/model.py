@@ -348,6 +348,14 @@ class MemoryModel(nn.Module):
         bos = self.tokenizer.bos_id
         return ([bos] if bos is not None else []) + ids
 
+    def check_context(self, ids: list[int], what: str = "the prompt") -> None:
+        """Refuse a token sequence longer than the model's context (max_seqlen), before any memory is spent on it."""
+        from .errors import MemeditError
+
+        n = self.config.max_seqlen
+        if len(ids) > n:
+            raise MemeditError(f"{what} has {len(ids):,} tokens, more than the model's context of {n:,}; shorten it")
+
     def param_counts(self) -> dict[str, int]:
         """Parameters split into memory (sub-keys, values, projections) and dense, each shared tensor once."""
         memory_ids = {id(p) for layer in self.memory_layers.values() for p in layer.parameters()}

@@ -2,8 +2,9 @@
 
 A patch holds, per value table, the row ids, the old rows (the base) and the new rows, plus metadata: format
 version, id, the layers that read each table, the fingerprint of the model it was made on, a checksum of each base
-row, a message and a time. Applying writes the model folder atomically (the new ``model.safetensors`` appears whole
-or not at all), then records the patch in the edit log; reverting writes the old rows back byte for byte.
+row, a message and a time. Applying appends one record (the changed rows, old and new) to the model folder's row
+log through the store (store.py), which is also the edit log; reverting appends the inverse record, restoring the
+old rows byte for byte.
 
 File layout (safetensors):
     "{table}.rows"  (n,) int64     row ids, sorted, unique
@@ -13,10 +14,10 @@ File layout (safetensors):
     "tables" (JSON {table: [layers]}), "checksums" (JSON {table: [hex per row]}), "message", "time", "kind",
     "info" (JSON, free-form: e.g. a fact edit's request and metrics)
 
-Edit log entries (``memedit/edits.jsonl``): {"op": "apply"|"revert", "id", "file" (relative to the model's
-``memedit/`` folder, or absolute), "time", "message", "kind" ("keys" for key patches), "tables": {table: n_rows},
-"rows": {table: [row ids]}, "layers", "before", "after" (model fingerprints), "forced"}. Key patches (keys.py) name
-sub-key tensors ("layers.{L}.feed_forward.keys") in "tables" and "rows".
+Edit log entries (read from ``memedit/rows.log``, see store.Record.entry): {"op": "apply"|"revert", "id",
+"file" (relative to the model's ``memedit/`` folder, or absolute), "time", "message", "kind" ("keys" for key
+patches), "tables": {table: n_rows}, "rows": {table: [row ids]}, "layers", "before", "after" (model fingerprints),
+"forced"}. Key patches (keys.py) name sub-key tensors ("layers.{L}.feed_forward.keys") in "tables" and "rows".
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import FORMAT, atomic_path, fingerprint, native_state, require_writable, state_dir
+from .checkpoint import atomic_path, fingerprint, native_state, state_dir
 from .errors import MemeditError
 from .model import MemoryModel
-from .state import PATCHES, edit_log, frozen_rows, write_edit_log
+from .state import PATCHES, edit_log, frozen_rows
 
 PATCH_FORMAT = "memedit-patch"
 PATCH_FORMAT_VERSION = 1
@@ -181,6 +182,9 @@ def row_checksums(rows: torch.Tensor) -> list[str]:
 
 
 # ---- making patches --------------------------------------------------------------------------------
+MAX_ROWS = 1 << 24  # a larger row list is a typo, and expanding it would exhaust memory
+
+
 def parse_rows(spec: Sequence[str] | str) -> list[int]:
     """Row ids from "3,7,10-12" style specs (ranges inclusive), in the given order, duplicates dropped."""
     items = [spec] if isinstance(spec, str) else list(spec)
@@ -195,6 +199,9 @@ def parse_rows(spec: Sequence[str] | str) -> list[int]:
                     lo, hi = int(a), int(b)
                     if hi < lo:
                         raise ValueError
+                    if hi - lo + 1 + len(out) > MAX_ROWS:  # bounded before it is expanded
+                        raise MemeditError(f"row range {part} has {hi - lo + 1:,} rows; at most {MAX_ROWS:,} rows "
+                                           "can be given at once")
                     out.extend(range(lo, hi + 1))
                 else:
                     out.append(int(part))
@@ -351,7 +358,7 @@ def applied_ids(model: MemoryModel) -> list[str]:
     """Ids of the patches currently applied to the model folder, in order of application."""
     applied: list[str] = []
     for e in edit_log(model):
-        if e.get("op") == "apply":
+        if e.get("op") == "apply" and e.get("id"):
             applied.append(e["id"])
         elif e.get("op") == "revert" and e.get("id") in applied:
             applied.remove(e["id"])
@@ -416,40 +423,105 @@ def check_patch(model: MemoryModel, patch: Patch, force: bool = False, revert: b
 
 
 def apply(model: MemoryModel, patch: Patch, force: bool = False, message: str | None = None) -> list[str]:
-    """Apply ``patch`` to the model and its folder (atomically), then log it; returns warnings (with ``force``).
+    """Apply ``patch`` to the model and its folder (one row-log record, under the writers' lock); returns warnings
+    (with ``force``).
 
     Applying the same patch twice is refused. With ``force`` the patch is re-based on the current rows, so that
     reverting it restores exactly what was there.
     """
-    require_writable(model)
-    if patch.id in applied_ids(model):
-        raise MemeditError(f"patch {patch.id} is already applied to {model.source}; revert it first")
-    warnings = check_patch(model, patch, force=force)
-    if warnings:  # re-base: the stored patch's old rows are what was really there
-        changes = [TableChange(c.table, c.layers, c.rows, model.table(c.table).weight.detach()[c.rows].clone(), c.new)
-                   for c in patch.changes]
-        patch = Patch(changes, base=fingerprint(model), message=patch.message, kind=patch.kind, info=patch.info)
-    _commit(model, patch, "apply", forced=bool(warnings), message=message)
+    from .store import refresh, store_of
+
+    with store_of(model).locked():
+        refresh(model)  # another writer may have changed the folder since the model was loaded
+        if patch.id in applied_ids(model):
+            raise MemeditError(f"patch {patch.id} is already applied to {model.source}; revert it first")
+        warnings = check_patch(model, patch, force=force)
+        if warnings:  # re-base: the stored patch's old rows are what was really there
+            changes = [TableChange(c.table, c.layers, c.rows, model.table(c.table).weight.detach()[c.rows].clone(),
+                                   c.new) for c in patch.changes]
+            patch = Patch(changes, base=fingerprint(model), message=patch.message, kind=patch.kind, info=patch.info)
+        _commit(model, patch, "apply", forced=bool(warnings), message=message)
     return warnings
 
 
 def revert(model: MemoryModel, ref: str, force: bool = False) -> tuple[Patch, list[str]]:
-    """Revert an applied patch, by id or file; returns (the patch, warnings). Restores its rows byte for byte."""
-    require_writable(model)
-    keys = [e for e in edit_log(model) if e.get("kind") == "keys" and ref and str(e.get("id", "")).startswith(ref)]
-    if keys:
-        raise MemeditError(f"{ref} is a key patch: revert it with "
-                           f"`memedit keys revert {state_dir(model) / keys[-1]['file']}`")
-    patch = find_patch(model, ref)
-    if patch.id not in applied_ids(model):
-        raise MemeditError(f"patch {patch.id} is not applied to {model.source} (see `memedit patch log`)")
-    warnings = check_patch(model, patch, force=force, revert=True)
-    if warnings:
-        changes = [TableChange(c.table, c.layers, c.rows, c.old, model.table(c.table).weight.detach()[c.rows].clone())
-                   for c in patch.changes]
-        patch = Patch(changes, base=patch.base, message=patch.message, kind=patch.kind, info=patch.info, id=patch.id)
-    _commit(model, patch, "revert", forced=bool(warnings))
+    """Revert an applied patch (value or key patch), by id, id prefix or file; returns (the patch, warnings).
+    Restores its rows byte for byte, from the row log's record of applying it."""
+    from .store import Change, commit, differing, refresh, store_of
+
+    with store_of(model).locked():
+        refresh(model)
+        rec = _applied_record(model, ref)
+        changes = [Change(c.name, c.label, c.rows, c.new, c.old) for c in rec.changes]
+        if not changes:  # history imported from a v1 edit log: the rows are in the patch file
+            changes = _legacy_changes(model, rec)
+        warnings = []
+        for c, bad in differing(model, changes, "old"):
+            msg = f"{bad.numel()} rows changed since the patch was applied in {c.label} (e.g. row {int(bad[0])})"
+            if not force:
+                raise MemeditError(msg + "; pass --force to override")
+            warnings.append(msg)
+        if warnings:  # revert what is there now: the log's old rows become the current ones
+            params = _params(model)
+            changes = [Change(c.name, c.label, c.rows, params[c.name].detach()[c.rows].clone(), c.new)
+                       for c in changes]
+        h = rec.head
+        commit(model, changes, {"op": "revert", "id": h["id"], "file": h.get("file", ""), "kind": h.get("kind", ""),
+                                "message": h.get("message", ""), "forced": bool(warnings)})
+    layers = {t.state_names[0]: list(t.layers) for t in model.tables}
+    patch = Patch([TableChange(c.label, layers.get(c.name, []), c.rows, c.old, c.new) for c in changes],
+                  base=h.get("before", ""), message=h.get("message", ""), kind=h.get("kind", ""), id=h["id"])
     return patch, warnings
+
+
+def _params(model: MemoryModel) -> dict[str, torch.Tensor]:
+    from .store import writable_tensors
+
+    return writable_tensors(model)
+
+
+def _applied_record(model: MemoryModel, ref: str):
+    """The row-log record that applied the patch ``ref`` (an id, a unique id prefix, or a patch file)."""
+    from .store import Store
+
+    p = Path(ref)
+    if ref and (p.suffix == ".safetensors" or p.is_file()):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+        except (SafetensorError, OSError) as e:
+            raise MemeditError(f"{p} is not a readable patch file ({e})") from None
+        ref = meta.get("id") or _key_patch_id(p)
+    records = Store(model.source).records()
+    applied = applied_ids(model)
+    ids = [i for i in dict.fromkeys(applied) if ref and i.startswith(ref)]
+    if not ids:
+        raise MemeditError(f"patch {ref!r} is not applied to {model.source} (see `memedit patch log`)")
+    if len(ids) > 1:
+        raise MemeditError(f"patch id {ref!r} is ambiguous; give more digits")
+    return next(r for r in reversed(records) if r.head.get("op") == "apply" and r.head.get("id") == ids[0])
+
+
+def _key_patch_id(path: Path) -> str:
+    from .keys import KeyPatch
+
+    return KeyPatch.load(path).id
+
+
+def _legacy_changes(model: MemoryModel, rec) -> list:
+    """The revert changes of a patch applied by memedit < 0.2 (its record has no rows): from its patch file."""
+    from .store import Change
+
+    f = rec.head.get("file", "")
+    path = Path(f) if Path(f).is_absolute() else state_dir(model) / f
+    if rec.head.get("kind") == "keys":
+        from .keys import KeyPatch, key_changes
+
+        return [Change(c.name, c.label, c.rows, c.new, c.old) for c in key_changes(model, KeyPatch.load(path))]
+    patch = Patch.load(path)
+    return [Change(model.table(c.table).state_names[0], c.table, c.rows, c.new, c.old) for c in patch.changes]
 
 
 def find_patch(model: MemoryModel, ref: str) -> Patch:
@@ -466,45 +538,18 @@ def find_patch(model: MemoryModel, ref: str) -> Patch:
 
 
 def _commit(model: MemoryModel, patch: Patch, op: str, forced: bool, message: str | None = None) -> None:
-    """Write the rows into the model, the model file atomically, the patch file, then the log entry."""
+    """Save the patch file (once), then write its rows as one row-log record (the store applies them in memory)."""
+    from .store import Change, commit, crash_point
+
     d = state_dir(model, create=True)
-    before = fingerprint(model)
     rel = Path(PATCHES) / f"{patch.id}.safetensors"
     if op == "apply" and not (d / rel).is_file():
         patch.save(d / rel)
-    write_rows(model, patch, new=(op == "apply"))
-    try:
-        save_weights(model)
-    except BaseException:
-        write_rows(model, patch, new=(op != "apply"))  # the file is untouched; undo the in-memory change too
-        raise
-    log_edit(model, op, patch.id, str(rel), kind=patch.kind,
-             message=message if message is not None else patch.message,
-             rows={c.table: c.rows for c in patch.changes},
-             layers=sorted({L for c in patch.changes for L in c.layers}), before=before, forced=forced)
-
-
-def log_edit(model: MemoryModel, op: str, id: str, file: str, kind: str, message: str,
-             rows: dict[str, torch.Tensor], layers: list[int], before: str, forced: bool = False) -> dict:
-    """Append an apply/revert entry to the model's edit log (after the model file was written); returns it.
-
-    ``rows`` = {table (or, for key patches, tensor name): row ids}; ``before`` is the fingerprint before the change.
-    """
-    entry = {"op": op, "id": id, "file": file, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "message": message, "kind": kind, "tables": {t: r.numel() for t, r in rows.items()},
-             "rows": {t: r.tolist() for t, r in rows.items()}, "layers": layers,
-             "before": before, "after": fingerprint(model), "forced": forced}
-    write_edit_log(model, edit_log(model) + [entry])
-    return entry
-
-
-def save_weights(model: MemoryModel) -> None:
-    """Rewrite the model folder's ``model.safetensors`` atomically from the in-memory model."""
-    from safetensors.torch import save_file
-
-    require_writable(model)
-    with atomic_path(Path(model.source) / "model.safetensors") as tmp:
-        save_file(native_state(model), str(tmp), metadata={"format": FORMAT})
+        crash_point("patch-saved")
+    changes = [Change(model.table(c.table).state_names[0], c.table, c.rows,
+                      c.old if op == "apply" else c.new, c.new if op == "apply" else c.old) for c in patch.changes]
+    commit(model, changes, {"op": op, "id": patch.id, "file": str(rel), "kind": patch.kind,
+                            "message": message if message is not None else patch.message, "forced": forced})
 
 
 # ---- comparing -------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ answers in about a second; a loaded :class:`~memedit.model.MemoryModel` works as
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,25 +41,15 @@ class _Weights:
         if isinstance(model, MemoryModel):
             return cls(model.config, model.tokenizer, model.source, {t.name: list(t.layers) for t in model.tables},
                        _model=model)
-        from safetensors import SafetensorError, safe_open
-
-        from .checkpoint import is_native
-        from .tokenizer import load_tokenizer
+        from .checkpoint import is_native, load_native
 
         path = Path(model).expanduser()
         if not (path.is_dir() and is_native(path)):
             raise MemeditError(f"{path} is not a native memedit folder")
-        try:
-            meta = json.loads((path / "config.json").read_text())
-            cfg = ModelConfig.from_dict(meta["model"])
-            f = safe_open(str(path / "model.safetensors"), framework="pt")
-        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-            raise MemeditError(f"cannot read the model at {path}: {e}") from None
-        mem = cfg.memory
-        tables = {"shared": list(mem.layers)} if mem.share_values and len(mem.layers) > 1 else \
-            {f"layer{L}": [L] for L in mem.layers}
-        tok = path / meta.get("tokenizer", "tokenizer.json")
-        return cls(cfg, load_tokenizer(tok) if tok.is_file() else None, str(path), tables, _file=f)
+        # the store maps the base (nothing is read until used) and applies the row log's records, so the view
+        # shows the folder's current rows, edits included
+        m = load_native(path)
+        return cls(m.config, m.tokenizer, m.source, {t.name: list(t.layers) for t in m.tables}, _model=m)
 
     def tensor(self, name: str, rows: list[int] | None = None) -> torch.Tensor | None:
         """The named tensor (float32), or only ``rows`` of it; None if the model has no such tensor."""

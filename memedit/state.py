@@ -1,7 +1,9 @@
-"""Per-model state kept in the model folder's ``memedit/`` subfolder, every write atomic.
+"""Per-model state kept in the model folder's ``memedit/`` subfolder, every write made by the store (store.py).
 
     memedit/frozen.safetensors      one int64 tensor of row ids per value table ("shared", "layer4", ...)
-    memedit/edits.jsonl             the edit history, one JSON object per applied or reverted patch
+    memedit/rows.log                the row log (store.py), from which the edit history is read
+    memedit/edits.jsonl             the edit history of folders written by memedit < 0.2 (`memedit check --upgrade`
+                                    moves it into rows.log)
     memedit/background.safetensors  background slot statistics per value table:
                                     "df.{table}" (rows,) batches that accessed each row, "counts.{table}" (rows,)
                                     accesses; metadata "n_batches", "corpus", "tokens"
@@ -18,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_path, atomic_write_text, state_dir
 from .errors import MemeditError
 from .model import MemoryModel
 
@@ -38,11 +39,14 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise MemeditError(f"{path} is corrupt ({e}); remove it or restore it from a backup") from None
 
 
-def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def _write_tensors(model: MemoryModel, name: str, tensors: dict[str, torch.Tensor],
+                   metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    from .store import replace_file
+
+    replace_file(model, name, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                                    metadata=metadata))
 
 
 # ---- frozen rows ----------------------------------------------------------------------------------
@@ -58,9 +62,9 @@ def frozen_rows(model: MemoryModel) -> dict[str, torch.Tensor]:
 
 
 def write_frozen_rows(model: MemoryModel, rows: dict[str, torch.Tensor]) -> None:
-    d = state_dir(model, create=True)
+    """Replace the frozen set (under the writers' lock; a read-modify-write holds the lock around both)."""
     rows = {k: torch.unique(v.long()) for k, v in rows.items() if v.numel()}
-    _write_tensors(d / FROZEN, rows)
+    _write_tensors(model, FROZEN, rows)
 
 
 def frozen_mask(model: MemoryModel, table: str) -> torch.Tensor:
@@ -75,25 +79,38 @@ def frozen_mask(model: MemoryModel, table: str) -> torch.Tensor:
 
 # ---- edit log -------------------------------------------------------------------------------------
 def edit_log(model: MemoryModel) -> list[dict]:
-    """The model's edit history, oldest first (empty if none)."""
+    """The model's edit history, oldest first (empty if none): read from the row log's records, so the log and the
+    weights cannot disagree (or, for a folder written before the row log, from its edits.jsonl)."""
+    from .store import LOG, scan_log
+
     if model.source is None:
         return []
-    path = Path(model.source) / "memedit" / EDITS
+    d = Path(model.source) / "memedit"
+    if (d / LOG).is_file():
+        return [r.entry() for r in scan_log(d / LOG, with_rows=False)[0]]
+    return legacy_log(d / EDITS)
+
+
+def legacy_log(path: Path) -> list[dict]:
+    """The entries of a v1 edits.jsonl (each checked to be an object with an id)."""
     if not path.is_file():
         return []
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MemeditError(f"cannot read {path}: {e}") from None
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
-                out.append(json.loads(line))
+                e = json.loads(line)
             except ValueError:
                 raise MemeditError(f"{path}:{n} is not valid JSON; the edit log is damaged") from None
+            if not isinstance(e, dict) or not isinstance(e.get("id"), str) or e.get("op") not in ("apply", "revert"):
+                raise MemeditError(f"{path}:{n} is not an edit-log entry (it needs an op and an id); the edit log is "
+                                   "damaged")
+            out.append(e)
     return out
-
-
-def write_edit_log(model: MemoryModel, entries: list[dict]) -> None:
-    d = state_dir(model, create=True)
-    atomic_write_text(d / EDITS, "".join(json.dumps(e) + "\n" for e in entries))
 
 
 # ---- background statistics ----------------------------------------------------------------------------
@@ -108,5 +125,4 @@ def background(model: MemoryModel) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 
 def write_background(model: MemoryModel, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    d = state_dir(model, create=True)
-    _write_tensors(d / BACKGROUND, tensors, {k: str(v) for k, v in metadata.items()})
+    _write_tensors(model, BACKGROUND, tensors, {k: str(v) for k, v in metadata.items()})
