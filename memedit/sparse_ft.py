@@ -7,7 +7,9 @@
    ``p_new log(p_new / p_bg)`` with add-one smoothing, or raw counts (a baseline).
 3. Train only the value rows of the top-t slots on the new answer (cross-entropy over every token of the new
    target, teacher forcing, in every training phrasing; memedit/targets.py): the gradient of every other row, of
-   every frozen row and of every other parameter is masked. Plain SGD with a large learning rate (the reference's choice); AdamW as an option.
+   every frozen row and of every other parameter is masked. Plain SGD with a large learning rate (the reference's
+   choice); AdamW as an option. As few rows as the edit needs (``adaptive``), rows of earlier edits optionally
+   protected (``protect``): see :class:`EditConfig`.
 4. The change is returned as a :class:`~memedit.patch.Patch`, so it can be saved, applied and reverted exactly.
 
 Metrics (:func:`measure`) follow the knowledge-editing conventions of §7 on whole targets, taken right after each
@@ -126,7 +128,8 @@ class EditResult:
 
 
 # ---- 1. counting slot reads on the new fact -----------------------------------------------------------
-def _teacher_batch(model: MemoryModel, items: Sequence[TargetTokens]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _teacher_batch(model: MemoryModel, items: Sequence[TargetTokens]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(tokens (B, T), lengths (B,), labels (B, T)) for teacher forcing: labels hold the target token predicted at
     each answer position and -100 everywhere else (prompt positions and padding)."""
     tokens, lengths = pad_batch([it.sequence for it in items], model.tokenizer.pad_id or 0)

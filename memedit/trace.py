@@ -518,8 +518,8 @@ class Trace:
         for pos in self.target_positions:
             for L in self.layers:
                 attr, _ = self.attribution(L, pos)
-                for u, a, ab in zip(self.units(L, pos), attr.flatten().tolist(), self.ablation(L, pos).flatten().tolist(),
-                                    strict=True):
+                abl = self.ablation(L, pos).flatten().tolist()
+                for u, a, ab in zip(self.units(L, pos), attr.flatten().tolist(), abl, strict=True):
                     rows.append({"position": pos, "predicts": token_text(self.model.tokenizer, self.target_at(pos)),
                                  "layer": L, "head": u.head, "slot": u.slot, "table": self.table_of(L).name,
                                  "attribution": a, "ablation": ab})
