@@ -148,7 +148,8 @@ class Fact:
 
     @property
     def training_prompts(self) -> list[str]:
-        return [self.prompt.format(self.subject)] + self.paraphrases
+        # not str.format: prompts from a user's facts file may hold other braces
+        return [self.prompt.replace("{}", self.subject)] + self.paraphrases
 
 
 class World:
