@@ -89,6 +89,9 @@ class EditRequest:
     heldout_paraphrases: list[str] = field(default_factory=list)  # measured only
     neighborhood: list[str] = field(default_factory=list)  # other subjects: must keep their answer
     id: str = ""
+    # (prompt, answer) pairs the edit must not change, trained on alongside it (teacher forcing on their answers):
+    # e.g. the subject's other facts, whose answers read the same subject-position rows (see keep_for)
+    keep: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def rewrite_prompt(self) -> str:
@@ -104,7 +107,8 @@ class EditRequest:
             req = cls(prompt=d["prompt"], subject=d.get("subject", ""), target_new=d["target_new"],
                       target_true=d.get("target_true", ""), paraphrases=list(d.get("paraphrases", [])),
                       heldout_paraphrases=list(d.get("heldout_paraphrases", [])),
-                      neighborhood=list(d.get("neighborhood", [])), id=str(d.get("id", "")))
+                      neighborhood=list(d.get("neighborhood", [])), id=str(d.get("id", "")),
+                      keep=[_pair(k) for k in d.get("keep", [])])
         except KeyError as e:
             raise MemeditError(f"an edit request needs {e.args[0]!r} "
                                "(keys: prompt, subject, target_new, ...)") from None
@@ -115,6 +119,27 @@ class EditRequest:
     @classmethod
     def from_fact(cls, fact) -> EditRequest:
         return cls.from_dict(fact.to_json())
+
+
+def _pair(k) -> tuple[str, str]:
+    """A keep entry: {"prompt": ..., "target": ...} or [prompt, target]."""
+    if isinstance(k, dict) and isinstance(k.get("prompt"), str) and isinstance(k.get("target"), str):
+        return k["prompt"], k["target"]
+    if isinstance(k, (list, tuple)) and len(k) == 2 and all(isinstance(x, str) for x in k):
+        return k[0], k[1]
+    raise MemeditError(f"a keep entry must be {{\"prompt\": ..., \"target\": ...}} or [prompt, target], not {k!r}")
+
+
+def keep_for(request: EditRequest, facts: Sequence, per_fact: int = 1) -> list[tuple[str, str]]:
+    """The (prompt, answer) pairs of the request's subject's other facts (``per_fact`` phrasings each).
+
+    Counting slot reads at every position (``positions="all"``) trains rows read at the subject's tokens, which
+    every fact of that subject reads too: keeping those facts' answers in the loss lets the edit move only what
+    they do not need. Facts are any objects with ``subject``, ``training_prompts`` and ``target_true``.
+    """
+    mine = request.rewrite_prompt
+    return [(p, f.target_true) for f in facts if f.subject == request.subject and getattr(f, "id", None) != request.id
+            for p in f.training_prompts[:per_fact] if p != mine]
 
 
 @dataclass
@@ -277,8 +302,10 @@ def select(model: MemoryModel, scores: dict[str, torch.Tensor], top_t: int,
 
 # ---- 3. training ------------------------------------------------------------------------------------------
 def _batch(model: MemoryModel, requests: Sequence[EditRequest]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens (B, T), labels (B, T)) over every training phrasing followed by its new target (teacher forcing)."""
-    tokens, _, labels = _teacher_batch(model, fact_items(model, requests))
+    """(tokens (B, T), labels (B, T)) over every training phrasing followed by its new target, and every keep pair
+    followed by its answer (teacher forcing)."""
+    keep = [tokenize_target(model, p, t) for r in requests for p, t in r.keep]
+    tokens, _, labels = _teacher_batch(model, fact_items(model, requests) + keep)
     return tokens, labels
 
 

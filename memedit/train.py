@@ -45,7 +45,7 @@ class TrainConfig:
     multiple_of: int = 64  # (dense FFNs, when a layer has one) small, so that facts must live in memory
     ffn_dim_multiplier: float | None = 0.5
     max_seqlen: int = 128  # the longest biography is < 100 tokens
-    epochs: int = 14
+    epochs: int = 9
     batch_size: int = 256
     lr: float = 3e-3
     values_lr: float = 1e-1  # value rows get few, sparse updates: a larger rate (as the reference does)
