@@ -18,8 +18,8 @@ from memedit.train import TrainConfig
 
 FIXTURE = Path(__file__).parent / "data" / "bpe-world"
 # 50 people x 6 relations = 300 facts; a small memory (4,096 slots) and model (D 64).
-BPE_CONFIG = dict(seed=7, n_subjects=50, templates_per_fact=6, dim=64, n_heads=4, n_keys=64, mem_heads=2, knn=8, k_dim=32,
-                  epochs=30, batch_size=32, threads=1)
+BPE_CONFIG = dict(seed=7, n_subjects=50, templates_per_fact=6, dim=64, n_heads=4, n_keys=64, mem_heads=2, knn=8,
+                  k_dim=32, epochs=30, batch_size=32, threads=1)
 
 
 def bpe_train_config(**overrides) -> TrainConfig:
