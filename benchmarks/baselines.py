@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from memedit.model import MemoryModel
-from memedit.sparse_ft import EditRequest, _teacher_batch, fact_items
+from memedit.editing.sparse_ft import EditRequest, _teacher_batch, fact_items
+from memedit.lm.model import MemoryModel
 
 
 def _inputs_at(model: MemoryModel, layer: int, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,7 @@ def _inputs_at(model: MemoryModel, layer: int, tokens: torch.Tensor, rows: torch
 def key_covariance(model: MemoryModel, layer: int, texts: Sequence[str], batch: int = 64, ridge: float = 1e-2
                    ) -> torch.Tensor:
     """C^-1 (V, V): the inverse uncentred covariance of value_proj's inputs over ``texts`` (plus a ridge)."""
-    from memedit.evaluate import pad_batch
+    from memedit.world.evaluate import pad_batch
 
     V = model.memory_layers[layer].value_proj.in_features
     acc, n = torch.zeros(V, V, dtype=torch.float64), 0

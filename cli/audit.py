@@ -42,7 +42,7 @@ def _fmt(metric: str, v: Any) -> str:
 def _metrics_table(rows: list[dict], title: str) -> Table:
     from rich import box
 
-    from memedit.stats import scope_label
+    from memedit.auditing.stats import scope_label
 
     t = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     t.add_column("scope", no_wrap=True)
@@ -73,7 +73,8 @@ def audit(
         "--contexts", min=0, max=1024, help="Keep each slot's M highest-weight contexts in --out (see `memedit slot`).")
     ] = 0,
     distributed: Annotated[bool, typer.Option(
-        "--distributed", help="Run as one rank of a torchrun job (torchrun --nproc-per-node P -m memedit.audit ...).")
+        "--distributed",
+        help="Run as one rank of a torchrun job (torchrun --nproc-per-node P -m memedit.auditing.audit ...).")
     ] = False,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -90,10 +91,10 @@ def audit(
         return _diff(files or [], top, json)
     if files:
         fail(f"unexpected arguments {' '.join(map(str, files))}: give one CORPUS (or `diff A.h5 B.h5`)")
-    from memedit.audit import Corpus, audit_distributed
-    from memedit.audit import audit as run
-    from memedit.checkpoint import check_output
-    from memedit.stats import report
+    from memedit.auditing.audit import Corpus, audit_distributed
+    from memedit.auditing.audit import audit as run
+    from memedit.auditing.stats import report
+    from memedit.storage.checkpoint import check_output
 
     m = load_model(model, dtype, device=device)
     if out is not None:
@@ -110,11 +111,11 @@ def audit(
         return
     rows = report(stats)
     if out is not None:
-        from memedit.hdf5 import write_audit
+        from memedit.auditing.hdf5 import write_audit
 
         write_audit(out, stats, metrics=rows)
     if plot is not None:
-        from memedit.plots import plot_usage
+        from memedit.auditing.plots import plot_usage
 
         plot_usage(stats, plot)
     if json:
@@ -164,8 +165,8 @@ class TokenProgress:
 def _diff(files: list[Path], top: int, json: bool) -> None:
     if len(files) != 2:
         fail("`memedit audit diff` needs two audit files: memedit audit diff A.h5 B.h5")
-    from memedit.hdf5 import read_audit
-    from memedit.stats import compare
+    from memedit.auditing.hdf5 import read_audit
+    from memedit.auditing.stats import compare
 
     a, b = (read_audit(f) for f in files)
     d = compare(a, b, top)
@@ -198,14 +199,14 @@ def _diff(files: list[Path], top: int, json: bool) -> None:
 
 
 def distributed_main() -> None:
-    """`python -m memedit.audit ARGS`: `memedit audit ARGS`, joining the torchrun job when launched by torchrun."""
-    from memedit.audit import launched_by_torchrun
+    """`python -m memedit.auditing.audit ARGS`: `memedit audit ARGS`, joining the torchrun job when torchrun runs it."""
+    from memedit.auditing.audit import launched_by_torchrun
 
     args = ["audit", *sys.argv[1:]]
     if launched_by_torchrun() and "--distributed" not in args:
         args.append("--distributed")
     try:
-        app(args, prog_name="python -m memedit.audit")
+        app(args, prog_name="python -m memedit.auditing.audit")
     finally:
         import torch.distributed as dist
 
@@ -230,10 +231,10 @@ def export(
 
     Example: memedit audit --out audit.h5 && memedit export --out memory.h5 --stats audit.h5
     """
-    from memedit.checkpoint import check_output
-    from memedit.hdf5 import export as run
-    from memedit.hdf5 import read_audit
-    from memedit.stats import report
+    from memedit.auditing.hdf5 import export as run
+    from memedit.auditing.hdf5 import read_audit
+    from memedit.auditing.stats import report
+    from memedit.storage.checkpoint import check_output
 
     audit_stats = read_audit(stats) if stats is not None else None
     m = load_model(model, dtype, device=device)

@@ -38,7 +38,7 @@ def background_text(model, probe: Optional[Path], fallback: Optional[list[str]] 
     """The probe set and where it came from: --probe, else an even sample of the model's demo-world corpus, else
     a sample of ``fallback`` (the user's own text)."""
     from memedit.errors import MemeditError
-    from memedit.facts import world_of
+    from memedit.world.facts import world_of
 
     if probe is not None:
         return read_lines(probe, "probe text"), str(probe)
@@ -77,8 +77,8 @@ def adapt_cmd(
 
     Example: memedit keys adapt heldout.txt --model ./my-model --steps 30
     """
-    from memedit.checkpoint import require_writable
-    from memedit.keys import adapt, save_and_apply
+    from memedit.keyspace.keys import adapt, save_and_apply
+    from memedit.storage.checkpoint import require_writable
 
     m = load_model(model, device=device)
     if not dry_run:
@@ -123,7 +123,7 @@ def revert_cmd(
 
     Example: memedit keys revert my-model/memedit/patches/keys-adapt-20260101-120000.safetensors --model ./my-model
     """
-    from memedit.keys import apply_file
+    from memedit.keyspace.keys import apply_file
 
     p = apply_file(load_model(model), patch, revert=True)
     console.print(f"reverted {p.n_rows} rows from {patch}")
@@ -138,7 +138,7 @@ def apply_cmd(
 
     Example: memedit keys apply patch.safetensors --model ./my-model
     """
-    from memedit.keys import apply_file
+    from memedit.keyspace.keys import apply_file
 
     p = apply_file(load_model(model), patch, revert=False)
     console.print(f"applied {p.n_rows} rows from {patch}")
@@ -172,17 +172,17 @@ def route_cmd(
 
     Example: memedit keys route --prompt "{} was born in" --subject Reidreir --target museum --model ./my-model
     """
-    from memedit.checkpoint import require_writable
     from memedit.errors import MemeditError
-    from memedit.facts import world_of
-    from memedit.keys import route, save_and_apply
+    from memedit.keyspace.keys import route, save_and_apply
+    from memedit.storage.checkpoint import require_writable
+    from memedit.world.facts import world_of
 
     m = load_model(model, device=device)
     if not dry_run:
         require_writable(m)
     if slot != "auto" and not slot.lstrip("-").isdigit():
         raise MemeditError(f"--slot must be a slot id or 'auto', got {slot!r}")
-    from memedit.state import background as stored_background
+    from memedit.storage.state import background as stored_background
 
     world = world_of(m) if m.meta.get("world") else None
     if probe is not None:

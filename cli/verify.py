@@ -14,8 +14,8 @@ from .common import DeviceOpt, JsonOpt, ModelOpt, command, console, err_console,
 
 def parse_dtypes(spec: str, model_dtype):
     """The dtypes of the passes: "model" means the model's own; duplicates dropped, order kept."""
-    from memedit.checkpoint import DTYPES
     from memedit.errors import MemeditError
+    from memedit.storage.checkpoint import DTYPES
 
     out = []
     for name in (s.strip() for s in spec.split(",") if s.strip()):
@@ -69,8 +69,8 @@ def verify(
 
     Example: memedit verify --random 2000 --dtypes float32,bfloat16
     """
-    from memedit import exact
     from memedit.errors import MemeditError
+    from memedit.keyspace import exact
 
     if sum(x is not None and x != 0 for x in (corpus, random, queries)) > 1:
         raise MemeditError("give only one of --corpus, --random and --queries")
@@ -117,7 +117,7 @@ def verify(
 
 def read_corpus(path: Optional[Path], model) -> list[str]:
     from memedit.errors import MemeditError
-    from memedit.facts import world_of
+    from memedit.world.facts import world_of
 
     if path is None:
         if not model.meta.get("world"):

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from memedit.checkpoint import save
+from memedit.storage.checkpoint import save
 
 from .conftest import tiny_model
 from .test_audit import CORPUS

@@ -1,0 +1,126 @@
+"""Observe the one lookup routine through forward hooks.
+
+Every tool that needs lookups (trace, audit, background statistics, verification, core sets) goes through
+here, so nothing re-implements the lookup: it only watches ``layer.search``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from ..lm.memory import Lookup
+from ..lm.model import MemoryModel
+
+
+@contextlib.contextmanager
+def on_lookup(model: MemoryModel, fn: Callable[[int, Lookup], Lookup | None]) -> Iterator[None]:
+    """Within the block, call ``fn(layer, lookup)`` for every lookup; a returned Lookup replaces the original."""
+    handles = []
+    for L, layer in model.memory_layers.items():
+        handles.append(layer.search.register_forward_hook(lambda mod, inp, out, L=L: fn(L, out)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def capture_lookups(model: MemoryModel) -> Iterator[dict[int, list[Lookup]]]:
+    """Record every lookup made in the block: {layer: [Lookup per forward call]} (tensors detached)."""
+    rec: dict[int, list[Lookup]] = {L: [] for L in model.memory_layers}
+
+    def keep(L: int, lk: Lookup) -> None:
+        rec[L].append(Lookup(**{k: v.detach() for k, v in lk.__dict__.items()}))
+
+    with on_lookup(model, keep):
+        yield rec
+
+
+@contextlib.contextmanager
+def trainable_rows(model: MemoryModel, rows: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """Leaf tensors {table: (m, V)} that stand in for the given rows (sorted, unique ids) of each value table.
+
+    Inside the block every lookup that selects one of those rows reads it from the leaf instead of the table:
+    a hook on ``layer.search`` keeps the lookup, and a hook on ``layer.hook_mem`` (the value mix, before the
+    projection) adds sum over the selected trainable rows of w * (leaf row - stored row). The forward pass is the
+    one the model would compute with the leaves written into the table, and gradients reach only the leaves:
+    no gradient or optimizer state the size of the table (sparse memory finetuning, Lin et al. 2025). The table
+    is left unchanged; write the trained leaves back with ``table.weight[ids] = leaf``.
+    """
+    from torch.nn import functional as F
+
+    tables = {t.name: t for t in model.tables}
+    leaves, base = {}, {}
+    for name, ids in rows.items():
+        w = tables[name].weight
+        if ids.numel() and not bool((ids[1:] > ids[:-1]).all()):
+            raise ValueError("trainable_rows needs sorted, unique row ids")
+        base[name] = w.detach()[ids].float()  # (m, V)
+        leaves[name] = w.detach()[ids].clone().requires_grad_(True)  # (m, V) in the table's dtype
+    lookups: dict[int, Lookup] = {}
+    handles = []
+    for name, t in tables.items():
+        if name not in rows:
+            continue
+        ids = rows[name]
+        for L in t.layers:
+            layer = model.memory_layers[L]
+
+            def keep(mod, inp, out, L=L):
+                lookups[L] = out
+
+            def substitute(mod, inp, m, L=L, ids=ids, name=name):
+                lk = lookups.pop(L)
+                n = m.shape[0]
+                idx = lk.indices.reshape(n, -1)  # (n, H*k)
+                pos = torch.searchsorted(ids, idx).clamp(max=max(ids.numel() - 1, 0))  # (n, H*k) row in the leaf
+                hit = ids[pos] == idx if ids.numel() else torch.zeros_like(idx, dtype=torch.bool)
+                w = lk.weights.reshape(n, -1).float() * hit  # (n, H*k) weights of the trainable rows only
+                delta = F.embedding_bag(pos, leaves[name].float() - base[name], per_sample_weights=w, mode="sum")
+                return m + delta.to(m.dtype)  # (n, V)
+
+            handles.append(layer.search.register_forward_hook(keep))
+            handles.append(layer.hook_mem.register_forward_hook(substitute))
+    try:
+        yield leaves
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def answer_lookups(model: MemoryModel, prompts: Sequence[str]) -> dict[int, Lookup]:
+    """The lookups at the last position of each prompt: {layer: Lookup with n_tokens = len(prompts)}."""
+    from ..world.evaluate import pad_batch
+
+    seqs = [model.encode(p) for p in prompts]
+    pad = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else 0
+    tokens, lengths = pad_batch(seqs, pad)
+    B, T = tokens.shape
+    with capture_lookups(model) as rec:
+        model(tokens)
+    rows = torch.arange(B) * T + (lengths - 1)  # flat (B*T) index of each prompt's last token
+    out = {}
+    for L, (lk,) in rec.items():
+        out[L] = Lookup(**{k: v[rows] for k, v in lk.__dict__.items()})
+    return out
+
+
+def core_set(model: MemoryModel, prompts: Sequence[str]) -> dict[str, list[int]]:
+    """Slots selected at the answer position by EVERY prompt, per value table (union over its layers and heads).
+
+    This is the "core set" of sparse memory finetuning (reference §6) for a fact's phrasings.
+    """
+    lookups = answer_lookups(model, prompts)
+    out: dict[str, list[int]] = {}
+    for t in model.tables:
+        common: set[int] | None = None
+        for b in range(len(prompts)):
+            slots = set(torch.cat([lookups[L].indices[b].flatten() for L in t.layers]).tolist())
+            common = slots if common is None else common & slots
+        out[t.name] = sorted(common or [])
+    return out
