@@ -8,8 +8,19 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app
-from .common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, TokenizerOpt, command, console, esc, load_model, print_json
+from .common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    TokenizerOpt,
+    app,
+    command,
+    console,
+    esc,
+    load_model,
+    print_json,
+)
 
 
 @command(app)

@@ -9,8 +9,7 @@ import typer
 from rich.table import Table
 
 from . import patch_cmd  # noqa: F401  (registers the `patch` group)
-from .app import app
-from .common import DeviceOpt, JsonOpt, ModelOpt, command, console, esc, load_model, print_json
+from .common import DeviceOpt, JsonOpt, ModelOpt, app, command, console, esc, load_model, print_json
 
 FactsOpt = Annotated[Optional[Path], typer.Option("--facts", help="Facts JSONL (default: the model's own world).")]
 

@@ -10,8 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app
-from .common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, command, console, esc, load_model, print_json
+from .common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, app, command, console, esc, load_model, print_json
 
 
 @contextlib.contextmanager

@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app
-from .common import DeviceOpt, JsonOpt, ModelOpt, command, console, esc, load_model, print_json
+from .common import DeviceOpt, JsonOpt, ModelOpt, app, command, console, esc, load_model, print_json
 
 keys_app = typer.Typer(help="Change sub-keys: online adaptation, routing a fact to a free slot, key patches.",
                        no_args_is_help=True)

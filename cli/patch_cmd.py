@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app
-from .common import JsonOpt, ModelOpt, command, console, err_console, esc, load_model, print_json
+from .common import JsonOpt, ModelOpt, app, command, console, err_console, esc, load_model, print_json
 
 patch_app = typer.Typer(help="Exact, reversible value-row patches: make, apply, revert, show, log, diff.",
                         no_args_is_help=True)

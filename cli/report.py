@@ -7,8 +7,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import app
-from .common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, command, console, err_console, fail, load_model, print_json
+from .common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    app,
+    command,
+    console,
+    err_console,
+    fail,
+    load_model,
+    print_json,
+)
 
 
 @command(app)

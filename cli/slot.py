@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app
-from .common import JsonOpt, ModelOpt, command, console, print_json
+from .common import JsonOpt, ModelOpt, app, command, console, print_json
 
 
 @command(app)

@@ -6,8 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .app import app
-from .common import JsonOpt, ModelOpt, command, console, load_model, print_json
+from .common import JsonOpt, ModelOpt, app, command, console, load_model, print_json
 
 
 @command(app)

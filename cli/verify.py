@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app
-from .common import DeviceOpt, JsonOpt, ModelOpt, command, console, err_console, esc, load_model, print_json
+from .common import DeviceOpt, JsonOpt, ModelOpt, app, command, console, err_console, esc, load_model, print_json
 
 
 def parse_dtypes(spec: str, model_dtype):

@@ -13,6 +13,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import types
 import warnings
 
 __version__ = "0.1.0"
@@ -82,10 +83,24 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__spec__ = module.__spec__.loader_state[1]
 
     def get_code(self, fullname):
-        # runpy asks for this; running the new module as __main__ keeps its relative imports right
-        source = f"import runpy; runpy.run_module({new_name(fullname)!r}, run_name='__main__', alter_sys=True)"
+        # runpy (python -m) asks for this. The old `python -m memedit.audit` / torchrun entry is the CLI's now.
+        if fullname == "memedit.audit":
+            source = "from memedit_cli.audit import distributed_main; distributed_main()"
+        else:  # running the new module as __main__ keeps its relative imports right
+            source = f"import runpy; runpy.run_module({new_name(fullname)!r}, run_name='__main__', alter_sys=True)"
         return compile(source, f"<{fullname}, moved>", "exec")
+
+
+class _Memedit(types.ModuleType):
+    """memedit itself: importing the deprecated module path ``memedit.trace`` leaves ``memedit.trace`` the function."""
+
+    def __setattr__(self, name, value):
+        if name == "trace" and isinstance(value, types.ModuleType):
+            # the import system binds a submodule to its parent's attribute; refusing keeps the function there
+            raise AttributeError("memedit.trace is the function memedit.trace(model, prompt, target)")
+        super().__setattr__(name, value)
 
 
 if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
     sys.meta_path.insert(0, _MovedModules())
+sys.modules[__name__].__class__ = _Memedit

@@ -91,7 +91,7 @@ def test_torchrun_two_ranks_keep_the_single_process_contexts(cli, tiny, tmp_path
         torch.set_num_threads(threads)
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-         "-m", "memedit.auditing.audit",
+         "-m", "memedit_cli", "audit", "--distributed",
          str(corpus), "--model", str(path), "--out", str(dist), "--batch-size", "2", "--contexts", "4", "--json"],
         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -82,7 +82,7 @@ def test_every_command_that_runs_the_model_takes_device(cli, tiny):
     import torch
 
     _, path = tiny
-    commands = [["generate"], ["inspect"], ["trace-causal"], ["audit"], ["export"], ["background"], ["edit"],
+    commands = [["generate"], ["inspect"], ["trace-causal"], ["audit", "run"], ["export"], ["background"], ["edit"],
                 ["keys", "adapt"], ["keys", "route"], ["verify"], ["report"]]
     for c in commands:
         code, out, _ = cli(*c, "--help")

@@ -1,7 +1,7 @@
 """Audit how a model's memory is used over a corpus: stream it in batches and count every lookup.
 
-    python -m memedit.auditing.audit CORPUS --out audit.h5          # same as `memedit audit`
-    torchrun --nproc-per-node 2 -m memedit.auditing.audit CORPUS --out audit.h5
+    memedit audit CORPUS --out audit.h5
+    torchrun --nproc-per-node 2 -m memedit_cli audit CORPUS --distributed --out audit.h5
 
 Under torchrun every rank reads the same token stream, runs the forward pass on its share of the batches
 (batch b goes to rank b mod world size), and the statistics are summed with ``all_reduce`` (gloo on CPU, nccl on
@@ -190,7 +190,7 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
     if not launched_by_torchrun():
         raise MemeditError(
-            "--distributed needs torchrun: torchrun --nproc-per-node P -m memedit.auditing.audit CORPUS ...")
+            "--distributed needs torchrun: torchrun --nproc-per-node P -m memedit_cli audit CORPUS --distributed ...")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
@@ -234,8 +234,3 @@ def audit_distributed(model: MemoryModel, corpus: Corpus, max_tokens: int | None
     stats = audit(model, corpus, max_tokens, batch_size, progress if rank == 0 else None, rank, world, contexts)
     return all_reduce(stats), rank
 
-
-if __name__ == "__main__":
-    from memedit_cli.audit import distributed_main
-
-    distributed_main()

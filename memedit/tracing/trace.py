@@ -40,8 +40,6 @@ Conventions (also in the README):
 from __future__ import annotations
 
 import contextlib
-import sys
-import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -567,15 +565,6 @@ def trace(model: MemoryModel, prompt: str, target: str | None = None) -> Trace:
     """A :class:`Trace` of ``prompt``, scoring the whole ``target`` or, if None, the model's own answer."""
     return Trace(model, prompt, target)
 
-
-class _CallableModule(types.ModuleType):
-    """Importing this module binds ``memedit.trace`` to it; being callable keeps ``memedit.trace(...)`` working."""
-
-    def __call__(self, model: MemoryModel, prompt: str, target: str | None = None) -> Trace:
-        return trace(model, prompt, target)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 
 # ---- a fact and its phrasings ----------------------------------------------------------------------
