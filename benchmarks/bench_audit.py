@@ -24,8 +24,8 @@ import torch
 from memedit.auditing.audit import Corpus, audit, token_batches
 from memedit.auditing.hdf5 import FILTERS, _chunks, write_audit
 from memedit.auditing.stats import SlotCounter, SlotStats, report
+from memedit.lm.batching import pad_batch, pad_id
 from memedit.tracing.capture import on_lookup
-from memedit.world.evaluate import pad_batch
 
 
 def demo_or_demo_shaped():
@@ -64,7 +64,7 @@ def million_slot_model(demo):
 @torch.no_grad()
 def bench_counting(model, max_tokens: int, batch_size: int, rounds: int) -> None:
     corpus = Corpus.open(None, model)
-    pad = model.tokenizer.pad_id
+    pad = pad_id(model)
     prepared = []
     for seqs, _ in token_batches(model, corpus, batch_size, max_tokens):
         tokens, lengths = pad_batch(seqs, pad)

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from ..errors import MemeditError
+from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
 from ..tracing.capture import on_lookup
-from ..world.evaluate import pad_batch
 from .stats import SlotCounter, SlotStats, TopContexts
 
 Progress = Callable[[int, float], None]  # (tokens audited so far, fraction of the corpus read)
@@ -159,7 +159,7 @@ def audit(model: MemoryModel, corpus: Corpus, max_tokens: int | None = None, bat
         raise MemeditError(f"--tokens must be at least 1, got {max_tokens}")
     stats = SlotStats.empty(model, corpus=corpus.description, fingerprint=fingerprint(model), contexts=contexts)
     counter = SlotCounter(stats)
-    pad = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else 0
+    pad = pad_id(model)
     device = next(model.parameters()).device
     seen = 0  # tokens in the stream so far, all ranks
     with on_lookup(model, counter):

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import MemeditError
+from ..lm.batching import pad_batch, pad_id
 from ..lm.memory import Lookup
 from ..lm.model import MemoryModel
 from ..tracing.capture import on_lookup
-from ..world.evaluate import pad_batch
 
 DEFAULT_BATCH = 32  # sentences per background batch (a "document" for document frequency)
 DEFAULT_MAX_BATCHES = 1000  # the reference uses 1000 batches of general text
@@ -78,7 +78,7 @@ def compute(model: MemoryModel, sentences: Sequence[str], batch_size: int = DEFA
     df = {t.name: torch.zeros(t.n_rows, dtype=torch.long) for t in tables}
     counts = {t.name: torch.zeros(t.n_rows, dtype=torch.long) for t in tables}
     table_of = {L: t for t in tables for L in t.layers}
-    pad = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else 0
+    pad = pad_id(model)
     chunk = batch_size * max(1, 256 // batch_size)  # sentences per forward pass, a whole number of batches
     tokens = 0
     for start in range(0, len(sentences), chunk):

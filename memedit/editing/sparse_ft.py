@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MemeditError
+from ..lm.batching import pad_batch, pad_id
 from ..lm.memory import Lookup
 from ..lm.model import MemoryModel
 from ..storage.state import frozen_rows
 from ..tracing.capture import on_lookup
 from ..tracing.targets import TargetTokens, answer_or_given, score, tokenize_target
-from ..world.evaluate import pad_batch
 from .background import Background
 from .patch import Patch, make_patch
 
@@ -132,7 +132,7 @@ def _teacher_batch(model: MemoryModel, items: Sequence[TargetTokens]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(tokens (B, T), lengths (B,), labels (B, T)) for teacher forcing: labels hold the target token predicted at
     each answer position and -100 everywhere else (prompt positions and padding)."""
-    tokens, lengths = pad_batch([it.sequence for it in items], model.tokenizer.pad_id or 0)
+    tokens, lengths = pad_batch([it.sequence for it in items], pad_id(model))
     labels = torch.full(tokens.shape, -100, dtype=torch.long)
     for b, it in enumerate(items):
         n0 = len(it.prompt_ids) - 1
@@ -165,7 +165,7 @@ def fact_counts(model: MemoryModel, items: Sequence[TargetTokens | str], positio
         else:
             seqs.append(it.sequence)
             answer.append((len(it.prompt_ids) - 1, len(it.sequence)))
-    tokens, lengths = pad_batch(seqs, model.tokenizer.pad_id or 0)
+    tokens, lengths = pad_batch(seqs, pad_id(model))
     B, T = tokens.shape
     pos = torch.arange(T)[None, :]
     if positions == "answer":

@@ -302,15 +302,15 @@ def corpus_queries(model: MemoryModel, texts: Sequence[str], limit: int = 0,
 
     Duplicate queries (same prefix) are checked once; ``limit`` > 0 stops after that many distinct lookups.
     """
+    from ..lm.batching import pad_batch, pad_id
     from ..tracing.capture import capture_lookups
-    from ..world.evaluate import pad_batch
 
     seqs = [model.encode(t) for t in texts if t.strip()]
     if not seqs:
         raise MemeditError("the corpus tokenizes to nothing: give a file with text lines")
     for L, layer in model.memory_layers.items():
         check_layer_knn(layer, L)
-    pad = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else 0
+    pad = pad_id(model)
     got: dict[int, list[tuple[torch.Tensor, Lookup]]] = {L: [] for L in model.memory_layers}
     seen: dict[int, set[bytes]] = {L: set() for L in model.memory_layers}
     queries: dict[int, list[torch.Tensor]] = {L: [] for L in model.memory_layers}

@@ -238,7 +238,7 @@ def subkey_row(layer, head: int, half: int, i: int) -> int:
 # ---- running text through the model --------------------------------------------------------------------
 def token_batches(model: MemoryModel, texts: Sequence[str], batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(tokens (B, T), valid (B, T) bool) batches of BOS + text (+ EOS), right-padded."""
-    from ..world.evaluate import pad_batch
+    from ..lm.batching import pad_batch, pad_id
 
     tok = model.tokenizer
     if tok is None:
@@ -250,7 +250,7 @@ def token_batches(model: MemoryModel, texts: Sequence[str], batch_size: int) -> 
             seqs.append(ids + ([tok.eos_id] if tok.eos_id is not None else []))
     if not seqs:
         raise MemeditError("the text tokenizes to nothing: give a file with text lines")
-    pad = tok.pad_id if tok.pad_id is not None else 0
+    pad = pad_id(model)
     out = []
     for start in range(0, len(seqs), batch_size):
         tokens, lengths = pad_batch(seqs[start : start + batch_size], pad)

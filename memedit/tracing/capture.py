@@ -95,10 +95,10 @@ def trainable_rows(model: MemoryModel, rows: dict[str, torch.Tensor]) -> Iterato
 @torch.no_grad()
 def answer_lookups(model: MemoryModel, prompts: Sequence[str]) -> dict[int, Lookup]:
     """The lookups at the last position of each prompt: {layer: Lookup with n_tokens = len(prompts)}."""
-    from ..world.evaluate import pad_batch
+    from ..lm.batching import pad_batch, pad_id
 
     seqs = [model.encode(p) for p in prompts]
-    pad = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else 0
+    pad = pad_id(model)
     tokens, lengths = pad_batch(seqs, pad)
     B, T = tokens.shape
     with capture_lookups(model) as rec:

@@ -113,11 +113,6 @@ class TargetScore:
                 "token_logprobs": self.token_logprobs}
 
 
-def _pad_id(model: MemoryModel) -> int:
-    pad = model.tokenizer.pad_id if model.tokenizer is not None else None
-    return int(pad) if pad is not None else 0
-
-
 def _device(model: MemoryModel) -> torch.device:
     return next(model.parameters()).device
 
@@ -125,13 +120,13 @@ def _device(model: MemoryModel) -> torch.device:
 def teacher_forced(model: MemoryModel, items: Sequence[TargetTokens], batch_size: int = 256,
                    ) -> list[TargetScore]:
     """Score each (prompt, target) pair with teacher forcing, batched (right padding is safe: attention is causal)."""
-    from ..world.evaluate import pad_batch
+    from ..lm.batching import pad_batch, pad_id
 
     out: list[TargetScore] = []
     dev = _device(model)
     for start in range(0, len(items), batch_size):
         part = items[start : start + batch_size]
-        tokens, _ = pad_batch([it.sequence for it in part], _pad_id(model))
+        tokens, _ = pad_batch([it.sequence for it in part], pad_id(model))
         with torch.no_grad():
             logp = torch.log_softmax(model(tokens.to(dev)).float(), -1).cpu()  # (B, T, vocab)
         for b, it in enumerate(part):

@@ -7,25 +7,14 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..errors import MemeditError
+from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
-
-
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists to (B, T); returns (tokens, lengths). Causal attention makes right padding safe."""
-    if not seqs:
-        raise MemeditError("nothing to score: no prompts")
-    T = max(len(s) for s in seqs)
-    tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        tokens[b, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-    return tokens, torch.tensor([len(s) for s in seqs])
 
 
 @torch.no_grad()
 def last_logits(model: MemoryModel, prompts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
     """Logits (n_prompts, vocab) for the token after each prompt, in float32."""
-    pad = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else 0
+    pad = pad_id(model)
     out = []
     for start in range(0, len(prompts), batch_size):
         seqs = [model.encode(p) for p in prompts[start : start + batch_size]]
