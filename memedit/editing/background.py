@@ -16,9 +16,8 @@ import torch
 
 from ..errors import MemeditError
 from ..lm.batching import pad_batch, pad_id
-from ..lm.memory import Lookup
 from ..lm.model import MemoryModel
-from ..tracing.capture import on_lookup
+from ..tracing.capture import RowCounter, on_lookup
 
 DEFAULT_BATCH = 32  # sentences per background batch (a "document" for document frequency)
 DEFAULT_MAX_BATCHES = 1000  # the reference uses 1000 batches of general text
@@ -74,37 +73,24 @@ def compute(model: MemoryModel, sentences: Sequence[str], batch_size: int = DEFA
     n_batches = (len(sentences) + batch_size - 1) // batch_size
     if not n_batches:
         raise MemeditError("the background corpus is empty")
-    tables = model.tables
-    df = {t.name: torch.zeros(t.n_rows, dtype=torch.long) for t in tables}
-    counts = {t.name: torch.zeros(t.n_rows, dtype=torch.long) for t in tables}
-    table_of = {L: t for t in tables for L in t.layers}
+    counter = RowCounter(model)
     pad = pad_id(model)
     chunk = batch_size * max(1, 256 // batch_size)  # sentences per forward pass, a whole number of batches
     tokens = 0
-    for start in range(0, len(sentences), chunk):
-        seqs = [model.encode(s) for s in sentences[start : start + chunk]]
-        toks, lengths = pad_batch(seqs, pad)
-        B, T = toks.shape
-        valid = (torch.arange(T)[None, :] < lengths[:, None]).flatten()  # (B*T,) padding masked out
-        batch_of = (torch.arange(B) // batch_size).repeat_interleave(T)[valid]  # (n_valid,) background batch
-        keys: dict[str, list[torch.Tensor]] = {t.name: [] for t in tables}
-
-        # the hook runs inside this iteration (on_lookup below), so it sees this batch's tensors
-        def seen(L: int, lk: Lookup) -> None:
-            t = table_of[L]
-            idx = lk.indices.reshape(B * T, -1)[valid]  # (n_valid, H*k)  # noqa: B023
-            counts[t.name] += torch.bincount(idx.flatten(), minlength=t.n_rows)
-            keys[t.name].append((batch_of[:, None] * t.n_rows + idx).flatten())  # noqa: B023
-
-        with on_lookup(model, seen):
+    with on_lookup(model, counter):
+        for start in range(0, len(sentences), chunk):
+            seqs = [model.encode(s) for s in sentences[start : start + chunk]]
+            toks, lengths = pad_batch(seqs, pad)
+            B, T = toks.shape
+            valid = (torch.arange(T)[None, :] < lengths[:, None]).flatten()  # (B*T,) padding masked out
+            batch_of = (torch.arange(B) // batch_size).repeat_interleave(T)[valid]  # (n_valid,) background batch
+            counter.batch(valid, batch_of)  # a row counts once per background batch in df
             model(toks)
-        for t in tables:  # a row counts once per batch, whichever layer, head or token read it
-            uniq = torch.unique(torch.cat(keys[t.name]))
-            df[t.name] += torch.bincount(uniq % t.n_rows, minlength=t.n_rows)
-        tokens += int(valid.sum())
-        if progress is not None:
-            progress(min(start + chunk, len(sentences)) // batch_size, n_batches)
-    return Background(df, counts, n_batches, tokens, corpus)
+            counter.close_batch()
+            tokens += int(valid.sum())
+            if progress is not None:
+                progress(min(start + chunk, len(sentences)) // batch_size, n_batches)
+    return Background(counter.df, counter.reads, n_batches, tokens, corpus)
 
 
 def save(model: MemoryModel, bg: Background) -> None:

@@ -32,10 +32,9 @@ import torch.nn.functional as F
 
 from ..errors import MemeditError
 from ..lm.batching import pad_batch, pad_id
-from ..lm.memory import Lookup
 from ..lm.model import MemoryModel
 from ..storage.state import frozen_rows
-from ..tracing.capture import on_lookup
+from ..tracing.capture import RowCounter, on_lookup
 from ..tracing.targets import TargetTokens, answer_or_given, score, tokenize_target
 from .background import Background
 from .patch import Patch, make_patch
@@ -173,18 +172,11 @@ def fact_counts(model: MemoryModel, items: Sequence[TargetTokens | str], positio
         keep = (pos >= lo[:, None]) & (pos < hi[:, None])  # (B, T)
     else:
         keep = pos < lengths[:, None]
-    keep = keep.flatten()
-    table_of = {L: t for t in model.tables for L in t.layers}
-    counts = {t.name: torch.zeros(t.n_rows) for t in model.tables}
-
-    def seen(L: int, lk: Lookup) -> None:
-        t = table_of[L]
-        counts[t.name] += torch.bincount(lk.indices.reshape(B * T, -1)[keep].flatten().cpu(),
-                                         minlength=t.n_rows).float()
-
-    with on_lookup(model, seen):
+    counter = RowCounter(model)
+    counter.batch(keep.flatten())
+    with on_lookup(model, counter):
         model(tokens.to(next(model.parameters()).device))
-    return counts
+    return {name: reads.float() for name, reads in counter.reads.items()}
 
 
 # ---- 2. ranking ------------------------------------------------------------------------------------------

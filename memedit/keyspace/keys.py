@@ -476,11 +476,14 @@ def slot_usage(model: MemoryModel, table: str, texts: Sequence[str] | None) -> t
         return bg[0][f"counts.{t.name}"].long(), "background statistics"
     if not texts:
         raise MemeditError("no background statistics stored and no text to count slot accesses over")
-    counts = torch.zeros(t.n_rows, dtype=torch.long)
-    for L, slots in selected_slots(model, token_batches(model, texts, 64)).items():
-        if L in t.layers:
-            counts += torch.bincount(slots.flatten(), minlength=t.n_rows)
-    return counts, f"counted over {len(texts):,} background passages"
+    from ..tracing.capture import RowCounter, on_lookup
+
+    counter = RowCounter(model)
+    with torch.no_grad(), on_lookup(model, counter):
+        for tokens, valid in token_batches(model, texts, 64):
+            counter.batch(valid.reshape(-1))
+            model(tokens)
+    return counter.reads[t.name], f"counted over {len(texts):,} background passages"
 
 
 @torch.no_grad()

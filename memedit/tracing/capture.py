@@ -28,6 +28,48 @@ def on_lookup(model: MemoryModel, fn: Callable[[int, Lookup], Lookup | None]) ->
             h.remove()
 
 
+class RowCounter:
+    """A lookup observer (use with :func:`on_lookup`) that counts, per value table, how often each row is read.
+
+    ``reads[table]`` (rows,) int64: one per (position, head, selected slot) at the kept positions, over every layer
+    that reads the table. With ``groups`` given to :meth:`batch`, ``df[table]`` (rows,) int64 counts the groups
+    (e.g. background batches) that read each row at least once, whichever layer, head or position read it.
+    Per-(layer, head) statistics with weight mass and sub-keys are the audit's (memedit/auditing/stats.py).
+    """
+
+    def __init__(self, model: MemoryModel):
+        self.table_of = {L: t for t in model.tables for L in t.layers}
+        self.reads = {t.name: torch.zeros(t.n_rows, dtype=torch.long) for t in model.tables}
+        self.df = {t.name: torch.zeros(t.n_rows, dtype=torch.long) for t in model.tables}
+        self.keep: torch.Tensor | None = None
+        self.groups: torch.Tensor | None = None
+        self._pairs: dict[str, list[torch.Tensor]] = {}
+
+    def batch(self, keep: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> None:
+        """Before a forward: count only positions with ``keep`` ((B*T,) bool, the flattened batch), each in group
+        ``groups`` ((n_kept,) int64), for document frequency. Call :meth:`close_batch` after the forward."""
+        self.keep, self.groups = keep, groups
+        self._pairs = {name: [] for name in self.reads}
+
+    def __call__(self, layer: int, lk: Lookup) -> None:
+        t = self.table_of[layer]
+        idx = lk.indices.reshape(lk.indices.shape[0], -1)  # (n_tokens, H*k)
+        if self.keep is not None:
+            idx = idx[self.keep.to(idx.device)]
+        idx = idx.cpu()
+        self.reads[t.name] += torch.bincount(idx.flatten(), minlength=t.n_rows)
+        if self.groups is not None:
+            self._pairs[t.name].append((self.groups[:, None] * t.n_rows + idx).flatten())
+
+    def close_batch(self) -> None:
+        """After a forward: a row counts once per group in ``df``."""
+        for name, pairs in self._pairs.items():
+            if pairs:
+                n = self.df[name].numel()
+                self.df[name] += torch.bincount(torch.unique(torch.cat(pairs)) % n, minlength=n)
+        self._pairs = {}
+
+
 @contextlib.contextmanager
 def capture_lookups(model: MemoryModel) -> Iterator[dict[int, list[Lookup]]]:
     """Record every lookup made in the block: {layer: [Lookup per forward call]} (tensors detached)."""
