@@ -303,6 +303,7 @@ def corpus_queries(model: MemoryModel, texts: Sequence[str], limit: int = 0,
     Duplicate queries (same prefix) are checked once; ``limit`` > 0 stops after that many distinct lookups.
     """
     from ..lm.batching import pad_batch, pad_id
+    from ..lm.hooks import hooks, memory_path
     from ..tracing.capture import capture_lookups
 
     seqs = [model.encode(t) for t in texts if t.strip()]
@@ -314,9 +315,9 @@ def corpus_queries(model: MemoryModel, texts: Sequence[str], limit: int = 0,
     got: dict[int, list[tuple[torch.Tensor, Lookup]]] = {L: [] for L in model.memory_layers}
     seen: dict[int, set[bytes]] = {L: set() for L in model.memory_layers}
     queries: dict[int, list[torch.Tensor]] = {L: [] for L in model.memory_layers}
-    hooks = [layer.hook_query.register_forward_hook(lambda m, i, o, L=L: queries[L].append(o.detach()))
-             for L, layer in model.memory_layers.items()]
-    try:
+    fwd_hooks = [(f"{memory_path(L)}.hook_query", lambda q, name, L=L: queries[L].append(q.detach()))
+                 for L in model.memory_layers]
+    with hooks(model, fwd_hooks):
         with torch.no_grad(), capture_lookups(model) as rec:
             for start in range(0, len(seqs), batch_size):
                 tokens, lengths = pad_batch(seqs[start : start + batch_size], pad)
@@ -335,9 +336,6 @@ def corpus_queries(model: MemoryModel, texts: Sequence[str], limit: int = 0,
                     got[L].append((q[idx], Lookup(**{f: v[idx] for f, v in lk.__dict__.items()})))
                 if limit and min(len(s) for s in seen.values()) >= limit:
                     break
-    finally:
-        for h in hooks:
-            h.remove()
     out = {}
     for L, parts in got.items():
         q = torch.cat([p[0] for p in parts])

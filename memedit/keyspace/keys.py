@@ -489,15 +489,11 @@ def slot_usage(model: MemoryModel, table: str, texts: Sequence[str] | None) -> t
 @torch.no_grad()
 def answer_queries(model: MemoryModel, text: str) -> dict[int, torch.Tensor]:
     """Each memory layer's query at the last position of ``text``: {layer: (H, K)} float32."""
-    got = {}
-    hooks = [m.hook_query.register_forward_hook(lambda mod, i, o, L=L: got.__setitem__(L, o[-1].float()))
-             for L, m in model.memory_layers.items()]
-    try:
-        model(torch.tensor([model.encode(text)]))
-    finally:
-        for h in hooks:
-            h.remove()
-    return got
+    from ..lm.hooks import memory_path, run_with_cache
+
+    names = {L: f"{memory_path(L)}.hook_query" for L in model.memory_layers}
+    _, cache = run_with_cache(model, torch.tensor([model.encode(text)]), names.values())
+    return {L: cache[n][-1].float() for L, n in names.items()}
 
 
 def subkey_moves(s1, s2, a: float, b: float, need: torch.Tensor, t1, t2):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .memory import MemoryConfig, MemoryLayer
+from .memory import HookPoint, MemoryConfig, MemoryLayer
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -186,9 +186,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = feed_forward
+        self.hook_resid_pre = HookPoint()  # (B, T, D) the block's input residual (TransformerLens's name)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = self.hook_resid_pre(x)
         h = x + self.attention(self.attention_norm(x), cos, sin, past)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -251,6 +253,7 @@ class MemoryModel(nn.Module):
         self.layers = nn.ModuleList(blocks)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.hook_resid_final = HookPoint()  # (B, T, D) the residual stream before the final norm
 
     # ---- registry -------------------------------------------------------------------------------
     @property
@@ -313,7 +316,7 @@ class MemoryModel(nn.Module):
         return h
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.output(self.norm(self.hidden(tokens)))
+        return self.output(self.norm(self.hook_resid_final(self.hidden(tokens))))
 
     def suffix_logits(self, inputs: list[torch.Tensor], start: int, first_block: int, copies: int) -> torch.Tensor:
         """Logits (copies, T - start, vocab) of positions start..T-1, recomputed from block ``first_block`` on.
@@ -329,7 +332,7 @@ class MemoryModel(nn.Module):
             block = self.layers[b]
             past = block.past(inputs[b][:start].unsqueeze(0), cos[:start], sin[:start])
             h = block(h, cos[start:], sin[start:], past)
-        return self.output(self.norm(h))
+        return self.output(self.norm(self.hook_resid_final(h)))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt as the model reads it: BOS, then the text's tokens."""

@@ -1,7 +1,7 @@
-"""Observe the one lookup routine through forward hooks.
+"""Observe the one lookup routine through the hook registry (memedit/lm/hooks.py).
 
 Every tool that needs lookups (trace, audit, background statistics, verification, core sets) goes through
-here, so nothing re-implements the lookup: it only watches ``layer.search``.
+here, so nothing re-implements the lookup: it only watches ``layers.{L}.feed_forward.search``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from ..lm.hooks import hooks, memory_path
 from ..lm.memory import Lookup
 from ..lm.model import MemoryModel
 
@@ -18,14 +19,8 @@ from ..lm.model import MemoryModel
 @contextlib.contextmanager
 def on_lookup(model: MemoryModel, fn: Callable[[int, Lookup], Lookup | None]) -> Iterator[None]:
     """Within the block, call ``fn(layer, lookup)`` for every lookup; a returned Lookup replaces the original."""
-    handles = []
-    for L, layer in model.memory_layers.items():
-        handles.append(layer.search.register_forward_hook(lambda mod, inp, out, L=L: fn(L, out)))
-    try:
+    with hooks(model, [(f"{memory_path(L)}.search", lambda lk, name, L=L: fn(L, lk)) for L in model.memory_layers]):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class RowCounter:
@@ -104,18 +99,17 @@ def trainable_rows(model: MemoryModel, rows: dict[str, torch.Tensor]) -> Iterato
         base[name] = w.detach()[ids].float()  # (m, V)
         leaves[name] = w.detach()[ids].clone().requires_grad_(True)  # (m, V) in the table's dtype
     lookups: dict[int, Lookup] = {}
-    handles = []
+    fwd_hooks = []
     for name, t in tables.items():
         if name not in rows:
             continue
         ids = rows[name]
         for L in t.layers:
-            layer = model.memory_layers[L]
 
-            def keep(mod, inp, out, L=L):
+            def keep(out, path, L=L):
                 lookups[L] = out
 
-            def substitute(mod, inp, m, L=L, ids=ids, name=name):
+            def substitute(m, path, L=L, ids=ids, name=name):
                 lk = lookups.pop(L)
                 n = m.shape[0]
                 idx = lk.indices.reshape(n, -1)  # (n, H*k)
@@ -125,13 +119,9 @@ def trainable_rows(model: MemoryModel, rows: dict[str, torch.Tensor]) -> Iterato
                 delta = F.embedding_bag(pos, leaves[name].float() - base[name], per_sample_weights=w, mode="sum")
                 return m + delta.to(m.dtype)  # (n, V)
 
-            handles.append(layer.search.register_forward_hook(keep))
-            handles.append(layer.hook_mem.register_forward_hook(substitute))
-    try:
+            fwd_hooks += [(f"{memory_path(L)}.search", keep), (f"{memory_path(L)}.hook_mem", substitute)]
+    with hooks(model, fwd_hooks):
         yield leaves
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()

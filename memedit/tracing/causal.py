@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import MemeditError
+from ..lm.hooks import memory_path, run_with_cache, run_with_hooks
 from ..lm.model import MemoryModel
 from ..lm.tokenizer import token_text
 from .targets import tokenize_target
@@ -91,14 +92,9 @@ def causal_trace(model: MemoryModel, prompt: str, subject: str, target: str, sam
         lp = torch.log_softmax(logits[:, want_pos].float(), -1)  # (B, n, vocab)
         return lp.gather(-1, want.expand(lp.shape[0], -1).unsqueeze(-1))[..., 0].sum(-1).exp()
 
-    clean: dict[int, torch.Tensor] = {}
-    handles = [layer.register_forward_hook(lambda m, i, o, L=L: clean.__setitem__(L, o[0].detach()))
-               for L, layer in model.memory_layers.items()]
-    try:
-        clean_prob = float(target_prob(model(seq[None]))[0])
-    finally:
-        for h in handles:
-            h.remove()
+    logits, cache = run_with_cache(model, seq[None], [memory_path(L) for L in layers])
+    clean = {L: cache[memory_path(L)][0] for L in layers}  # (S, D) each memory layer's clean output
+    clean_prob = float(target_prob(logits)[0])
 
     std = float(model.tok_embeddings.weight.float().std()) * noise
     g = torch.Generator().manual_seed(seed)
@@ -114,13 +110,13 @@ def causal_trace(model: MemoryModel, prompt: str, subject: str, target: str, sam
                    for L in layers}
 
         # the hooks run inside this iteration, so they see this iteration's s_idx and restore
-        def corrupt(mod, inp, out):
+        def corrupt(out, name):
             out = out.clone()
             out[:, span] += draws[s_idx].to(out.dtype)  # noqa: B023
             return out
 
         def restorer(L):
-            def hook(mod, inp, out):
+            def hook(out, name):
                 if not restore[L]:  # noqa: B023
                     return None
                 out = out.clone()
@@ -130,13 +126,8 @@ def causal_trace(model: MemoryModel, prompt: str, subject: str, target: str, sam
 
             return hook
 
-        handles = [model.tok_embeddings.register_forward_hook(corrupt)]
-        handles += [layer.register_forward_hook(restorer(L)) for L, layer in model.memory_layers.items()]
-        try:
-            logits = model(seq[None].expand(len(part), S))  # (B, S, vocab)
-        finally:
-            for h in handles:
-                h.remove()
+        fwd_hooks = [("tok_embeddings", corrupt)] + [(memory_path(L), restorer(L)) for L in layers]
+        logits = run_with_hooks(model, seq[None].expand(len(part), S), fwd_hooks)  # (B, S, vocab)
         probs[start : start + len(part)] = target_prob(logits)
     probs = probs.view(len(combos) + 1, samples).mean(-1)
     return CausalTrace(

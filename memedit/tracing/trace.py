@@ -1,19 +1,20 @@
 """Trace a fact: which slots fire for a prompt, and how much each one moves the answer.
 
-``trace(model, prompt, target)`` runs the prompt once with hooks on the one lookup routine (``layer.search``,
-through :mod:`memedit.tracing.capture`) and on the memory layer's hook points, and returns a :class:`Trace` that answers
-questions about the captured values. Captured values have stable names, per memory layer ``l``:
+``trace(model, prompt, target)`` runs the prompt once through the hook registry (memedit/lm/hooks.py: the one
+lookup routine ``layer.search`` and the memory layer's hook points) and returns a :class:`Trace` that answers
+questions about the captured values. Their names are module paths, per memory layer ``l`` (``name(l, what)``; the
+old names ``blocks.{l}.memory.<what>`` and ``final.resid`` still resolve, for one release):
 
-    blocks.{l}.memory.query     (T, H, K)     the queries
-    blocks.{l}.memory.indices   (T, H, k)     selected slot ids (i * N + j)
-    blocks.{l}.memory.subkeys   (T, H, k, 2)  sub-key ids (i, j)
-    blocks.{l}.memory.scores    (T, H, k)     raw scores s1[i] + s2[j]
-    blocks.{l}.memory.weights   (T, H, k)     softmax weights (float32)
-    blocks.{l}.memory.mem       (T, V)        m = sum of weighted value rows
-    blocks.{l}.memory.gate      (T, V)        silu(swilu_projection(x)) (Memory+ only)
-    blocks.{l}.memory.gating    (T, 1)        sigmoid(gating(x)) (gated memories only)
-    blocks.{l}.memory.out       (T, D)        the layer output
-    final.resid                 (T, D)        the residual stream before the final norm
+    layers.{l}.feed_forward.hook_query       (T, H, K)     the queries
+    layers.{l}.feed_forward.search.indices   (T, H, k)     selected slot ids (i * N + j)
+    layers.{l}.feed_forward.search.subkeys   (T, H, k, 2)  sub-key ids (i, j)
+    layers.{l}.feed_forward.search.scores    (T, H, k)     raw scores s1[i] + s2[j]
+    layers.{l}.feed_forward.search.weights   (T, H, k)     softmax weights (float32)
+    layers.{l}.feed_forward.hook_mem         (T, V)        m = sum of weighted value rows
+    layers.{l}.feed_forward.hook_gate        (T, V)        silu(swilu_projection(x)) (Memory+ only)
+    layers.{l}.feed_forward.hook_gating      (T, 1)        sigmoid(gating(x)) (gated memories only)
+    layers.{l}.feed_forward                  (T, D)        the layer output
+    hook_resid_final                         (T, D)        the residual stream before the final norm
 
 Conventions (also in the README):
 - A *unit* is (layer, head, slot): one selected slot of one head of one memory layer at one position.
@@ -46,18 +47,18 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import MemeditError
+from ..lm.hooks import LOOKUP_FIELDS, ActivationCache, caching, canonical, memory_path, run_with_cache
 from ..lm.memory import Lookup
 from ..lm.model import MemoryModel
 from ..lm.tokenizer import token_text
-from .capture import capture_lookups, on_lookup
+from .capture import on_lookup
 from .targets import TargetTokens, greedy_answer, tokenize_target
-
-LOOKUP_FIELDS = ("indices", "subkeys", "scores", "weights")
 
 
 def name(layer: int, what: str) -> str:
-    """The stable name of a captured value of memory layer ``layer`` (e.g. ``blocks.3.memory.weights``)."""
-    return f"blocks.{layer}.memory.{what}"
+    """The registry name (memedit/lm/hooks.py) of value ``what`` of memory layer ``layer``: query, mem, gate,
+    gating, out, or a lookup field (``name(3, "weights") == "layers.3.feed_forward.search.weights"``)."""
+    return canonical(f"blocks.{layer}.memory.{what}")
 
 
 @dataclass(frozen=True)
@@ -123,40 +124,23 @@ def _device(model: MemoryModel) -> torch.device:
 
 
 @contextlib.contextmanager
-def _cached(model: MemoryModel, T: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Within the block, record every named value of a forward pass over (B, T) tokens as (B, T, ...) tensors."""
-    cache: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def keep(key: str):
-        def hook(mod, inp, out):  # hook points see flat (B*T, ...) tokens; the layer output is (B, T, D)
-            cache[key] = out.detach().reshape(-1, T, *out.shape[1:]) if mod is not layer_of[key] else out.detach()
-
-        return hook
-
-    layer_of: dict[str, object] = {}
-    for L, layer in model.memory_layers.items():
-        for what in ("query", "mem", "gate", "gating"):
-            layer_of[name(L, what)] = None
-            handles.append(getattr(layer, f"hook_{what}").register_forward_hook(keep(name(L, what))))
-        layer_of[name(L, "out")] = layer
-        handles.append(layer.register_forward_hook(keep(name(L, "out"))))
-    handles.append(model.norm.register_forward_pre_hook(
-        lambda mod, args: cache.__setitem__("final.resid", args[0].detach())))
-    for b, block in enumerate(model.layers):  # block inputs: what ablations restart from (TransformerLens's name)
-        handles.append(block.register_forward_pre_hook(
-            lambda mod, args, b=b: cache.__setitem__(f"blocks.{b}.hook_resid_pre", args[0].detach())))
-    try:
-        with capture_lookups(model) as rec:
-            yield cache
-            for L, lks in rec.items():
-                (lk,) = lks
-                for f in LOOKUP_FIELDS:
-                    v = getattr(lk, f)
-                    cache[name(L, f)] = v.reshape(-1, T, *v.shape[1:])
-    finally:
-        for h in handles:
-            h.remove()
+def _cached(model: MemoryModel, T: int) -> Iterator[ActivationCache]:
+    """Within the block, record the named values (memedit/lm/hooks.py) of a forward pass over (B, T) tokens, each
+    as a (B, T, ...) tensor; a lookup's fields under ``<layer>.search.<field>``."""
+    names = ["hook_resid_final"] + [f"layers.{b}.hook_resid_pre" for b in range(len(model.layers))]
+    for L in model.memory_layers:
+        names += [memory_path(L), f"{memory_path(L)}.search"]
+        names += [f"{memory_path(L)}.hook_{what}" for what in ("query", "mem", "gate", "gating")]
+    out = ActivationCache()
+    with caching(model, names) as raw:
+        yield out
+    for key, v in raw.items():
+        if isinstance(v, Lookup):
+            out.update({f"{key}.{f}": getattr(v, f).reshape(-1, T, *getattr(v, f).shape[1:]) for f in LOOKUP_FIELDS})
+        elif ".hook_" in key and key.startswith(tuple(memory_path(L) for L in model.memory_layers)):
+            out[key] = v.reshape(-1, T, *v.shape[1:])  # hook points inside a memory layer see flat (B*T, ...) tokens
+        else:
+            out[key] = v
 
 
 def _chunk(model: MemoryModel, T: int, limit: int = 256) -> int:
@@ -166,16 +150,10 @@ def _chunk(model: MemoryModel, T: int, limit: int = 256) -> int:
 
 def block_inputs(model: MemoryModel, tokens: torch.Tensor) -> list[torch.Tensor]:
     """Every block's input residual (T, D) for one sequence of tokens (T,)."""
-    got: dict[int, torch.Tensor] = {}
-    handles = [block.register_forward_pre_hook(lambda mod, args, b=b: got.__setitem__(b, args[0][0].detach()))
-               for b, block in enumerate(model.layers)]
-    try:
-        with torch.no_grad():
-            model(tokens.to(_device(model)).unsqueeze(0))
-    finally:
-        for h in handles:
-            h.remove()
-    return [got[b] for b in range(len(model.layers))]
+    names = [f"layers.{b}.hook_resid_pre" for b in range(len(model.layers))]
+    with torch.no_grad():
+        _, cache = run_with_cache(model, tokens.to(_device(model)).unsqueeze(0), names)
+    return [cache[n][0] for n in names]
 
 
 def _dropped_logits(model: MemoryModel, tokens: torch.Tensor, pos: int, groups: Sequence[Sequence[Unit]],
@@ -269,7 +247,7 @@ class Trace:
         self.target = as_target(model, tt, note)
         with torch.no_grad(), _cached(model, self.T) as cache:
             logits = model(self.tokens.unsqueeze(0).to(_device(model)))
-        self.cache = {k: v[0].cpu() for k, v in cache.items()}  # (T, ...) each
+        self.cache = ActivationCache({k: v[0].cpu() for k, v in cache.items()})  # (T, ...) each
         self.logprobs = torch.log_softmax(logits[0].float().cpu(), -1)  # (T, vocab)
         self._ablation: dict[int, dict[int, torch.Tensor]] = {}
 
@@ -342,7 +320,7 @@ class Trace:
     def contributions(self, layer: int, pos: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact per-unit contributions (H, k, D) to the layer output at ``pos``, and the bias term (D,), float32.
 
-        ``contributions.sum((0, 1)) + bias`` equals ``trace[blocks.{layer}.memory.out][pos]``.
+        ``contributions.sum((0, 1)) + bias`` equals ``trace[name(layer, "out")][pos]``.
         """
         pos = self.position if pos is None else pos
         mem = self.model.memory_layers[layer]
@@ -365,7 +343,7 @@ class Trace:
         """(D,): the direction whose dot product with a residual write gives its attribution to the scored token."""
         pos = self.position if pos is None else pos
         norm = self.model.norm
-        h = self["final.resid"][pos].float()
+        h = self["hook_resid_final"][pos].float()
         scale = torch.rsqrt(h.pow(2).mean() + norm.eps)
         return scale * norm.weight.float() * self.model.output.weight[self.target_at(pos)].float()
 
@@ -397,7 +375,7 @@ class Trace:
     @property
     def inputs(self) -> list[torch.Tensor]:
         """Every block's input residual (T, D) of the traced forward."""
-        return [self.cache[f"blocks.{b}.hook_resid_pre"] for b in range(len(self.model.layers))]
+        return [self.cache[f"layers.{b}.hook_resid_pre"] for b in range(len(self.model.layers))]
 
     def drop(self, groups: Sequence[Sequence[Unit]], pos: int | None = None) -> torch.Tensor:
         """The whole target's log-probability (G,) with each group of units dropped at ``pos`` (batched forwards of
@@ -440,7 +418,7 @@ class Trace:
         from .readout import slot_writes
 
         pos = self.position if pos is None else pos
-        h = self["final.resid"][pos].float()
+        h = self["hook_resid_final"][pos].float()
         scale = torch.rsqrt(h.pow(2).mean() + self.model.norm.eps)
         gate = self[name(unit.layer, "gate")][pos] if name(unit.layer, "gate") in self else None
         gating = self[name(unit.layer, "gating")][pos] if name(unit.layer, "gating") in self else None
@@ -504,7 +482,7 @@ class Trace:
             "token": self.token_at(pos),
             "scored": {"token": token_text(tok, scored), "token_id": scored, "prob": float(lp.exp()),
                        "logprob": float(lp), "rank": self.rank(pos),
-                       "logit_direct": float(self["final.resid"][pos].float() @ self.logit_direction(pos))},
+                       "logit_direct": float(self["hook_resid_final"][pos].float() @ self.logit_direction(pos))},
             "top": [{"token": t, "prob": p} for t, p in self.top_tokens(pos, n_tokens)],
             "layers": layers,
             "top_slots": top,

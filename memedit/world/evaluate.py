@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..lm.batching import pad_batch, pad_id
+from ..lm.hooks import hooks, memory_path
 from ..lm.model import MemoryModel
 
 
@@ -34,13 +35,8 @@ def accuracy(model: MemoryModel, prompts: Sequence[str], targets: Sequence[str],
 @contextlib.contextmanager
 def memory_zeroed(model: MemoryModel) -> Iterator[None]:
     """Within the block, every memory layer outputs zeros (for 'do the facts live in memory?' checks)."""
-    handles = [layer.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
-               for layer in model.memory_layers.values()]
-    try:
+    with hooks(model, [(memory_path(L), lambda out, name: torch.zeros_like(out)) for L in model.memory_layers]):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def fact_accuracies(model: MemoryModel, facts, zero_memory: bool = False) -> dict[str, float]:
