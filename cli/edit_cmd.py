@@ -158,10 +158,11 @@ def background(
 
     from memedit.editing import background as B
     from memedit.storage.checkpoint import require_writable
+    from memedit.storage.corpus import read_texts
 
     m = load_model(model, device=device)
     require_writable(m)
-    sentences = B.read_corpus(str(corpus)) if corpus is not None else B.default_corpus(m)
+    sentences = read_texts(corpus, "corpus") if corpus is not None else B.default_corpus(m)
     t0 = time.perf_counter()
     bg = B.compute(m, sentences, batch_size, max_batches, corpus=str(corpus) if corpus else "default: demo world")
     B.save(m, bg)
@@ -295,9 +296,7 @@ def edit(
 
 def _requests(m, prompt, subject, target_new, target_true, paraphrase, heldout, neighborhood, fact, requests, facts):
     """The edit requests from the options: one from --prompt, world facts from --fact, or a JSONL file."""
-    import json as js
-
-    from memedit.editing.sparse_ft import EditRequest
+    from memedit.editing.sparse_ft import EditRequest, read_requests
     from memedit.errors import MemeditError
 
     given = [prompt is not None, bool(fact), requests is not None]
@@ -311,19 +310,4 @@ def _requests(m, prompt, subject, target_new, target_true, paraphrase, heldout, 
                             neighborhood=list(neighborhood or []))]
     if fact:
         return [EditRequest.from_fact(_fact(m, f, facts)) for f in fact]
-    try:
-        lines = Path(requests).read_text().splitlines()
-    except OSError as e:
-        raise MemeditError(f"cannot read {requests}: {e.strerror}") from None
-    out = []
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                out.append(EditRequest.from_dict(js.loads(line)))
-            except ValueError as e:
-                raise MemeditError(f"{requests}:{n}: not JSON ({e})") from None
-            except MemeditError as e:
-                raise MemeditError(f"{requests}:{n}: {e}") from None
-    if not out:
-        raise MemeditError(f"{requests} holds no edit requests")
-    return out
+    return read_requests(requests)

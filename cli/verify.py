@@ -92,18 +92,7 @@ def verify(
             inner = source
             source = lambda mm, dt: {layer: inner(mm, dt)[layer]}  # noqa: E731
     if save_queries is not None:
-        inner_save = source
-
-        first = True
-
-        def source(mm, dt):
-            nonlocal first
-            checked = inner_save(mm, dt)
-            if first:
-                exact.save_queries(str(save_queries), checked)
-                first = False
-            return checked
-
+        source = exact.saving_queries(source, str(save_queries))
     show = None if json else (lambda msg: err_console.print(f"[dim]{msg}[/]"))
     report = exact.verify(m, source, name, passes, threads=threads, progress=show, reference=reference)
     if json:
@@ -123,14 +112,9 @@ def read_corpus(path: Optional[Path], model) -> list[str]:
             raise MemeditError("nothing to verify on: this model has no demo world to default to; pass --corpus FILE, "
                                "--random N or --queries FILE")
         return world_of(model).training_sentences()
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise MemeditError(f"cannot read corpus {path}: {e}") from None
-    lines = [x for x in lines if x.strip()]
-    if not lines:
-        raise MemeditError(f"the corpus {path} tokenizes to nothing: it has no text lines")
-    return lines
+    from memedit.storage.corpus import read_texts
+
+    return read_texts(path, "corpus")
 
 
 def render(report, examples: int) -> None:

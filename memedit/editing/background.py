@@ -49,19 +49,6 @@ def default_corpus(model: MemoryModel) -> list[str]:
     return world_of(model).training_sentences()
 
 
-def read_corpus(path: str) -> list[str]:
-    """Sentences of a text file, one per non-empty line."""
-    from pathlib import Path
-
-    try:
-        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
-    except OSError as e:
-        raise MemeditError(f"cannot read corpus {path}: {e.strerror}") from None
-    if not lines:
-        raise MemeditError(f"corpus {path} is empty")
-    return lines
-
-
 @torch.no_grad()
 def compute(model: MemoryModel, sentences: Sequence[str], batch_size: int = DEFAULT_BATCH,
             max_batches: int = DEFAULT_MAX_BATCHES, seed: int = 0, corpus: str = "",

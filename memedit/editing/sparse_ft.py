@@ -26,6 +26,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,28 @@ class EditRequest:
     @classmethod
     def from_fact(cls, fact) -> EditRequest:
         return cls.from_dict(fact.to_json())
+
+
+def read_requests(path: str | Path) -> list[EditRequest]:
+    """The edit requests of a JSONL file, one JSON object a line (:meth:`EditRequest.from_dict`)."""
+    import json
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise MemeditError(f"cannot read {path}: {e.strerror}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                out.append(EditRequest.from_dict(json.loads(line)))
+            except ValueError as e:
+                raise MemeditError(f"{path}:{n}: not JSON ({e})") from None
+            except MemeditError as e:
+                raise MemeditError(f"{path}:{n}: {e}") from None
+    if not out:
+        raise MemeditError(f"{path} holds no edit requests")
+    return out
 
 
 @dataclass

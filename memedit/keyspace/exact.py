@@ -569,3 +569,18 @@ def sync_indexes(indexes: list[SlotKeyIndex], layer: MemoryLayer) -> int:
     """Update each head's index for the layer's changed sub-keys; returns the slots rewritten."""
     keys = layer.keys4d.detach().float().cpu().numpy()
     return sum(ix.sync(keys[h]) for h, ix in enumerate(indexes))
+
+
+def saving_queries(source: Callable, path: str) -> Callable:
+    """``source`` that also writes the queries it gives for its first pass (the first dtype) to ``path`` (.npz)."""
+    first = True
+
+    def saving(model, dtype):
+        nonlocal first
+        checked = source(model, dtype)
+        if first:
+            save_queries(path, checked)
+            first = False
+        return checked
+
+    return saving

@@ -685,3 +685,26 @@ def route(
         predicted_before=tok.id_to_token(int(logits0.argmax())), predicted_after=tok.id_to_token(int(logits1.argmax())),
         collateral=n_probe_changed, slots_replaced=n_replaced, probe_selecting_slot=n_select, facts_checked=n_facts,
         facts_accuracy_before=acc[0], facts_accuracy_after=acc[1], patch=patch)
+
+
+PROBE_TEXTS = 512  # background passages whose lookups measure an adaptation's or a route's collateral
+
+
+def even_sample(items: Sequence, n: int) -> list:
+    """At most ``n`` of ``items``, spread evenly from the first (every len // n-th); all of them when n is 0."""
+    return list(items) if n == 0 else list(items[:: max(1, len(items) // n)][:n])
+
+
+def probe_texts_for(model: MemoryModel, probe: list[str] | None, probe_from: str = "--probe",
+                    fallback: list[str] | None = None, n: int = PROBE_TEXTS) -> tuple[list[str], str]:
+    """The probe set and where it came from: ``probe`` (the user's), else an even sample of the model's demo-world
+    corpus, else a sample of ``fallback`` (the user's own text)."""
+    if probe is not None:
+        return probe, probe_from
+    if model.meta.get("world"):
+        from ..world.facts import world_of
+
+        return even_sample(world_of(model).training_sentences(), n), "a sample of the demo world's corpus"
+    if fallback:
+        return even_sample(fallback, n), "the adapted text itself (no --probe given)"
+    raise MemeditError("no background text to measure collateral on: pass --probe FILE (one passage per line)")
