@@ -157,3 +157,17 @@ def test_every_package_is_installed_with_its_data():
 
     assert (SITE / "index.html").is_file() and (BUNDLED / "config.json").is_file()
     assert set(cfg["package-data"]) == {"memedit.data.demo", "memedit.auditing.report_site"}
+
+
+def test_cited_files_are_in_the_repository():
+    """Docstrings and comments cite files of this repository (docs/, memedit/...), and those files exist."""
+    import re
+
+    # (memedit/edits.js and the like are files of a model folder's memedit/ state, not of this repository)
+    cited = re.compile(r"\b(docs/[\w/.-]+\.md|(?:memedit|cli|tests|benchmarks|examples)/[\w/.-]+\.py)\b")
+    missing = []
+    for m, f in modules().items():
+        text = f.read_text()
+        assert "shared/" not in text.replace("#shared/", ""), f"{m} cites a document outside the repository"
+        missing += [f"{m}: {p}" for p in cited.findall(text) if not (ROOT / p).exists()]
+    assert not missing, missing

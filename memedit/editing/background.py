@@ -1,6 +1,6 @@
 """Background slot statistics: how often, and in how many batches of general text, each value row is read.
 
-Sparse memory finetuning (shared/reference/memory-layers.md §6) ranks the slots a new fact uses against this
+Sparse memory finetuning (docs/reference.md §6) ranks the slots a new fact uses against this
 background: a slot read in nearly every batch (a "hub" that serves grammar or frequent words) gets a low IDF, a
 slot read only by the new fact a high one. Stored with the model in ``memedit/background.safetensors``.
 """

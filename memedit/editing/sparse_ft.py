@@ -1,4 +1,4 @@
-"""Fact edits by sparse memory finetuning (Lin et al., 2025; shared/reference/memory-layers.md §6).
+"""Fact edits by sparse memory finetuning (Lin et al., 2025; docs/reference.md §6).
 
 1. Count the slots the new fact reads: c(i) over the lookups of its training phrasings, each followed by the new
    target's tokens (teacher forcing) — ``positions``: the answer positions only (every position that predicts a

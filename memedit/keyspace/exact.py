@@ -3,7 +3,7 @@
 The reference is independent of memedit's lookup: it never uses the two-stage trick. Every slot s = i*N + j
 gets its full key [C0_i ; C1_j] (K dims), blocks of slots are materialised on the fly and searched with FAISS
 (``faiss.contrib.exhaustive_search.knn_ground_truth``, METRIC_INNER_PRODUCT), so the N²×K key matrix never has
-to exist (shared/reference/memory-layers.md §3, §4).
+to exist (docs/reference.md §3, §4).
 
 Comparison (§3's caveats): the one-matmul brute force rounds differently from s1 + s2, and in low precision
 many scores tie at the k-th place. So a lookup AGREES when

@@ -1,7 +1,7 @@
 """The product-key memory layer (Memory Layers at Scale, 2024; Lample et al. 2019).
 
 Parameter names and shapes follow the reference implementation exactly, so its checkpoints map 1:1
-(shared/reference/memory-layers.md §2):
+(docs/reference.md §2):
 
     keys                              (2*H*N, K/2)   viewed as (H, 2, N, K/2)
     values.weight                     (N*N, V)       possibly shared by several memory layers

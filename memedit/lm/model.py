@@ -1,6 +1,6 @@
 """The host language model: a decoder-only transformer whose FFN is a product-key memory in some layers.
 
-Names follow the reference implementation (shared/reference/memory-layers.md §2): ``tok_embeddings``,
+Names follow the reference implementation (docs/reference.md §2): ``tok_embeddings``,
 ``layers.{L}.attention.{wq,wk,wv,wo}``, ``layers.{L}.attention_norm``, ``layers.{L}.ffn_norm``,
 ``layers.{L}.feed_forward`` (a SwiGLU FFN or a :class:`~memedit.lm.memory.MemoryLayer`), ``norm``, ``output``.
 """

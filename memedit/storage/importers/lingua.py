@@ -2,7 +2,7 @@
 
 In: a consolidated folder (``params.json`` + ``consolidated.pth`` = ``{"model": {...}, "optim": {...}}``) or a
 training step folder with DCP shards and ``params.json``. Out: ``save_lingua`` writes a consolidated folder with the
-shared value table copied under every memory layer, as the reference expects (shared/reference/memory-layers.md §2).
+shared value table copied under every memory layer, as the reference expects (docs/reference.md §2).
 """
 
 from __future__ import annotations

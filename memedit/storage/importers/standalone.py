@@ -2,7 +2,7 @@
 
 Both become a :class:`MemoryModel` with ``config.standalone`` set: one memory at "layer" 0, no tokenizer. Their
 lookup is the same as the reference's; only names, shapes and the query layout differ
-(shared/reference/memory-layers.md §2):
+(docs/reference.md §2):
 
 - XLM: ``keys`` (H, 2, N, K/2), ``query_proj.query_mlps.0`` linear (+ optional eval-mode BatchNorm at ``.1``, folded
   into the linear), ``values.weight`` (N², D), no output projection.
