@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import torch
 
-from memedit.auditing.audit import Corpus, audit, token_batches
+from memedit.auditing.audit import Corpus, audit, corpus_batches
 from memedit.auditing.hdf5 import FILTERS, _chunks, write_audit
 from memedit.auditing.stats import SlotCounter, SlotStats, report
 from memedit.lm.batching import pad_batch, pad_id
@@ -66,7 +66,7 @@ def bench_counting(model, max_tokens: int, batch_size: int, rounds: int) -> None
     corpus = Corpus.open(None, model)
     pad = pad_id(model)
     prepared = []
-    for seqs, _ in token_batches(model, corpus, batch_size, max_tokens):
+    for seqs, _ in corpus_batches(model, corpus, batch_size, max_tokens):
         tokens, lengths = pad_batch(seqs, pad)
         prepared.append((tokens, (torch.arange(tokens.shape[1]) < lengths[:, None]).reshape(-1)))
     n_tokens = sum(int(m.sum()) for _, m in prepared)

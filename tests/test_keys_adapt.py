@@ -6,7 +6,8 @@ import json
 
 import torch
 
-from memedit.keyspace.keys import KeyPatch, keys_name, token_batches
+from memedit.keyspace.keys import KeyPatch, keys_name
+from memedit.lm.batching import text_batches
 from memedit.storage.checkpoint import fingerprint, load
 from memedit.storage.state import write_frozen_rows
 from memedit.tracing.capture import capture_lookups
@@ -18,7 +19,7 @@ def stage1_rows(model, texts, L):
     """Every keys row that entered a stage-1 top-k of layer L while reading ``texts`` (the allowed updates)."""
     rows = set()
     N = model.config.memory.n_keys
-    for tokens, valid in token_batches(model, texts, 64):
+    for tokens, valid in text_batches(model, texts, 64):
         with torch.no_grad(), capture_lookups(model) as rec:
             model(tokens[:, :-1])
         s1 = rec[L][0].stage1[valid[:, :-1].reshape(-1)]  # (n, H, 2, k)

@@ -28,7 +28,7 @@ from .stats import SlotCounter, SlotStats, TopContexts
 Progress = Callable[[int, float], None]  # (tokens audited so far, fraction of the corpus read)
 
 
-def token_batches(model: MemoryModel, corpus: Corpus, batch_size: int = 64, max_tokens: int | None = None,
+def corpus_batches(model: MemoryModel, corpus: Corpus, batch_size: int = 64, max_tokens: int | None = None,
                   origins: bool = False) -> Iterator[tuple]:
     """Batches of token sequences (BOS + tokens, split at max_seqlen), stopping after ``max_tokens`` tokens:
     (sequences, fraction of the corpus read), and with ``origins`` a third item, (document, first position) of
@@ -87,7 +87,7 @@ def audit(model: MemoryModel, corpus: Corpus, max_tokens: int | None = None, bat
     device = next(model.parameters()).device
     seen = 0  # tokens in the stream so far, all ranks
     with on_lookup(model, counter):
-        for b, (seqs, frac, where) in enumerate(token_batches(model, corpus, batch_size, max_tokens, origins=True)):
+        for b, (seqs, frac, where) in enumerate(corpus_batches(model, corpus, batch_size, max_tokens, origins=True)):
             n = sum(len(s) for s in seqs)
             seen += n
             if b % world_size == rank:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MemeditError
+from ..lm.batching import text_batches
 from ..lm.model import MemoryModel
 
 PATCH_FORMAT = "memedit-row-patch"
@@ -236,28 +237,6 @@ def subkey_row(layer, head: int, half: int, i: int) -> int:
 
 
 # ---- running text through the model --------------------------------------------------------------------
-def token_batches(model: MemoryModel, texts: Sequence[str], batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(tokens (B, T), valid (B, T) bool) batches of BOS + text (+ EOS), right-padded."""
-    from ..lm.batching import pad_batch, pad_id
-
-    tok = model.tokenizer
-    if tok is None:
-        raise MemeditError("this model has no tokenizer: text commands need one")
-    seqs = []
-    for t in texts:
-        if t.strip():
-            ids = model.encode(t)
-            seqs.append(ids + ([tok.eos_id] if tok.eos_id is not None else []))
-    if not seqs:
-        raise MemeditError("the text tokenizes to nothing: give a file with text lines")
-    pad = pad_id(model)
-    out = []
-    for start in range(0, len(seqs), batch_size):
-        tokens, lengths = pad_batch(seqs[start : start + batch_size], pad)
-        out.append((tokens, torch.arange(tokens.shape[1])[None, :] < lengths[:, None]))
-    return out
-
-
 def lm_loss(model: MemoryModel, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over real (non-pad) targets."""
     logits = model(tokens[:, :-1])  # (B, T-1, vocab)
@@ -367,8 +346,8 @@ def adapt(
             raise MemeditError(f"layer {L} is not a memory layer (memory layers: {list(model.memory_layers)})")
     mem = {L: model.memory_layers[L] for L in layers}
     frozen = frozen_key_rows(model)
-    batches = token_batches(model, texts, batch_size)
-    probe_batches = token_batches(model, probe, 64)
+    batches = text_batches(model, texts, batch_size)
+    probe_batches = text_batches(model, probe, 64)
     before = {keys_name(L): m.keys.detach().clone() for L, m in mem.items()}
     loss_before, probe_loss_before = text_loss(model, batches), text_loss(model, probe_batches)
     probe_slots = selected_slots(model, probe_batches)
@@ -480,7 +459,7 @@ def slot_usage(model: MemoryModel, table: str, texts: Sequence[str] | None) -> t
 
     counter = RowCounter(model)
     with torch.no_grad(), on_lookup(model, counter):
-        for tokens, valid in token_batches(model, texts, 64):
+        for tokens, valid in text_batches(model, texts, 64):
             counter.batch(valid.reshape(-1))
             model(tokens)
     return counter.reads[t.name], f"counted over {len(texts):,} background passages"
@@ -659,7 +638,7 @@ def route(
     n_probe_changed, n_replaced, n_select, acc = 0.0, 0.0, 0, (float("nan"), float("nan"))
     n_facts = 0
     if probe or facts:
-        pb = token_batches(model, probe, 64) if probe else []
+        pb = text_batches(model, probe, 64) if probe else []
         f_prompts = [p for f in facts or [] if f.subject != subject for p in f.training_prompts]
         f_targets = [f.target_true for f in facts or [] if f.subject != subject for _ in f.training_prompts]
         n_facts = len(f_prompts)
