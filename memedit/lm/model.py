@@ -316,7 +316,8 @@ class MemoryModel(nn.Module):
         return h
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.output(self.norm(self.hook_resid_final(self.hidden(tokens))))
+        h = self.hidden(tokens)  # first: a standalone module says here that it has no host LM
+        return self.output(self.norm(self.hook_resid_final(h)))
 
     def suffix_logits(self, inputs: list[torch.Tensor], start: int, first_block: int, copies: int) -> torch.Tensor:
         """Logits (copies, T - start, vocab) of positions start..T-1, recomputed from block ``first_block`` on.
