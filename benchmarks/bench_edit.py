@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memedit  # noqa: E402
-from memedit import background as B  # noqa: E402
-from memedit.evaluate import accuracy  # noqa: E402
-from memedit.facts import world_of  # noqa: E402
-from memedit.sparse_ft import EditConfig, EditRequest, Forgetting, edit, measure  # noqa: E402
+from memedit.editing import background as B  # noqa: E402
+from memedit.editing.sparse_ft import EditConfig, EditRequest, Forgetting, edit, measure  # noqa: E402
+from memedit.world.evaluate import accuracy  # noqa: E402
+from memedit.world.facts import world_of  # noqa: E402
 
 
 def methods(args) -> dict[str, EditConfig]:
@@ -76,8 +76,8 @@ C_INV: list = []  # ROME's inverse key covariance, computed once per run
 
 def apply_edit(model, req: EditRequest, bg, cfg, commit=None):
     """Make one edit and apply it (in memory, or through ``commit``); returns the EditResult."""
-    from memedit.patch import write_rows
-    from memedit.sparse_ft import EditResult
+    from memedit.editing.patch import write_rows
+    from memedit.editing.sparse_ft import EditResult
 
     if cfg == ROME:
         from baselines import rome_edit
@@ -121,7 +121,7 @@ def single(model, facts, others, bg, cfg) -> dict:
 
 
 def sequential(model, facts, others, bg, cfg, folder: Path | None) -> dict:
-    from memedit.patch import apply, revert
+    from memedit.editing.patch import apply, revert
 
     state = snapshot(model)
     untouched_p = [p for f in others for p in f.training_prompts]
@@ -211,7 +211,7 @@ def main() -> None:
                 else:
                     folder = None
                     if name == "memedit":  # the real path: a model folder, apply per edit, revert every edit
-                        from memedit.checkpoint import save
+                        from memedit.storage.checkpoint import save
 
                         folder = save(model, tmp / "model")
                         ORIGINAL_BYTES[:] = [(folder / "model.safetensors").read_bytes()]

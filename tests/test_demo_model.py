@@ -7,12 +7,12 @@ import random
 
 import torch
 
-from memedit.checkpoint import BUNDLED
-from memedit.evaluate import memory_zeroed
-from memedit.facts import world_of
-from memedit.importers.tokenizers import HFTokenizer
-from memedit.targets import accuracy
-from memedit.train import multi_token_share
+from memedit.storage.checkpoint import BUNDLED
+from memedit.storage.importers.tokenizers import HFTokenizer
+from memedit.tracing.targets import accuracy
+from memedit.world.evaluate import memory_zeroed
+from memedit.world.facts import world_of
+from memedit.world.train import multi_token_share
 
 N_FACTS = 1000  # a fixed sample: 2,000 prompts per measure (2 training, 2 held-out wordings per fact)
 

@@ -6,10 +6,11 @@ import json
 
 import torch
 
-from memedit.capture import capture_lookups
-from memedit.checkpoint import fingerprint, load
-from memedit.keys import KeyPatch, keys_name, token_batches
-from memedit.state import write_frozen_rows
+from memedit.keyspace.keys import KeyPatch, keys_name
+from memedit.lm.batching import text_batches
+from memedit.storage.checkpoint import fingerprint, load
+from memedit.storage.state import write_frozen_rows
+from memedit.tracing.capture import capture_lookups
 
 from .conftest import TINY_TEXTS, tiny_model, write_texts
 
@@ -18,7 +19,7 @@ def stage1_rows(model, texts, L):
     """Every keys row that entered a stage-1 top-k of layer L while reading ``texts`` (the allowed updates)."""
     rows = set()
     N = model.config.memory.n_keys
-    for tokens, valid in token_batches(model, texts, 64):
+    for tokens, valid in text_batches(model, texts, 64):
         with torch.no_grad(), capture_lookups(model) as rec:
             model(tokens[:, :-1])
         s1 = rec[L][0].stage1[valid[:, :-1].reshape(-1)]  # (n, H, 2, k)
@@ -62,7 +63,7 @@ def test_adapt_lowers_loss_moves_only_stage1_subkeys_and_reverts_exactly(cli, ti
 
 
 def test_one_step_moves_only_subkeys_that_entered_a_stage1_topk():
-    from memedit.keys import adapt
+    from memedit.keyspace.keys import adapt
 
     model = tiny_model()
     before = {L: m.keys.clone() for L, m in model.memory_layers.items()}
@@ -118,9 +119,9 @@ def test_the_bundled_model_is_refused(cli, demo, tmp_path):
 
 
 def test_adapt_on_heldout_phrasings_lowers_their_loss_on_the_demo_model(demo, tmp_path):
-    from memedit.checkpoint import save
-    from memedit.facts import world_of
-    from memedit.keys import adapt
+    from memedit.keyspace.keys import adapt
+    from memedit.storage.checkpoint import save
+    from memedit.world.facts import world_of
 
     model = load(save(demo, tmp_path / "mine"))
     world = world_of(model)
