@@ -243,3 +243,18 @@ def test_miq_reference_agrees_with_the_brute_force_and_flags_the_same_bug(cli, t
     report = exact.verify(model, exact.random_source(400, seed=1), "random", [torch.float32], reference="miq")
     bad = mismatches_by_layer(report)
     assert bad[2] > 300 and bad[0] == 0
+
+
+def test_a_pass_in_another_dtype_shares_the_value_table_and_agrees():
+    """--dtypes bfloat16 on a float32 model computes in bfloat16 without copying or converting the value table
+    (at a million slots that copy was gigabytes): the lookups run in bfloat16 and agree with FAISS."""
+    model = tiny_model()
+    half = exact.in_dtype(model, torch.bfloat16)
+    assert half.table("shared").weight is model.table("shared").weight
+    assert half.dtype == torch.bfloat16 and half.table("shared").weight.dtype == torch.float32
+    assert model.dtype == torch.float32 and model.output.weight.dtype == torch.float32  # the original untouched
+    assert half.output.weight.dtype == torch.bfloat16
+    report = exact.verify(model, exact.corpus_source(TINY_TEXTS), "text", [torch.bfloat16])
+    assert report.ok and report.passes[0].lookups > 0
+    checked = exact.corpus_source(TINY_TEXTS)(model, torch.bfloat16)
+    assert all(c.queries.dtype == torch.bfloat16 for c in checked.values())
