@@ -296,7 +296,7 @@ def slots_replaced(before: dict[int, torch.Tensor], after: dict[int, torch.Tenso
 
 
 # ---- keys adapt ----------------------------------------------------------------------------------------
-MEASURE_TOKENS = 4096  # tokens of text and of probe on which loss and collateral are measured, before and after
+MEASURE_TOKENS = 2048  # tokens of text and of probe on which loss and collateral are measured, before and after
 
 
 def text_sample(model: MemoryModel, texts: Sequence[str], max_tokens: int) -> list[str]:
