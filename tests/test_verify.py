@@ -206,6 +206,10 @@ def test_blockwise_search_equals_one_block():
     assert np.array_equal(i1, i2) and np.allclose(d1, d2)
     brute = np.argsort(-(q @ full.T), axis=1)[:, :10]
     assert np.array_equal(np.sort(i1, 1), np.sort(brute, 1))
+    import faiss  # and FAISS's own flat search over the same keys
+
+    d3, i3 = faiss.knn(np.ascontiguousarray(q, dtype=np.float32), full, 10, metric=faiss.METRIC_INNER_PRODUCT)
+    assert np.array_equal(np.sort(i1, 1), np.sort(i3, 1)) and np.allclose(d1, d3, rtol=1e-5)
 
 
 def test_standalone_memory_module_verifies_from_query_vectors(cli, tmp_path):
