@@ -1,4 +1,4 @@
-"""memedit verify: prove the lookups exact against FAISS brute-force search."""
+"""memedit verify: prove the lookups exact against a brute-force search (or FAISS's product-key search)."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def verify(
     device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Compare every memory head's top-k with FAISS exact inner-product search over all N² slot keys.
+    """Compare every memory head's top-k with an exact brute-force inner-product search over all N² slot keys.
 
     Exit code 0 when every lookup agrees (index differences only inside score ties), 1 on a real mismatch.
 
@@ -164,8 +164,8 @@ def render(report, examples: int) -> None:
                 console.print(f"  memedit slots {ex.memedit_slots}\n  memedit scores "
                               f"{[round(x, 5) for x in ex.memedit_scores]}")
                 console.print(f"  true scores    {[round(x, 5) for x in ex.true_scores]}")
-                console.print(f"  FAISS slots   {ex.faiss_slots}\n  FAISS scores   "
+                console.print(f"  reference slots {ex.faiss_slots}\n  reference scores "
                               f"{[round(x, 5) for x in ex.faiss_scores]}")
-    verdict = ("[green]all lookups agree with FAISS exact search[/]" if report.ok
+    verdict = ("[green]all lookups agree with the exact reference search[/]" if report.ok
                else "[red]REAL MISMATCHES: the lookup is not exact[/]")
     console.print(verdict)
