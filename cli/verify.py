@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .common import DeviceOpt, JsonOpt, ModelOpt, command, console, err_console, esc, load_model, print_json
+from .common import DeviceOpt, JsonOpt, ModelOpt, StepProgress, command, console, esc, load_model, print_json
 
 
 def parse_dtypes(spec: str, model_dtype):
@@ -105,8 +105,8 @@ def verify(
                 first = False
             return checked
 
-    show = None if json else (lambda msg: err_console.print(f"[dim]{msg}[/]"))
-    report = exact.verify(m, source, name, passes, threads=threads, progress=show, reference=reference)
+    with StepProgress("verifying", "heads", disable=json) as bar:
+        report = exact.verify(m, source, name, passes, threads=threads, progress=bar, reference=reference)
     if json:
         print_json(report.to_json())
     else:

@@ -427,8 +427,10 @@ def compare(
     block_bytes: int = BLOCK_BYTES,
     indexes: dict[int, list[SlotKeyIndex]] | None = None,
     reference: str = "flat",
+    on_head: Callable[[], None] | None = None,
 ) -> list[HeadReport]:
-    """Compare every (layer, head) of captured lookups with FAISS (blockwise, or the kept ``indexes``)."""
+    """Compare every (layer, head) of captured lookups with the reference (blockwise brute force, FAISS's MIQ, or
+    the kept ``indexes``); ``on_head()`` is called after each head."""
     out = []
     for L, c in checked.items():
         keys = c.keys.detach().float().cpu().numpy()  # (H, 2, N, K/2)
@@ -439,6 +441,8 @@ def compare(
                          c.lookup.scores[:, h].float().cpu().numpy(), rtol, rep, block_bytes,
                          index=indexes[L][h] if indexes else None, reference=reference)
             out.append(rep)
+            if on_head is not None:
+                on_head()
     return out
 
 
@@ -481,25 +485,30 @@ def verify(
     dtypes: Sequence[torch.dtype],
     threads: int = 1,
     block_bytes: int = BLOCK_BYTES,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     reference: str = "flat",
 ) -> VerifyReport:
     """Run ``source`` (which makes lookups through the model's one lookup) once per dtype and compare with FAISS.
 
     ``source(model, dtype)`` computes in ``dtype`` itself: query vectors only need the sub-keys cast, text needs a
-    copy of the model in that dtype (:func:`in_dtype`)."""
+    copy of the model in that dtype (:func:`in_dtype`). ``progress(heads compared, heads in all passes)`` is called
+    after each head."""
     from .checkpoint import dtype_name
 
-    passes = []
+    passes, done, total = [], 0, 0
+
+    def head_done() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
     with faiss_threads(threads):
         for dt in dtypes:
-            if progress:
-                progress(f"{dtype_name(dt)}: looking up")
             checked = source(model, dt)
-            if progress:
-                progress(f"{dtype_name(dt)}: FAISS exact search")
+            total = len(dtypes) * sum(c.queries.shape[1] for c in checked.values())  # heads in all passes
             passes.append(PassReport(dtype_name(dt), rtol_for(dt), compare(checked, rtol_for(dt), block_bytes,
-                                                                       reference=reference)))
+                                                                       reference=reference, on_head=head_done)))
     return VerifyReport(source_name, passes)
 
 

@@ -164,7 +164,7 @@ def test_cli_exit_code_1_on_a_real_mismatch(cli, tiny, monkeypatch):
     monkeypatch.setattr(ProductKeySearch, "forward", swapped)
     code, out, _ = cli("verify", "--model", path, "--random", 50, "--dtypes", "float32", "--examples", 1)
     assert code == 1
-    assert "REAL MISMATCHES" in out and "memedit slots" in out and "FAISS slots" in out
+    assert "REAL MISMATCHES" in out and "memedit slots" in out and "reference slots" in out
 
 
 # ---- bad input -------------------------------------------------------------------------------------------
@@ -262,3 +262,12 @@ def test_a_pass_in_another_dtype_shares_the_value_table_and_agrees():
     assert report.ok and report.passes[0].lookups > 0
     checked = exact.corpus_source(TINY_TEXTS)(model, torch.bfloat16)
     assert all(c.queries.dtype == torch.bfloat16 for c in checked.values())
+
+
+def test_verify_reports_progress_per_head_over_all_passes():
+    model = tiny_model()
+    seen: list[tuple[int, int]] = []
+    report = exact.verify(model, exact.random_source(20), "random", [torch.float32, torch.bfloat16],
+                          progress=lambda done, total: seen.append((done, total)))
+    assert report.ok
+    assert seen == [(i, 8) for i in range(1, 9)]  # 2 passes x 2 layers x 2 heads
