@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from memedit.model import MemoryModel
-from memedit.sparse_ft import EditRequest, _teacher_batch, fact_items
+from memedit.editing.sparse_ft import EditRequest, _teacher_batch, fact_items
+from memedit.lm.model import MemoryModel
 
 
 def _inputs_at(model: MemoryModel, layer: int, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -34,13 +34,13 @@ def _inputs_at(model: MemoryModel, layer: int, tokens: torch.Tensor, rows: torch
 def key_covariance(model: MemoryModel, layer: int, texts: Sequence[str], batch: int = 64, ridge: float = 1e-2
                    ) -> torch.Tensor:
     """C^-1 (V, V): the inverse uncentred covariance of value_proj's inputs over ``texts`` (plus a ridge)."""
-    from memedit.evaluate import pad_batch
+    from memedit.lm.batching import pad_batch, pad_id
 
     V = model.memory_layers[layer].value_proj.in_features
     acc, n = torch.zeros(V, V, dtype=torch.float64), 0
     for s in range(0, len(texts), batch):
         seqs = [model.encode(t) for t in texts[s : s + batch]]
-        tokens, lengths = pad_batch(seqs, model.tokenizer.pad_id or 0)
+        tokens, lengths = pad_batch(seqs, pad_id(model))
         keep = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).flatten()
         k = _inputs_at(model, layer, tokens, keep.nonzero()[:, 0]).double()
         acc += k.T @ k

@@ -21,11 +21,11 @@ import h5py
 import numpy as np
 import torch
 
-from memedit.audit import Corpus, audit, token_batches
-from memedit.capture import on_lookup
-from memedit.evaluate import pad_batch
-from memedit.hdf5 import FILTERS, _chunks, write_audit
-from memedit.stats import SlotCounter, SlotStats, report
+from memedit.auditing.audit import Corpus, audit, corpus_batches
+from memedit.auditing.hdf5 import FILTERS, _chunks, write_audit
+from memedit.auditing.stats import SlotCounter, SlotStats, report
+from memedit.lm.batching import pad_batch, pad_id
+from memedit.tracing.capture import on_lookup
 
 
 def demo_or_demo_shaped():
@@ -36,8 +36,8 @@ def demo_or_demo_shaped():
         m = memedit.load()
         return m, "bundled demo model" if m.read_only else f"demo model from {m.source}"
     except memedit.MemeditError:
-        from memedit.model import MemoryModel
-        from memedit.train import TrainConfig, demo_config, world_tokenizer
+        from memedit.lm.model import MemoryModel
+        from memedit.world.train import TrainConfig, demo_config, world_tokenizer
 
         tc = TrainConfig()
         world = tc.world()
@@ -50,8 +50,8 @@ def demo_or_demo_shaped():
 
 def million_slot_model(demo):
     """An untrained model with 1,048,576-slot memories (N 1024, 4 heads, k 32, K 256) and the demo's tokenizer."""
-    from memedit.memory import MemoryConfig
-    from memedit.model import MemoryModel, ModelConfig
+    from memedit.lm.memory import MemoryConfig
+    from memedit.lm.model import MemoryModel, ModelConfig
 
     cfg = ModelConfig(dim=256, n_layers=2, n_heads=4, vocab_size=demo.config.vocab_size, multiple_of=64,
                       max_seqlen=32, memory=MemoryConfig(layers=[0, 1], n_keys=1024, heads=4, knn=32, k_dim=256))
@@ -64,9 +64,9 @@ def million_slot_model(demo):
 @torch.no_grad()
 def bench_counting(model, max_tokens: int, batch_size: int, rounds: int) -> None:
     corpus = Corpus.open(None, model)
-    pad = model.tokenizer.pad_id
+    pad = pad_id(model)
     prepared = []
-    for seqs, _ in token_batches(model, corpus, batch_size, max_tokens):
+    for seqs, _ in corpus_batches(model, corpus, batch_size, max_tokens):
         tokens, lengths = pad_batch(seqs, pad)
         prepared.append((tokens, (torch.arange(tokens.shape[1]) < lengths[:, None]).reshape(-1)))
     n_tokens = sum(int(m.sum()) for _, m in prepared)
@@ -115,8 +115,8 @@ def bench_counting(model, max_tokens: int, batch_size: int, rounds: int) -> None
 
 def million_slot_stats(accesses: int, seed: int = 0) -> SlotStats:
     """Statistics of a 1,048,576-slot memory (N 1024, 4 heads, layers 1 and 3 sharing a table), with skewed use."""
-    from memedit.memory import MemoryConfig
-    from memedit.model import ModelConfig
+    from memedit.lm.memory import MemoryConfig
+    from memedit.lm.model import ModelConfig
 
     N, H, layers = 1024, 4, [1, 3]
     g = torch.Generator().manual_seed(seed)

@@ -40,11 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memedit  # noqa: E402
-from memedit import background as B  # noqa: E402
-from memedit.facts import world_of  # noqa: E402
-from memedit.patch import write_rows  # noqa: E402
-from memedit.sparse_ft import EditConfig, EditRequest, edit  # noqa: E402
-from memedit.targets import score  # noqa: E402
+from memedit.editing import background as B  # noqa: E402
+from memedit.editing.patch import write_rows  # noqa: E402
+from memedit.editing.sparse_ft import EditConfig, EditRequest, edit  # noqa: E402
+from memedit.tracing.targets import score  # noqa: E402
+from memedit.world.facts import world_of  # noqa: E402
 
 FIXED = {"adaptive": False, "top_t": 128, "steps": 100}  # the defaults before continual editing
 STRATEGIES = {

@@ -7,6 +7,8 @@ Methods (same steps, same early stop):
   counts       top-t value rows by access counts alone (no IDF), otherwise identical
   full-ft      every parameter of the model trained (AdamW, the usual choice for full finetuning; lr 3e-5, the
                smallest of {1e-3, 1e-4, 3e-5} tried that still made every edit, since a larger one forgot more)
+  rome         a ROME-style rank-one edit of the last memory layer's value_proj (benchmarks/baselines.py), the
+               nearest dense-editing peer: no steps or rows in common with the others
 
 Two runs per method, on the same n facts (a fixed random sample), each rewritten to its ``target_new``:
   single       each edit made on the original model, measured right after it, then undone
@@ -33,12 +35,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memedit  # noqa: E402
-from memedit import background as B  # noqa: E402
-from memedit.evaluate import accuracy  # noqa: E402
-from memedit.facts import world_of  # noqa: E402
-from memedit.sparse_ft import EditConfig, EditRequest, Forgetting, edit, measure  # noqa: E402
+from memedit.editing import background as B  # noqa: E402
+from memedit.editing.sparse_ft import EditConfig, EditRequest, Forgetting, edit, measure  # noqa: E402
+from memedit.world.evaluate import accuracy  # noqa: E402
+from memedit.world.facts import world_of  # noqa: E402
 
 
 def methods(args) -> dict[str, EditConfig]:
@@ -53,6 +56,7 @@ def methods(args) -> dict[str, EditConfig]:
         "memedit": base,
         "counts": EditConfig(**{**base.__dict__, "ranking": "counts"}),
         "full-ft": EditConfig(**{**base.__dict__, "train_all": True, "optimizer": "adamw", "lr": args.ft_lr}),
+        "rome": ROME,
     }
 
 
@@ -66,10 +70,21 @@ def restore(model, state: dict[str, torch.Tensor]) -> None:
             v.copy_(state[k])
 
 
-def apply_edit(model, req: EditRequest, bg, cfg: EditConfig, commit=None):
-    """Make one edit and apply it (in memory, or through ``commit``); returns (result, seconds to edit)."""
-    from memedit.patch import write_rows
+ROME = "rome"  # a method name, not an EditConfig: benchmarks/baselines.py
+C_INV: list = []  # ROME's inverse key covariance, computed once per run
 
+
+def apply_edit(model, req: EditRequest, bg, cfg, commit=None):
+    """Make one edit and apply it (in memory, or through ``commit``); returns the EditResult."""
+    from memedit.editing.patch import write_rows
+    from memedit.editing.sparse_ft import EditResult
+
+    if cfg == ROME:
+        from baselines import rome_edit
+
+        t0 = time.perf_counter()
+        rome_edit(model, req, max(model.memory_layers), C_INV[0])
+        return EditResult(None, {}, 0, float("nan"), time.perf_counter() - t0)
     res = edit(model, [req], bg, cfg)
     if res.patch is not None:
         (commit or (lambda p: write_rows(model, p)))(res.patch)
@@ -106,7 +121,7 @@ def single(model, facts, others, bg, cfg) -> dict:
 
 
 def sequential(model, facts, others, bg, cfg, folder: Path | None) -> dict:
-    from memedit.patch import apply, revert
+    from memedit.editing.patch import apply, revert
 
     state = snapshot(model)
     untouched_p = [p for f in others for p in f.training_prompts]
@@ -159,7 +174,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.0)
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--ft-lr", type=float, default=3e-5, help="AdamW learning rate of the full-finetuning baseline")
-    ap.add_argument("--methods", default="memedit,counts,full-ft")
+    ap.add_argument("--methods", default="memedit,counts,full-ft,rome")
     ap.add_argument("--runs", default="single,sequential")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -179,7 +194,13 @@ def main() -> None:
 
     cfgs = {k: v for k, v in methods(args).items() if k in args.methods.split(",")}
     edit(model, [EditRequest.from_fact(others[0])], bg, EditConfig())  # warm-up, untimed; the model is unchanged
-    results: dict = {"n": args.n, "background_seconds": bg_seconds, "configs": {k: v.__dict__ for k, v in cfgs.items()}}
+    if ROME in cfgs:
+        from baselines import key_covariance
+
+        texts = world.training_sentences()
+        C_INV[:] = [key_covariance(model, max(model.memory_layers), texts[:: max(1, len(texts) // 4000)])]
+    results: dict = {"n": args.n, "background_seconds": bg_seconds,
+                     "configs": {k: getattr(v, "__dict__", v) for k, v in cfgs.items()}}
     tmp = Path(tempfile.mkdtemp(prefix="bench_edit."))
     try:
         for run in args.runs.split(","):
@@ -190,7 +211,7 @@ def main() -> None:
                 else:
                     folder = None
                     if name == "memedit":  # the real path: a model folder, apply per edit, revert every edit
-                        from memedit.checkpoint import save
+                        from memedit.storage.checkpoint import save
 
                         folder = save(model, tmp / "model")
                         ORIGINAL_BYTES[:] = [(folder / "model.safetensors").read_bytes()]

@@ -40,8 +40,8 @@ def main() -> None:
     import torch
 
     import memedit
-    from memedit.facts import world_of
-    from memedit.trace import top_vs_random
+    from memedit.tracing.trace import top_vs_random
+    from memedit.world.facts import world_of
 
     torch.set_num_threads(1)  # tiny batches: threads only add waiting on a busy machine
     model = memedit.load(args.model)

@@ -1,6 +1,6 @@
 """Queries/s of memedit's product-key lookup vs FAISS, same run: exact inner-product search over all slots
 (``IndexFlatIP``) and FAISS's own product-key search (``MultiIndexQuantizer``, in the inner-product form of
-memedit/exact.py ``miq_search``).
+memedit/keyspace/exact.py ``miq_search``).
 
 Batch 1024, k 32, K 256, one head, at 65,536 and 1,048,576 slots; prints both ratios and checks that all three give
 the same top-k scores. Also tokens/s of the bundled demo model's forward pass.
@@ -17,8 +17,8 @@ import faiss
 import numpy as np
 import torch
 
-from memedit.exact import miq_index, miq_queries, miq_search
-from memedit.memory import ProductKeySearch
+from memedit.keyspace.exact import miq_index, miq_queries, miq_search
+from memedit.lm.memory import ProductKeySearch
 
 
 def best_of(fn, repeats: int) -> float:

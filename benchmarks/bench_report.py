@@ -35,10 +35,10 @@ def timed(fn, *a, **k):
 
 def demo_figures(n_facts: int, out_dir: Path) -> None:
     import memedit
-    from memedit.audit import Corpus, audit
-    from memedit.facts import world_of
-    from memedit.hdf5 import write_audit
-    from memedit.report import build_report, pages_to_trace, traced_page
+    from memedit.auditing.audit import Corpus, audit
+    from memedit.auditing.hdf5 import write_audit
+    from memedit.auditing.report import build_report, pages_to_trace, traced_page
+    from memedit.world.facts import world_of
 
     demo = memedit.load()
     corpus = Corpus.open(None, demo)
@@ -71,9 +71,9 @@ def million_slot_folder() -> Path:
     if (path / "config.json").is_file():
         return path
     import memedit
-    from memedit.checkpoint import save
-    from memedit.memory import MemoryConfig
-    from memedit.model import MemoryModel, ModelConfig
+    from memedit.lm.memory import MemoryConfig
+    from memedit.lm.model import MemoryModel, ModelConfig
+    from memedit.storage.checkpoint import save
 
     demo = memedit.load()
     cfg = ModelConfig(dim=256, n_layers=2, n_heads=4, vocab_size=demo.config.vocab_size, multiple_of=64,
@@ -87,8 +87,8 @@ def million_slot_folder() -> Path:
 
 def million_figures(out_dir: Path) -> None:
     import memedit
-    from memedit.audit import Corpus, audit
-    from memedit.hdf5 import write_audit
+    from memedit.auditing.audit import Corpus, audit
+    from memedit.auditing.hdf5 import write_audit
 
     folder = million_slot_folder()
     model, t_load = timed(memedit.load, folder)
@@ -113,7 +113,7 @@ def million_figures(out_dir: Path) -> None:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import torch, memedit_cli.app"], check=True)
         imports.append(time.perf_counter() - t0)
-    from memedit.slot import slot_info
+    from memedit.auditing.slot import slot_info
 
     inproc = min(timed(slot_info, folder, slot, stats=audit_file)[1] for _ in range(3))
     print(f"`memedit slot {slot} --stats` on the 1M-slot model: {min(runs):.2f} s best of 3 in a fresh process, of "

@@ -21,9 +21,9 @@ import time
 import numpy as np
 import torch
 
-from memedit import exact
-from memedit.memory import MemoryConfig
-from memedit.model import MemoryModel, ModelConfig
+from memedit.keyspace import exact
+from memedit.lm.memory import MemoryConfig
+from memedit.lm.model import MemoryModel, ModelConfig
 
 
 def random_memory(n_keys: int, k_dim: int, heads: int, knn: int) -> MemoryModel:
@@ -39,7 +39,7 @@ PEAK_CHILD = r"""
 import json, sys, time
 import numpy as np
 import faiss
-from memedit import exact
+from memedit.keyspace import exact
 N, K, n, k = map(int, sys.argv[1:5])
 faiss.omp_set_num_threads(1)
 rng = np.random.default_rng(0)

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import memedit  # noqa: E402
-from memedit.capture import capture_lookups  # noqa: E402
+from memedit.tracing.capture import capture_lookups  # noqa: E402
 from tests.reference_layout import (  # noqa: E402
     brute_force_memory,
     params,

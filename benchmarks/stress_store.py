@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import memedit  # noqa: E402
-from memedit.checkpoint import save  # noqa: E402
-from memedit.store import check_folder  # noqa: E402
+from memedit.storage.checkpoint import save  # noqa: E402
+from memedit.storage.store import check_folder  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
@@ -47,7 +47,7 @@ def cmd(*args) -> list[str]:
 
 
 def state_sha(path: Path) -> str:
-    from memedit.checkpoint import native_state
+    from memedit.storage.checkpoint import native_state
 
     h = hashlib.sha256()
     for k, v in sorted(native_state(memedit.load(path)).items()):
@@ -86,7 +86,7 @@ def kills(base: Path, n: int, seed: int = 0) -> dict:
     path = base / "killed"
     save(memedit.load(), path)
     corpus = base / "corpus.txt"
-    from memedit.facts import world_of
+    from memedit.world.facts import world_of
 
     world = world_of(memedit.load())
     corpus.write_text("\n".join(world.training_sentences()[:64]) + "\n")
@@ -117,9 +117,9 @@ def kills(base: Path, n: int, seed: int = 0) -> dict:
 
 
 def mixed(base: Path, n: int, seed: int = 0) -> dict:
-    from memedit import freeze as F
-    from memedit import patch as P
-    from memedit.keys import KeyPatch, RowChange, apply_file, keys_name
+    from memedit.editing import freeze as F
+    from memedit.editing import patch as P
+    from memedit.keyspace.keys import KeyPatch, RowChange, apply_file, keys_name
 
     rng = random.Random(seed)
     path = base / "mixed"
@@ -215,7 +215,8 @@ def big() -> dict:
             if p.returncode:
                 res[run]["error"] = err.decode()[-300:]
         # the same command in a process that has already imported torch and memedit: the store's own cost
-        code = ("import time, sys, torch, memedit.checkpoint, memedit.patch; from memedit_cli.app import app; "
+        code = ("import time, sys, torch, memedit.storage.checkpoint, memedit.editing.patch; "
+                "from memedit_cli.app import app; "
                 "from typer.testing import CliRunner; "
                 "t = time.perf_counter(); r = CliRunner().invoke(app, sys.argv[1:]); "
                 "print(r.exit_code, round(time.perf_counter() - t, 3))")

@@ -8,14 +8,15 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
+from typer.core import TyperGroup
 
-from .app import app
 from .common import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
     ModelOpt,
     StepProgress,
+    app,
     command,
     console,
     err_console,
@@ -43,7 +44,7 @@ def _fmt(metric: str, v: Any) -> str:
 def _metrics_table(rows: list[dict], title: str) -> Table:
     from rich import box
 
-    from memedit.stats import scope_label
+    from memedit.auditing.stats import scope_label
 
     t = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     t.add_column("scope", no_wrap=True)
@@ -55,13 +56,27 @@ def _metrics_table(rows: list[dict], title: str) -> Table:
     return t
 
 
-@command(app)
+class _AuditGroup(TyperGroup):
+    """`memedit audit [CORPUS]` runs `audit run`; `memedit audit diff A.h5 B.h5` is a subcommand of its own."""
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+audit_app = typer.Typer(
+    cls=_AuditGroup,
+    help="Audit how the memory is used over a corpus (`audit CORPUS` = `audit run CORPUS`), or compare two audits "
+    "(`audit diff A.h5 B.h5`).\n\nExamples: memedit audit corpus.txt --out audit.h5; memedit audit diff a.h5 b.h5")
+app.add_typer(audit_app, name="audit")
+
+
+@command(audit_app, "run")
 def audit(
     corpus: Annotated[Optional[str], typer.Argument(
-        help="Text file (one document per line) or JSONL with a \"text\" field; default: the demo world's corpus. "
-             "Or `diff` followed by two audit files.", show_default=False, metavar="CORPUS | diff")] = None,
-    files: Annotated[Optional[list[Path]], typer.Argument(help="With `diff`: audit A.h5 and audit B.h5.",
-                                                          show_default=False, metavar="A.h5 B.h5")] = None,
+        help="Text file (one document per line) or JSONL with a \"text\" field; default: the demo world's corpus.",
+        show_default=False, metavar="CORPUS")] = None,
     tokens: Annotated[Optional[int], typer.Option("--tokens", "-n", min=1, help="Stop after N tokens.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Documents per forward pass.")] = 64,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the statistics to FILE.h5.")] = None,
@@ -69,12 +84,12 @@ def audit(
                     ] = None,
     heads: Annotated[bool, typer.Option("--heads", help="Also show every head's metrics.")] = False,
     subkeys: Annotated[bool, typer.Option("--subkeys", help="Also show sub-key balance per head and half.")] = False,
-    top: Annotated[int, typer.Option("--top", min=1, help="With `diff`: slots to list that gained/lost use.")] = 10,
     contexts: Annotated[int, typer.Option(
         "--contexts", min=0, max=1024, help="Keep each slot's M highest-weight contexts in --out (see `memedit slot`).")
     ] = 0,
     distributed: Annotated[bool, typer.Option(
-        "--distributed", help="Run as one rank of a torchrun job (torchrun --nproc-per-node P -m memedit.audit ...).")
+        "--distributed",
+        help="Run as one rank of a torchrun job (torchrun --nproc-per-node P -m memedit_cli audit --distributed ...).")
     ] = False,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -84,17 +99,12 @@ def audit(
     """Audit how the memory is used over a corpus: per table, layer and head, used %, KL to uniform, Gini,
     top50/90/99, the top 1% of slots' share, dead slots and entropy, by access count and by softmax weight.
 
-    Examples: memedit audit corpus.txt --tokens 100000 --out audit.h5 --plot usage.png --contexts 8;
-    memedit audit diff before.h5 after.h5
+    Example: memedit audit corpus.txt --tokens 100000 --out audit.h5 --plot usage.png --contexts 8
     """
-    if corpus == "diff" and not Path("diff").is_file():
-        return _diff(files or [], top, json)
-    if files:
-        fail(f"unexpected arguments {' '.join(map(str, files))}: give one CORPUS (or `diff A.h5 B.h5`)")
-    from memedit.audit import Corpus, audit_distributed
-    from memedit.audit import audit as run
-    from memedit.checkpoint import check_output
-    from memedit.stats import report
+    from memedit.auditing.audit import Corpus, audit_distributed
+    from memedit.auditing.audit import audit as run
+    from memedit.auditing.stats import report
+    from memedit.storage.checkpoint import check_output
 
     m = load_model(model, dtype, device=device)
     if out is not None:
@@ -111,11 +121,11 @@ def audit(
         return
     rows = report(stats)
     if out is not None:
-        from memedit.hdf5 import write_audit
+        from memedit.auditing.hdf5 import write_audit
 
         write_audit(out, stats, metrics=rows)
     if plot is not None:
-        from memedit.plots import plot_usage
+        from memedit.auditing.plots import plot_usage
 
         plot_usage(stats, plot)
     if json:
@@ -162,11 +172,22 @@ class TokenProgress:
         return self.bar.__exit__(*exc)
 
 
-def _diff(files: list[Path], top: int, json: bool) -> None:
+@command(audit_app, "diff")
+def diff(
+    files: Annotated[list[Path], typer.Argument(help="Audit A.h5 and audit B.h5 (`memedit audit --out`).",
+                                                show_default=False, metavar="A.h5 B.h5")],
+    top: Annotated[int, typer.Option("--top", min=1, help="Slots to list that gained/lost use.")] = 10,
+    json: JsonOpt = False,
+) -> None:
+    """How use changed between two audits (e.g. before and after changing sub-keys): slots that gained and lost
+    use, slots that died or came alive, and every metric before and after.
+
+    Example: memedit audit diff before.h5 after.h5 --top 5
+    """
     if len(files) != 2:
         fail("`memedit audit diff` needs two audit files: memedit audit diff A.h5 B.h5")
-    from memedit.hdf5 import read_audit
-    from memedit.stats import compare
+    from memedit.auditing.hdf5 import read_audit
+    from memedit.auditing.stats import compare
 
     a, b = (read_audit(f) for f in files)
     d = compare(a, b, top)
@@ -199,8 +220,8 @@ def _diff(files: list[Path], top: int, json: bool) -> None:
 
 
 def distributed_main() -> None:
-    """`python -m memedit.audit ARGS`: `memedit audit ARGS`, joining the torchrun job when launched by torchrun."""
-    from memedit.audit import launched_by_torchrun
+    """`python -m memedit.audit ARGS` (deprecated): `memedit audit ARGS`, joining the torchrun job it runs in."""
+    from memedit.auditing.audit import launched_by_torchrun
 
     args = ["audit", *sys.argv[1:]]
     if launched_by_torchrun() and "--distributed" not in args:
@@ -231,10 +252,10 @@ def export(
 
     Example: memedit audit --out audit.h5 && memedit export --out memory.h5 --stats audit.h5
     """
-    from memedit.checkpoint import check_output
-    from memedit.hdf5 import export as run
-    from memedit.hdf5 import read_audit
-    from memedit.stats import report
+    from memedit.auditing.hdf5 import export as run
+    from memedit.auditing.hdf5 import read_audit
+    from memedit.auditing.stats import report
+    from memedit.storage.checkpoint import check_output
 
     audit_stats = read_audit(stats) if stats is not None else None
     m = load_model(model, dtype, device=device)

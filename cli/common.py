@@ -17,6 +17,29 @@ from rich.console import Console
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
+# The typer app lives here, not in app.py, so that command modules register on it without importing app.py
+# (which imports them): no import cycle.
+app = typer.Typer(
+    name="memedit",
+    help="Look inside, and change, the memory layers of a language model.\n\n"
+    "Every command takes --model (default: the bundled demo model; env MEMEDIT_MODEL).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _options(no_wait: bool = typer.Option(False, "--no-wait", help="If another memedit is writing the model "
+                                                                    "folder, fail at once (exit 2) instead of "
+                                                                    "waiting.")) -> None:
+    import os
+
+    if no_wait:
+        os.environ["MEMEDIT_NO_WAIT"] = "1"
+
+
 ModelOpt = Annotated[
     Optional[str],
     typer.Option(

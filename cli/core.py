@@ -8,8 +8,19 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app
-from .common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, TokenizerOpt, command, console, esc, load_model, print_json
+from .common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    TokenizerOpt,
+    app,
+    command,
+    console,
+    esc,
+    load_model,
+    print_json,
+)
 
 
 @command(app)
@@ -18,7 +29,7 @@ def info(model: ModelOpt = None, dtype: DtypeOpt = None, tokenizer: TokenizerOpt
 
     Example: memedit info --json
     """
-    from memedit.info import describe
+    from memedit.storage.info import describe
 
     d = describe(load_model(model, dtype, tokenizer, header_only=True))  # headers and config: no weights read
     if json:
@@ -62,7 +73,7 @@ def generate(
 
     Example: memedit generate "Reidreir was born in"
     """
-    from memedit.generate import generate as gen
+    from memedit.lm.generate import generate as gen
 
     out = gen(load_model(model, dtype, tokenizer, device), prompt, max_tokens)
     if json:
@@ -79,7 +90,7 @@ def facts(
 
     Example: memedit facts --out world/
     """
-    from memedit.facts import world_of
+    from memedit.world.facts import world_of
 
     fpath, cpath = world_of(load_model(model)).write(out)
     console.print(f"wrote {fpath} and {cpath}")
@@ -103,14 +114,14 @@ def convert(
     Example: memedit convert ./my-model --model ./checkpoints/0000010000
     Example: memedit convert ./for-eval --format lingua --model ./my-model
     """
-    from memedit.checkpoint import save
     from memedit.errors import MemeditError
+    from memedit.storage.checkpoint import save
 
     if format not in ("native", "lingua"):
         raise MemeditError(f"unknown --format {format!r} (choose native or lingua)")
     m = load_model(model, dtype, tokenizer, **({"knn": knn} if knn else {}))
     if format == "lingua":
-        from memedit.importers.lingua import save_lingua
+        from memedit.storage.importers.lingua import save_lingua
 
         save_lingua(m, dst)
     else:
@@ -137,10 +148,10 @@ def train(
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from memedit.checkpoint import save
-    from memedit.evaluate import fact_accuracies
-    from memedit.train import TrainConfig
-    from memedit.train import train as run
+    from memedit.storage.checkpoint import save
+    from memedit.world.evaluate import fact_accuracies
+    from memedit.world.train import TrainConfig
+    from memedit.world.train import train as run
 
     tc = TrainConfig()
     if epochs is not None:

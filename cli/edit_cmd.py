@@ -9,8 +9,7 @@ import typer
 from rich.table import Table
 
 from . import patch_cmd  # noqa: F401  (registers the `patch` group)
-from .app import app
-from .common import DeviceOpt, JsonOpt, ModelOpt, StepProgress, command, console, esc, load_model, print_json
+from .common import DeviceOpt, JsonOpt, ModelOpt, StepProgress, app, command, console, esc, load_model, print_json
 
 FactsOpt = Annotated[Optional[Path], typer.Option("--facts", help="Facts JSONL (default: the model's own world).")]
 
@@ -27,7 +26,7 @@ def _table_name(m, table: Optional[str]) -> str:
 
 def _fact(m, fact_id: str, facts: Optional[Path]):
     from memedit.errors import MemeditError
-    from memedit.facts import load_facts, world_of
+    from memedit.world.facts import load_facts, world_of
 
     if facts is None:
         return world_of(m).fact(fact_id)
@@ -57,12 +56,12 @@ def freeze(
     Example: memedit freeze -m ./my-model --fact f00012
     Example: memedit freeze -m ./my-model --hot 100 --stats audit.h5
     """
-    from memedit import freeze as F
+    from memedit.editing import freeze as F
+    from memedit.editing.patch import parse_rows
     from memedit.errors import MemeditError
-    from memedit.patch import parse_rows
 
     m = load_model(model)
-    from memedit.checkpoint import require_writable
+    from memedit.storage.checkpoint import require_writable
 
     require_writable(m)
     picked: dict[str, list[int]] = {}
@@ -105,9 +104,9 @@ def unfreeze(
 
     Example: memedit unfreeze -m ./my-model --rows 5,9
     """
-    from memedit import freeze as F
+    from memedit.editing import freeze as F
+    from memedit.editing.patch import parse_rows
     from memedit.errors import MemeditError
-    from memedit.patch import parse_rows
 
     m = load_model(model)
     if not all_ and not rows:
@@ -125,7 +124,7 @@ def frozen(model: ModelOpt = None, json: JsonOpt = False) -> None:
 
     Example: memedit frozen -m ./my-model --json
     """
-    from memedit.freeze import frozen as get
+    from memedit.editing.freeze import frozen as get
 
     d = get(load_model(model))
     if json:
@@ -157,12 +156,13 @@ def background(
     """
     import time
 
-    from memedit import background as B
-    from memedit.checkpoint import require_writable
+    from memedit.editing import background as B
+    from memedit.storage.checkpoint import require_writable
+    from memedit.storage.corpus import read_texts
 
     m = load_model(model, device=device)
     require_writable(m)
-    sentences = B.read_corpus(str(corpus)) if corpus is not None else B.default_corpus(m)
+    sentences = read_texts(corpus, "corpus") if corpus is not None else B.default_corpus(m)
     t0 = time.perf_counter()
     with StepProgress("background", "batches", disable=json) as bar:
         bg = B.compute(m, sentences, batch_size, max_batches, corpus=str(corpus) if corpus else "default: demo world",
@@ -224,11 +224,11 @@ def edit(
     """
     import warnings
 
-    from memedit import sparse_ft as S
-    from memedit.checkpoint import require_writable
+    from memedit.editing import sparse_ft as S
+    from memedit.editing.patch import apply
     from memedit.errors import MemeditError
-    from memedit.facts import load_facts, world_of
-    from memedit.patch import apply
+    from memedit.storage.checkpoint import require_writable
+    from memedit.world.facts import load_facts, world_of
 
     m = load_model(model, device=device)
     if not dry_run:
@@ -238,7 +238,7 @@ def edit(
     if out is not None and sequential and len(reqs) > 1:
         raise MemeditError("--out writes one patch; with --sequential every edit is logged in the model folder")
     if out is not None:
-        from memedit.checkpoint import check_output
+        from memedit.storage.checkpoint import check_output
 
         check_output(m, out)  # before anything is applied
     cfg = S.EditConfig(optimizer=optimizer, ranking=ranking, positions=positions, adaptive=adaptive, protect=protect)
@@ -247,7 +247,7 @@ def edit(
             setattr(cfg, k, v)
     bg = None
     if ranking != "counts":
-        from memedit.background import get
+        from memedit.editing.background import get
 
         bg = get(m)
     forgetting = None
@@ -298,10 +298,8 @@ def edit(
 
 def _requests(m, prompt, subject, target_new, target_true, paraphrase, heldout, neighborhood, fact, requests, facts):
     """The edit requests from the options: one from --prompt, world facts from --fact, or a JSONL file."""
-    import json as js
-
+    from memedit.editing.sparse_ft import EditRequest, read_requests
     from memedit.errors import MemeditError
-    from memedit.sparse_ft import EditRequest
 
     given = [prompt is not None, bool(fact), requests is not None]
     if sum(given) != 1:
@@ -314,19 +312,4 @@ def _requests(m, prompt, subject, target_new, target_true, paraphrase, heldout, 
                             neighborhood=list(neighborhood or []))]
     if fact:
         return [EditRequest.from_fact(_fact(m, f, facts)) for f in fact]
-    try:
-        lines = Path(requests).read_text().splitlines()
-    except OSError as e:
-        raise MemeditError(f"cannot read {requests}: {e.strerror}") from None
-    out = []
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                out.append(EditRequest.from_dict(js.loads(line)))
-            except ValueError as e:
-                raise MemeditError(f"{requests}:{n}: not JSON ({e})") from None
-            except MemeditError as e:
-                raise MemeditError(f"{requests}:{n}: {e}") from None
-    if not out:
-        raise MemeditError(f"{requests} holds no edit requests")
-    return out
+    return read_requests(requests)

@@ -10,8 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app
-from .common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, command, console, esc, load_model, print_json
+from .common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, app, command, console, esc, load_model, print_json
 
 
 @contextlib.contextmanager
@@ -74,7 +73,7 @@ def inspect(
         from memedit.errors import MemeditError
 
         raise MemeditError('give a PROMPT (memedit inspect "Reidreir was born in") or --fact ID')
-    from memedit.trace import trace
+    from memedit.tracing.trace import trace
 
     with _loaded(model, dtype, device) as m:
         d = trace(m, prompt, target).to_dict(all_positions=all_positions, top_slots=top)
@@ -161,8 +160,8 @@ def _signed(x: float) -> str:
 def _inspect_fact(fact_id: str, facts: Optional[Path], heldout: bool, model: Optional[str], dtype: Optional[str],
                   json: bool, device: Optional[str] = None) -> None:
     from memedit.errors import MemeditError
-    from memedit.facts import load_facts, world_of
-    from memedit.trace import trace_fact
+    from memedit.tracing.trace import trace_fact
+    from memedit.world.facts import load_facts, world_of
 
     with _loaded(model, dtype, device) as m:
         if facts is not None:
@@ -214,8 +213,8 @@ def trace_causal(
 
     Example: memedit trace-causal "Reidreir was born in" --subject Reidreir --target Shoushour --plot trace.png
     """
-    from memedit.causal import causal_trace
-    from memedit.causal import plot as save_plot
+    from memedit.tracing.causal import causal_trace
+    from memedit.tracing.causal import plot as save_plot
 
     with _loaded(model, dtype, device) as m:
         ct = causal_trace(m, prompt, subject, target, samples=samples, noise=noise, seed=seed)

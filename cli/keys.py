@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app
-from .common import DeviceOpt, JsonOpt, ModelOpt, command, console, esc, load_model, print_json
+from .common import DeviceOpt, JsonOpt, ModelOpt, app, command, console, esc, load_model, print_json
 
 keys_app = typer.Typer(help="Change sub-keys: online adaptation, routing a fact to a free slot, key patches.",
                        no_args_is_help=True)
@@ -19,35 +18,6 @@ OutOpt = Annotated[Optional[Path],
                    typer.Option("--out", "-o", help="Patch file to write (default: "
                                                     "MODEL/memedit/patches/keys-*.safetensors).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Measure only; write nothing.")]
-
-
-def read_lines(path: Path, what: str) -> list[str]:
-    from memedit.errors import MemeditError
-
-    try:
-        lines = [x for x in path.read_text().splitlines() if x.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise MemeditError(f"cannot read {what} {path}: {e}") from None
-    if not lines:
-        raise MemeditError(f"the {what} {path} tokenizes to nothing: it has no text lines")
-    return lines
-
-
-def background_text(model, probe: Optional[Path], fallback: Optional[list[str]] = None, n: int = 512
-                    ) -> tuple[list[str], str]:
-    """The probe set and where it came from: --probe, else an even sample of the model's demo-world corpus, else
-    a sample of ``fallback`` (the user's own text)."""
-    from memedit.errors import MemeditError
-    from memedit.facts import world_of
-
-    if probe is not None:
-        return read_lines(probe, "probe text"), str(probe)
-    if model.meta.get("world"):
-        sents = world_of(model).training_sentences()
-        return sents[:: max(1, len(sents) // n)][:n], "a sample of the demo world's corpus"
-    if fallback:
-        return fallback[:: max(1, len(fallback) // n)][:n], "the adapted text itself (no --probe given)"
-    raise MemeditError("no background text to measure collateral on: pass --probe FILE (one passage per line)")
 
 
 @command(keys_app, "adapt")
@@ -77,14 +47,16 @@ def adapt_cmd(
 
     Example: memedit keys adapt heldout.txt --model ./my-model --steps 30
     """
-    from memedit.checkpoint import require_writable
-    from memedit.keys import adapt, save_and_apply
+    from memedit.keyspace.keys import adapt, probe_texts_for, save_and_apply
+    from memedit.storage.checkpoint import require_writable
+    from memedit.storage.corpus import read_texts
 
     m = load_model(model, device=device)
     if not dry_run:
         require_writable(m)
-    texts = read_lines(corpus, "corpus")
-    probe_texts, probe_from = background_text(m, probe, fallback=texts)
+    texts = read_texts(corpus, "corpus")
+    probe_texts, probe_from = probe_texts_for(m, read_texts(probe, "probe text") if probe is not None else None,
+                                              str(probe), fallback=texts)
     if not json and probe is None and not m.meta.get("world"):
         console.print(f"note: collateral is measured on {probe_from}; pass --probe FILE for separate background text")
 
@@ -123,7 +95,7 @@ def revert_cmd(
 
     Example: memedit keys revert my-model/memedit/patches/keys-adapt-20260101-120000.safetensors --model ./my-model
     """
-    from memedit.keys import apply_file
+    from memedit.keyspace.keys import apply_file
 
     p = apply_file(load_model(model), patch, revert=True)
     console.print(f"reverted {p.n_rows} rows from {patch}")
@@ -138,7 +110,7 @@ def apply_cmd(
 
     Example: memedit keys apply patch.safetensors --model ./my-model
     """
-    from memedit.keys import apply_file
+    from memedit.keyspace.keys import apply_file
 
     p = apply_file(load_model(model), patch, revert=False)
     console.print(f"applied {p.n_rows} rows from {patch}")
@@ -172,21 +144,22 @@ def route_cmd(
 
     Example: memedit keys route --prompt "{} was born in" --subject Reidreir --target museum --model ./my-model
     """
-    from memedit.checkpoint import require_writable
     from memedit.errors import MemeditError
-    from memedit.facts import world_of
-    from memedit.keys import route, save_and_apply
+    from memedit.keyspace.keys import PROBE_TEXTS, even_sample, route, save_and_apply
+    from memedit.storage.checkpoint import require_writable
+    from memedit.storage.corpus import read_texts
+    from memedit.world.facts import world_of
 
     m = load_model(model, device=device)
     if not dry_run:
         require_writable(m)
     if slot != "auto" and not slot.lstrip("-").isdigit():
         raise MemeditError(f"--slot must be a slot id or 'auto', got {slot!r}")
-    from memedit.state import background as stored_background
+    from memedit.storage.state import background as stored_background
 
     world = world_of(m) if m.meta.get("world") else None
     if probe is not None:
-        background = read_lines(probe, "probe text")
+        background = read_texts(probe, "probe text")
     elif world is not None:
         background = world.training_sentences()
     elif stored_background(m) is not None:
@@ -196,8 +169,8 @@ def route_cmd(
                            "background statistics with `memedit background CORPUS` first")
     facts = None
     if world is not None:
-        facts = world.facts if eval_facts == 0 else world.facts[:: max(1, len(world.facts) // eval_facts)][:eval_facts]
-    probe_texts = background[:: max(1, len(background) // 512)][:512]
+        facts = even_sample(world.facts, eval_facts)
+    probe_texts = even_sample(background, PROBE_TEXTS)
     res = route(m, prompt, subject, target, slot=None if slot == "auto" else int(slot), layer=layer, head=head,
                 background_texts=background, probe=probe_texts, facts=facts, margin=margin)
     path = None if dry_run else save_and_apply(m, res.patch, out, "route")

@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app
-from .common import JsonOpt, ModelOpt, command, console, err_console, esc, load_model, print_json
+from .common import JsonOpt, ModelOpt, app, command, console, err_console, esc, load_model, print_json
 
 patch_app = typer.Typer(help="Exact, reversible value-row patches: make, apply, revert, show, log, diff.",
                         no_args_is_help=True)
@@ -59,12 +58,12 @@ def show_patch(summary: dict, title: str) -> None:
 def _make(op: str, table: str, rows: list[str], values: Optional[Path], scalar: Optional[float],
           from_row: Optional[int], out: Optional[Path], apply: bool, message: str, model: Optional[str],
           json: bool) -> None:
-    from memedit import patch as P
-    from memedit.checkpoint import check_output
+    from memedit.editing import patch as P
+    from memedit.storage.checkpoint import check_output
 
     m = load_model(model)
     if apply:
-        from memedit.checkpoint import require_writable
+        from memedit.storage.checkpoint import require_writable
 
         require_writable(m)
     if out is not None:
@@ -148,7 +147,7 @@ def apply_(file: Annotated[Path, typer.Argument(help="A patch file.")], force: F
 
     Example: memedit patch apply patch-1a2b3c4d5e6f.safetensors -m ./my-model
     """
-    from memedit import patch as P
+    from memedit.editing import patch as P
 
     m = load_model(model)
     p = P.Patch.load(file)
@@ -166,7 +165,7 @@ def revert(ref: Annotated[str, typer.Argument(help="Patch id (from `patch log`) 
 
     Example: memedit patch revert 1a2b3c4d5e6f -m ./my-model
     """
-    from memedit import patch as P
+    from memedit.editing import patch as P
 
     m = load_model(model)
     p, warnings = P.revert(m, ref, force=force)
@@ -182,7 +181,7 @@ def show(file: Annotated[Path, typer.Argument(help="A patch file.")], json: Json
 
     Example: memedit patch show patch-1a2b3c4d5e6f.safetensors
     """
-    from memedit.patch import Patch
+    from memedit.editing.patch import Patch
 
     s = Patch.load(file).summary()
     if json:
@@ -197,8 +196,8 @@ def log(model: ModelOpt = None, json: JsonOpt = False) -> None:
 
     Example: memedit patch log -m ./my-model
     """
-    from memedit.patch import applied_ids
-    from memedit.state import edit_log
+    from memedit.editing.patch import applied_ids
+    from memedit.storage.state import edit_log
 
     m = load_model(model)
     entries = edit_log(m)
@@ -226,7 +225,7 @@ def diff(model_a: Annotated[str, typer.Argument(help="First model.")],
 
     Example: memedit patch diff ./my-model ./my-model-edited
     """
-    from memedit.patch import diff as run
+    from memedit.editing.patch import diff as run
 
     d = run(load_model(model_a), load_model(model_b))
     if json:

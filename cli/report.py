@@ -7,8 +7,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import app
-from .common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, command, console, err_console, fail, load_model, print_json
+from .common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    app,
+    command,
+    console,
+    err_console,
+    fail,
+    load_model,
+    print_json,
+)
 
 
 @command(app)
@@ -32,8 +43,8 @@ def report(
 
     Example: memedit audit --out audit.h5 --contexts 8 && memedit report --out site --stats audit.h5 --fact f00000
     """
-    from memedit.hdf5 import read_audit
-    from memedit.report import build_report
+    from memedit.auditing.hdf5 import read_audit
+    from memedit.auditing.report import build_report
 
     prompts, targets = list(prompt or []), list(target or [])
     if targets and len(targets) != len(prompts):

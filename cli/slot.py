@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app
-from .common import JsonOpt, ModelOpt, command, console, print_json
+from .common import JsonOpt, ModelOpt, app, command, console, print_json
 
 
 @command(app)
@@ -28,8 +27,8 @@ def slot(
 
     Example: memedit audit --out audit.h5 --contexts 8 && memedit slot 1234 --stats audit.h5
     """
-    from memedit.checkpoint import is_native, resolve_model_path
-    from memedit.slot import slot_info
+    from memedit.auditing.slot import slot_info
+    from memedit.storage.checkpoint import is_native, resolve_model_path
 
     path = resolve_model_path(model)
     if path.is_dir() and is_native(path):  # read only the tensors this slot needs

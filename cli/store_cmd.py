@@ -6,8 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .app import app
-from .common import JsonOpt, ModelOpt, command, console, load_model, print_json
+from .common import JsonOpt, ModelOpt, app, command, console, load_model, print_json
 
 
 @command(app)
@@ -22,9 +21,9 @@ def check(
 
     Example: memedit check --model ./my-model
     """
-    from memedit.checkpoint import resolve_model_path
     from memedit.errors import MemeditError
-    from memedit.store import check_folder
+    from memedit.storage.checkpoint import resolve_model_path
+    from memedit.storage.store import check_folder
 
     res = check_folder(resolve_model_path(model), repair=True, upgrade=upgrade)
     if json:
@@ -46,7 +45,7 @@ def compact(model: ModelOpt = None, json: JsonOpt = False) -> None:
 
     Example: memedit compact --model ./my-model
     """
-    from memedit.store import compact as run
+    from memedit.storage.store import compact as run
 
     res = run(load_model(model))
     if json:

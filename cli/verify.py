@@ -8,14 +8,13 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app
-from .common import DeviceOpt, JsonOpt, ModelOpt, StepProgress, command, console, esc, load_model, print_json
+from .common import DeviceOpt, JsonOpt, ModelOpt, StepProgress, app, command, console, esc, load_model, print_json
 
 
 def parse_dtypes(spec: str, model_dtype):
     """The dtypes of the passes: "model" means the model's own; duplicates dropped, order kept."""
-    from memedit.checkpoint import DTYPES
     from memedit.errors import MemeditError
+    from memedit.storage.checkpoint import DTYPES
 
     out = []
     for name in (s.strip() for s in spec.split(",") if s.strip()):
@@ -69,8 +68,8 @@ def verify(
 
     Example: memedit verify --random 2000 --dtypes float32,bfloat16
     """
-    from memedit import exact
     from memedit.errors import MemeditError
+    from memedit.keyspace import exact
 
     if sum(x is not None and x != 0 for x in (corpus, random, queries)) > 1:
         raise MemeditError("give only one of --corpus, --random and --queries")
@@ -93,18 +92,7 @@ def verify(
             inner = source
             source = lambda mm, dt: {layer: inner(mm, dt)[layer]}  # noqa: E731
     if save_queries is not None:
-        inner_save = source
-
-        first = True
-
-        def source(mm, dt):
-            nonlocal first
-            checked = inner_save(mm, dt)
-            if first:
-                exact.save_queries(str(save_queries), checked)
-                first = False
-            return checked
-
+        source = exact.saving_queries(source, str(save_queries))
     with StepProgress("verifying", "heads", disable=json) as bar:
         report = exact.verify(m, source, name, passes, threads=threads, progress=bar, reference=reference)
     if json:
@@ -117,21 +105,16 @@ def verify(
 
 def read_corpus(path: Optional[Path], model) -> list[str]:
     from memedit.errors import MemeditError
-    from memedit.facts import world_of
+    from memedit.world.facts import world_of
 
     if path is None:
         if not model.meta.get("world"):
             raise MemeditError("nothing to verify on: this model has no demo world to default to; pass --corpus FILE, "
                                "--random N or --queries FILE")
         return world_of(model).training_sentences()
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise MemeditError(f"cannot read corpus {path}: {e}") from None
-    lines = [x for x in lines if x.strip()]
-    if not lines:
-        raise MemeditError(f"the corpus {path} tokenizes to nothing: it has no text lines")
-    return lines
+    from memedit.storage.corpus import read_texts
+
+    return read_texts(path, "corpus")
 
 
 def render(report, examples: int) -> None:

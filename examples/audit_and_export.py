@@ -16,10 +16,10 @@ from pathlib import Path
 import xarray as xr
 
 import memedit
-from memedit.audit import Corpus, audit
-from memedit.hdf5 import export
-from memedit.plots import plot_usage
-from memedit.stats import report
+from memedit.auditing.audit import Corpus, audit
+from memedit.auditing.hdf5 import export
+from memedit.auditing.plots import plot_usage
+from memedit.auditing.stats import report
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ $MEMEDIT convert "$WORK/model"                       # the bundled model is read
 # held-out phrasings of the first 64 facts (never seen in training), with their answers
 $PY - "$WORK/heldout.txt" <<'PYEOF'
 import sys, memedit
-from memedit.facts import world_of
+from memedit.world.facts import world_of
 w = world_of(memedit.load())
 open(sys.argv[1], "w").write("".join(f"{p} {f.target_true} .\n" for f in w.facts[:64] for p in f.heldout_paraphrases))
 PYEOF

@@ -10,7 +10,7 @@ $MEMEDIT convert "$WORK/model"
 # a fact of the demo world, routed to a new answer (its target_new)
 read -r PROMPT SUBJECT TARGET < <($PY -c "
 import memedit
-from memedit.facts import world_of
+from memedit.world.facts import world_of
 f = world_of(memedit.load()).facts[7]
 print(f.prompt.replace(' ', '_'), f.subject, f.target_new)")
 PROMPT=${PROMPT//_/ }

@@ -1,7 +1,7 @@
 """A small BPE model on a few hundred facts of the demo's world generator: a fixture for tests of multi-token targets.
 
 The model lives in ``tests/data/bpe-world/`` (a native folder, ~1 MB), trained by the recipe of ``memedit train``
-(memedit/train.py) at a tiny size; ``python -m tests.bpe_world`` trains it again (a few minutes on 2 busy cores).
+(memedit/world/train.py) at a tiny size; ``python -m tests.bpe_world`` trains it again (a few minutes on 2 busy cores).
 Every subject and every object of its world is 2+ BPE tokens, so scoring, tracing and editing meet whole-target
 sequences as on a real model. ``bpe_model(tmp_path)`` hands a test a writable copy.
 """
@@ -11,15 +11,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from memedit.checkpoint import load
-from memedit.facts import World, world_of
-from memedit.model import MemoryModel
-from memedit.train import TrainConfig
+from memedit.lm.model import MemoryModel
+from memedit.storage.checkpoint import load
+from memedit.world.facts import World, world_of
+from memedit.world.train import TrainConfig
 
 FIXTURE = Path(__file__).parent / "data" / "bpe-world"
 # 50 people x 6 relations = 300 facts; a small memory (4,096 slots) and model (D 64).
-BPE_CONFIG = dict(seed=7, n_subjects=50, dim=64, n_heads=4, n_keys=64, mem_heads=2, knn=8, k_dim=32,
-                  epochs=30, batch_size=32, threads=1)
+BPE_CONFIG = dict(seed=7, n_subjects=50, templates_per_fact=6, dim=64, n_heads=4, n_keys=64, mem_heads=2, knn=8,
+                  k_dim=32, epochs=30, batch_size=32, threads=1)
 
 
 def bpe_train_config(**overrides) -> TrainConfig:
@@ -39,9 +39,9 @@ def bpe_model(tmp_path: Path) -> tuple[MemoryModel, Path, World]:
 def main() -> None:  # python -m tests.bpe_world: train the fixture again and print its figures
     import time
 
-    from memedit.checkpoint import save
-    from memedit.evaluate import fact_accuracies
-    from memedit.train import multi_token_share, train
+    from memedit.storage.checkpoint import save
+    from memedit.world.evaluate import fact_accuracies
+    from memedit.world.train import multi_token_share, train
 
     t0 = time.time()
     model, world = train(bpe_train_config())

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from memedit.checkpoint import save
-from memedit.memory import MemoryConfig
-from memedit.model import MemoryModel, ModelConfig
-from memedit.tokenizer import WordTokenizer
+from memedit.lm.memory import MemoryConfig
+from memedit.lm.model import MemoryModel, ModelConfig
+from memedit.lm.tokenizer import WordTokenizer
+from memedit.storage.checkpoint import save
 
 TINY_TEXTS = ["the cat sat on the mat .", "a dog ran in the park .", "Reidreir was born in Thakrian ."]
 
@@ -31,7 +31,7 @@ def tiny_model(share_values: bool = True, seed: int = 0, **mem) -> MemoryModel:
 @pytest.fixture
 def tiny(tmp_path):
     """A tiny model saved as a native folder; returns (model as loaded, folder)."""
-    from memedit.checkpoint import load
+    from memedit.storage.checkpoint import load
 
     path = save(tiny_model(), tmp_path / "tiny")
     return load(path), path

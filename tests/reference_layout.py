@@ -1,6 +1,6 @@
 """Fixtures in the reference implementation's exact checkpoint layout, and an independent re-implementation.
 
-Nothing here uses memedit: the state dicts are built name by name from shared/reference/memory-layers.md §2, and
+Nothing here uses memedit: the state dicts are built name by name from docs/reference.md §2, and
 ``reference_forward`` recomputes logits and memory lookups from the RAW state dict in float64 (brute force over all
 N² slots, complex-number RoPE, explicit causal softmax), so the importer and memedit's host model are checked
 against something they did not write.

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from memedit.audit import Corpus, audit
-from memedit.capture import capture_lookups
-from memedit.stats import WEIGHT_SCALE, report, usage_metrics
+from memedit.auditing.audit import Corpus, audit
+from memedit.auditing.stats import WEIGHT_SCALE, report, usage_metrics
+from memedit.tracing.capture import capture_lookups
 
 from .conftest import tiny_model
 
@@ -186,7 +186,7 @@ def test_cli_audit_plot_writes_a_png(cli, tiny, tmp_path):
 def test_demo_model_audit_equals_a_slow_recount():
     """Acceptance: on the bundled demo model, counts equal an independent per-position recount."""
     import memedit
-    from memedit.facts import world_of
+    from memedit.world.facts import world_of
 
     # Upcast: the stored bfloat16 value table rounds each value mix to bfloat16, which turns the last-bit
     # differences between a batched and a one-sentence forward into 1e-3 weight differences at the next layer.

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from memedit.audit import Corpus, audit
-from memedit.capture import capture_lookups
-from memedit.hdf5 import read_audit, read_slot_contexts, write_audit
+from memedit.auditing.audit import Corpus, audit
+from memedit.auditing.hdf5 import read_audit, read_slot_contexts, write_audit
+from memedit.tracing.capture import capture_lookups
 
 from .test_audit import CORPUS
 
@@ -90,7 +90,8 @@ def test_torchrun_two_ranks_keep_the_single_process_contexts(cli, tiny, tmp_path
     finally:
         torch.set_num_threads(threads)
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "memedit.audit",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+         "-m", "memedit_cli", "audit", "--distributed",
          str(corpus), "--model", str(path), "--out", str(dist), "--batch-size", "2", "--contexts", "4", "--json"],
         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from memedit.checkpoint import save
+from memedit.storage.checkpoint import save
 
 from .conftest import tiny_model
 from .test_audit import CORPUS
@@ -80,3 +80,16 @@ def test_diff_refuses_files_that_are_not_audits(cli, tiny, tmp_path):
     for files, message in cases:
         code, _, err = cli("audit", "diff", *files)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (files, err)
+
+
+def test_diff_is_a_subcommand_even_beside_a_corpus_named_diff(cli, tiny, tmp_path, monkeypatch):
+    _, path = tiny
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "diff").write_text("\n".join(CORPUS) + "\n")  # a corpus file that happens to be called diff
+    a = tmp_path / "a.h5"
+    assert cli("audit", "run", "diff", "--model", path, "--out", a)[0] == 0  # `audit run` audits it
+    code, out, err = cli("audit", "diff", a, a, "--json")  # and `audit diff` still compares two audits
+    assert code == 0, err
+    assert json.loads(out)["tables"]["shared"]["changed_slots"] == 0
+    code, _, err = cli("audit", "diff", a)
+    assert code == 2 and "two audit files" in err

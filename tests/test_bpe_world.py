@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from memedit.evaluate import memory_zeroed
-from memedit.importers.tokenizers import HFTokenizer
-from memedit.targets import accuracy, tokenize_target
-from memedit.train import multi_token_share
+from memedit.storage.importers.tokenizers import HFTokenizer
+from memedit.tracing.targets import accuracy, tokenize_target
+from memedit.world.evaluate import memory_zeroed
+from memedit.world.train import multi_token_share
 
 from .bpe_world import BPE_CONFIG, bpe_model
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from memedit.checkpoint import fingerprint, load, save
 from memedit.errors import MemeditError
+from memedit.storage.checkpoint import fingerprint, load, save
 
 from .conftest import tiny_model
 

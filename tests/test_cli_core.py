@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from memedit.checkpoint import load
+from memedit.storage.checkpoint import load
 
 
 def test_info_json_on_the_bundled_model(cli):
@@ -26,7 +26,7 @@ def test_info_table_on_a_folder(cli, tiny):
 
 
 def test_generate_answers_a_fact(cli, demo):
-    from memedit.facts import world_of
+    from memedit.world.facts import world_of
 
     fact = world_of(demo).facts[0]
     code, out, _ = cli("generate", fact.prompt.format(fact.subject), "--json", "-n", "8")
@@ -82,7 +82,7 @@ def test_every_command_that_runs_the_model_takes_device(cli, tiny):
     import torch
 
     _, path = tiny
-    commands = [["generate"], ["inspect"], ["trace-causal"], ["audit"], ["export"], ["background"], ["edit"],
+    commands = [["generate"], ["inspect"], ["trace-causal"], ["audit", "run"], ["export"], ["background"], ["edit"],
                 ["keys", "adapt"], ["keys", "route"], ["verify"], ["report"]]
     for c in commands:
         code, out, _ = cli(*c, "--help")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memedit.checkpoint import load
-from memedit.patch import apply, revert
-from memedit.sparse_ft import EditConfig, EditRequest, edit, fact_counts, measure, rank, select
+from memedit.editing.patch import apply, revert
+from memedit.editing.sparse_ft import EditConfig, EditRequest, edit, fact_counts, measure, rank, select
+from memedit.storage.checkpoint import load
 
 from .conftest import TINY_TEXTS
 
@@ -91,7 +91,7 @@ def test_sequential_requests_are_measured_right_after_each_edit(cli, folder, tmp
 
 
 def test_rankings_pick_rows_the_fact_reads(folder):
-    from memedit.background import stored
+    from memedit.editing.background import stored
 
     model, _ = folder
     bg = stored(model)
@@ -133,9 +133,9 @@ def test_edit_bad_input(cli, folder, tmp_path):
 def test_frozen_rows_stay_bit_identical_after_hundreds_of_operations(folder):
     """Freeze rows, then run 300 mixed operations (patches of every kind, fact edits, reverts, refused patches
     that touch frozen rows): the frozen rows never change by a single bit."""
+    from memedit.editing.freeze import freeze
+    from memedit.editing.patch import applied_ids, row_patch
     from memedit.errors import MemeditError
-    from memedit.freeze import freeze
-    from memedit.patch import applied_ids, row_patch
 
     model, path = folder
     rng = random.Random(0)
@@ -175,7 +175,7 @@ def test_frozen_rows_stay_bit_identical_after_hundreds_of_operations(folder):
 
 
 def test_dry_run_rewrites_a_fact_of_the_bundled_model_and_refuses_to_write_it(cli, demo):
-    from memedit.facts import world_of
+    from memedit.world.facts import world_of
 
     fact = world_of(demo).facts[12]
     code, out, err = cli("edit", "--fact", fact.id, "--dry-run", "--ranking", "counts", "--forgetting-sample", "200",

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from memedit import exact
 from memedit.errors import MemeditError
+from memedit.keyspace import exact
 
 from .conftest import tiny_model
 

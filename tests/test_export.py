@@ -10,10 +10,10 @@ import pytest
 import torch
 import xarray as xr
 
-from memedit.audit import Corpus, audit
-from memedit.checkpoint import fingerprint, load
-from memedit.hdf5 import read_audit
-from memedit.state import write_frozen_rows
+from memedit.auditing.audit import Corpus, audit
+from memedit.auditing.hdf5 import read_audit
+from memedit.storage.checkpoint import fingerprint, load
+from memedit.storage.state import write_frozen_rows
 
 from .conftest import tiny_model
 from .test_audit import CORPUS, slow_recount
@@ -86,8 +86,8 @@ def test_export_opens_in_xarray_with_norms_top_tokens_frozen_rows_and_edit_log(c
 
 
 def test_export_holds_the_real_edit_log_of_value_and_key_patches_and_the_frozen_rows(cli, tiny, tmp_path):
-    from memedit.keys import KeyPatch, keys_name
-    from memedit.patch import Patch
+    from memedit.editing.patch import Patch
+    from memedit.keyspace.keys import KeyPatch, keys_name
 
     model, path = tiny
     code, out, err = cli("patch", "add", "--model", path, "--table", "shared", "--rows", "9,3", "--scalar", 0.5,
@@ -124,7 +124,7 @@ def test_export_holds_the_real_edit_log_of_value_and_key_patches_and_the_frozen_
 def test_export_refuses_stats_of_another_model_and_non_audits(cli, tiny, corpus_file, tmp_path):
     model, path = tiny
     other = tmp_path / "other"
-    from memedit.checkpoint import save
+    from memedit.storage.checkpoint import save
 
     save(tiny_model(seed=1), other)
     a = tmp_path / "audit.h5"
@@ -147,7 +147,7 @@ def test_export_refuses_stats_of_another_model_and_non_audits(cli, tiny, corpus_
 
 def test_a_crash_mid_write_leaves_no_partial_file(tiny, tmp_path, monkeypatch):
     model, _ = tiny
-    import memedit.hdf5 as hdf5
+    import memedit.auditing.hdf5 as hdf5
 
     out = tmp_path / "memory.h5"
     out.write_bytes(b"previous contents")
@@ -164,8 +164,8 @@ def test_a_crash_mid_write_leaves_no_partial_file(tiny, tmp_path, monkeypatch):
 
 
 def test_export_without_stats_and_on_unshared_tables(tmp_path):
-    from memedit.checkpoint import save
-    from memedit.hdf5 import export
+    from memedit.auditing.hdf5 import export
+    from memedit.storage.checkpoint import save
 
     model = load(save(tiny_model(share_values=False), tmp_path / "m"))
     out = export(tmp_path / "x.h5", model, top_k=3)
@@ -199,8 +199,8 @@ def test_export_streams_blocks_that_straddle_chunks_and_reports_progress(tmp_pat
     the whole-table computation gives, and progress reaches every slot of every table and layer."""
     import functools
 
-    import memedit.hdf5 as hdf5
-    from memedit.readout import top_written_tokens
+    import memedit.auditing.hdf5 as hdf5
+    from memedit.tracing.readout import top_written_tokens
 
     model = tiny_model(n_keys=272)  # 73,984 slots: two chunks
     n = model.config.memory.n_slots

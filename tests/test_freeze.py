@@ -41,7 +41,7 @@ def test_sub_key_entries_are_kept(cli, tiny):
 
 
 def test_freeze_a_fact_core_set(cli, tiny, tmp_path):
-    from memedit.capture import core_set
+    from memedit.tracing.capture import core_set
 
     model, path = tiny
     fact = {"id": "r1", "prompt": "{} was born in", "subject": "Reidreir", "target_true": "Thakrian",
@@ -81,7 +81,7 @@ def test_freeze_bad_input(cli, tiny):
 def test_freeze_hot_rows_by_an_audit_file(cli, tiny, tmp_path):
     import h5py
 
-    from memedit.checkpoint import save
+    from memedit.storage.checkpoint import save
 
     from .conftest import tiny_model
 

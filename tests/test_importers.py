@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import memedit
-from memedit.capture import capture_lookups
 from memedit.errors import MemeditError
+from memedit.tracing.capture import capture_lookups
 
 from .reference_layout import (
     brute_force_memory,
@@ -188,7 +188,7 @@ def test_an_edited_model_goes_back_with_the_edit_in_every_copy(ref, tmp_path, cl
     cli("convert", tmp_path / "native", "--model", cons)
     model = memedit.load(tmp_path / "native")
     model.table("shared").weight[7] = 0.5
-    from memedit.importers.lingua import save_lingua
+    from memedit.storage.importers.lingua import save_lingua
 
     save_lingua(model, tmp_path / "edited")
     back = torch.load(tmp_path / "edited" / "consolidated.pth", weights_only=True)["model"]
@@ -442,7 +442,7 @@ def test_missing_tokenizer_extras_name_the_extra(ref, tmp_path, cli, monkeypatch
 
 def test_tokenizer_option_overrides_the_one_in_params(ref, tmp_path, cli):
     _, p, cons, _ = ref
-    from memedit.importers.tokenizers import BytesTokenizer
+    from memedit.storage.importers.tokenizers import BytesTokenizer
 
     BytesTokenizer().save(tmp_path / "bytes.json")
     code, out, _ = cli("generate", "ab", "-n", "2", "--model", cons, "--tokenizer", tmp_path / "bytes.json", "--json")
@@ -457,7 +457,7 @@ def test_tokenizer_option_overrides_the_one_in_params(ref, tmp_path, cli):
 
 
 def test_a_native_model_goes_to_the_reference_layout_and_back(tmp_path, cli):
-    from memedit.checkpoint import save
+    from memedit.storage.checkpoint import save
 
     from .conftest import tiny_model
 
@@ -521,7 +521,7 @@ def rss_anon() -> int:
 def test_consolidated_and_dcp_load_without_copying_the_value_table(tmp_path, cli):
     import gc
 
-    from memedit.info import describe
+    from memedit.storage.info import describe
 
     p = params(mem_n_keys=256)  # 65,536 slots x 64 in bfloat16: 8 MiB per copy, two copies in each file
     state = reference_state(p)

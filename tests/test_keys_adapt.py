@@ -6,10 +6,11 @@ import json
 
 import torch
 
-from memedit.capture import capture_lookups
-from memedit.checkpoint import fingerprint, load
-from memedit.keys import KeyPatch, keys_name, token_batches
-from memedit.state import write_frozen_rows
+from memedit.keyspace.keys import KeyPatch, keys_name
+from memedit.lm.batching import text_batches
+from memedit.storage.checkpoint import fingerprint, load
+from memedit.storage.state import write_frozen_rows
+from memedit.tracing.capture import capture_lookups
 
 from .conftest import TINY_TEXTS, tiny_model, write_texts
 
@@ -18,7 +19,7 @@ def stage1_rows(model, texts, L):
     """Every keys row that entered a stage-1 top-k of layer L while reading ``texts`` (the allowed updates)."""
     rows = set()
     N = model.config.memory.n_keys
-    for tokens, valid in token_batches(model, texts, 64):
+    for tokens, valid in text_batches(model, texts, 64):
         with torch.no_grad(), capture_lookups(model) as rec:
             model(tokens[:, :-1])
         s1 = rec[L][0].stage1[valid[:, :-1].reshape(-1)]  # (n, H, 2, k)
@@ -61,7 +62,7 @@ def test_adapt_lowers_loss_moves_only_stage1_subkeys_and_reverts_exactly(cli, ti
 
 
 def test_one_step_moves_only_subkeys_that_entered_a_stage1_topk():
-    from memedit.keys import adapt
+    from memedit.keyspace.keys import adapt
 
     model = tiny_model()
     before = {L: m.keys.clone() for L, m in model.memory_layers.items()}
@@ -117,9 +118,9 @@ def test_the_bundled_model_is_refused(cli, demo, tmp_path):
 
 
 def test_adapt_on_heldout_phrasings_lowers_their_loss_on_the_demo_model(demo, tmp_path):
-    from memedit.checkpoint import save
-    from memedit.facts import world_of
-    from memedit.keys import adapt
+    from memedit.keyspace.keys import adapt
+    from memedit.storage.checkpoint import save
+    from memedit.world.facts import world_of
 
     model = load(save(demo, tmp_path / "mine"))
     world = world_of(model)
@@ -167,7 +168,7 @@ def test_key_patches_are_recorded_in_the_edit_log(cli, tiny, tmp_path):
 def test_a_step_runs_only_its_batch_and_measurements_use_a_bounded_sample():
     """Collateral and loss are measured once before and once after, on at most measure_tokens tokens: a step
     costs one forward pass of its own batch, however long the text and the probe are."""
-    from memedit.keys import adapt, text_sample, token_batches
+    from memedit.keyspace.keys import adapt, text_sample
 
     model = tiny_model()
     texts = [t for _ in range(20) for t in TINY_TEXTS]  # a long text
@@ -178,7 +179,7 @@ def test_a_step_runs_only_its_batch_and_measurements_use_a_bounded_sample():
     calls = []
     model.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
     res = adapt(model, texts, texts, steps=5, batch_size=4, lr=2.0, measure_tokens=60)
-    measure = len(token_batches(model, sample, 64))  # one batch of the sample, per measurement
+    measure = len(text_batches(model, sample, 64))  # one batch of the sample, per measurement
     assert len(calls) == 5 + 4 * measure  # 5 steps + text loss and probe before and after
     assert calls.count(len(sample)) == 4 * measure and calls.count(4) == 5 and len(sample) != 4
     assert res.probe_lookups == sum(len(model.encode(t)) for t in sample)  # every real position but the last

@@ -6,11 +6,11 @@ import json
 
 import torch
 
-from memedit.capture import answer_lookups
-from memedit.checkpoint import fingerprint, load
-from memedit.evaluate import last_logits
-from memedit.keys import KeyPatch, keys_name, route
-from memedit.state import write_frozen_rows
+from memedit.keyspace.keys import KeyPatch, keys_name, route
+from memedit.storage.checkpoint import fingerprint, load
+from memedit.storage.state import write_frozen_rows
+from memedit.tracing.capture import answer_lookups
+from memedit.world.evaluate import last_logits
 
 from .conftest import TINY_TEXTS, tiny_model, write_texts
 
@@ -75,8 +75,8 @@ def test_route_bad_input(cli, tiny, tmp_path):
 
 
 def test_route_a_new_fact_on_the_demo_model_keeps_other_facts(demo, tmp_path):
-    from memedit.checkpoint import save
-    from memedit.facts import world_of
+    from memedit.storage.checkpoint import save
+    from memedit.world.facts import world_of
 
     model = load(save(demo, tmp_path / "mine"))
     world = world_of(model)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memedit.memory import MemoryConfig, MemoryLayer
+from memedit.lm.memory import MemoryConfig, MemoryLayer
 
 
 def brute_force(layer: MemoryLayer, x: torch.Tensor):
@@ -84,7 +84,7 @@ def test_hooks_see_and_can_rewrite_the_one_lookup():
 
 
 def test_topk_by_groups_is_the_exact_topk():
-    from memedit.memory import topk_by_groups
+    from memedit.lm.memory import topk_by_groups
 
     g = torch.Generator().manual_seed(0)
     for N, k in ((1024, 32), (256, 32), (64, 4), (48, 16), (16, 16)):
@@ -98,7 +98,7 @@ def test_topk_by_groups_is_the_exact_topk():
 
 
 def test_topk_by_groups_passes_gradients_like_topk():
-    from memedit.memory import topk_by_groups
+    from memedit.lm.memory import topk_by_groups
 
     x = torch.randn(8, 1024, generator=torch.Generator().manual_seed(1), requires_grad=True)
     w = torch.randn(8, 32, generator=torch.Generator().manual_seed(2))
@@ -112,7 +112,7 @@ def test_topk_by_groups_passes_gradients_like_topk():
 def test_weighted_rows_of_a_bfloat16_table_match_autograd_and_keep_no_gathered_rows():
     """Step 7 on a low-precision table: the value mix and the gradient of the weights are what plain autograd
     gives, and the backward pass keeps only the weights and ids, never the (n, H*k, V) upcast rows."""
-    from memedit.memory import ROWS_BLOCK, WeightedRows
+    from memedit.lm.memory import ROWS_BLOCK, WeightedRows
 
     g = torch.Generator().manual_seed(0)
     table = torch.randn(5000, 48, generator=g).to(torch.bfloat16)

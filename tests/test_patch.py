@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from memedit.checkpoint import load, save
+from memedit.editing.patch import Patch, apply, make_patch, revert
 from memedit.errors import MemeditError
-from memedit.patch import Patch, apply, make_patch, revert
+from memedit.storage.checkpoint import load, save
 
 from .conftest import tiny_model
 
@@ -58,7 +58,7 @@ def test_shared_table_patch_names_every_layer(cli, tiny):
 
 
 def test_each_operation_writes_what_it_says(tiny, tmp_path):
-    from memedit.patch import row_patch
+    from memedit.editing.patch import row_patch
 
     model, _ = tiny
     w = model.table("shared").weight.detach().clone()
@@ -117,7 +117,7 @@ def test_stale_base_refused_then_forced_with_warning_and_revertible(cli, tiny, t
     (["zero", "-t", "shared", "-r", "1", "--apply"], "frozen"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_changed(cli, tiny, tmp_path, args, message):
-    from memedit.state import write_frozen_rows
+    from memedit.storage.state import write_frozen_rows
 
     model, path = tiny
     write_frozen_rows(model, {"shared": torch.tensor([1])})

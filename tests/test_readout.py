@@ -1,4 +1,5 @@
-"""The one readout (memedit/readout.py): the same answer as a trace's attributions and as the export's top tokens."""
+"""The one readout (memedit/tracing/readout.py): the same answer as a trace's attributions and as the export's top
+tokens."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 
 import memedit
-from memedit.readout import Readout, slot_writes, top_written_tokens
-from memedit.trace import name
+from memedit.tracing.readout import Readout, slot_writes, top_written_tokens
+from memedit.tracing.trace import name
 
 from .conftest import tiny_model
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import memedit
-from memedit.targets import score, tokenize_target
+from memedit.tracing.targets import score, tokenize_target
 
 from .conftest import write_texts
 from .reference_layout import params, reference_forward, reference_state, write_consolidated
@@ -135,9 +135,9 @@ def test_single_edits_on_a_bpe_model_hold_whole_targets(tmp_path):
     """A small model with a BPE tokenizer (every object 2+ tokens): single edits, each measured then undone."""
     import random
 
-    from memedit import background as B
-    from memedit.patch import write_rows
-    from memedit.sparse_ft import EditConfig, EditRequest, edit, measure
+    from memedit.editing import background as B
+    from memedit.editing.patch import write_rows
+    from memedit.editing.sparse_ft import EditConfig, EditRequest, edit, measure
 
     from .bpe_world import bpe_model
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from memedit.audit import Corpus, audit
+from memedit.auditing.audit import Corpus, audit
+from memedit.auditing.report import SHARD, build_report
+from memedit.auditing.slot import slot_info
 from memedit.errors import MemeditError
-from memedit.facts import world_of
-from memedit.report import SHARD, build_report
-from memedit.slot import slot_info
-from memedit.targets import tokenize_target
+from memedit.tracing.targets import tokenize_target
+from memedit.world.facts import world_of
 
 # where the browser test saves its screenshots (index, slot and fact pages); README's copies are in docs/screenshots
 SCREENSHOTS = Path(os.environ.get("MEMEDIT_SCREENSHOTS", Path(__file__).resolve().parents[1] / "build" / "screenshots"))
@@ -138,8 +138,8 @@ def test_browse_index_search_slot_fact_and_back_without_console_errors(site):
 
 
 def test_edit_log_page_data_has_each_patch_rows_and_change_norms(tiny, tmp_path):
-    from memedit.freeze import freeze
-    from memedit.patch import apply, row_patch
+    from memedit.editing.freeze import freeze
+    from memedit.editing.patch import apply, row_patch
 
     model, _ = tiny
     before = model.table("shared").weight[[3, 9]].clone()

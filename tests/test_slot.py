@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-from memedit.audit import Corpus, audit
-from memedit.checkpoint import load
-from memedit.freeze import freeze
-from memedit.hdf5 import write_audit
-from memedit.patch import apply, row_patch
-from memedit.slot import slot_info
+from memedit.auditing.audit import Corpus, audit
+from memedit.auditing.hdf5 import write_audit
+from memedit.auditing.slot import slot_info
+from memedit.editing.freeze import freeze
+from memedit.editing.patch import apply, row_patch
+from memedit.storage.checkpoint import load
 
 from .test_audit import CORPUS
 

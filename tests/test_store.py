@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from memedit.checkpoint import fingerprint, load, save
-from memedit.keys import KeyPatch, RowChange, keys_name
-from memedit.patch import make_patch
-from memedit.state import write_frozen_rows
-from memedit.store import LOG, Store, check_folder, compact
+from memedit.editing.patch import make_patch
+from memedit.keyspace.keys import KeyPatch, RowChange, keys_name
+from memedit.storage.checkpoint import fingerprint, load, save
+from memedit.storage.state import write_frozen_rows
+from memedit.storage.store import LOG, Store, check_folder, compact
 
 from .conftest import tiny_model
 
@@ -285,10 +285,10 @@ def write_sparse_model(path: Path, n_keys: int = 1024, dim: int = 256) -> tuple[
     """A native folder whose bf16 value table (n_keys² × dim) is a sparse file with a few rows written; returns
     (folder, {row: its values}). Its memory layer's query is constant and two sub-keys stand out, so every lookup
     selects the written row 777,777 first (its sub-keys i, j: 777,777 = i·N + j)."""
-    from memedit.checkpoint import FORMAT, FORMAT_VERSION
-    from memedit.memory import MemoryConfig
-    from memedit.model import MemoryModel, ModelConfig
-    from memedit.tokenizer import WordTokenizer
+    from memedit.lm.memory import MemoryConfig
+    from memedit.lm.model import MemoryModel, ModelConfig
+    from memedit.lm.tokenizer import WordTokenizer
+    from memedit.storage.checkpoint import FORMAT, FORMAT_VERSION
 
     from .conftest import TINY_TEXTS
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import memedit
-from memedit.capture import core_set, on_lookup
-from memedit.checkpoint import BUNDLED
-from memedit.trace import name
+from memedit.storage.checkpoint import BUNDLED
+from memedit.tracing.capture import core_set, on_lookup
+from memedit.tracing.trace import name
 
 from .conftest import tiny_model
 
@@ -239,8 +239,8 @@ demo_only = pytest.mark.skipif(not (BUNDLED / "config.json").exists(), reason="t
 
 @demo_only
 def test_top_attributed_slots_matter_more_than_random_ones(demo):
-    from memedit.facts import world_of
-    from memedit.trace import top_vs_random
+    from memedit.tracing.trace import top_vs_random
+    from memedit.world.facts import world_of
 
     facts = world_of(demo).facts
     facts = facts[:: max(1, len(facts) // 40)][:40]  # 40 facts spread over the world
@@ -253,7 +253,7 @@ def test_top_attributed_slots_matter_more_than_random_ones(demo):
 
 @demo_only
 def test_inspect_a_demo_fact(cli, demo):
-    from memedit.facts import world_of
+    from memedit.world.facts import world_of
 
     fact = world_of(demo).facts[0]
     code, out, _ = cli("inspect", "--fact", fact.id, "--json")
@@ -283,7 +283,7 @@ def test_the_example_prints_a_core_set(demo):
     import sys
     from pathlib import Path
 
-    from memedit.facts import world_of
+    from memedit.world.facts import world_of
 
     script = Path(__file__).parent.parent / "examples" / "inspect_fact.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny batches: extra threads only wait on a busy machine

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memedit import exact
 from memedit.errors import MemeditError
-from memedit.memory import Lookup, ProductKeySearch
+from memedit.keyspace import exact
+from memedit.lm.memory import Lookup, ProductKeySearch
 
 from .conftest import TINY_TEXTS, tiny_model
 
@@ -107,7 +107,7 @@ def test_verify_cli_text_queries_table(cli, tiny, tmp_path):
 
 
 def test_verify_corpus_of_the_demo_model_agrees(demo):
-    from memedit.facts import world_of
+    from memedit.world.facts import world_of
 
     texts = world_of(demo).training_sentences()[::50]
     report = exact.verify(demo, exact.corpus_source(texts, limit=600), "demo", [demo.dtype, torch.bfloat16])

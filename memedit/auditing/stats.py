@@ -1,0 +1,408 @@
+"""Streaming slot statistics and the usage metrics of XLM's memory evaluation (reference §5).
+
+:class:`SlotStats` holds, per memory layer and head, how often each slot was selected and the softmax weight mass
+it received, and per (layer, head, half) how often each sub-key entered a stage-1 top-k. Weight mass is kept as
+an integer number of 2^-32 units, so statistics merge by exact integer addition: audits of corpus shards (or of
+the ranks of a distributed run) sum to bit-identical results, whatever the order.
+
+:class:`SlotCounter` fills a SlotStats from the one lookup routine through :func:`memedit.tracing.capture.on_lookup`,
+with ``index_add_`` on the captured indices (no Python loop per token), and optionally the top contexts of every
+slot (:class:`TopContexts`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import MemeditError
+from ..lm.memory import Lookup
+from ..lm.model import MemoryModel
+
+WEIGHT_SCALE = 2.0**32  # weight mass is stored as round(w * 2^32) per access
+METRICS = ("used", "kl_uniform", "gini", "top50", "top90", "top99", "top1pct_share", "dead", "entropy")
+
+
+@dataclass
+class SlotStats:
+    """Access counts and weight mass per (memory layer, head, slot); stage-1 sub-key counts. Merge with ``+``."""
+
+    layers: list[int]  # block indices of the memory layers, in model order
+    tables: dict[str, list[int]]  # value table name -> the layers that read it
+    n_keys: int  # N: sub-keys per half (N*N slots)
+    heads: int  # H
+    knn: int  # k
+    counts: torch.Tensor  # (n_layers, H, S) int64 times each slot was selected
+    weight_units: torch.Tensor  # (n_layers, H, S) int64 softmax mass in units of 2^-32
+    subkey_counts: torch.Tensor  # (n_layers, H, 2, N) int64 times each sub-key entered a stage-1 top-k
+    tokens: int = 0  # token positions audited (padding excluded)
+    corpus: str = ""  # a description of what was audited
+    fingerprint: str = ""  # memedit.storage.checkpoint.fingerprint of the model
+    config: dict[str, Any] = field(default_factory=dict)  # the model config as a dict
+    contexts: TopContexts | None = None  # the top contexts of every slot (audit --contexts M), else None
+
+    @classmethod
+    def empty(cls, model: MemoryModel, corpus: str = "", fingerprint: str = "", contexts: int = 0) -> SlotStats:
+        """Zero statistics shaped for ``model``; with ``contexts`` M > 0, also empty top-M contexts per slot."""
+        mem = model.config.memory
+        if not mem.layers:
+            raise MemeditError("this model has no memory layers: nothing to audit")
+        nl, H, N = len(mem.layers), mem.heads, mem.n_keys
+        z = lambda *shape: torch.zeros(shape, dtype=torch.int64)  # noqa: E731
+        return cls(
+            layers=list(mem.layers), tables={t.name: list(t.layers) for t in model.tables}, n_keys=N, heads=H,
+            knn=mem.knn, counts=z(nl, H, N * N), weight_units=z(nl, H, N * N), subkey_counts=z(nl, H, 2, N),
+            corpus=corpus, fingerprint=fingerprint, config=model.config.to_dict(),
+            contexts=TopContexts.empty(list(mem.layers), {t.name: list(t.layers) for t in model.tables},
+                                       N * N, contexts) if contexts else None,
+        )
+
+    @property
+    def n_slots(self) -> int:
+        return self.n_keys * self.n_keys
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """Softmax weight mass (n_layers, H, S) as float64."""
+        return self.weight_units.double() / WEIGHT_SCALE
+
+    def layer_index(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise MemeditError(f"layer {layer} is not a memory layer (memory layers: {self.layers})")
+        return self.layers.index(layer)
+
+    def table_counts(self, name: str) -> torch.Tensor:
+        """(H, S) accesses of a value table's rows: the sum over the layers that read it."""
+        return self.counts[[self.layer_index(L) for L in self.tables[name]]].sum(0)
+
+    def table_weights(self, name: str) -> torch.Tensor:
+        """(H, S) float64 weight mass of a value table's rows, summed over its layers."""
+        return self.weight_units[[self.layer_index(L) for L in self.tables[name]]].sum(0).double() / WEIGHT_SCALE
+
+    def same_shape(self, other: SlotStats) -> bool:
+        return (self.layers, self.n_keys, self.heads, self.tables) == (other.layers, other.n_keys, other.heads,
+                                                                      other.tables)
+
+    def __add__(self, other: SlotStats) -> SlotStats:
+        if not self.same_shape(other):
+            raise MemeditError("cannot merge statistics of differently shaped memories (layers, N, heads, tables)")
+        if self.fingerprint and other.fingerprint and self.fingerprint != other.fingerprint:
+            raise MemeditError(f"cannot merge statistics of two different models "
+                               f"({self.fingerprint} and {other.fingerprint})")
+        corpus = self.corpus if self.corpus == other.corpus else f"{self.corpus} + {other.corpus}"
+        return SlotStats(
+            layers=list(self.layers), tables=dict(self.tables), n_keys=self.n_keys, heads=self.heads, knn=self.knn,
+            counts=self.counts + other.counts, weight_units=self.weight_units + other.weight_units,
+            subkey_counts=self.subkey_counts + other.subkey_counts, tokens=self.tokens + other.tokens,
+            corpus=corpus, fingerprint=self.fingerprint or other.fingerprint, config=self.config or other.config,
+            contexts=merge_contexts(self.contexts, other.contexts),
+        )
+
+
+class SlotCounter:
+    """A lookup observer that adds every lookup into a :class:`SlotStats` (use with ``on_lookup``).
+
+    Before each forward set ``mask`` ((n_tokens,) bool, the flattened batch) to leave out padding positions; when the
+    statistics keep top contexts, call :meth:`batch` instead, which also says where each position comes from.
+    """
+
+    def __init__(self, stats: SlotStats):
+        self.stats = stats
+        self.mask: torch.Tensor | None = None
+        self._where: tuple[torch.Tensor, torch.Tensor] | None = None  # (n,) context keys, (n, WINDOW) tokens
+        H, N, S = stats.heads, stats.n_keys, stats.n_slots
+        self._slot_offset = (torch.arange(H) * S).view(1, H, 1)  # (1, H, 1): head h's slots start at h*S
+        self._subkey_offset = (torch.arange(H * 2) * N).view(1, H, 2, 1)  # (1, H, 2, 1)
+
+    def batch(self, tokens: torch.Tensor, lengths: torch.Tensor, documents: torch.Tensor, starts: torch.Tensor
+              ) -> None:
+        """Prepare for a forward over ``tokens`` (B, T) padded, of ``lengths`` (B,): sequence b is document
+        ``documents[b]`` from token ``starts[b]`` on (a document longer than the model's context is split)."""
+        B, T = tokens.shape
+        self.mask = (torch.arange(T) < lengths[:, None]).reshape(-1)  # (B*T,) not padding
+        if self.stats.contexts is None:
+            return
+        pos = starts[:, None] + torch.arange(T)  # (B, T) position in the document
+        keys = context_key(documents[:, None].expand(B, T), pos)  # (B, T)
+        valid = torch.where(self.mask.view(B, T), tokens.long(), torch.full_like(tokens, -1, dtype=torch.long))
+        padded = torch.nn.functional.pad(valid, (BEFORE, AFTER), value=-1)  # (B, BEFORE + T + AFTER)
+        windows = padded.unfold(1, WINDOW, 1)  # (B, T, WINDOW): tokens t-BEFORE .. t+AFTER
+        self._where = (keys.reshape(-1)[self.mask], windows.reshape(B * T, WINDOW)[self.mask].int())
+
+    def __call__(self, layer: int, lk: Lookup) -> None:
+        s, li = self.stats, self.stats.layer_index(layer)
+        idx, w, stage1 = lk.indices, lk.weights, lk.stage1
+        if self.mask is not None:
+            m = self.mask.to(idx.device)
+            idx, w, stage1 = idx[m], w[m], stage1[m]
+        idx, w, stage1 = idx.cpu(), w.cpu(), stage1.cpu()
+        flat = (idx + self._slot_offset).reshape(-1)  # (n*H*k,) into the (H*S) view of this layer
+        s.counts[li].view(-1).index_add_(0, flat, torch.ones_like(flat))
+        units = (w.double() * WEIGHT_SCALE).round_().long().reshape(-1)  # exact: w is float32
+        s.weight_units[li].view(-1).index_add_(0, flat, units)
+        sub = (stage1 + self._subkey_offset).reshape(-1)  # (n*H*2*k,) into the (H*2*N) view
+        s.subkey_counts[li].view(-1).index_add_(0, sub, torch.ones_like(sub))
+        if s.contexts is not None:
+            if self._where is None:
+                raise RuntimeError("SlotCounter.batch() must be called before each forward to keep top contexts")
+            keys, windows = self._where
+            s.contexts.add(layer, idx, w.float(), keys, windows)
+
+
+# ---- top contexts ---------------------------------------------------------------------------------------
+BEFORE, AFTER = 8, 2  # a context is the tokens from 8 before to 2 after the position that selected the slot
+WINDOW = BEFORE + 1 + AFTER
+POSITION_BITS = 24  # a context key is document << 24 | position: one int64 that sorts as (document, position)
+EMPTY_KEY = torch.iinfo(torch.int64).max
+
+
+def context_key(documents: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """int64 keys ``document << 24 | position`` (positions < 2^24 per document, documents < 2^39)."""
+    if bool((positions >= 1 << POSITION_BITS).any()):
+        raise MemeditError(f"a document is longer than {1 << POSITION_BITS:,} tokens: split it into several lines")
+    return (documents.long() << POSITION_BITS) | positions.long()
+
+
+def _order(slot: torch.Tensor, weight: torch.Tensor, key: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """The permutation sorting entries by (slot asc, weight desc, key asc, where asc): successive stable sorts."""
+    o = torch.argsort(where, stable=True)
+    o = o[torch.argsort(key[o], stable=True)]
+    o = o[torch.argsort(-weight[o], stable=True)]
+    return o[torch.argsort(slot[o], stable=True)]
+
+
+@dataclass
+class TopContexts:
+    """Per slot of each value table, the M selections with the largest softmax weight, over all layers and heads
+    that read the table. Ties go to the smaller (document, position, layer, head), so top-M sets of corpus shards
+    or distributed ranks merge to exactly the single-process result.
+
+    Memory: per entry a float32 weight, an int64 key, an int16 (layer index, head) and WINDOW int32 tokens, 58
+    bytes: at 1,048,576 slots and M 8, 58 * 8 * 1,048,576 = 486.5 MB (plus one batch's candidates while adding).
+    """
+
+    layers: list[int]  # memory layers in model order; ``where`` holds an index into this list
+    tables: dict[str, list[int]]  # value table -> the layers that read it
+    m: int  # M: contexts kept per slot
+    weight: dict[str, torch.Tensor]  # per table (S, M) float32, best first; -1 where there is no entry yet
+    key: dict[str, torch.Tensor]  # (S, M) int64 document << 24 | position; EMPTY_KEY where empty
+    where: dict[str, torch.Tensor]  # (S, M) int16 layer index << 8 | head; -1 where empty
+    tokens: dict[str, torch.Tensor]  # (S, M, WINDOW) int32 tokens from 8 before to 2 after; -1 outside the text
+
+    @classmethod
+    def empty(cls, layers: list[int], tables: dict[str, list[int]], n_slots: int, m: int) -> TopContexts:
+        if m < 1:
+            raise MemeditError(f"--contexts must be at least 1, got {m}")
+        if len(layers) > 127 or m > 1024:
+            raise MemeditError("top contexts support up to 127 memory layers and 1,024 contexts per slot")
+        S = n_slots
+        return cls(
+            layers=list(layers), tables={k: list(v) for k, v in tables.items()}, m=m,
+            weight={t: torch.full((S, m), -1.0) for t in tables},
+            key={t: torch.full((S, m), EMPTY_KEY, dtype=torch.int64) for t in tables},
+            where={t: torch.full((S, m), -1, dtype=torch.int16) for t in tables},
+            tokens={t: torch.full((S, m, WINDOW), -1, dtype=torch.int32) for t in tables},
+        )
+
+    def table_of(self, layer: int) -> str:
+        return next(t for t, ls in self.tables.items() if layer in ls)
+
+    def add(self, layer: int, indices: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
+            windows: torch.Tensor) -> None:
+        """Add one lookup of ``layer``: indices and weights (n, H, k), each position's key (n,) and window (n, W)."""
+        n, H, k = indices.shape
+        t = self.table_of(layer)
+        li = self.layers.index(layer)
+        slot = indices.reshape(-1)
+        w = weights.reshape(-1)
+        row = torch.arange(n).repeat_interleave(H * k)  # (n*H*k,) the position of each candidate
+        where = ((li << 8) + torch.arange(H, dtype=torch.int16).repeat_interleave(k)).repeat(n)
+        # a candidate below its slot's current M-th weight cannot enter (equal weights can: the key decides)
+        keep = w >= self.weight[t][slot, -1]
+        if not bool(keep.any()):
+            return
+        slot, w, row, where = slot[keep], w[keep], row[keep], where[keep]
+        self._merge(t, slot, w, keys[row], where, windows[row])
+
+    def _merge(self, t: str, slot: torch.Tensor, w: torch.Tensor, key: torch.Tensor, where: torch.Tensor,
+               tokens: torch.Tensor) -> None:
+        """Merge candidate entries into table ``t``'s top-M of their slots."""
+        M = self.m
+        U = torch.unique(slot)  # (U,) sorted
+        cur_slot = U.repeat_interleave(M)
+        all_slot = torch.cat([cur_slot, slot])
+        all_w = torch.cat([self.weight[t][U].reshape(-1), w])
+        all_key = torch.cat([self.key[t][U].reshape(-1), key])
+        all_where = torch.cat([self.where[t][U].reshape(-1), where])
+        all_tok = torch.cat([self.tokens[t][U].reshape(-1, WINDOW), tokens])
+        o = _order(all_slot, all_w, all_key, all_where)
+        sorted_slot = all_slot[o]
+        _, counts = torch.unique_consecutive(sorted_slot, return_counts=True)  # every slot has >= M entries
+        first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        top = o[(torch.arange(len(o)) - first) < M]  # (U*M,) best M of every slot, in order
+        self.weight[t][U] = all_w[top].view(-1, M)
+        self.key[t][U] = all_key[top].view(-1, M)
+        self.where[t][U] = all_where[top].view(-1, M)
+        self.tokens[t][U] = all_tok[top].view(-1, M, WINDOW)
+
+    def merged(self, other: TopContexts) -> TopContexts:
+        """The top-M contexts of both (a new object); exact whatever the order of merging."""
+        if (self.layers, self.tables, self.m) != (other.layers, other.tables, other.m):
+            raise MemeditError(f"cannot merge top contexts of different shapes (M {self.m} and {other.m}, or other "
+                               "layers and tables)")
+        out = TopContexts(self.layers, dict(self.tables), self.m, {t: v.clone() for t, v in self.weight.items()},
+                          {t: v.clone() for t, v in self.key.items()}, {t: v.clone() for t, v in self.where.items()},
+                          {t: v.clone() for t, v in self.tokens.items()})
+        for t in self.tables:
+            live = other.weight[t].reshape(-1) >= 0
+            S = other.weight[t].shape[0]
+            slot = torch.arange(S).repeat_interleave(self.m)[live]
+            if len(slot):
+                out._merge(t, slot, other.weight[t].reshape(-1)[live], other.key[t].reshape(-1)[live],
+                           other.where[t].reshape(-1)[live], other.tokens[t].reshape(-1, WINDOW)[live])
+        return out
+
+    def entries(self, table: str, slot: int) -> list[dict[str, Any]]:
+        """The recorded contexts of one slot, best first: {document, position, weight, layer, head, tokens}."""
+        out = []
+        for r in range(self.m):
+            w = float(self.weight[table][slot, r])
+            if w < 0:
+                break
+            key, where = int(self.key[table][slot, r]), int(self.where[table][slot, r])
+            out.append({"document": key >> POSITION_BITS, "position": key & ((1 << POSITION_BITS) - 1), "weight": w,
+                        "layer": self.layers[where >> 8], "head": where & 0xFF,
+                        "tokens": self.tokens[table][slot, r].tolist()})
+        return out
+
+
+def merge_contexts(a: TopContexts | None, b: TopContexts | None) -> TopContexts | None:
+    """Top contexts of two audits merged; None unless both kept them (a merge must not pretend to know more)."""
+    if a is None or b is None:
+        return None
+    return a.merged(b)
+
+
+# ---- metrics (reference §5) -------------------------------------------------------------------------------
+def usage_metrics(mass: torch.Tensor) -> dict[str, float]:
+    """XLM's usage metrics of one distribution of use over slots (counts or weight mass, any shape, flattened).
+
+    used (% of slots with p > 0), kl_uniform (log S + sum p log p), gini (1 - 2 mean of the ascending cumulative
+    p), top50/top90/top99 (fewest most-used slots holding that % of the mass), top1pct_share (share of the top 1%
+    of slots, at least one), dead (slots never used), entropy (-sum p log p, nats).
+    """
+    m = mass.detach().double().flatten().cpu()
+    S = m.numel()
+    total = m.sum()
+    alive = int((m > 0).sum())
+    if S == 0 or total <= 0:
+        nan = float("nan")
+        return {"used": 0.0, "kl_uniform": nan, "gini": nan, "top50": 0, "top90": 0, "top99": 0,
+                "top1pct_share": nan, "dead": S, "entropy": nan}
+    p = m / total
+    nz = p[p > 0]
+    plogp = float((nz * nz.log()).sum())
+    gini = 1.0 - 2.0 * float(p.sort().values.cumsum(0).mean())
+    desc = m.sort(descending=True).values
+    cum = desc.cumsum(0)  # exact for integer counts
+    tops = {}
+    for q in (50, 90, 99):
+        need = total * (q / 100)
+        tops[f"top{q}"] = min(int(torch.searchsorted(cum, need.reshape(1) * (1 - 1e-12)).item()) + 1, S)
+    hub = max(1, math.ceil(S / 100))
+    return {
+        "used": 100.0 * alive / S,
+        "kl_uniform": math.log(S) + plogp,
+        "gini": gini,
+        **tops,
+        "top1pct_share": float(desc[:hub].sum() / total),
+        "dead": S - alive,
+        "entropy": -plogp,
+    }
+
+
+def report(stats: SlotStats) -> list[dict[str, Any]]:
+    """Usage metrics for every table, layer and (layer, head), count- and weight-based, and for every
+    (layer, head, half) of sub-keys (count-based): a list of rows {scope, table, layer, head, half, basis, ...}.
+
+    A table's or a layer's distribution is over its S slots, summed over heads (and over the table's layers).
+    """
+    rows: list[dict[str, Any]] = []
+
+    def add(scope: str, basis: str, mass: torch.Tensor, **where: Any) -> None:
+        row = {"scope": scope, "table": None, "layer": None, "head": None, "half": None, "basis": basis}
+        row.update(where)
+        row.update(usage_metrics(mass))
+        rows.append(row)
+
+    w = stats.weights
+    for name in stats.tables:
+        add("table", "count", stats.table_counts(name).sum(0), table=name)  # a slot's use over all heads
+        add("table", "weight", stats.table_weights(name).sum(0), table=name)
+    for li, L in enumerate(stats.layers):
+        add("layer", "count", stats.counts[li].sum(0), layer=L)
+        add("layer", "weight", w[li].sum(0), layer=L)
+        for h in range(stats.heads):
+            add("head", "count", stats.counts[li, h], layer=L, head=h)
+            add("head", "weight", w[li, h], layer=L, head=h)
+    for li, L in enumerate(stats.layers):
+        for h in range(stats.heads):
+            for half in (0, 1):
+                add("subkey", "count", stats.subkey_counts[li, h, half], layer=L, head=h, half=half)
+    return rows
+
+
+def scope_label(row: dict[str, Any], short: bool = False) -> str:
+    """A name for a report row's scope: 'table shared', 'layer 1', 'layer 1 head 2', 'sub-keys layer 1 head 2
+    half 0' (short: 'layer 1 h2', 'keys 1 h2 half 0')."""
+    if row["scope"] == "table":
+        return f"table {row['table']}"
+    if row["scope"] == "layer":
+        return f"layer {row['layer']}"
+    if row["scope"] == "head":
+        return f"layer {row['layer']} {'h' if short else 'head '}{row['head']}"
+    if short:
+        return f"keys {row['layer']} h{row['head']} half {row['half']}"
+    return f"sub-keys layer {row['layer']} head {row['head']} half {row['half']}"
+
+
+# ---- comparing two audits ------------------------------------------------------------------------------
+def compare(a: SlotStats, b: SlotStats, top: int = 10) -> dict[str, Any]:
+    """How use changed from audit ``a`` to audit ``b``: per table, the slots that gained or lost the most use
+    (accesses per 1,000 tokens, summed over heads), slots that died or came alive, and every metric's change."""
+    if not a.same_shape(b):
+        raise MemeditError("the two audits are of differently shaped memories (layers, N, heads or tables differ); "
+                           "compare audits of the same model before and after a change")
+    if a.tokens == 0 or b.tokens == 0:
+        raise MemeditError("one of the audits covers no tokens")
+    out: dict[str, Any] = {"tokens": [a.tokens, b.tokens], "same_model": a.fingerprint == b.fingerprint,
+                           "fingerprints": [a.fingerprint, b.fingerprint], "tables": {}}
+    for name in a.tables:
+        ca, cb = a.table_counts(name).sum(0), b.table_counts(name).sum(0)  # (S,)
+        ra, rb = ca.double() * 1000 / a.tokens, cb.double() * 1000 / b.tokens
+        delta = rb - ra
+        k = min(top, delta.numel())
+        gain = delta.topk(k)
+        loss = (-delta).topk(k)
+
+        def slots(vals: torch.Tensor, ids: torch.Tensor, sign: float, ra=ra, rb=rb) -> list[dict[str, Any]]:
+            return [{"slot": int(i), "before": float(ra[i]), "after": float(rb[i]), "change": sign * float(v)}
+                    for v, i in zip(vals, ids, strict=True) if float(v) > 0]
+
+        out["tables"][name] = {
+            "gained": slots(gain.values, gain.indices, 1.0),
+            "lost": slots(loss.values, loss.indices, -1.0),
+            "died": int(((ca > 0) & (cb == 0)).sum()),
+            "came_alive": int(((ca == 0) & (cb > 0)).sum()),
+            "changed_slots": int((ca * b.tokens != cb * a.tokens).sum()),
+        }
+    ma, mb = report(a), report(b)
+    out["metrics"] = [
+        {"scope": scope_label(x), "basis": x["basis"],
+         **{m: {"before": x[m], "after": y[m], "change": y[m] - x[m]} for m in METRICS}}
+        for x, y in zip(ma, mb, strict=True) if x["scope"] in ("table", "layer")
+    ]
+    return out

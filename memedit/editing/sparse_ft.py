@@ -1,0 +1,525 @@
+"""Fact edits by sparse memory finetuning (Lin et al., 2025; docs/reference.md §6).
+
+1. Count the slots the new fact reads: c(i) over the lookups of its training phrasings, each followed by the new
+   target's tokens (teacher forcing) — ``positions``: the answer positions only (every position that predicts a
+   target token; the default), or every position; padding is never counted.
+2. Rank slots against the background: TF-IDF ``c(i)/Σc · log((|B|+1)/(df(i)+1))`` (default), KL contribution
+   ``p_new log(p_new / p_bg)`` with add-one smoothing, or raw counts (a baseline).
+3. Train only the value rows of the top-t slots on the new answer (cross-entropy over every token of the new
+   target, teacher forcing, in every training phrasing; memedit/tracing/targets.py): the gradient of every other row, of
+   every frozen row and of every other parameter is masked. Plain SGD with a large learning rate (the reference's
+   choice); AdamW as an option. As few rows as the edit needs (``adaptive``), rows of earlier edits optionally
+   protected (``protect``): see :class:`EditConfig`.
+4. The change is returned as a :class:`~memedit.editing.patch.Patch`, so it can be saved, applied and reverted exactly.
+
+Metrics (:func:`measure`) follow the knowledge-editing conventions of §7 on whole targets, taken right after each
+edit: efficacy = [mean per-token log P(new) > mean per-token log P(true)] on the rewrite prompt, likewise on
+paraphrases and (reversed) on neighbourhood prompts, as CounterFact compares sequences; exact match = greedy
+decoding of the rewrite prompt reproduces the new target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import MemeditError
+from ..lm.batching import pad_batch, pad_id
+from ..lm.model import MemoryModel
+from ..storage.state import frozen_rows
+from ..tracing.capture import RowCounter, on_lookup
+from ..tracing.targets import TargetTokens, answer_or_given, score, tokenize_target
+from .background import Background
+from .patch import Patch, make_patch
+
+RANKINGS = ("tfidf", "kl", "counts")
+PROTECT = ("none", "edits", "hot")
+
+
+@dataclass
+class EditConfig:
+    # §6 trains t = 500 rows per fact in a 1M-slot memory. memedit trains as few rows as the edit needs: min_t first,
+    # doubled every round_steps steps while the loss stays above stop_loss, up to top_t (adaptive). On the old
+    # word-level demo, a fixed t = 128 (lr 5, <= 100 steps) had been the best of t in {32..500} x lr in {2, 3, 5}
+    # for single edits, but 100 sequential edits then cost 1.1 points on untouched facts against 0.2 for adaptive
+    # (benchmarks/bench_continual.py); on a BPE model with 2-4-token targets, a fixed 128 rows / 100 steps made 85 %
+    # of single edits and adaptive up to 256 rows / 200 steps 100 % (tests/test_real_models.py). On the bundled
+    # BPE demo (65,536 slots, 6 trained wordings per fact), up to 256 rows at lr 5 made 2 of 8 sampled edits, up to
+    # 1,024 rows at lr 10 all 8 (a fact reads ~600-800 distinct slots at its answer positions there).
+    top_t: int = 1024  # at most this many value rows trained per fact
+    lr: float | None = None  # None: 10.0 for SGD (§6 used 2 to 5), 1e-2 for AdamW
+    steps: int = 200  # at most this many optimizer steps in all (most edits stop early)
+    stop_loss: float = 0.05  # stop early once the mean loss on the training phrasings is below this
+    optimizer: str = "sgd"  # "sgd" (default) or "adamw" (forgets more, §6)
+    ranking: str = "tfidf"  # "tfidf", "kl" or "counts" (no IDF, a baseline)
+    positions: str = "answer"  # count slot reads at the "answer" position only, or at "all" prompt positions
+    train_all: bool = False  # baseline only: finetune every parameter instead of the selected value rows
+    # continual editing: keep other knowledge's rows out of an edit
+    protect: str = "none"  # "none"; "edits": rows earlier edits trained; "hot": also the background's most-read rows
+    hot_fraction: float = 0.02  # with protect="hot": this fraction of each table's rows, by background df
+    adaptive: bool = True  # train min_t rows first, and double them (up to top_t) only while the edit does not hold
+    min_t: int = 16  # with adaptive: the rows tried first
+    round_steps: int = 25  # with adaptive: steps per round before the rows are doubled (the last round: the rest)
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the optimizer's default when it is None."""
+        if self.lr is not None:
+            return self.lr
+        return 10.0 if self.optimizer == "sgd" else 1e-2
+
+
+@dataclass
+class EditRequest:
+    """A fact rewrite in the shape of §7: ``prompt`` with "{}" for the subject."""
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str = ""  # if empty: the model's own answer (greedy, to the end of the word)
+    paraphrases: list[str] = field(default_factory=list)  # trained on, like the prompt
+    heldout_paraphrases: list[str] = field(default_factory=list)  # measured only
+    neighborhood: list[str] = field(default_factory=list)  # other subjects: must keep their answer
+    id: str = ""
+    # (prompt, answer) pairs the edit must not change, trained on alongside it (teacher forcing on their answers):
+    # e.g. the subject's other facts, whose answers read the same subject-position rows (see keep_for)
+    keep: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def rewrite_prompt(self) -> str:
+        return self.prompt.replace("{}", self.subject)  # not str.format: user prompts may hold other braces
+
+    @property
+    def training_prompts(self) -> list[str]:
+        return [self.rewrite_prompt] + list(self.paraphrases)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EditRequest:
+        try:
+            req = cls(prompt=d["prompt"], subject=d.get("subject", ""), target_new=d["target_new"],
+                      target_true=d.get("target_true", ""), paraphrases=list(d.get("paraphrases", [])),
+                      heldout_paraphrases=list(d.get("heldout_paraphrases", [])),
+                      neighborhood=list(d.get("neighborhood", [])), id=str(d.get("id", "")),
+                      keep=[_pair(k) for k in d.get("keep", [])])
+        except KeyError as e:
+            raise MemeditError(f"an edit request needs {e.args[0]!r} "
+                               "(keys: prompt, subject, target_new, ...)") from None
+        if not req.target_new.strip():
+            raise MemeditError("an edit request needs a non-empty target_new")
+        return req
+
+    @classmethod
+    def from_fact(cls, fact) -> EditRequest:
+        return cls.from_dict(fact.to_json())
+
+
+def _pair(k) -> tuple[str, str]:
+    """A keep entry: {"prompt": ..., "target": ...} or [prompt, target]."""
+    if isinstance(k, dict) and isinstance(k.get("prompt"), str) and isinstance(k.get("target"), str):
+        return k["prompt"], k["target"]
+    if isinstance(k, (list, tuple)) and len(k) == 2 and all(isinstance(x, str) for x in k):
+        return k[0], k[1]
+    raise MemeditError(f"a keep entry must be {{\"prompt\": ..., \"target\": ...}} or [prompt, target], not {k!r}")
+
+
+def keep_for(request: EditRequest, facts: Sequence, per_fact: int = 1) -> list[tuple[str, str]]:
+    """The (prompt, answer) pairs of the request's subject's other facts (``per_fact`` phrasings each).
+
+    Counting slot reads at every position (``positions="all"``) trains rows read at the subject's tokens, which
+    every fact of that subject reads too: keeping those facts' answers in the loss lets the edit move only what
+    they do not need. Facts are any objects with ``subject``, ``training_prompts`` and ``target_true``.
+    """
+    mine = request.rewrite_prompt
+    return [(p, f.target_true) for f in facts if f.subject == request.subject and getattr(f, "id", None) != request.id
+            for p in f.training_prompts[:per_fact] if p != mine]
+
+
+def read_requests(path: str | Path) -> list[EditRequest]:
+    """The edit requests of a JSONL file, one JSON object a line (:meth:`EditRequest.from_dict`)."""
+    import json
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise MemeditError(f"cannot read {path}: {e.strerror}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                out.append(EditRequest.from_dict(json.loads(line)))
+            except ValueError as e:
+                raise MemeditError(f"{path}:{n}: not JSON ({e})") from None
+            except MemeditError as e:
+                raise MemeditError(f"{path}:{n}: {e}") from None
+    if not out:
+        raise MemeditError(f"{path} holds no edit requests")
+    return out
+
+
+@dataclass
+class EditResult:
+    patch: Patch | None  # None only for the train_all baseline
+    slots: dict[str, list[int]]  # the rows trained, per table
+    steps: int
+    loss: float
+    seconds: float
+    metrics: dict = field(default_factory=dict)
+
+
+# ---- 1. counting slot reads on the new fact -----------------------------------------------------------
+def _teacher_batch(model: MemoryModel, items: Sequence[TargetTokens]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens (B, T), lengths (B,), labels (B, T)) for teacher forcing: labels hold the target token predicted at
+    each answer position and -100 everywhere else (prompt positions and padding)."""
+    tokens, lengths = pad_batch([it.sequence for it in items], pad_id(model))
+    labels = torch.full(tokens.shape, -100, dtype=torch.long)
+    for b, it in enumerate(items):
+        n0 = len(it.prompt_ids) - 1
+        labels[b, n0 : n0 + len(it.ids)] = torch.tensor(it.ids)
+    return tokens, lengths, labels
+
+
+def fact_items(model: MemoryModel, requests: Sequence[EditRequest], target: str = "new") -> list[TargetTokens]:
+    """Every training phrasing of every request, tokenized with its new (or true) target."""
+    return [tokenize_target(model, p, r.target_new if target == "new" else r.target_true)
+            for r in requests for p in r.training_prompts]
+
+
+@torch.no_grad()
+def fact_counts(model: MemoryModel, items: Sequence[TargetTokens | str], positions: str = "answer"
+                ) -> dict[str, torch.Tensor]:
+    """Slot reads c(i) per value table (rows,): at the answer positions of each phrasing, or at all positions.
+
+    ``items`` are tokenized phrasings with their target (the answer positions are every position that predicts a
+    target token), or bare prompts (the answer position is the last one).
+    """
+    if positions not in ("answer", "all"):
+        raise MemeditError(f"unknown positions {positions!r}: use answer or all")
+    seqs, answer = [], []
+    for it in items:
+        if isinstance(it, str):
+            ids = model.encode(it)
+            seqs.append(ids)
+            answer.append((len(ids) - 1, len(ids)))
+        else:
+            seqs.append(it.sequence)
+            answer.append((len(it.prompt_ids) - 1, len(it.sequence)))
+    tokens, lengths = pad_batch(seqs, pad_id(model))
+    B, T = tokens.shape
+    pos = torch.arange(T)[None, :]
+    if positions == "answer":
+        lo, hi = torch.tensor(answer).T
+        keep = (pos >= lo[:, None]) & (pos < hi[:, None])  # (B, T)
+    else:
+        keep = pos < lengths[:, None]
+    counter = RowCounter(model)
+    counter.batch(keep.flatten())
+    with on_lookup(model, counter):
+        model(tokens.to(next(model.parameters()).device))
+    return {name: reads.float() for name, reads in counter.reads.items()}
+
+
+# ---- 2. ranking ------------------------------------------------------------------------------------------
+def rank(counts: dict[str, torch.Tensor], bg: Background | None, ranking: str = "tfidf") -> dict[str, torch.Tensor]:
+    """A score per row (rows,) for each table; rows the fact never read score -inf."""
+    if ranking not in RANKINGS:
+        raise MemeditError(f"unknown ranking {ranking!r} (choose from {', '.join(RANKINGS)})")
+    out = {}
+    for name, c in counts.items():
+        tf = c / c.sum().clamp_min(1)
+        if ranking == "counts":
+            s = tf.clone()
+        elif ranking == "tfidf":
+            s = tf * bg.idf(name)
+        else:  # KL contribution against the add-one smoothed background distribution
+            bgc = bg.counts[name].float()
+            p_bg = (bgc + 1) / (bgc.sum() + bgc.numel())
+            s = tf * torch.log(tf.clamp_min(1e-30) / p_bg)
+        out[name] = s.masked_fill(c == 0, -math.inf)
+    return out
+
+
+def edited_rows(model: MemoryModel) -> dict[str, torch.Tensor]:
+    """{table: row ids} trained by the fact edits the model folder's edit log holds as applied (not reverted)."""
+    from ..storage.state import edit_log
+
+    applied: dict[str, dict] = {}
+    for e in edit_log(model):
+        if e.get("kind") != "edit" or "id" not in e:
+            continue
+        if e.get("op") == "apply":
+            applied[e["id"]] = e.get("rows") or {}
+        elif e.get("op") == "revert":
+            applied.pop(e["id"], None)
+    out: dict[str, list[int]] = {}
+    for rows in applied.values():
+        for name, ids in rows.items():
+            out.setdefault(name, []).extend(int(i) for i in ids)
+    return {k: torch.tensor(sorted(set(v)), dtype=torch.long) for k, v in out.items()}
+
+
+def protected_rows(model: MemoryModel, cfg: EditConfig, bg: Background | None,
+                   extra: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """{table: row ids} an edit must not train under ``cfg.protect``, plus ``extra`` (e.g. rows of edits made in
+    memory)."""
+    if cfg.protect not in PROTECT:
+        raise MemeditError(f"unknown protect {cfg.protect!r} (choose from {', '.join(PROTECT)})")
+    parts: list[dict[str, torch.Tensor]] = [extra or {}]
+    if cfg.protect in ("edits", "hot"):
+        parts.append(edited_rows(model))
+    if cfg.protect == "hot":
+        if bg is None:
+            raise MemeditError("protect=hot needs background statistics: run `memedit background CORPUS` first")
+        for name, df in bg.df.items():
+            n = int(cfg.hot_fraction * df.numel())
+            if n:
+                parts.append({name: df.float().topk(n).indices})
+    out: dict[str, torch.Tensor] = {}
+    for d in parts:
+        for name, ids in d.items():
+            out[name] = torch.cat([out[name], ids.long()]) if name in out else ids.long()
+    return out
+
+
+def select(model: MemoryModel, scores: dict[str, torch.Tensor], top_t: int,
+           protected: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The top-t rows over all tables by score (rows the fact read, not frozen, not protected): {table: row ids}."""
+    frozen = frozen_rows(model)
+    names, flat = [], []
+    for name, s in scores.items():
+        s = s.clone()
+        for off in (frozen.get(name), (protected or {}).get(name)):
+            if off is not None and off.numel():
+                s[off] = -math.inf
+        names.append(name)
+        flat.append(s)
+    allscores = torch.cat(flat)
+    k = min(top_t, int(torch.isfinite(allscores).sum()))
+    if k == 0:
+        raise MemeditError("every slot this fact reads is frozen or protected: nothing can be trained")
+    top = allscores.topk(k).indices
+    out, start = {}, 0
+    for name, s in zip(names, flat, strict=True):
+        mine = top[(top >= start) & (top < start + s.numel())] - start
+        if mine.numel():
+            out[name] = mine.sort().values
+        start += s.numel()
+    return out
+
+
+# ---- 3. training ------------------------------------------------------------------------------------------
+def _batch(model: MemoryModel, requests: Sequence[EditRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (B, T), labels (B, T)) over every training phrasing followed by its new target, and every keep pair
+    followed by its answer (teacher forcing)."""
+    keep = [tokenize_target(model, p, t) for r in requests for p, t in r.keep]
+    tokens, _, labels = _teacher_batch(model, fact_items(model, requests) + keep)
+    return tokens, labels
+
+
+def _loss(model: MemoryModel, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every target token of every phrasing; prompt and padding positions are ignored."""
+    logits = model(tokens.to(next(model.parameters()).device))  # (B, T, vocab)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100)
+
+
+def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[str, torch.Tensor] | None,
+               cfg: EditConfig) -> tuple[int, float]:
+    """Train the given value rows (or, with ``cfg.train_all``, every parameter) in place; returns (steps, loss).
+
+    The rows are gathered into small leaf tensors that the forward pass reads instead of the table
+    (:func:`memedit.tracing.capture.trainable_rows`): the optimizer sees only them, so nothing else can move and no
+    gradient or optimizer state is as large as the table. They are written back at the end.
+    """
+    from ..tracing.capture import trainable_rows
+
+    tokens, labels = _batch(model, requests)
+    if cfg.optimizer not in ("sgd", "adamw"):
+        raise MemeditError(f"unknown optimizer {cfg.optimizer!r}: use sgd or adamw")
+    steps, loss_val = 0, float("nan")
+    with contextlib.ExitStack() as stack:
+        if cfg.train_all:  # the baseline: dense, every parameter
+            params = list(model.parameters())
+            for p in params:
+                p.requires_grad_(True)
+            stack.callback(lambda: [p.requires_grad_(False) for p in params])
+        else:
+            leaves = stack.enter_context(trainable_rows(model, rows))
+            params = list(leaves.values())
+        opt = (torch.optim.SGD(params, lr=cfg.learning_rate) if cfg.optimizer == "sgd"
+               else torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0))
+        for steps in range(1, cfg.steps + 1):
+            with torch.enable_grad():
+                loss = _loss(model, tokens, labels)
+            loss_val = loss.item()
+            if loss_val < cfg.stop_loss:
+                steps -= 1
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        else:
+            with torch.no_grad():
+                loss_val = _loss(model, tokens, labels).item()
+        if not cfg.train_all:
+            with torch.no_grad():
+                for name, leaf in leaves.items():
+                    model.table(name).weight[rows[name]] = leaf.detach()
+    return steps, loss_val
+
+
+def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | None, cfg: EditConfig | None = None,
+         message: str = "", protect: dict[str, torch.Tensor] | None = None) -> EditResult:
+    """The patch that rewrites the facts of ``requests`` (one batch), with what was trained; the model is unchanged.
+
+    Apply the patch with :func:`memedit.editing.patch.apply` (a model folder) or
+    :func:`memedit.editing.patch.write_rows` (memory).
+    Baseline ``cfg.train_all`` is the exception: it leaves the model edited and returns no patch.
+    """
+    cfg = cfg or EditConfig()
+    if cfg.optimizer == "adamw" and not cfg.train_all:
+        warnings.warn("AdamW forgets more than SGD in sparse memory finetuning (reference §6)", stacklevel=2)
+    if cfg.ranking != "counts" and bg is None and not cfg.train_all:
+        raise MemeditError("TF-IDF and KL ranking need background statistics: run `memedit background` first")
+    t0 = time.perf_counter()
+    for r in requests:
+        r.target_true = answer_or_given(model, r.rewrite_prompt, r.target_true)
+    items = fact_items(model, requests)  # refuses a target the tokenizer cannot represent, before any training
+    if cfg.train_all:  # baseline: every parameter moves, which a value patch cannot hold; the model stays edited
+        steps, loss = train_rows(model, requests, None, cfg)
+        return EditResult(None, {}, steps, loss, time.perf_counter() - t0)
+    counts = fact_counts(model, items, cfg.positions)
+    scores = rank(counts, bg, cfg.ranking)
+    most = cfg.top_t * len(requests)
+    off = protected_rows(model, cfg, bg, protect)
+    t = min(most, cfg.min_t * len(requests)) if cfg.adaptive else most
+    base: dict[str, dict[int, torch.Tensor]] = {}  # table -> {row id: its original contents}, every row trained
+    rows: dict[str, torch.Tensor] = {}
+    steps = 0
+    try:
+        while True:
+            rows = select(model, scores, t, off)
+            for name, ids in rows.items():  # remember the originals of the rows this round adds
+                seen = base.setdefault(name, {})
+                new = [i for i in ids.tolist() if i not in seen]
+                if new:
+                    seen.update(zip(new, model.table(name).weight.detach()[new].clone(), strict=True))
+            budget = cfg.steps - steps if (not cfg.adaptive or t >= most) else min(cfg.round_steps, cfg.steps - steps)
+            n, loss = train_rows(model, requests, rows, replace(cfg, steps=max(1, budget)))
+            steps += n
+            if not cfg.adaptive or loss < cfg.stop_loss or t >= most or steps >= cfg.steps:
+                break
+            t = min(most, 2 * t)  # the edit does not hold yet: train more rows, starting from where it stands
+        updates = {name: (ids, model.table(name).weight.detach()[ids].clone()) for name, ids in rows.items()}
+    finally:  # the model is left as it was; the patch carries the change
+        with torch.no_grad():
+            for name, originals in base.items():
+                ids = torch.tensor(list(originals), dtype=torch.long)
+                model.table(name).weight[ids] = torch.stack(list(originals.values()))
+    info = {"requests": [asdict(r) for r in requests], "config": asdict(cfg), "steps": steps, "loss": loss}
+    msg = message or "edit: " + "; ".join(f"{r.rewrite_prompt} -> {r.target_new}" for r in requests)[:200]
+    if steps == 0:
+        raise MemeditError("the model already gives the new answer (loss below the stop threshold): nothing to edit")
+    patch = make_patch(model, updates, message=msg, kind="edit", info=info)
+    return EditResult(patch, {k: v.tolist() for k, v in rows.items()}, steps, loss, time.perf_counter() - t0)
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------
+def _prefers(model: MemoryModel, prompts: Sequence[str], first: str, second: str) -> list[bool]:
+    """[mean per-token log P(first) > mean per-token log P(second)] for each prompt (whole targets, CounterFact)."""
+    if not prompts:
+        return []
+    n = len(prompts)
+    sc = score(model, list(prompts) * 2, [first] * n + [second] * n)
+    return [a.mean_logprob > b.mean_logprob for a, b in zip(sc[:n], sc[n:], strict=True)]
+
+
+def _mean(xs: Sequence[bool]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def measure(model: MemoryModel, r: EditRequest) -> dict:
+    """Efficacy, paraphrase (training and held-out), neighborhood, their harmonic mean (§7), and exact match."""
+    eff = _mean(_prefers(model, [r.rewrite_prompt], r.target_new, r.target_true))
+    para = _mean(_prefers(model, r.paraphrases, r.target_new, r.target_true))
+    held = _mean(_prefers(model, r.heldout_paraphrases, r.target_new, r.target_true))
+    neigh = _mean(_prefers(model, r.neighborhood, r.target_true, r.target_new))
+    new = score(model, [r.rewrite_prompt], [r.target_new])[0]
+    parts = [x for x in (eff, para, neigh) if x is not None]
+    hm = len(parts) / sum(1 / x for x in parts) if parts and all(x > 0 for x in parts) else 0.0
+    return {"efficacy": eff, "paraphrase": para, "paraphrase_heldout": held, "neighborhood": neigh, "score": hm,
+            "exact_match": float(new.greedy), "logprob_new": new.logprob, "mean_logprob_new": new.mean_logprob}
+
+
+class Forgetting:
+    """Accuracy on other facts' phrasings, tracked across edits: ``update()`` returns the change since last time.
+
+    Uses up to ``sample`` prompts of facts other than the edited ones (a fixed random sample, for speed).
+    """
+
+    def __init__(self, model: MemoryModel, facts, sample: int = 1000, seed: int = 0):
+        import random
+
+        pairs = [(f.id, p, f.target_true) for f in facts for p in f.training_prompts]
+        random.Random(seed).shuffle(pairs)
+        self.pairs = pairs[:sample]
+        self.model = model
+        self.excluded: set[str] = set()
+        self.correct = self._correct()
+
+    def _correct(self) -> torch.Tensor:
+        """Whether each prompt's greedy continuation is its whole true target (exact match)."""
+        sc = score(self.model, [p for _, p, _ in self.pairs], [t for _, _, t in self.pairs])
+        return torch.tensor([x.greedy for x in sc], dtype=torch.bool)
+
+    def _keep(self) -> torch.Tensor:
+        return torch.tensor([fid not in self.excluded for fid, _, _ in self.pairs])
+
+    def accuracy(self) -> float:
+        keep = self._keep()
+        return self.correct[keep].float().mean().item()
+
+    def update(self, edited_ids: Sequence[str] = ()) -> dict:
+        """After an edit: {accuracy_before, accuracy_after, change} over the sample minus every edited fact."""
+        self.excluded.update(edited_ids)
+        keep = self._keep()
+        before = self.correct[keep].float().mean().item()
+        self.correct = self._correct()
+        after = self.correct[keep].float().mean().item()
+        return {"accuracy_before": before, "accuracy_after": after, "change": after - before, "n": int(keep.sum())}
+
+
+def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | None, cfg: EditConfig,
+              sequential: bool = True, commit: Callable[[Patch], None] | None = None,
+              forgetting: Forgetting | None = None, progress: Callable[[int, int], None] | None = None
+              ) -> list[EditResult]:
+    """Make the edits (one by one if ``sequential``, else one batch), each applied (in memory, then by ``commit``
+    if given) before the next; metrics are taken right after each edit."""
+    from .patch import write_rows
+
+    groups = [[r] for r in requests] if sequential else [list(requests)]
+    results = []
+    made: dict[str, torch.Tensor] = {}  # rows trained by the edits of this run (a folder's log holds earlier ones)
+    for n, group in enumerate(groups, 1):
+        res = edit(model, group, bg, cfg, protect=made if cfg.protect != "none" else None)
+        for name, ids in res.slots.items():
+            made[name] = torch.cat([made.get(name, torch.empty(0, dtype=torch.long)), torch.tensor(ids)])
+        if res.patch is not None:
+            if commit is not None:
+                commit(res.patch)  # e.g. memedit.editing.patch.apply: writes the rows in memory and in the folder
+            else:
+                write_rows(model, res.patch, new=True)
+        res.metrics = {"per_request": [measure(model, r) for r in group]}
+        if forgetting is not None:
+            res.metrics["forgetting"] = forgetting.update([r.id for r in group if r.id])
+        results.append(res)
+        if progress is not None:
+            progress(n, len(groups))
+    return results

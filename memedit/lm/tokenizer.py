@@ -1,0 +1,111 @@
+"""Tokenizers. memedit needs only :class:`Tokenizer`'s small interface; imported checkpoints bring their own."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from ..errors import MemeditError
+
+_WORD = re.compile(r"\w+(?:'\w+)?|[^\w\s]")
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What memedit needs of a tokenizer."""
+
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def id_to_token(self, i: int) -> str: ...
+
+
+class WordTokenizer:
+    """Word-level tokenizer over a fixed vocabulary (the demo world is closed, so this covers it)."""
+
+    SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+
+    def __init__(self, vocab: list[str]):
+        if list(vocab[: len(self.SPECIALS)]) != list(self.SPECIALS):
+            raise MemeditError(f"a word tokenizer's vocabulary must start with {self.SPECIALS}")
+        self.vocab = list(vocab)
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        if len(self.index) != len(self.vocab):
+            raise MemeditError("the tokenizer vocabulary has duplicate entries")
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = 0, 1, 2, 3
+        self.vocab_size = len(self.vocab)
+
+    @classmethod
+    def from_texts(cls, texts) -> WordTokenizer:
+        words: dict[str, None] = {}
+        for t in texts:
+            for w in _WORD.findall(t):
+                words.setdefault(w, None)
+        return cls(list(cls.SPECIALS) + sorted(words))
+
+    def tokens(self, text: str) -> list[str]:
+        return _WORD.findall(text)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.index.get(w, self.unk_id) for w in _WORD.findall(text)]
+
+    def decode(self, ids: list[int]) -> str:
+        out = ""
+        for i in ids:
+            w = self.id_to_token(int(i))
+            if w in self.SPECIALS[:3]:
+                continue
+            out += w if (not out or re.fullmatch(r"[^\w\s]", w) and w not in "(") else " " + w
+        return out
+
+    def id_to_token(self, i: int) -> str:
+        if not 0 <= i < self.vocab_size:
+            raise MemeditError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
+        return self.vocab[i]
+
+    def to_json(self) -> dict:
+        return {"memedit_tokenizer": "word", "vocab": self.vocab}
+
+    def save(self, path: str | Path) -> None:
+        from ..storage.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_json()))
+
+
+def token_text(tok: Tokenizer | None, i: int) -> str:
+    """Token ``i`` as text to show a person: ``<id N>`` for an id the tokenizer cannot decode (a padded vocabulary
+    has ids past the tokenizer's), non-printable characters escaped (byte tokens, newlines)."""
+    i = int(i)
+    if tok is None or not 0 <= i < tok.vocab_size:
+        return f"<id {i}>"
+    try:
+        t = tok.id_to_token(i)
+    except (MemeditError, ValueError, IndexError, KeyError, TypeError):
+        return f"<id {i}>"
+    if t is None:
+        return f"<id {i}>"
+    return t if t.isprintable() else t.encode("unicode_escape").decode("ascii")
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json: memedit's word vocabulary, an imported kind saved by memedit, or a HuggingFace file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MemeditError(f"cannot read tokenizer {path}: {e}") from None
+    if isinstance(data, dict) and data.get("memedit_tokenizer") == "word":
+        return WordTokenizer(data["vocab"])
+    if not isinstance(data, dict):
+        raise MemeditError(f"{path} is not a tokenizer memedit can read")
+    from ..storage.importers.tokenizers import from_json
+
+    return from_json(data, path)

@@ -1,0 +1,128 @@
+"""Per-model state kept in the model folder's ``memedit/`` subfolder, every write made by the store (store.py).
+
+    memedit/frozen.safetensors      one int64 tensor of row ids per value table ("shared", "layer4", ...)
+    memedit/rows.log                the row log (store.py), from which the edit history is read
+    memedit/edits.jsonl             the edit history of folders written by memedit < 0.2 (`memedit check --upgrade`
+                                    moves it into rows.log)
+    memedit/background.safetensors  background slot statistics per value table:
+                                    "df.{table}" (rows,) batches that accessed each row, "counts.{table}" (rows,)
+                                    accesses; metadata "n_batches", "corpus", "tokens"
+    memedit/patches/                the patch files the log refers to
+
+Higher-level meaning (what may be frozen, how patches apply) lives in freeze.py and patch.py; this module
+only reads and writes the files so that every tool (export, keys, edits) sees the same state.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import MemeditError
+from ..lm.model import MemoryModel
+
+FROZEN = "frozen.safetensors"
+EDITS = "edits.jsonl"
+BACKGROUND = "background.safetensors"
+PATCHES = "patches"
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise MemeditError(f"{path} is corrupt ({e}); remove it or restore it from a backup") from None
+
+
+def _write_tensors(model: MemoryModel, name: str, tensors: dict[str, torch.Tensor],
+                   metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    from .store import replace_file
+
+    replace_file(model, name, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                                    metadata=metadata))
+
+
+# ---- frozen rows ----------------------------------------------------------------------------------
+def frozen_rows(model: MemoryModel) -> dict[str, torch.Tensor]:
+    """{table name: sorted int64 row ids} of the rows nothing may change (empty dict if none)."""
+    if model.source is None:
+        return {}
+    path = Path(model.source) / "memedit" / FROZEN
+    if not path.is_file():
+        return {}
+    tensors, _ = _read_tensors(path)
+    return {k: v.long() for k, v in tensors.items()}
+
+
+def write_frozen_rows(model: MemoryModel, rows: dict[str, torch.Tensor]) -> None:
+    """Replace the frozen set (under the writers' lock; a read-modify-write holds the lock around both)."""
+    rows = {k: torch.unique(v.long()) for k, v in rows.items() if v.numel()}
+    _write_tensors(model, FROZEN, rows)
+
+
+def frozen_mask(model: MemoryModel, table: str) -> torch.Tensor:
+    """A bool mask (rows,) of the frozen rows of ``table``."""
+    t = model.table(table)
+    mask = torch.zeros(t.n_rows, dtype=torch.bool)
+    ids = frozen_rows(model).get(t.name)
+    if ids is not None:
+        mask[ids] = True
+    return mask
+
+
+# ---- edit log -------------------------------------------------------------------------------------
+def edit_log(model: MemoryModel) -> list[dict]:
+    """The model's edit history, oldest first (empty if none): read from the row log's records, so the log and the
+    weights cannot disagree (or, for a folder written before the row log, from its edits.jsonl)."""
+    from .store import LOG, scan_log
+
+    if model.source is None:
+        return []
+    d = Path(model.source) / "memedit"
+    if (d / LOG).is_file():
+        return [r.entry() for r in scan_log(d / LOG, with_rows=False)[0]]
+    return legacy_log(d / EDITS)
+
+
+def legacy_log(path: Path) -> list[dict]:
+    """The entries of a v1 edits.jsonl (each checked to be an object with an id)."""
+    if not path.is_file():
+        return []
+    out = []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MemeditError(f"cannot read {path}: {e}") from None
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                e = json.loads(line)
+            except ValueError:
+                raise MemeditError(f"{path}:{n} is not valid JSON; the edit log is damaged") from None
+            if not isinstance(e, dict) or not isinstance(e.get("id"), str) or e.get("op") not in ("apply", "revert"):
+                raise MemeditError(f"{path}:{n} is not an edit-log entry (it needs an op and an id); the edit log is "
+                                   "damaged")
+            out.append(e)
+    return out
+
+
+# ---- background statistics ----------------------------------------------------------------------------
+def background(model: MemoryModel) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """(tensors, metadata) of the stored background statistics, or None if never computed."""
+    if model.source is None:
+        return None
+    path = Path(model.source) / "memedit" / BACKGROUND
+    if not path.is_file():
+        return None
+    return _read_tensors(path)
+
+
+def write_background(model: MemoryModel, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    _write_tensors(model, BACKGROUND, tensors, {k: str(v) for k, v in metadata.items()})
