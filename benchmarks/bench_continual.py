@@ -14,8 +14,10 @@ the fact's true object. After every ``--every`` edits, on the model as it stands
   untouched     exact-match accuracy on the training phrasings of every fact not edited (``--untouched N``: a fixed
                 sample of N prompts instead), and its drop from the start
 Methods (memedit's strategies are options of ``memedit edit``; see EditConfig):
-  memedit            the `memedit edit` defaults: TF-IDF ranking, adaptive rows (16 first, doubled every 25 steps
-                     while the edit does not hold, up to 256; at most 200 steps)
+  memedit            the `memedit edit` defaults: rows read at every prompt position ranked by TF-IDF, adaptive rows
+                     (16 first, doubled every 25 steps while the edit does not hold, up to 1,024; at most 200 steps),
+                     the subject's other facts kept in the loss (--keep-subject: the world is known here)
+  answer             rows read at the answer positions only, nothing kept (the defaults before issue 13's demo)
   protect            + rows that earlier edits trained are never trained again
   hot                + protect, and the background's 2 % most-read rows left alone
   fixed-128          128 rows per edit, at most 100 steps (memedit's defaults before continual editing)
@@ -42,15 +44,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memedit  # noqa: E402
 from memedit.editing import background as B  # noqa: E402
 from memedit.editing.patch import write_rows  # noqa: E402
-from memedit.editing.sparse_ft import EditConfig, EditRequest, edit  # noqa: E402
+from memedit.editing.sparse_ft import EditConfig, EditRequest, edit, keep_for  # noqa: E402
 from memedit.tracing.targets import score  # noqa: E402
 from memedit.world.facts import world_of  # noqa: E402
 
 FIXED = {"adaptive": False, "top_t": 128, "steps": 100}  # the defaults before continual editing
 STRATEGIES = {
-    "memedit": {},
-    "protect": {"protect": "edits"},
-    "hot": {"protect": "hot"},
+    "memedit": {"keep": True},
+    "answer": {"positions": "answer"},
+    "protect": {"protect": "edits", "keep": True},
+    "hot": {"protect": "hot", "keep": True},
     "fixed-128": FIXED,
     "counts": {**FIXED, "ranking": "counts"},
     "full-ft": {**FIXED, "train_all": True, "optimizer": "adamw", "lr": 3e-5},
@@ -95,13 +98,15 @@ def checkpoint(model, made: list[EditRequest], untouched: tuple[list[str], list[
             "neighborhood": mean(neigh), "untouched": acc}
 
 
-def run(method: str, base_state: dict, model, reqs, bg, every: int, untouched_of, c_inv) -> dict:
+def run(method: str, base_state: dict, model, reqs, bg, every: int, untouched_of, c_inv, facts) -> dict:
     with torch.no_grad():
         for k, v in model.state_dict().items():
             v.copy_(base_state[k])
     made: list[EditRequest] = []
     protect: dict[str, torch.Tensor] = {}
-    cfg = EditConfig(**STRATEGIES.get(method, {}))
+    opts = dict(STRATEGIES.get(method, {}))
+    keep = opts.pop("keep", False)
+    cfg = EditConfig(**opts)
     curve, secs, rows = [], [], []
     start = checkpoint(model, [], untouched_of(set()))
     curve.append(start)
@@ -113,6 +118,7 @@ def run(method: str, base_state: dict, model, reqs, bg, every: int, untouched_of
             rome_edit(model, req, max(model.memory_layers), c_inv)
             rows.append(0)
         else:
+            req.keep = keep_for(req, facts) if keep else []
             res = edit(model, [req], bg, cfg, protect=protect if cfg.protect != "none" else None)
             if res.patch is not None:
                 write_rows(model, res.patch, new=True)
@@ -173,7 +179,7 @@ def main() -> None:
           f"{len(pairs):,}; load average {open('/proc/loadavg').read().split()[0]}", flush=True)
     results = {}
     for m in methods:
-        results[m] = run(m, base_state, model, reqs, bg, args.every, untouched_of, c_inv)
+        results[m] = run(m, base_state, model, reqs, bg, args.every, untouched_of, c_inv, world.facts)
     report(results, args.n)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memedit  # noqa: E402
 from memedit.editing import background as B  # noqa: E402
-from memedit.editing.sparse_ft import EditConfig, EditRequest, Forgetting, edit, measure  # noqa: E402
+from memedit.editing.sparse_ft import EditConfig, EditRequest, Forgetting, edit, keep_for, measure  # noqa: E402
 from memedit.world.evaluate import accuracy  # noqa: E402
 from memedit.world.facts import world_of  # noqa: E402
 
@@ -72,6 +72,7 @@ def restore(model, state: dict[str, torch.Tensor]) -> None:
 
 ROME = "rome"  # a method name, not an EditConfig: benchmarks/baselines.py
 C_INV: list = []  # ROME's inverse key covariance, computed once per run
+WORLD: list = []  # the world's facts: the subject's other facts are kept in the loss (`memedit edit --keep-subject`)
 
 
 def apply_edit(model, req: EditRequest, bg, cfg, commit=None):
@@ -85,6 +86,8 @@ def apply_edit(model, req: EditRequest, bg, cfg, commit=None):
         t0 = time.perf_counter()
         rome_edit(model, req, max(model.memory_layers), C_INV[0])
         return EditResult(None, {}, 0, float("nan"), time.perf_counter() - t0)
+    if not cfg.train_all:
+        req.keep = keep_for(req, WORLD)
     res = edit(model, [req], bg, cfg)
     if res.patch is not None:
         (commit or (lambda p: write_rows(model, p)))(res.patch)
@@ -185,6 +188,7 @@ def main() -> None:
     world = world_of(model)
     rng = random.Random(args.seed)
     facts = rng.sample(world.facts, args.n)
+    WORLD[:] = world.facts
     edited = {f.id for f in facts}
     others = [f for f in world.facts if f.id not in edited]
     t0 = time.perf_counter()

@@ -204,9 +204,16 @@ def edit(
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="At most this many steps.")] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="sgd, or adamw (forgets more).")] = "sgd",
     ranking: Annotated[str, typer.Option("--ranking", help="tfidf, kl, or counts.")] = "tfidf",
-    positions: Annotated[str,
+    positions: Annotated[Optional[str],
                          typer.Option("--positions",
-                                      help="Count slot reads at the answer position or at all.")] = "answer",
+                                      help="Rank the rows read at every prompt position (all, the default: the "
+                                           "subject's rows carry a fact to every wording) or at the answer "
+                                           "positions only (answer).")] = None,
+    keep_subject: Annotated[bool,
+                            typer.Option("--keep-subject/--no-keep-subject",
+                                         help="Keep the answers of the subject's other facts (from --facts or the "
+                                              "model's own world, when known) in the loss, so the rows at the "
+                                              "subject's tokens change only what those facts do not need.")] = True,
     forgetting_sample: Annotated[int, typer.Option("--forgetting-sample", min=0,
                                                    help="Other facts' prompts to measure forgetting on "
                                                         "(0: skip).")] = 1000,
@@ -241,8 +248,8 @@ def edit(
         from memedit.storage.checkpoint import check_output
 
         check_output(m, out)  # before anything is applied
-    cfg = S.EditConfig(optimizer=optimizer, ranking=ranking, positions=positions, adaptive=adaptive, protect=protect)
-    for k, v in (("top_t", top_t), ("lr", lr), ("steps", steps)):
+    cfg = S.EditConfig(optimizer=optimizer, ranking=ranking, adaptive=adaptive, protect=protect)
+    for k, v in (("top_t", top_t), ("lr", lr), ("steps", steps), ("positions", positions)):
         if v is not None:
             setattr(cfg, k, v)
     bg = None
@@ -250,11 +257,12 @@ def edit(
         from memedit.editing.background import get
 
         bg = get(m)
-    forgetting = None
-    if forgetting_sample:
-        world = load_facts(facts) if facts is not None else (world_of(m).facts if m.meta.get("world") else None)
-        if world:
-            forgetting = S.Forgetting(m, world, forgetting_sample)
+    world = load_facts(facts) if facts is not None else (world_of(m).facts if m.meta.get("world") else None)
+    if keep_subject and world:
+        for r in reqs:
+            if not r.keep:  # a request's own keep pairs (JSONL "keep") win
+                r.keep = S.keep_for(r, world)
+    forgetting = S.Forgetting(m, world, forgetting_sample) if forgetting_sample and world else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         results = S.run_edits(m, reqs, bg, cfg, sequential=sequential,

@@ -1,0 +1,57 @@
+"""Continual editing: 30 sequential fact edits with the default strategy keep untouched facts (issue 14).
+
+benchmarks/bench_continual.py measures the same on the demo model up to 1,000 edits; this guards the default on
+the small BPE fixture (tests/bpe_world.py: 300 facts, 4,096 slots), where 30 edits are 10 % of its facts.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from memedit.editing import background as B
+from memedit.editing.patch import write_rows
+from memedit.editing.sparse_ft import EditConfig, EditRequest, edit, keep_for
+from memedit.tracing.targets import score
+
+from .bpe_world import bpe_model
+
+N_EDITS = 30
+
+
+def test_thirty_sequential_edits_keep_untouched_facts(tmp_path):
+    torch.manual_seed(0)
+    model, _, world = bpe_model(tmp_path)
+    bg = B.compute(model, world.training_sentences(), 32, 1000, corpus="the fixture world")
+    rng = random.Random(0)
+    objects = {r.name: r.objects for r in world.relations}
+    reqs = []
+    for f in rng.sample(world.facts, N_EDITS):  # random new objects, as bench_continual.py draws them
+        req = EditRequest.from_fact(f)
+        req.target_new = rng.choice([o for o in objects[f.relation] if o != f.target_true])
+        req.keep = keep_for(req, world.facts)  # what `memedit edit` does when the facts are known
+        reqs.append(req)
+    edited = {r.id for r in reqs}
+    untouched = [(p, f.target_true) for f in world.facts if f.id not in edited for p in f.training_prompts]
+
+    def accuracy() -> float:
+        return sum(s.greedy for s in score(model, *zip(*untouched, strict=True))) / len(untouched)
+
+    before = accuracy()
+    for req in reqs:
+        res = edit(model, [req], bg, EditConfig())
+        write_rows(model, res.patch, new=True)
+    after = accuracy()
+    rw = [r.rewrite_prompt for r in reqs]
+    new = score(model, rw, [r.target_new for r in reqs])
+    old = score(model, rw, [r.target_true for r in reqs])
+    hold = sum(a.mean_logprob > b.mean_logprob for a, b in zip(new, old, strict=True)) / N_EDITS  # as CounterFact
+    drop = 100 * (before - after)
+    print(f"untouched {before:.1%} -> {after:.1%} ({drop:.1f} pts), edits holding {hold:.0%}")
+    assert before >= 0.95
+    assert hold >= 0.7, hold  # measured 80 %: later edits retrain rows of earlier ones on this small table
+    # Measured 6.5 points with the defaults (rows at every position, the subject's other facts kept); the previous
+    # defaults (answer positions, nothing kept) lost 21.6 on this 4,096-slot fixture, where an edit's up to 1,024
+    # rows are a quarter of the table. On the 65,536-slot demo, benchmarks/bench_continual.py: see the README.
+    assert drop <= 9.0, drop
