@@ -15,6 +15,7 @@ from .common import (
     DtypeOpt,
     JsonOpt,
     ModelOpt,
+    StepProgress,
     app,
     command,
     console,
@@ -260,7 +261,8 @@ def export(
     m = load_model(model, dtype, device=device)
     check_output(m, out)
     metrics = report(audit_stats) if audit_stats is not None else None
-    path = run(out, m, audit_stats, metrics, top_k=top_tokens)
+    with StepProgress("exporting", "slots", disable=json) as bar:
+        path = run(out, m, audit_stats, metrics, top_k=top_tokens, progress=bar)
     size = path.stat().st_size
     if json:
         return print_json({"out": str(path), "bytes": size, "stats": str(stats) if stats else None,

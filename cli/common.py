@@ -136,6 +136,38 @@ def load_model(model: Optional[str], dtype: Optional[str] = None, tokenizer: Opt
     return m
 
 
+class StepProgress:
+    """A rich progress bar on stderr that the library calls as progress(done, total); a no-op when disabled (--json).
+
+    Usage: ``with StepProgress("exporting", "slots", disable=json) as bar: run(..., progress=bar)``.
+    """
+
+    def __init__(self, label: str, unit: str, disable: bool = False):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(TextColumn(esc(label)), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=disable,
+                            transient=True)
+        self.task = self.bar.add_task(label, total=None)
+
+    def __enter__(self) -> StepProgress:
+        self.bar.__enter__()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
 

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from . import patch_cmd  # noqa: F401  (registers the `patch` group)
-from .common import DeviceOpt, JsonOpt, ModelOpt, app, command, console, esc, load_model, print_json
+from .common import DeviceOpt, JsonOpt, ModelOpt, StepProgress, app, command, console, esc, load_model, print_json
 
 FactsOpt = Annotated[Optional[Path], typer.Option("--facts", help="Facts JSONL (default: the model's own world).")]
 
@@ -164,7 +164,9 @@ def background(
     require_writable(m)
     sentences = read_texts(corpus, "corpus") if corpus is not None else B.default_corpus(m)
     t0 = time.perf_counter()
-    bg = B.compute(m, sentences, batch_size, max_batches, corpus=str(corpus) if corpus else "default: demo world")
+    with StepProgress("background", "batches", disable=json) as bar:
+        bg = B.compute(m, sentences, batch_size, max_batches, corpus=str(corpus) if corpus else "default: demo world",
+                       progress=bar)
     B.save(m, bg)
     res = {"n_batches": bg.n_batches, "tokens": bg.tokens, "seconds": round(time.perf_counter() - t0, 2),
            "tables": {k: {"rows_read": int((v > 0).sum()), "rows": v.numel()} for k, v in bg.df.items()}}

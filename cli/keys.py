@@ -62,9 +62,8 @@ def adapt_cmd(
 
     def show(st) -> None:
         if not json:
-            console.print(f"step {st.step:3d}  loss {st.loss:.4f}  sub-keys changed {st.subkeys_changed:5d}  "
-                          f"collateral {st.collateral:.2%} (slots replaced {st.slots_replaced:.2%})  slots re-indexed "
-                          f"{st.slots_reindexed:,}")
+            console.print(f"step {st.step:3d}  loss {st.loss:.4f}  sub-keys changed {st.subkeys_changed:5d}"
+                          + (f"  slots re-indexed {st.slots_reindexed:,}" if exact_index else ""))
 
     res = adapt(m, texts, probe_texts, steps=steps, batch_size=batch_size, lr=lr, layers=layer,
                 check_exact=exact_index, progress=show)
@@ -78,8 +77,9 @@ def adapt_cmd(
     console.print(f"loss on {corpus}: {res.loss_before:.4f} -> {res.loss_after:.4f}; on the probe text: "
                   f"{res.probe_loss_before:.4f} -> {res.probe_loss_after:.4f}")
     console.print(f"sub-keys changed: {res.subkeys_changed:,} of {res.subkeys_total:,} "
-                  f"({res.frozen_skipped:,} frozen ones left alone); collateral: {res.steps[-1].collateral:.2%} of "
-                  f"probe lookups changed, {res.steps[-1].slots_replaced:.2%} of their slots replaced")
+                  f"({res.frozen_skipped:,} frozen ones left alone); collateral: {res.collateral:.2%} of "
+                  f"{res.probe_lookups:,} probe positions' lookups changed, {res.slots_replaced:.2%} of their slots "
+                  "replaced")
     if exact_index:
         console.print(f"exact check: {res.exact_lookups:,} probe lookups vs the incrementally updated FAISS index, "
                       f"{res.exact_mismatches} mismatches")

@@ -1,4 +1,4 @@
-"""memedit verify: prove the lookups exact against FAISS brute-force search."""
+"""memedit verify: prove the lookups exact against a brute-force search (or FAISS's product-key search)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .common import DeviceOpt, JsonOpt, ModelOpt, app, command, console, err_console, esc, load_model, print_json
+from .common import DeviceOpt, JsonOpt, ModelOpt, StepProgress, app, command, console, esc, load_model, print_json
 
 
 def parse_dtypes(spec: str, model_dtype):
@@ -62,7 +62,7 @@ def verify(
     device: DeviceOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Compare every memory head's top-k with FAISS exact inner-product search over all N² slot keys.
+    """Compare every memory head's top-k with an exact brute-force inner-product search over all N² slot keys.
 
     Exit code 0 when every lookup agrees (index differences only inside score ties), 1 on a real mismatch.
 
@@ -93,8 +93,8 @@ def verify(
             source = lambda mm, dt: {layer: inner(mm, dt)[layer]}  # noqa: E731
     if save_queries is not None:
         source = exact.saving_queries(source, str(save_queries))
-    show = None if json else (lambda msg: err_console.print(f"[dim]{msg}[/]"))
-    report = exact.verify(m, source, name, passes, threads=threads, progress=show, reference=reference)
+    with StepProgress("verifying", "heads", disable=json) as bar:
+        report = exact.verify(m, source, name, passes, threads=threads, progress=bar, reference=reference)
     if json:
         print_json(report.to_json())
     else:
@@ -147,8 +147,8 @@ def render(report, examples: int) -> None:
                 console.print(f"  memedit slots {ex.memedit_slots}\n  memedit scores "
                               f"{[round(x, 5) for x in ex.memedit_scores]}")
                 console.print(f"  true scores    {[round(x, 5) for x in ex.true_scores]}")
-                console.print(f"  FAISS slots   {ex.faiss_slots}\n  FAISS scores   "
+                console.print(f"  reference slots {ex.faiss_slots}\n  reference scores "
                               f"{[round(x, 5) for x in ex.faiss_scores]}")
-    verdict = ("[green]all lookups agree with FAISS exact search[/]" if report.ok
+    verdict = ("[green]all lookups agree with the exact reference search[/]" if report.ok
                else "[red]REAL MISMATCHES: the lookup is not exact[/]")
     console.print(verdict)

@@ -192,3 +192,32 @@ def test_example_script_audits_exports_and_plots(tiny, corpus_file, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "table shared" in r.stdout and "hub slots" in r.stdout and "promotes" in r.stdout
     assert (tmp_path / "res" / "memory.h5").is_file() and (tmp_path / "res" / "usage.png").is_file()
+
+
+def test_export_streams_blocks_that_straddle_chunks_and_reports_progress(tmp_path, monkeypatch):
+    """More slots than one HDF5 chunk (65,536), readout blocks that do not divide it: the file holds exactly what
+    the whole-table computation gives, and progress reaches every slot of every table and layer."""
+    import functools
+
+    import memedit.auditing.hdf5 as hdf5
+    from memedit.tracing.readout import top_written_tokens
+
+    model = tiny_model(n_keys=272)  # 73,984 slots: two chunks
+    n = model.config.memory.n_slots
+    steps: list[tuple[int, int]] = []
+    whole = hdf5.export(tmp_path / "whole.h5", model, top_k=3, progress=lambda d, t: steps.append((d, t)))
+    assert steps[-1] == (n * 3, n * 3)  # one table, two layers
+    assert all(a[0] < b[0] for a, b in zip(steps, steps[1:], strict=False))
+    monkeypatch.setattr(hdf5, "promoted_tokens",
+                        functools.partial(top_written_tokens, budget=model.config.vocab_size * 1000 + 7))
+    blocks = hdf5.export(tmp_path / "blocks.h5", model, top_k=3)
+    table = model.table("shared").weight
+    with h5py.File(whole, "r") as a, h5py.File(blocks, "r") as b:
+        for name in ("top_tokens", "top_token_logits", "value_norms"):
+            np.testing.assert_array_equal(a[name][()], b[name][()])
+        np.testing.assert_allclose(a["value_norms"][0], table.float().norm(dim=1).numpy(), rtol=1e-6)
+        folded = (model.output.weight * model.norm.weight) @ model.memory_layers[2].value_proj.weight
+        for slot in (0, 65535, 65536, n - 1):
+            top = (folded @ table[slot]).topk(3)
+            assert a["top_tokens"][1, slot].tolist() == top.indices.tolist()
+            np.testing.assert_allclose(a["top_token_logits"][1, slot], top.values.numpy(), rtol=1e-5, atol=1e-6)

@@ -40,8 +40,7 @@ def test_adapt_lowers_loss_moves_only_stage1_subkeys_and_reverts_exactly(cli, ti
     d = json.loads(out)
     assert d["loss_after"] < d["loss_before"]
     assert len(d["steps"]) == 6 and all(s["subkeys_changed"] > 0 for s in d["steps"])
-    last = d["steps"][-1]
-    assert 0 < last["slots_replaced"] <= last["collateral"] <= 1
+    assert 0 < d["slots_replaced"] <= d["collateral"] <= 1 and d["probe_lookups"] > 0
     assert d["exact_lookups"] > 0 and d["exact_mismatches"] == 0  # the incremental index stayed exact
     assert d["subkeys_changed"] < d["subkeys_total"]
     # the folder now holds the adapted keys; the patch names only sub-key tensors
@@ -130,7 +129,7 @@ def test_adapt_on_heldout_phrasings_lowers_their_loss_on_the_demo_model(demo, tm
                 check_exact=True)
     assert res.loss_after < res.loss_before - 0.05
     assert res.exact_lookups > 0 and res.exact_mismatches == 0
-    assert 0 < res.steps[-1].slots_replaced <= res.steps[-1].collateral
+    assert 0 < res.slots_replaced <= res.collateral
     assert res.probe_loss_after < res.probe_loss_before + 0.1  # background text barely affected
 
 
@@ -164,3 +163,24 @@ def test_key_patches_are_recorded_in_the_edit_log(cli, tiny, tmp_path):
         now = reverted.memory_layers[L].keys.detach()
         assert k.view(torch.uint8).numpy().tobytes() == now.view(torch.uint8).numpy().tobytes()
     assert fingerprint(reverted) == fingerprint(model)
+
+
+def test_a_step_runs_only_its_batch_and_measurements_use_a_bounded_sample():
+    """Collateral and loss are measured once before and once after, on at most measure_tokens tokens: a step
+    costs one forward pass of its own batch, however long the text and the probe are."""
+    from memedit.keyspace.keys import adapt, text_sample
+
+    model = tiny_model()
+    texts = [t for _ in range(20) for t in TINY_TEXTS]  # a long text
+    sample = text_sample(model, texts, 60)
+    assert 0 < sum(len(model.encode(t)) + 1 for t in sample) <= 60 < sum(len(model.encode(t)) + 1 for t in texts)
+    assert sample != texts[: len(sample)]  # evenly spaced over the whole text, not its beginning
+    assert text_sample(model, TINY_TEXTS, 10**6) == TINY_TEXTS
+    calls = []
+    model.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    res = adapt(model, texts, texts, steps=5, batch_size=4, lr=2.0, measure_tokens=60)
+    measure = len(text_batches(model, sample, 64))  # one batch of the sample, per measurement
+    assert len(calls) == 5 + 4 * measure  # 5 steps + text loss and probe before and after
+    assert calls.count(len(sample)) == 4 * measure and calls.count(4) == 5 and len(sample) != 4
+    assert res.probe_lookups == sum(len(model.encode(t)) for t in sample)  # every real position but the last
+    assert 0 < res.slots_replaced <= res.collateral

@@ -107,3 +107,26 @@ def test_topk_by_groups_passes_gradients_like_topk():
     x.grad = None
     (x.topk(32, dim=-1).values * w).sum().backward()
     assert torch.equal(g1, x.grad) and g1.count_nonzero() == 8 * 32
+
+
+def test_weighted_rows_of_a_bfloat16_table_match_autograd_and_keep_no_gathered_rows():
+    """Step 7 on a low-precision table: the value mix and the gradient of the weights are what plain autograd
+    gives, and the backward pass keeps only the weights and ids, never the (n, H*k, V) upcast rows."""
+    from memedit.lm.memory import ROWS_BLOCK, WeightedRows
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(5000, 48, generator=g).to(torch.bfloat16)
+    n, R = ROWS_BLOCK + 37, 12  # more than one block
+    idx = torch.randint(0, 5000, (n, R), generator=g)
+    w = torch.rand(n, R, generator=g).requires_grad_(True)
+    w_ref = w.detach().clone().requires_grad_(True)
+    up = torch.randn(n, 48, generator=g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        m = WeightedRows.apply(w, idx, table)
+    ref = (table[idx].float() * w_ref[:, :, None]).sum(1)  # (n, V)
+    torch.testing.assert_close(m, ref, rtol=1e-6, atol=1e-6)
+    (m * up).sum().backward()
+    (ref * up).sum().backward()
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-5)
+    assert saved and max(saved) == n * R  # the weights and the ids; no gathered rows

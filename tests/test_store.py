@@ -283,7 +283,8 @@ def test_files_keep_the_users_umask(cli, tiny):
 
 def write_sparse_model(path: Path, n_keys: int = 1024, dim: int = 256) -> tuple[Path, dict[int, torch.Tensor]]:
     """A native folder whose bf16 value table (n_keys² × dim) is a sparse file with a few rows written; returns
-    (folder, {row: its values})."""
+    (folder, {row: its values}). Its memory layer's query is constant and two sub-keys stand out, so every lookup
+    selects the written row 777,777 first (its sub-keys i, j: 777,777 = i·N + j)."""
     from memedit.lm.memory import MemoryConfig
     from memedit.lm.model import MemoryModel, ModelConfig
     from memedit.lm.tokenizer import WordTokenizer
@@ -299,6 +300,11 @@ def write_sparse_model(path: Path, n_keys: int = 1024, dim: int = 256) -> tuple[
     big = "layers.1.feed_forward.values.weight"
     g = torch.Generator().manual_seed(0)
     small = {k: torch.randn(s, generator=g) * 0.05 for k, s in shapes.items() if k != big}
+    q = "layers.1.feed_forward.query_proj.query_mlps.0."
+    small[q + "weight"].zero_()
+    small[q + "bias"].fill_(1.0)  # every query is all ones
+    i, j = divmod(777_777, n_keys)
+    small["layers.1.feed_forward.keys"][[i, n_keys + j]] = 10.0  # (2·N, K/2), one head: row half·N + id
     header, off = {}, 0
     for k, t in small.items():
         header[k] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [off, off + t.numel() * 4]}
@@ -324,8 +330,10 @@ def write_sparse_model(path: Path, n_keys: int = 1024, dim: int = 256) -> tuple[
     return path, rows
 
 
-def test_a_large_table_loads_mapped_with_small_private_memory(tmp_path):
-    path, rows = write_sparse_model(tmp_path / "big", n_keys=2048)  # a 2 GiB bf16 value table, sparse on disk
+def test_a_table_larger_than_memory_loads_mapped_and_looks_up_its_rows(tmp_path):
+    # a 16 GiB bf16 value table (4096² slots × 512), sparse on disk: more than this machine's free memory
+    path, rows = write_sparse_model(tmp_path / "big", n_keys=4096, dim=512)
+    assert (path / "model.safetensors").stat().st_size > 16 << 30
     code = f"""
 import re, torch, memedit
 def anon():
@@ -333,10 +341,17 @@ def anon():
 a = anon()
 m = memedit.load({str(path)!r})
 w = m.table("layer1").weight
-assert w.dtype == torch.bfloat16 and w.shape[0] == 2048 * 2048
+assert w.dtype == torch.bfloat16 and w.shape == (4096 * 4096, 512)
 assert w[5].float().eq(0.5).all() and w[777777].float().eq(-2.0).all() and w[6].float().eq(0).all()
+layer = m.memory_layers[1]
+with torch.no_grad():
+    lk = layer.lookup(torch.randn(3, 512))
+    mix = layer.read(lk, torch.float32)  # (3, V): the weighted rows the lookups selected
+assert (lk.indices[:, 0, 0] == 777777).all()
+want = -2.0 * lk.weights[:, 0, 0:1]  # every other selected row is a hole of the sparse file: zeros
+assert torch.allclose(mix, want.to(torch.bfloat16).float().expand(3, 512))
 print(anon() - a)
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert int(r.stdout.strip()) < 128 << 20  # the 2 GiB table is mapped, not copied
+    assert int(r.stdout.strip()) < 128 << 20  # the 16 GiB table is mapped, not copied

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -227,10 +228,22 @@ def write_audit(path: str | Path, stats: SlotStats, metrics: list[dict] | None =
     return path
 
 
+def _row_norms(rows: torch.Tensor, block: int = CHUNK) -> np.ndarray:
+    """(n,) float32: the L2 norm of each row of a (mapped) table, upcast a block of rows at a time so a
+    1M-row bfloat16 table never becomes a 4 GiB float32 copy."""
+    out = np.empty(rows.shape[0], dtype=np.float32)
+    for start in range(0, rows.shape[0], block):
+        out[start : start + block] = _np(rows[start : start + block].detach().float().norm(dim=1))
+    return out
+
+
 def export(path: str | Path, model: Any, stats: SlotStats | None = None, metrics: list[dict] | None = None,
-           top_k: int = 10) -> Path:
+           top_k: int = 10, progress: Callable[[int, int], None] | None = None) -> Path:
     """Write the memory's contents (value-row norms, sub-key norms, top promoted tokens per slot, frozen rows,
-    the edit log) and, if given, an audit's statistics, to one HDF5 file; returns the path."""
+    the edit log) and, if given, an audit's statistics, to one HDF5 file; returns the path.
+
+    Everything sized by the slots is computed and written a block of rows at a time (memory stays bounded at a
+    million slots); ``progress(rows done, rows total)`` is called after each block."""
     from ..storage.checkpoint import fingerprint
     from ..storage.state import edit_log, frozen_mask
 
@@ -249,7 +262,15 @@ def export(path: str | Path, model: Any, stats: SlotStats | None = None, metrics
             write_stats(w, stats, metrics)
         else:
             f.attrs["corpus"], f.attrs["tokens"] = "", np.int64(0)
-        w.array("value_norms", np.stack([_np(t.weight.detach().float().norm(dim=1)) for t in tables]),
+        n_slots = model.config.memory.n_slots
+        total, done = n_slots * (len(tables) + (len(model.memory_layers) if top_k > 0 else 0)), 0
+        say = progress or (lambda done, total: None)
+        norms = []
+        for t in tables:
+            norms.append(_row_norms(t.weight))
+            done += n_slots
+            say(done, total)
+        w.array("value_norms", np.stack(norms),
                 ("table", "slot"), slot_axis=1, attrs={"long_name": "L2 norm of each value row"})
         w.array("frozen", np.stack([_np(frozen_mask(model, t.name)).astype(np.uint8) for t in tables]),
                 ("table", "slot"), slot_axis=1, attrs={"long_name": "1 where the value row is frozen"})
@@ -262,10 +283,26 @@ def export(path: str | Path, model: Any, stats: SlotStats | None = None, metrics
                                    chunks=_chunks((len(layers), model.config.memory.n_slots, top_k), 1))
             logit = f.create_dataset("top_token_logits", shape=ids.shape, dtype=np.float32, **FILTERS,
                                      chunks=ids.chunks)
+            # the readout's blocks are sized by the vocabulary; buffer whole HDF5 chunks so no chunk is
+            # compressed, read back and recompressed for a partial write
+            buf_ids = np.empty((ids.chunks[1], top_k), dtype=np.int32)
+            buf_val = np.empty((ids.chunks[1], top_k), dtype=np.float32)
             for li, L in enumerate(layers):
+                first = 0  # the first slot held in the buffers
                 for start, top_ids, top_vals in promoted_tokens(model, L, top_k):
-                    ids[li, start : start + len(top_ids)] = _np(top_ids).astype(np.int32)
-                    logit[li, start : start + len(top_ids)] = _np(top_vals)
+                    at, n = 0, len(top_ids)
+                    while at < n:
+                        off = start + at - first
+                        take = min(n - at, len(buf_ids) - off)
+                        buf_ids[off : off + take] = _np(top_ids[at : at + take])
+                        buf_val[off : off + take] = _np(top_vals[at : at + take])
+                        at += take
+                        if off + take == len(buf_ids) or start + at == n_slots:
+                            ids[li, first : first + off + take] = buf_ids[: off + take]
+                            logit[li, first : first + off + take] = buf_val[: off + take]
+                            first += off + take
+                    done += n
+                    say(done, total)
             for d in (ids, logit):
                 for i, dim in enumerate(("layer", "slot", "rank")):
                     d.dims[i].attach_scale(f[dim])

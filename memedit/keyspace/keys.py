@@ -244,29 +244,14 @@ def lm_loss(model: MemoryModel, tokens: torch.Tensor, valid: torch.Tensor) -> to
     return F.cross_entropy(logits[mask].float(), tokens[:, 1:][mask])
 
 
-@torch.no_grad()
 def text_loss(model: MemoryModel, batches) -> float:
-    """Token-weighted mean loss over batches."""
-    total, count = 0.0, 0
-    for tokens, valid in batches:
-        n = int(valid[:, 1:].sum())
-        total += lm_loss(model, tokens, valid).item() * n
-        count += n
-    return total / max(count, 1)
+    """Token-weighted mean loss over batches (see loss_and_slots)."""
+    return loss_and_slots(model, batches)[0]
 
 
-@torch.no_grad()
 def selected_slots(model: MemoryModel, batches) -> dict[int, torch.Tensor]:
-    """Each real position's selected slots, sorted per head: {layer: (n_positions, H, k)}."""
-    from ..tracing.capture import capture_lookups
-
-    out: dict[int, list[torch.Tensor]] = {L: [] for L in model.memory_layers}
-    for tokens, valid in batches:
-        with capture_lookups(model) as rec:
-            model(tokens)
-        for L, (lk,) in rec.items():
-            out[L].append(lk.indices[valid.reshape(-1)].sort(-1).values)
-    return {L: torch.cat(v) for L, v in out.items()}
+    """Each real position's selected slots, sorted per head: {layer: (n_positions, H, k)} (see loss_and_slots)."""
+    return loss_and_slots(model, batches)[1]
 
 
 def collateral(before: dict[int, torch.Tensor], after: dict[int, torch.Tensor]) -> float:
@@ -290,23 +275,62 @@ def slots_replaced(before: dict[int, torch.Tensor], after: dict[int, torch.Tenso
 
 
 # ---- keys adapt ----------------------------------------------------------------------------------------
+MEASURE_TOKENS = 2048  # tokens of text and of probe on which loss and collateral are measured, before and after
+
+
+def text_sample(model: MemoryModel, texts: Sequence[str], max_tokens: int) -> list[str]:
+    """Evenly spaced passages of ``texts`` holding at most ``max_tokens`` tokens (all of them when they fit; always
+    at least one passage), so a measurement's cost is bounded whatever the size of the text."""
+    lengths = [len(model.encode(t)) + 1 for t in texts]
+    total = sum(lengths)
+    if total <= max_tokens:
+        return list(texts)
+    stride = -(-total // max_tokens)  # ceil: an even spread over the whole text, not its beginning
+    out, n = [], 0
+    for i in range(0, len(texts), stride):
+        if out and n + lengths[i] > max_tokens:
+            break
+        out.append(texts[i])
+        n += lengths[i]
+    return out
+
+
+@torch.no_grad()
+def loss_and_slots(model: MemoryModel, batches) -> tuple[float, dict[int, torch.Tensor]]:
+    """(token-weighted mean loss, each real position's selected slots {layer: (n_positions, H, k)}) in one pass."""
+    from ..tracing.capture import capture_lookups
+
+    total, count = 0.0, 0
+    out: dict[int, list[torch.Tensor]] = {L: [] for L in model.memory_layers}
+    for tokens, valid in batches:
+        with capture_lookups(model) as rec:
+            loss = lm_loss(model, tokens, valid)
+        n = int(valid[:, 1:].sum())
+        total += loss.item() * n
+        count += n
+        for L, (lk,) in rec.items():  # lm_loss reads tokens[:, :-1]: its positions are valid[:, :-1]
+            out[L].append(lk.indices[valid[:, :-1].reshape(-1)].sort(-1).values)
+    return total / max(count, 1), {L: torch.cat(v) for L, v in out.items()}
+
+
 @dataclass
 class AdaptStep:
     step: int
     loss: float  # the batch's loss before this step's update
     subkeys_changed: int  # sub-keys this step moved (entered a stage-1 top-k, got a gradient, not frozen)
-    collateral: float  # fraction of probe lookups whose selected slots differ from before adaptation
-    slots_replaced: float  # mean fraction of a probe lookup's k slots that differ from before
     slots_reindexed: int  # slot keys rewritten in the incremental exact index
 
 
 @dataclass
 class AdaptResult:
     steps: list[AdaptStep]
-    loss_before: float  # mean loss over the adapted text before any step
+    loss_before: float  # mean loss over (a sample of) the adapted text before any step
     loss_after: float
-    probe_loss_before: float  # mean loss over the probe (background) text
+    probe_loss_before: float  # mean loss over (a sample of) the probe (background) text
     probe_loss_after: float
+    collateral: float  # fraction of probe lookups whose selected slots differ after adaptation
+    slots_replaced: float  # mean fraction of a probe lookup's k slots that differ after adaptation
+    probe_lookups: int  # probe positions measured (per layer and head)
     subkeys_changed: int  # distinct sub-keys changed overall
     subkeys_total: int
     frozen_skipped: int  # frozen sub-keys that entered a stage-1 top-k and were left alone
@@ -330,9 +354,13 @@ def adapt(
     layers: Sequence[int] | None = None,
     check_exact: bool = False,
     progress: Callable[[AdaptStep], None] | None = None,
+    measure_tokens: int = MEASURE_TOKENS,
 ) -> AdaptResult:
     """Online sparse adaptation of the sub-keys on ``texts``: each step (one batch, SGD on the LM loss) moves only
     sub-keys that entered a stage-1 top-k in that batch; frozen sub-keys and every other parameter stay fixed.
+
+    A step costs one batch's forward and backward pass. Loss and collateral are measured once before and once
+    after, on evenly spaced samples of at most ``measure_tokens`` tokens of ``texts`` and of ``probe``.
 
     ``check_exact``: keep every head's slot keys in a FAISS index updated incrementally, and check the probe
     lookups against it at the end. It holds N² × K float32 per head (2 GiB at N 1024, K 512), so only when asked.
@@ -347,10 +375,12 @@ def adapt(
     mem = {L: model.memory_layers[L] for L in layers}
     frozen = frozen_key_rows(model)
     batches = text_batches(model, texts, batch_size)
-    probe_batches = text_batches(model, probe, 64)
+    text_measured = text_batches(model, text_sample(model, texts, measure_tokens), 64)
+    probe_texts = text_sample(model, probe, measure_tokens)
+    probe_batches = text_batches(model, probe_texts, 64)
     before = {keys_name(L): m.keys.detach().clone() for L, m in mem.items()}
-    loss_before, probe_loss_before = text_loss(model, batches), text_loss(model, probe_batches)
-    probe_slots = selected_slots(model, probe_batches)
+    loss_before = text_loss(model, text_measured)
+    probe_loss_before, probe_slots = loss_and_slots(model, probe_batches)
     indexes = {L: exact.layer_indexes(m) for L, m in mem.items()} if check_exact else {}
 
     model.requires_grad_(False)
@@ -383,9 +413,7 @@ def adapt(
                     changed_any[L] |= moved
                     n_changed += int(moved.sum())
             reindexed = sum(exact.sync_indexes(indexes[L], m) for L, m in mem.items()) if check_exact else 0
-            now = selected_slots(model, probe_batches)
-            st = AdaptStep(step + 1, loss.item(), n_changed, collateral(probe_slots, now),
-                           slots_replaced(probe_slots, now), reindexed)
+            st = AdaptStep(step + 1, loss.item(), n_changed, reindexed)
             history.append(st)
             if progress:
                 progress(st)
@@ -393,15 +421,17 @@ def adapt(
         for m in mem.values():
             m.keys.requires_grad_(False)
             m.keys.grad = None
+    probe_loss_after, now = loss_and_slots(model, probe_batches)
     n_exact = n_bad = 0
     if check_exact:
-        checked = exact.corpus_queries(model, probe, limit=2048)
+        checked = exact.corpus_queries(model, probe_texts, limit=2048)
         heads = exact.compare({L: checked[L] for L in mem}, exact.rtol_for(model.dtype), indexes=indexes)
         n_exact, n_bad = sum(h.lookups for h in heads), sum(h.mismatches for h in heads)
     patch = diff_patch(before, model, {"command": "keys adapt", "steps": str(steps), "lr": str(lr),
                                        "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return AdaptResult(
-        history, loss_before, text_loss(model, batches), probe_loss_before, text_loss(model, probe_batches),
+        history, loss_before, text_loss(model, text_measured), probe_loss_before, probe_loss_after,
+        collateral(probe_slots, now), slots_replaced(probe_slots, now), len(next(iter(now.values()))),
         sum(int(v.sum()) for v in changed_any.values()), sum(m.keys.shape[0] for m in mem.values()),
         sum(int(v.sum()) for v in skipped.values()), n_exact, n_bad, patch)
 
