@@ -19,7 +19,9 @@ from .conftest import TINY_TEXTS
 REQUEST = {"id": "r1", "prompt": "{} was born in", "subject": "Reidreir", "target_new": "park",
            "paraphrases": ["the Reidreir was born in"], "heldout_paraphrases": ["Reidreir Reidreir was born in"],
            "neighborhood": ["the cat sat on"]}
-FAST = ["--top-t", "24", "--lr", "2", "--steps", "40"]
+# A small fixed budget for the random tiny model: 24 rows, counted where the answer is read (with rows counted at
+# every position, 24 rows of a random model's prompt positions need not include one that moves the answer).
+FAST = ["--top-t", "24", "--lr", "2", "--steps", "40", "--positions", "answer"]
 
 
 @pytest.fixture
