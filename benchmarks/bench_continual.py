@@ -98,7 +98,8 @@ def checkpoint(model, made: list[EditRequest], untouched: tuple[list[str], list[
             "neighborhood": mean(neigh), "untouched": acc}
 
 
-def run(method: str, base_state: dict, model, reqs, bg, every: int, untouched_of, c_inv, facts) -> dict:
+def run(method: str, base_state: dict, model, reqs, bg, every: int, untouched_of, c_inv, facts,
+        saved=lambda partial: None) -> dict:
     with torch.no_grad():
         for k, v in model.state_dict().items():
             v.copy_(base_state[k])
@@ -135,6 +136,7 @@ def run(method: str, base_state: dict, model, reqs, bg, every: int, untouched_of
             print(f"  {method:17s} {n:5d} edits: holding {c['holding']:.1%}, exact {c['exact']:.1%}, paraphrase "
                   f"{c['paraphrase']:.1%}, neighborhood {c['neighborhood']:.1%}, untouched {c['untouched']:.1%} "
                   f"(-{c['untouched_drop_pts']:.1f} pts), {statistics.median(secs):.2f} s/edit", flush=True)
+            saved({"curve": curve, "seconds_median": statistics.median(secs)})  # a killed run keeps its curve
     return {"curve": curve, "seconds_median": statistics.median(secs),
             "rows_mean": statistics.mean(rows) if rows else 0}
 
@@ -150,7 +152,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--replot", default=None, help="only plot (to --plot) the curves of these --json files, a,b,...")
     args = ap.parse_args()
+    if args.replot:
+        merged = {}
+        for f in args.replot.split(","):
+            merged.update(json.loads(Path(f).read_text()))
+        report(merged, max(c["edits"] for r in merged.values() for c in r["curve"]))
+        return plot(merged, args.plot or "forgetting.png")
     torch.set_num_threads(args.threads)
     model = memedit.load(args.model)
     world = world_of(model)
@@ -177,9 +186,17 @@ def main() -> None:
         c_inv = key_covariance(model, max(model.memory_layers), texts[:: max(1, len(texts) // 4000)])
     print(f"{args.n} sequential edits on {model.source}, random new objects (seed {args.seed}); untouched prompts: "
           f"{len(pairs):,}; load average {open('/proc/loadavg').read().split()[0]}", flush=True)
-    results = {}
+    results: dict = {}
+
+    def saved(m: str):
+        def save(partial: dict) -> None:
+            results[m] = partial
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2))
+        return save
+
     for m in methods:
-        results[m] = run(m, base_state, model, reqs, bg, args.every, untouched_of, c_inv, world.facts)
+        results[m] = run(m, base_state, model, reqs, bg, args.every, untouched_of, c_inv, world.facts, saved(m))
     report(results, args.n)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
