@@ -23,7 +23,7 @@ import torch
 
 from memedit.auditing.audit import Corpus, audit, corpus_batches
 from memedit.auditing.hdf5 import FILTERS, _chunks, write_audit
-from memedit.auditing.stats import SlotCounter, SlotStats, report
+from memedit.auditing.stats import AuditCounter, SlotStats, report
 from memedit.lm.batching import pad_batch, pad_id
 from memedit.tracing.capture import on_lookup
 
@@ -71,7 +71,7 @@ def bench_counting(model, max_tokens: int, batch_size: int, rounds: int) -> None
         prepared.append((tokens, (torch.arange(tokens.shape[1]) < lengths[:, None]).reshape(-1)))
     n_tokens = sum(int(m.sum()) for _, m in prepared)
 
-    counter = SlotCounter(SlotStats.empty(model))
+    counter = AuditCounter(model)
 
     def plain(tokens: torch.Tensor, mask: torch.Tensor) -> float:
         t = time.perf_counter()
@@ -80,7 +80,7 @@ def bench_counting(model, max_tokens: int, batch_size: int, rounds: int) -> None
 
     def audited(tokens: torch.Tensor, mask: torch.Tensor) -> float:
         with on_lookup(model, counter):  # registering the hook is outside the timed call
-            counter.mask = mask
+            counter.batch(mask)
             t = time.perf_counter()
             model(tokens)
             return time.perf_counter() - t

@@ -1,5 +1,5 @@
-"""The one row counter (memedit.tracing.capture.RowCounter) behind background statistics, edit ranking and
-routing: its counts equal the lookups' own selections, counted here from capture_lookups."""
+"""The one slot counter (memedit.tracing.capture.SlotCounter) behind the audit, background statistics, edit ranking
+and routing: its counts equal the lookups' own selections, counted here from capture_lookups."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from memedit.editing.background import compute
 from memedit.editing.sparse_ft import fact_counts
 from memedit.keyspace.keys import slot_usage
 from memedit.lm.batching import pad_batch, pad_id
-from memedit.tracing.capture import capture_lookups
+from memedit.tracing.capture import SlotCounter, capture_lookups, on_lookup
 
 from .conftest import TINY_TEXTS, tiny_model
 
@@ -75,3 +75,27 @@ def test_slot_usage_counts_every_real_position():
     got = selections(model, [model.encode(s) + [tok.eos_id] for s in SENTENCES])
     want = sum(torch.bincount(rows, minlength=counts.numel()) for _, _, rows in got[name])
     assert torch.equal(counts, want) and "counted over" in source
+
+
+def test_per_head_and_per_table_counts_agree_with_the_lookups():
+    model = tiny_model()  # two memory layers sharing one table
+    seqs = [model.encode(s) for s in SENTENCES]
+    tokens, lengths = pad_batch(seqs, pad_id(model))
+    keep = (torch.arange(tokens.shape[1]) < lengths[:, None]).flatten()
+    by_head, by_table = SlotCounter(model, by_head=True, weights=True), SlotCounter(model)
+    with torch.no_grad(), capture_lookups(model) as rec:
+        for counter in (by_head, by_table):
+            counter.batch(keep)
+            with on_lookup(model, counter):
+                model(tokens)
+    (name,) = by_head.tables
+    assert by_head.counts.shape == (2, 2, 256) and by_table.counts.shape == (1, 1, 256)
+    for li, L in enumerate(by_head.layers):
+        lk = rec[L][0]
+        for h in range(by_head.heads):
+            idx, w = lk.indices[keep][:, h].flatten(), lk.weights[keep][:, h].flatten().double()
+            assert torch.equal(by_head.counts[li, h], torch.bincount(idx, minlength=256))
+            want = torch.zeros(256, dtype=torch.float64).index_add_(0, idx, w)
+            assert torch.allclose(by_head.weight_units[li, h].double() / 2**32, want, atol=1e-6)
+    assert torch.equal(by_head.table_reads(name), by_table.table_reads(name))
+    assert int(by_table.table_reads(name).sum()) == int(keep.sum()) * 2 * 2 * 4  # positions x layers x H x k

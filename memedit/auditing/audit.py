@@ -23,7 +23,7 @@ from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
 from ..storage.corpus import Corpus
 from ..tracing.capture import on_lookup
-from .stats import SlotCounter, SlotStats, TopContexts
+from .stats import AuditCounter, SlotStats, TopContexts
 
 Progress = Callable[[int, float], None]  # (tokens audited so far, fraction of the corpus read)
 
@@ -81,11 +81,11 @@ def audit(model: MemoryModel, corpus: Corpus, max_tokens: int | None = None, bat
         raise MemeditError("this model has no tokenizer, so it cannot read a text corpus")
     if max_tokens is not None and max_tokens < 1:
         raise MemeditError(f"--tokens must be at least 1, got {max_tokens}")
-    stats = SlotStats.empty(model, corpus=corpus.description, fingerprint=fingerprint(model), contexts=contexts)
-    counter = SlotCounter(stats)
+    counter = AuditCounter(model, contexts)
     pad = pad_id(model)
     device = next(model.parameters()).device
     seen = 0  # tokens in the stream so far, all ranks
+    tokens_here = 0  # tokens this rank audited
     with on_lookup(model, counter):
         for b, (seqs, frac, where) in enumerate(corpus_batches(model, corpus, batch_size, max_tokens, origins=True)):
             n = sum(len(s) for s in seqs)
@@ -93,14 +93,14 @@ def audit(model: MemoryModel, corpus: Corpus, max_tokens: int | None = None, bat
             if b % world_size == rank:
                 tokens, lengths = pad_batch(seqs, pad)
                 docs, starts = torch.tensor(where, dtype=torch.int64).view(-1, 2).unbind(1)
-                counter.batch(tokens, lengths, docs, starts)
+                counter.documents(tokens, lengths, docs, starts)
                 model(tokens.to(device))
-                stats.tokens += n
+                tokens_here += n
             if progress is not None:
                 progress(seen, max(frac, seen / max_tokens) if max_tokens else frac)
     if seen == 0:
         raise MemeditError(f"the corpus {corpus.description} has no text to audit")
-    return stats
+    return SlotStats.counted(counter, tokens_here, corpus.description, fingerprint(model), model.config.to_dict())
 
 
 # ---- distributed -----------------------------------------------------------------------------------------

@@ -5,9 +5,9 @@ it received, and per (layer, head, half) how often each sub-key entered a stage-
 an integer number of 2^-32 units, so statistics merge by exact integer addition: audits of corpus shards (or of
 the ranks of a distributed run) sum to bit-identical results, whatever the order.
 
-:class:`SlotCounter` fills a SlotStats from the one lookup routine through :func:`memedit.tracing.capture.on_lookup`,
-with ``index_add_`` on the captured indices (no Python loop per token), and optionally the top contexts of every
-slot (:class:`TopContexts`).
+:class:`AuditCounter` is the one slot counter (:class:`memedit.tracing.capture.SlotCounter`, also behind
+background statistics, edit ranking and routing) with weight mass and sub-keys, which also keeps the top contexts
+of every slot (:class:`TopContexts`); :meth:`SlotStats.counted` turns it into statistics.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from typing import Any
 import torch
 
 from ..errors import MemeditError
-from ..lm.memory import Lookup
 from ..lm.model import MemoryModel
+from ..tracing.capture import WEIGHT_SCALE, SlotCounter, per_table
 
-WEIGHT_SCALE = 2.0**32  # weight mass is stored as round(w * 2^32) per access
 METRICS = ("used", "kl_uniform", "gini", "top50", "top90", "top99", "top1pct_share", "dead", "entropy")
 
 
@@ -45,19 +44,14 @@ class SlotStats:
     contexts: TopContexts | None = None  # the top contexts of every slot (audit --contexts M), else None
 
     @classmethod
-    def empty(cls, model: MemoryModel, corpus: str = "", fingerprint: str = "", contexts: int = 0) -> SlotStats:
-        """Zero statistics shaped for ``model``; with ``contexts`` M > 0, also empty top-M contexts per slot."""
-        mem = model.config.memory
-        if not mem.layers:
-            raise MemeditError("this model has no memory layers: nothing to audit")
-        nl, H, N = len(mem.layers), mem.heads, mem.n_keys
-        z = lambda *shape: torch.zeros(shape, dtype=torch.int64)  # noqa: E731
+    def counted(cls, counter: AuditCounter, tokens: int, corpus: str = "", fingerprint: str = "",
+                config: dict[str, Any] | None = None) -> SlotStats:
+        """The statistics an :class:`AuditCounter` has counted over ``tokens`` positions (its tensors, not copies)."""
         return cls(
-            layers=list(mem.layers), tables={t.name: list(t.layers) for t in model.tables}, n_keys=N, heads=H,
-            knn=mem.knn, counts=z(nl, H, N * N), weight_units=z(nl, H, N * N), subkey_counts=z(nl, H, 2, N),
-            corpus=corpus, fingerprint=fingerprint, config=model.config.to_dict(),
-            contexts=TopContexts.empty(list(mem.layers), {t.name: list(t.layers) for t in model.tables},
-                                       N * N, contexts) if contexts else None,
+            layers=list(counter.layers), tables=dict(counter.tables), n_keys=counter.n_keys, heads=counter.heads,
+            knn=counter.knn, counts=counter.counts, weight_units=counter.weight_units,
+            subkey_counts=counter.subkey_counts, tokens=tokens, corpus=corpus, fingerprint=fingerprint,
+            config=config or {}, contexts=counter.contexts,
         )
 
     @property
@@ -76,11 +70,11 @@ class SlotStats:
 
     def table_counts(self, name: str) -> torch.Tensor:
         """(H, S) accesses of a value table's rows: the sum over the layers that read it."""
-        return self.counts[[self.layer_index(L) for L in self.tables[name]]].sum(0)
+        return per_table(self.counts, self.layers, self.tables[name])
 
     def table_weights(self, name: str) -> torch.Tensor:
         """(H, S) float64 weight mass of a value table's rows, summed over its layers."""
-        return self.weight_units[[self.layer_index(L) for L in self.tables[name]]].sum(0).double() / WEIGHT_SCALE
+        return per_table(self.weight_units, self.layers, self.tables[name]).double() / WEIGHT_SCALE
 
     def same_shape(self, other: SlotStats) -> bool:
         return (self.layers, self.n_keys, self.heads, self.tables) == (other.layers, other.n_keys, other.heads,
@@ -102,54 +96,41 @@ class SlotStats:
         )
 
 
-class SlotCounter:
-    """A lookup observer that adds every lookup into a :class:`SlotStats` (use with ``on_lookup``).
+class AuditCounter(SlotCounter):
+    """The slot counter with weight mass and sub-keys (use with ``on_lookup``) that, with ``contexts`` M > 0, also
+    keeps the top-M contexts of every slot; call :meth:`documents` before each forward."""
 
-    Before each forward set ``mask`` ((n_tokens,) bool, the flattened batch) to leave out padding positions; when the
-    statistics keep top contexts, call :meth:`batch` instead, which also says where each position comes from.
-    """
-
-    def __init__(self, stats: SlotStats):
-        self.stats = stats
-        self.mask: torch.Tensor | None = None
+    def __init__(self, model: MemoryModel, contexts: int = 0):
+        if not model.config.memory.layers:
+            raise MemeditError("this model has no memory layers: nothing to audit")
+        super().__init__(model, by_head=True, weights=True, subkeys=True)
+        self.contexts = TopContexts.empty(self.layers, self.tables, self.n_keys**2, contexts) if contexts else None
         self._where: tuple[torch.Tensor, torch.Tensor] | None = None  # (n,) context keys, (n, WINDOW) tokens
-        H, N, S = stats.heads, stats.n_keys, stats.n_slots
-        self._slot_offset = (torch.arange(H) * S).view(1, H, 1)  # (1, H, 1): head h's slots start at h*S
-        self._subkey_offset = (torch.arange(H * 2) * N).view(1, H, 2, 1)  # (1, H, 2, 1)
 
-    def batch(self, tokens: torch.Tensor, lengths: torch.Tensor, documents: torch.Tensor, starts: torch.Tensor
-              ) -> None:
+    def documents(self, tokens: torch.Tensor, lengths: torch.Tensor, documents: torch.Tensor, starts: torch.Tensor
+                  ) -> None:
         """Prepare for a forward over ``tokens`` (B, T) padded, of ``lengths`` (B,): sequence b is document
         ``documents[b]`` from token ``starts[b]`` on (a document longer than the model's context is split)."""
         B, T = tokens.shape
-        self.mask = (torch.arange(T) < lengths[:, None]).reshape(-1)  # (B*T,) not padding
-        if self.stats.contexts is None:
+        keep = (torch.arange(T) < lengths[:, None]).reshape(-1)  # (B*T,) not padding
+        self.batch(keep)
+        if self.contexts is None:
             return
         pos = starts[:, None] + torch.arange(T)  # (B, T) position in the document
         keys = context_key(documents[:, None].expand(B, T), pos)  # (B, T)
-        valid = torch.where(self.mask.view(B, T), tokens.long(), torch.full_like(tokens, -1, dtype=torch.long))
+        valid = torch.where(keep.view(B, T), tokens.long(), torch.full_like(tokens, -1, dtype=torch.long))
         padded = torch.nn.functional.pad(valid, (BEFORE, AFTER), value=-1)  # (B, BEFORE + T + AFTER)
         windows = padded.unfold(1, WINDOW, 1)  # (B, T, WINDOW): tokens t-BEFORE .. t+AFTER
-        self._where = (keys.reshape(-1)[self.mask], windows.reshape(B * T, WINDOW)[self.mask].int())
+        self._where = (keys.reshape(-1)[keep], windows.reshape(B * T, WINDOW)[keep].int())
 
-    def __call__(self, layer: int, lk: Lookup) -> None:
-        s, li = self.stats, self.stats.layer_index(layer)
-        idx, w, stage1 = lk.indices, lk.weights, lk.stage1
-        if self.mask is not None:
-            m = self.mask.to(idx.device)
-            idx, w, stage1 = idx[m], w[m], stage1[m]
-        idx, w, stage1 = idx.cpu(), w.cpu(), stage1.cpu()
-        flat = (idx + self._slot_offset).reshape(-1)  # (n*H*k,) into the (H*S) view of this layer
-        s.counts[li].view(-1).index_add_(0, flat, torch.ones_like(flat))
-        units = (w.double() * WEIGHT_SCALE).round_().long().reshape(-1)  # exact: w is float32
-        s.weight_units[li].view(-1).index_add_(0, flat, units)
-        sub = (stage1 + self._subkey_offset).reshape(-1)  # (n*H*2*k,) into the (H*2*N) view
-        s.subkey_counts[li].view(-1).index_add_(0, sub, torch.ones_like(sub))
-        if s.contexts is not None:
+    def count(self, layer: int, idx: torch.Tensor, w: torch.Tensor | None, stage1: torch.Tensor | None) -> None:
+        """Count as the slot counter does; with top contexts, also offer every selection as a context."""
+        super().count(layer, idx, w, stage1)
+        if self.contexts is not None:
             if self._where is None:
-                raise RuntimeError("SlotCounter.batch() must be called before each forward to keep top contexts")
+                raise RuntimeError("AuditCounter.documents() must be called before each forward to keep top contexts")
             keys, windows = self._where
-            s.contexts.add(layer, idx, w.float(), keys, windows)
+            self.contexts.add(layer, idx, w.float(), keys, windows)
 
 
 # ---- top contexts ---------------------------------------------------------------------------------------

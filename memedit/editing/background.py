@@ -17,7 +17,7 @@ import torch
 from ..errors import MemeditError
 from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
-from ..tracing.capture import RowCounter, on_lookup
+from ..tracing.capture import SlotCounter, on_lookup
 
 DEFAULT_BATCH = 32  # sentences per background batch (a "document" for document frequency)
 DEFAULT_MAX_BATCHES = 1000  # the reference uses 1000 batches of general text
@@ -60,7 +60,7 @@ def compute(model: MemoryModel, sentences: Sequence[str], batch_size: int = DEFA
     n_batches = (len(sentences) + batch_size - 1) // batch_size
     if not n_batches:
         raise MemeditError("the background corpus is empty")
-    counter = RowCounter(model)
+    counter = SlotCounter(model)
     pad = pad_id(model)
     chunk = batch_size * max(1, 256 // batch_size)  # sentences per forward pass, a whole number of batches
     tokens = 0
@@ -77,7 +77,8 @@ def compute(model: MemoryModel, sentences: Sequence[str], batch_size: int = DEFA
             tokens += int(valid.sum())
             if progress is not None:
                 progress(min(start + chunk, len(sentences)) // batch_size, n_batches)
-    return Background(counter.df, counter.reads, n_batches, tokens, corpus)
+    return Background(counter.df, {name: counter.table_reads(name) for name in counter.tables}, n_batches, tokens,
+                      corpus)
 
 
 def save(model: MemoryModel, bg: Background) -> None:

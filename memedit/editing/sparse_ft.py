@@ -35,7 +35,7 @@ from ..errors import MemeditError
 from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
 from ..storage.state import frozen_rows
-from ..tracing.capture import RowCounter, on_lookup
+from ..tracing.capture import SlotCounter, on_lookup
 from ..tracing.targets import TargetTokens, answer_or_given, score, tokenize_target
 from .background import Background
 from .patch import Patch, make_patch
@@ -225,11 +225,11 @@ def fact_counts(model: MemoryModel, items: Sequence[TargetTokens | str], positio
         keep = (pos >= lo[:, None]) & (pos < hi[:, None])  # (B, T)
     else:
         keep = pos < lengths[:, None]
-    counter = RowCounter(model)
+    counter = SlotCounter(model)
     counter.batch(keep.flatten())
     with on_lookup(model, counter):
         model(tokens.to(next(model.parameters()).device))
-    return {name: reads.float() for name, reads in counter.reads.items()}
+    return {name: counter.table_reads(name).float() for name in counter.tables}
 
 
 # ---- 2. ranking ------------------------------------------------------------------------------------------

@@ -485,14 +485,14 @@ def slot_usage(model: MemoryModel, table: str, texts: Sequence[str] | None) -> t
         return bg[0][f"counts.{t.name}"].long(), "background statistics"
     if not texts:
         raise MemeditError("no background statistics stored and no text to count slot accesses over")
-    from ..tracing.capture import RowCounter, on_lookup
+    from ..tracing.capture import SlotCounter, on_lookup
 
-    counter = RowCounter(model)
+    counter = SlotCounter(model)
     with torch.no_grad(), on_lookup(model, counter):
         for tokens, valid in text_batches(model, texts, 64):
             counter.batch(valid.reshape(-1))
             model(tokens)
-    return counter.reads[t.name], f"counted over {len(texts):,} background passages"
+    return counter.table_reads(t.name), f"counted over {len(texts):,} background passages"
 
 
 @torch.no_grad()

@@ -23,46 +23,94 @@ def on_lookup(model: MemoryModel, fn: Callable[[int, Lookup], Lookup | None]) ->
         yield
 
 
-class RowCounter:
-    """A lookup observer (use with :func:`on_lookup`) that counts, per value table, how often each row is read.
+WEIGHT_SCALE = 2.0**32  # weight mass is counted as round(w * 2^32) per selection: integer sums merge exactly
 
-    ``reads[table]`` (rows,) int64: one per (position, head, selected slot) at the kept positions, over every layer
-    that reads the table. With ``groups`` given to :meth:`batch`, ``df[table]`` (rows,) int64 counts the groups
-    (e.g. background batches) that read each row at least once, whichever layer, head or position read it.
-    Per-(layer, head) statistics with weight mass and sub-keys are the audit's (memedit/auditing/stats.py).
+
+def per_table(x: torch.Tensor, layers: list[int], table_layers: list[int]) -> torch.Tensor:
+    """``x`` (n_layers, ...) per memory layer (in the order of ``layers``) summed over ``table_layers``: (...)."""
+    return x[[layers.index(L) for L in table_layers]].sum(0)
+
+
+class SlotCounter:
+    """A lookup observer (use with :func:`on_lookup`): the one slot counter behind the audit, background
+    statistics, edit ranking and routing.
+
+    At the kept positions, with ``by_head`` per memory layer, head and slot, else per value table and slot:
+    ``counts`` (n_layers, H, S) or (n_tables, 1, S) int64 selections; with ``weights``, ``weight_units`` of the
+    same shape, int64 softmax mass in units of 2^-32 (exact for float32 weights, so counts of corpus shards or
+    ranks sum to bit-identical results in any order); with ``subkeys``, ``subkey_counts`` (n_layers, H, 2, N)
+    int64 entries of each sub-key into a stage-1 top-k. Per value table: :meth:`table_reads` (rows,) and, with
+    ``groups`` given to :meth:`batch`, ``df[table]`` (rows,) int64 the number of groups (e.g. background batches)
+    that read each row at least once, whichever layer, head or position. Counting is ``index_add_`` on the
+    selected indices, no Python loop per token. Without ``by_head`` nothing is as large as (H, S) per layer, so an
+    edit's counting stays far below the size of the value table.
     """
 
-    def __init__(self, model: MemoryModel):
-        self.table_of = {L: t for t in model.tables for L in t.layers}
-        self.reads = {t.name: torch.zeros(t.n_rows, dtype=torch.long) for t in model.tables}
-        self.df = {t.name: torch.zeros(t.n_rows, dtype=torch.long) for t in model.tables}
+    def __init__(self, model: MemoryModel, by_head: bool = False, weights: bool = False, subkeys: bool = False):
+        mem = model.config.memory
+        self.layers = list(mem.layers)
+        self.tables = {t.name: list(t.layers) for t in model.tables}
+        self.heads, self.n_keys, self.knn = mem.heads, mem.n_keys, mem.knn
+        H, N, S, nl = mem.heads, mem.n_keys, mem.n_keys * mem.n_keys, len(mem.layers)
+        z = lambda *shape: torch.zeros(shape, dtype=torch.int64)  # noqa: E731
+        shape = (nl, H, S) if by_head else (len(self.tables), 1, S)
+        self.counts = z(*shape)
+        self.weight_units = z(*shape) if weights else None
+        self.subkey_counts = z(nl, H, 2, N) if subkeys else None
+        self.df = {name: z(S) for name in self.tables}
         self.keep: torch.Tensor | None = None
         self.groups: torch.Tensor | None = None
         self._pairs: dict[str, list[torch.Tensor]] = {}
+        self._table_of = {L: name for name, ls in self.tables.items() for L in ls}
+        # the row of ``counts`` each layer adds into, and where each head's slots start in that row's (H*S) view
+        names = list(self.tables)
+        self._row = {L: li if by_head else names.index(self._table_of[L]) for li, L in enumerate(self.layers)}
+        self._slot_offset = (torch.arange(H) * S if by_head else torch.zeros(H, dtype=torch.int64)).view(1, H, 1)
+        self._subkey_offset = (torch.arange(H * 2) * N).view(1, H, 2, 1)  # (1, H, 2, 1)
 
     def batch(self, keep: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> None:
         """Before a forward: count only positions with ``keep`` ((B*T,) bool, the flattened batch), each in group
-        ``groups`` ((n_kept,) int64), for document frequency. Call :meth:`close_batch` after the forward."""
+        ``groups`` ((n_kept,) int64) for document frequency; with groups, call :meth:`close_batch` after it."""
         self.keep, self.groups = keep, groups
-        self._pairs = {name: [] for name in self.reads}
+        self._pairs = {name: [] for name in self.tables}
 
     def __call__(self, layer: int, lk: Lookup) -> None:
-        t = self.table_of[layer]
-        idx = lk.indices.reshape(lk.indices.shape[0], -1)  # (n_tokens, H*k)
+        idx = lk.indices
+        w = lk.weights if self.weight_units is not None else None
+        stage1 = lk.stage1 if self.subkey_counts is not None else None
         if self.keep is not None:
-            idx = idx[self.keep.to(idx.device)]
-        idx = idx.cpu()
-        self.reads[t.name] += torch.bincount(idx.flatten(), minlength=t.n_rows)
+            m = self.keep.to(idx.device)
+            idx, w, stage1 = idx[m], w[m] if w is not None else None, stage1[m] if stage1 is not None else None
+        self.count(layer, idx.cpu(), w.cpu() if w is not None else None,
+                   stage1.cpu() if stage1 is not None else None)
+
+    def count(self, layer: int, idx: torch.Tensor, w: torch.Tensor | None, stage1: torch.Tensor | None) -> None:
+        """Add the kept selections of one lookup of ``layer``: indices (n, H, k), weights (n, H, k) (None unless
+        counting weight mass), stage-1 sub-keys (n, H, 2, k) (None unless counting sub-keys); on the CPU."""
+        r = self._row[layer]
+        flat = (idx + self._slot_offset).reshape(-1)  # (n*H*k,) into the flat view of this layer's row
+        self.counts[r].view(-1).index_add_(0, flat, torch.ones_like(flat))
+        if self.weight_units is not None:
+            units = (w.double() * WEIGHT_SCALE).round_().long().reshape(-1)  # exact: w is float32
+            self.weight_units[r].view(-1).index_add_(0, flat, units)
+        if self.subkey_counts is not None:
+            sub = (stage1 + self._subkey_offset).reshape(-1)  # (n*H*2*k,) into the (H*2*N) view
+            self.subkey_counts[self.layers.index(layer)].view(-1).index_add_(0, sub, torch.ones_like(sub))
         if self.groups is not None:
-            self._pairs[t.name].append((self.groups[:, None] * t.n_rows + idx).flatten())
+            S = self.n_keys * self.n_keys
+            self._pairs[self._table_of[layer]].append((self.groups[:, None] * S + idx.reshape(len(idx), -1)).flatten())
 
     def close_batch(self) -> None:
-        """After a forward: a row counts once per group in ``df``."""
+        """After a forward with groups: a row counts once per group in ``df``."""
         for name, pairs in self._pairs.items():
             if pairs:
                 n = self.df[name].numel()
                 self.df[name] += torch.bincount(torch.unique(torch.cat(pairs)) % n, minlength=n)
         self._pairs = {}
+
+    def table_reads(self, name: str) -> torch.Tensor:
+        """(rows,) int64 reads of a value table's rows: the sum over the layers that read it and their heads."""
+        return self.counts[sorted({self._row[L] for L in self.tables[name]})].sum((0, 1))
 
 
 @contextlib.contextmanager
