@@ -1,9 +1,10 @@
-"""Fact-edit benchmark on the demo world: memedit's sparse memory finetuning against two baselines.
+"""Fact-edit benchmark on the demo world: memedit's sparse memory finetuning against three baselines.
 
     python benchmarks/bench_edit.py [--model PATH] [--n 100] [--json out.json]
 
 Methods (same steps, same early stop):
-  memedit      top-t value rows by TF-IDF against background statistics, SGD (the defaults of `memedit edit`)
+  memedit      the defaults of `memedit edit`: rows read at every position ranked by TF-IDF against the background
+               `memedit edit` uses, adaptive rows, SGD, the subject's other facts kept in the loss (keep_for)
   counts       top-t value rows by access counts alone (no IDF), otherwise identical
   full-ft      every parameter of the model trained (AdamW, the usual choice for full finetuning; lr 3e-5, the
                smallest of {1e-3, 1e-4, 3e-5} tried that still made every edit, since a larger one forgot more)
