@@ -236,3 +236,24 @@ def test_an_edit_allocates_nothing_the_size_of_the_value_table():
     with LargestAllocation() as dense:
         edit(model, [req], None, EditConfig(steps=1, stop_loss=0.0, train_all=True, ranking="counts"))
     assert dense.largest >= table.nbytes
+
+
+def test_keep_pairs_that_contradict_the_edit_are_dropped():
+    """A kept pair with the edit's own prompt, or with the old answer (the same fact in another wording, as keep_for
+    returns it when a request from --prompt carries no fact id), would undo the edit: it is dropped."""
+    from memedit.editing.sparse_ft import consistent_keep, keep_for
+    from memedit.world.facts import Fact
+
+    from .conftest import tiny_model
+
+    def fact(i, prompt, answer):
+        return Fact(id=i, relation="r", prompt=prompt, subject="Reidreir", target_true=answer, target_new="x",
+                    paraphrases=[], heldout_paraphrases=[], neighborhood=[])
+
+    req = EditRequest.from_dict(dict(REQUEST, target_true="Thakrian"))
+    req.keep = keep_for(req, [fact("f1", "{} ran in", "Thakrian"), fact("f2", "{} sat on the", "mat")])
+    req.keep.append(("Reidreir was born in", "Thakrian"))
+    assert len(req.keep) == 3
+    assert consistent_keep(req) == [("Reidreir sat on the", "mat")]
+    res = edit(tiny_model(), [req], None, EditConfig(top_t=24, ranking="counts", steps=5, positions="answer"))
+    assert [tuple(k) for k in res.patch.info["requests"][0]["keep"]] == [("Reidreir sat on the", "mat")]

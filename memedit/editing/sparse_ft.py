@@ -135,6 +135,14 @@ def _pair(k) -> tuple[str, str]:
     raise MemeditError(f"a keep entry must be {{\"prompt\": ..., \"target\": ...}} or [prompt, target], not {k!r}")
 
 
+def consistent_keep(request: EditRequest) -> list[tuple[str, str]]:
+    """The request's keep pairs minus those that contradict it: a prompt the edit trains on, or the old answer itself
+    (a fact of the same subject and relation asked in another wording: keeping it would undo the edit)."""
+    mine = set(request.training_prompts)
+    old = request.target_true.strip()
+    return [(p, t) for p, t in request.keep if p not in mine and t.strip() not in (old, request.target_new.strip())]
+
+
 def keep_for(request: EditRequest, facts: Sequence, per_fact: int = 1) -> list[tuple[str, str]]:
     """The (prompt, answer) pairs of the request's subject's other facts (``per_fact`` phrasings each).
 
@@ -396,6 +404,7 @@ def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | N
     t0 = time.perf_counter()
     for r in requests:
         r.target_true = answer_or_given(model, r.rewrite_prompt, r.target_true)
+        r.keep = consistent_keep(r)
     items = fact_items(model, requests)  # refuses a target the tokenizer cannot represent, before any training
     if cfg.train_all:  # baseline: every parameter moves, which a value patch cannot hold; the model stays edited
         steps, loss = train_rows(model, requests, None, cfg)
