@@ -154,7 +154,18 @@ def all_reduce(stats: SlotStats) -> SlotStats:
 def audit_distributed(model: MemoryModel, corpus: Corpus, max_tokens: int | None = None, batch_size: int = 64,
                       progress: Progress | None = None, contexts: int = 0) -> tuple[SlotStats, int]:
     """Audit this rank's shard and sum over all ranks: (the whole corpus's statistics, this rank)."""
+    import torch.distributed as dist
+
+    joined = not dist.is_initialized()  # this call set up the process group, so it also takes it down
     rank, world = init_distributed(next(model.parameters()).device)
-    stats = audit(model, corpus, max_tokens, batch_size, progress if rank == 0 else None, rank, world, contexts)
-    return all_reduce(stats), rank
+    try:
+        stats = audit(model, corpus, max_tokens, batch_size, progress if rank == 0 else None, rank, world, contexts)
+        stats = all_reduce(stats)
+        dist.barrier()
+    finally:
+        if joined and dist.is_initialized():
+            # Left to interpreter shutdown, gloo's worker threads can be torn down unjoined and abort the process
+            # ("terminate called without an active exception", SIGABRT) on a loaded machine.
+            dist.destroy_process_group()
+    return stats, rank
 
