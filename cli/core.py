@@ -125,7 +125,9 @@ def convert(
 
         save_lingua(m, dst)
     else:
-        save(m, dst)
+        from memedit.editing.background import carry
+
+        carry(m, save(m, dst))  # the bundled demo's background statistics come along
     console.print(f"wrote {dst}{' (params.json + consolidated.pth)' if format == 'lingua' else ''}")
 
 

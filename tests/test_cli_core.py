@@ -55,6 +55,12 @@ def test_convert_bundled_to_folder_loads_identically(cli, demo, tmp_path):
     assert not mine.read_only
     tokens = torch.tensor([demo.encode("Reidreir was born in")])
     assert torch.equal(mine(tokens), demo(tokens))
+    # the demo ships its background statistics (`memedit background`: its whole default corpus), and the copy keeps
+    from memedit.editing.background import IN_MEMORY_BATCHES, stored
+
+    shipped, copied = stored(demo), stored(mine)
+    assert shipped is not None and shipped.n_batches > IN_MEMORY_BATCHES
+    assert copied is not None and torch.equal(copied.df["shared"], shipped.df["shared"])
 
 
 def test_user_errors_are_one_line_with_exit_2(cli, tmp_path):

@@ -11,6 +11,7 @@ import random
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -87,6 +88,17 @@ def save(model: MemoryModel, bg: Background) -> None:
 
     tensors = {f"df.{k}": v for k, v in bg.df.items()} | {f"counts.{k}": v for k, v in bg.counts.items()}
     write_background(model, tensors, {"n_batches": bg.n_batches, "tokens": bg.tokens, "corpus": bg.corpus})
+
+
+def carry(model: MemoryModel, copy: str | Path) -> bool:
+    """Store ``model``'s background statistics (if it has any) with ``copy``, a folder just written from it (e.g. by
+    ``memedit convert``), so edits on the copy rank slots at once; whether there were any."""
+    from ..storage.checkpoint import load
+
+    bg = stored(model)
+    if bg is not None:
+        save(load(copy), bg)
+    return bg is not None
 
 
 def stored(model: MemoryModel) -> Background | None:

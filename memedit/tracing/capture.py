@@ -172,6 +172,37 @@ def trainable_rows(model: MemoryModel, rows: dict[str, torch.Tensor]) -> Iterato
         yield leaves
 
 
+@contextlib.contextmanager
+def reused_first_lookup(model: MemoryModel, tokens: torch.Tensor) -> Iterator[None]:
+    """Within the block, the first memory layer's lookup for ``tokens`` (B, T) is computed once and reused by every
+    forward pass on a batch of the same size (pass only these tokens in the block).
+
+    Exact while only value rows change (sparse finetuning): nothing before the first memory layer reads a value
+    row, so its queries, and so its slots and weights, cannot change. It saves that layer's search (the top-k's,
+    most of a step's cost on a small model) at every training step. Later memory layers read the trained rows
+    through the residual stream and are searched as usual.
+    """
+    if not model.memory_layers:
+        yield
+        return
+    L = min(model.memory_layers)
+    search = model.memory_layers[L].search
+    with torch.no_grad(), capture_lookups(model) as rec:
+        model(tokens.to(next(model.parameters()).device))
+    cached = rec[L][0]
+    n = cached.indices.shape[0]
+    compute = search.forward
+
+    def forward(query: torch.Tensor, keys: torch.Tensor) -> Lookup:
+        return cached if query.shape[0] == n else compute(query, keys)
+
+    search.forward = forward  # an instance attribute: hooks on the module still see (and may replace) the lookup
+    try:
+        yield
+    finally:
+        del search.forward
+
+
 @torch.no_grad()
 def answer_lookups(model: MemoryModel, prompts: Sequence[str]) -> dict[int, Lookup]:
     """The lookups at the last position of each prompt: {layer: Lookup with n_tokens = len(prompts)}."""
