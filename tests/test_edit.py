@@ -151,7 +151,8 @@ def test_frozen_rows_stay_bit_identical_after_hundreds_of_operations(folder):
         op = rng.choice(["set", "add", "scale", "zero", "copy", "edit", "revert", "frozen"])
         try:
             if op == "edit" and done["edit"] < 6:
-                p = edit(model, [req], None, EditConfig(top_t=24, ranking="counts", steps=5, stop_loss=0, stop_token_loss=0)).patch
+                p = edit(model, [req], None, EditConfig(top_t=24, ranking="counts", steps=5, stop_loss=0,
+                                                        stop_token_loss=0)).patch
                 assert not set(p.changes[0].rows.tolist()) & set(frozen)
                 apply(model, p)
                 done["edit"] += 1
@@ -234,7 +235,8 @@ def test_an_edit_allocates_nothing_the_size_of_the_value_table():
     assert sparse.largest < table.nbytes / 8, f"largest allocation {sparse.largest:,} B, table {table.nbytes:,} B"
     # the dense baseline, measured the same way, does allocate table-sized gradients: the check can fail
     with LargestAllocation() as dense:
-        edit(model, [req], None, EditConfig(steps=1, stop_loss=0.0, stop_token_loss=0.0, train_all=True, ranking="counts"))
+        edit(model, [req], None, EditConfig(steps=1, stop_loss=0.0, stop_token_loss=0.0, train_all=True,
+                                            ranking="counts"))
     assert dense.largest >= table.nbytes
 
 
