@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memedit  # noqa: E402
 from memedit.editing import background as B  # noqa: E402
 from memedit.editing.patch import write_rows  # noqa: E402
-from memedit.editing.sparse_ft import EditConfig, EditRequest, edit, keep_for  # noqa: E402
+from memedit.editing.sparse_ft import EditConfig, EditRequest, answers_of, edit, keep_for  # noqa: E402
 from memedit.tracing.targets import score  # noqa: E402
 from memedit.world.facts import world_of  # noqa: E402
 
@@ -107,6 +107,7 @@ def run(method: str, base_state: dict, model, reqs, bg, every: int, untouched_of
             v.copy_(base_state[k])
     made: list[EditRequest] = []
     protect: dict[str, torch.Tensor] = {}
+    answers: dict[str, str] = {}  # the answers earlier edits gave: kept facts are kept at those (keep_for)
     opts = dict(STRATEGIES.get(method, {}))
     keep = opts.pop("keep", False)
     cfg = EditConfig(**opts)
@@ -121,7 +122,7 @@ def run(method: str, base_state: dict, model, reqs, bg, every: int, untouched_of
             rome_edit(model, req, max(model.memory_layers), c_inv)
             rows.append(0)
         else:
-            req.keep = keep_for(req, facts) if keep else []
+            req.keep = keep_for(req, facts, answers=answers) if keep else []
             res = edit(model, [req], bg, cfg, protect=protect if cfg.protect != "none" else None)
             if res.patch is not None:
                 write_rows(model, res.patch, new=True)
@@ -129,6 +130,7 @@ def run(method: str, base_state: dict, model, reqs, bg, every: int, untouched_of
             for name, ids in res.slots.items():
                 protect[name] = torch.cat([protect.get(name, torch.empty(0, dtype=torch.long)), torch.tensor(ids)])
         secs.append(time.perf_counter() - t0)
+        answers.update(answers_of([req]))
         cpu.append(time.process_time() - c0)  # CPU seconds of this process: what load on a shared machine inflates less
         made.append(req)
         if n % every == 0 or n == len(reqs):

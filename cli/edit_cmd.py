@@ -258,15 +258,12 @@ def edit(
 
         bg = get(m)
     world = load_facts(facts) if facts is not None else (world_of(m).facts if m.meta.get("world") else None)
-    if keep_subject and world:
-        for r in reqs:
-            if not r.keep:  # a request's own keep pairs (JSONL "keep") win
-                r.keep = S.keep_for(r, world)
     forgetting = S.Forgetting(m, world, forgetting_sample) if forgetting_sample and world else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         results = S.run_edits(m, reqs, bg, cfg, sequential=sequential,
-                              commit=None if dry_run else (lambda p: apply(m, p)), forgetting=forgetting)
+                              commit=None if dry_run else (lambda p: apply(m, p)), forgetting=forgetting,
+                              keep_facts=world if keep_subject and world else None)
     for w in caught:
         from .common import err_console
 

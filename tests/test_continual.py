@@ -12,7 +12,7 @@ import torch
 
 from memedit.editing import background as B
 from memedit.editing.patch import write_rows
-from memedit.editing.sparse_ft import EditConfig, EditRequest, edit, keep_for
+from memedit.editing.sparse_ft import EditConfig, EditRequest, answers_of, edit, keep_for
 from memedit.tracing.targets import score
 
 from .bpe_world import bpe_model
@@ -30,7 +30,6 @@ def test_thirty_sequential_edits_keep_untouched_facts(tmp_path):
     for f in rng.sample(world.facts, N_EDITS):  # random new objects, as bench_continual.py draws them
         req = EditRequest.from_fact(f)
         req.target_new = rng.choice([o for o in objects[f.relation] if o != f.target_true])
-        req.keep = keep_for(req, world.facts)  # what `memedit edit` does when the facts are known
         reqs.append(req)
     edited = {r.id for r in reqs}
     untouched = [(p, f.target_true) for f in world.facts if f.id not in edited for p in f.training_prompts]
@@ -39,9 +38,12 @@ def test_thirty_sequential_edits_keep_untouched_facts(tmp_path):
         return sum(s.greedy for s in score(model, *zip(*untouched, strict=True))) / len(untouched)
 
     before = accuracy()
-    for req in reqs:
+    answers: dict[str, str] = {}
+    for req in reqs:  # what `memedit edit` does when the facts are known: keep the subject's other facts, at the
+        req.keep = keep_for(req, world.facts, answers=answers)  # answers earlier edits gave them
         res = edit(model, [req], bg, EditConfig())
         write_rows(model, res.patch, new=True)
+        answers.update(answers_of([req]))
     after = accuracy()
     rw = [r.rewrite_prompt for r in reqs]
     new = score(model, rw, [r.target_new for r in reqs])

@@ -548,8 +548,16 @@ def _commit(model: MemoryModel, patch: Patch, op: str, forced: bool, message: st
         crash_point("patch-saved")
     changes = [Change(model.table(c.table).state_names[0], c.table, c.rows,
                       c.old if op == "apply" else c.new, c.new if op == "apply" else c.old) for c in patch.changes]
-    commit(model, changes, {"op": op, "id": patch.id, "file": str(rel), "kind": patch.kind,
-                            "message": message if message is not None else patch.message, "forced": forced})
+    head = {"op": op, "id": patch.id, "file": str(rel), "kind": patch.kind,
+            "message": message if message is not None else patch.message, "forced": forced}
+    if op == "apply" and patch.kind == "edit":  # the facts' new answers: later edits keep them (sparse_ft.keep_for)
+        reqs = (patch.info or {}).get("requests") if isinstance(patch.info, dict) else None
+        ok = [q for q in reqs or [] if isinstance(q, dict)
+              and all(isinstance(q.get(k), str) for k in ("prompt", "subject", "target_new"))]
+        head["answers"] = {k: q["target_new"] for q in ok
+                           for k in ([q["id"]] if isinstance(q.get("id"), str) and q["id"] else [])
+                           + [q["prompt"].replace("{}", q["subject"])]}
+    commit(model, changes, head)
 
 
 # ---- comparing -------------------------------------------------------------------------------------

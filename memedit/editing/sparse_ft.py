@@ -152,20 +152,54 @@ def consistent_keep(request: EditRequest) -> list[tuple[str, str]]:
     return [(p, t) for p, t in request.keep if p not in mine and t.strip() not in (old, request.target_new.strip())]
 
 
-def keep_for(request: EditRequest, facts: Sequence, per_fact: int = 3) -> list[tuple[str, str]]:
+def keep_for(request: EditRequest, facts: Sequence, per_fact: int = 3,
+             answers: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """The (prompt, answer) pairs of the request's subject's other facts (``per_fact`` phrasings each).
+
+    Counting slot reads at every position (``positions="all"``) trains rows read at the subject's tokens, which
+    every fact of that subject reads too: keeping those facts' answers in the loss lets the edit move only what
+    they do not need. Facts are any objects with ``subject``, ``training_prompts`` and ``target_true``. A fact that
+    an earlier edit rewrote is kept at its new answer: ``answers`` maps a fact id or a rewrite prompt to it
+    (:func:`edited_answers`, :func:`answers_of`); keeping the old one would undo that edit.
 
     On the demo, 60 sequential edits cost the edited subjects' other facts (all their training phrasings) 4.75
     points with one phrasing kept per fact and 1.08 with three (other subjects: 0.67 and 0.70); an edit then takes
     ~25 % more steps.
-
-    Counting slot reads at every position (``positions="all"``) trains rows read at the subject's tokens, which
-    every fact of that subject reads too: keeping those facts' answers in the loss lets the edit move only what
-    they do not need. Facts are any objects with ``subject``, ``training_prompts`` and ``target_true``.
     """
+    answers = answers or {}
+
+    def answer(f) -> str:
+        for key in (getattr(f, "id", None), *f.training_prompts):
+            if key in answers:
+                return answers[key]
+        return f.target_true
+
     mine = request.rewrite_prompt
-    return [(p, f.target_true) for f in facts if f.subject == request.subject and getattr(f, "id", None) != request.id
+    return [(p, answer(f)) for f in facts if f.subject == request.subject and getattr(f, "id", None) != request.id
             for p in f.training_prompts[:per_fact] if p != mine]
+
+
+def answers_of(requests: Sequence[EditRequest]) -> dict[str, str]:
+    """{fact id (if any) and rewrite prompt: new answer} of edit requests."""
+    return {k: r.target_new for r in requests for k in ([r.id] if r.id else []) + [r.rewrite_prompt]}
+
+
+def edited_answers(model: MemoryModel) -> dict[str, str]:
+    """:func:`answers_of` the fact edits the model folder's log holds as applied (not reverted), later edits last."""
+    from ..storage.state import edit_log
+
+    applied: dict[str, dict] = {}
+    for e in edit_log(model):
+        if e.get("kind") != "edit" or "id" not in e:
+            continue
+        if e.get("op") == "apply":
+            applied[e["id"]] = e.get("answers") or {}
+        elif e.get("op") == "revert":
+            applied.pop(e["id"], None)
+    out: dict[str, str] = {}
+    for a in applied.values():
+        out.update(a)
+    return out
 
 
 def read_requests(path: str | Path) -> list[EditRequest]:
@@ -545,16 +579,23 @@ class Forgetting:
 
 def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | None, cfg: EditConfig,
               sequential: bool = True, commit: Callable[[Patch], None] | None = None,
-              forgetting: Forgetting | None = None, progress: Callable[[int, int], None] | None = None
-              ) -> list[EditResult]:
+              forgetting: Forgetting | None = None, progress: Callable[[int, int], None] | None = None,
+              keep_facts: Sequence | None = None) -> list[EditResult]:
     """Make the edits (one by one if ``sequential``, else one batch), each applied (in memory, then by ``commit``
-    if given) before the next; metrics are taken right after each edit."""
+    if given) before the next; metrics are taken right after each edit. With ``keep_facts``, a request without
+    keep pairs of its own keeps its subject's other facts (:func:`keep_for`), at the answers earlier edits (the
+    folder's log, then this run's) gave them."""
     from .patch import write_rows
 
     groups = [[r] for r in requests] if sequential else [list(requests)]
     results = []
     made: dict[str, torch.Tensor] = {}  # rows trained by the edits of this run (a folder's log holds earlier ones)
+    answers = edited_answers(model) if keep_facts is not None else {}
     for n, group in enumerate(groups, 1):
+        if keep_facts is not None:
+            for r in group:
+                if not r.keep:  # a request's own keep pairs (JSONL "keep") win
+                    r.keep = keep_for(r, keep_facts, answers=answers)
         res = edit(model, group, bg, cfg, protect=made if cfg.protect != "none" else None)
         for name, ids in res.slots.items():
             made[name] = torch.cat([made.get(name, torch.empty(0, dtype=torch.long)), torch.tensor(ids)])
@@ -563,6 +604,7 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
                 commit(res.patch)  # e.g. memedit.editing.patch.apply: writes the rows in memory and in the folder
             else:
                 write_rows(model, res.patch, new=True)
+        answers.update(answers_of(group))
         res.metrics = {"per_request": [measure(model, r) for r in group]}
         if forgetting is not None:
             res.metrics["forgetting"] = forgetting.update([r.id for r in group if r.id])

@@ -230,7 +230,7 @@ class Record:
         """The edit-log entry (``memedit patch log``) this record stands for."""
         h = self.head
         keys = ("op", "id", "file", "time", "message", "kind", "tables", "rows", "layers", "before", "after",
-                "forced")
+                "forced", "answers")
         return {k: h.get(k) for k in keys if k in h}
 
 
