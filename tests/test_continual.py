@@ -52,8 +52,10 @@ def test_thirty_sequential_edits_keep_untouched_facts(tmp_path):
     drop = 100 * (before - after)
     print(f"untouched {before:.1%} -> {after:.1%} ({drop:.1f} pts), edits holding {hold:.0%}")
     assert before >= 0.95
-    assert hold >= 0.7, hold  # measured 73 %: later edits retrain rows of earlier ones on this small table
-    # Measured 4.3 points with the defaults (rows at every position, the subject's other facts kept); the previous
+    # measured 90 % (73 % while kept sibling facts were kept at their original answers, undoing earlier edits of
+    # the same subject): later edits retrain rows of earlier ones on this small table
+    assert hold >= 0.8, hold
+    # Measured 4.4 points with the defaults (rows at every position, the subject's other facts kept); the previous
     # defaults (answer positions, nothing kept) lost 21.6 on this 4,096-slot fixture, where an edit's up to 1,024
     # rows are a quarter of the table. On the 65,536-slot demo, benchmarks/bench_continual.py: see the README.
-    assert drop <= 9.0, drop
+    assert drop <= 6.0, drop
