@@ -319,17 +319,34 @@ class MemoryModel(nn.Module):
         h = self.hidden(tokens)  # first: a standalone module says here that it has no host LM
         return self.output(self.norm(self.hook_resid_final(h)))
 
-    def suffix_logits(self, inputs: list[torch.Tensor], start: int, first_block: int, copies: int) -> torch.Tensor:
+    def suffix_logits(self, inputs: list[torch.Tensor], start: int, first_block: int, copies: int,
+                      start_only: bool = False) -> torch.Tensor:
         """Logits (copies, T - start, vocab) of positions start..T-1, recomputed from block ``first_block`` on.
 
         ``inputs[b]`` is block b's input residual (T, D) from a forward over the same tokens. Positions before
         ``start`` cannot change (attention is causal), so their keys and values come from ``inputs``; the copies
         differ only by what hooks change inside the recomputed part (e.g. a lookup rewritten at ``start``).
+
+        ``start_only``: the hooks change block ``first_block`` at position ``start`` only, and ``inputs`` ends with
+        one more entry, the residual after the last block. That block's attention then reads the clean residual
+        everywhere, so its outputs at later positions are the clean ones: it computes position ``start`` alone and
+        the later positions' outputs are taken from ``inputs`` (the memory reads of a whole target's positions, once
+        per copy, are what an ablation costs).
         """
         T = inputs[0].shape[0]
         cos, sin = self.rope(T, inputs[0].device)
-        h = inputs[first_block][start:].unsqueeze(0).expand(copies, -1, -1)  # (G, S, D)
-        for b in range(first_block, len(self.layers)):
+        first = first_block
+        if start_only:
+            block = self.layers[first]
+            past = block.past(inputs[first][:start].unsqueeze(0), cos[:start], sin[:start])
+            h = block(inputs[first][start : start + 1].unsqueeze(0).expand(copies, -1, -1),
+                      cos[start : start + 1], sin[start : start + 1], past)  # (G, 1, D)
+            later = inputs[first + 1][start + 1 :]  # (S - 1, D) the clean outputs of the later positions
+            h = torch.cat([h, later.unsqueeze(0).expand(copies, -1, -1).to(h.dtype)], 1)  # (G, S, D)
+            first += 1
+        else:
+            h = inputs[first][start:].unsqueeze(0).expand(copies, -1, -1)  # (G, S, D)
+        for b in range(first, len(self.layers)):
             block = self.layers[b]
             past = block.past(inputs[b][:start].unsqueeze(0), cos[:start], sin[:start])
             h = block(h, cos[start:], sin[start:], past)
