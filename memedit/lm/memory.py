@@ -82,9 +82,10 @@ class ProductKeySearch(nn.Module):
         n, H, K = query.shape
         N, k = self.n_keys, self.knn
         q = query.view(n, H, 2, K // 2)  # (n, H, 2, K/2): step 1, halves q1 = [..., 0, :], q2 = [..., 1, :]
-        # step 2: sub-key scores for both halves at once, laid out (n, H, 2, N) in memory (top-k on a strided
-        # view of the einsum's output ran 2x slower)
-        sub = torch.einsum("nhpd,hpid->nhpi", q, keys).contiguous()  # (n, H, 2, N)
+        # step 2: sub-key scores for both halves at once; the einsum's output is a strided (n, H, 2, N) view of an
+        # (H, 2, n, N) product, which the grouped top-k reads as it is (copying it to (n, H, 2, N) first cost ~20 %
+        # of a lookup)
+        sub = torch.einsum("nhpd,hpid->nhpi", q, keys)  # (n, H, 2, N)
         # step 3: stage-1 top-k per half, sorted descending
         top, top_ids = topk_by_groups(sub, k)  # (n, H, 2, k)
         a, b = top[:, :, 0], top[:, :, 1]  # (n, H, k)
