@@ -286,8 +286,9 @@ def usage_metrics(mass: torch.Tensor) -> dict[str, float]:
     p = m / total
     nz = p[p > 0]
     plogp = float((nz * nz.log()).sum())
-    gini = 1.0 - 2.0 * float(p.sort().values.cumsum(0).mean())
-    desc = m.sort(descending=True).values
+    asc = m.sort().values  # one sort for both: dividing by the total keeps the order, flipping gives descending
+    gini = 1.0 - 2.0 * float((asc / total).cumsum(0).mean())
+    desc = asc.flip(0)
     cum = desc.cumsum(0)  # exact for integer counts
     tops = {}
     for q in (50, 90, 99):
