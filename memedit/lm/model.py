@@ -319,6 +319,25 @@ class MemoryModel(nn.Module):
         h = self.hidden(tokens)  # first: a standalone module says here that it has no host LM
         return self.output(self.norm(self.hook_resid_final(h)))
 
+    def run_lookups(self, tokens: torch.Tensor) -> None:
+        """Run tokens (B, T) only as far as the last memory layer's lookup: hooks on the lookups (``on_lookup``) see
+        every one as in a full forward, and what no lookup depends on is never computed (that layer's value read,
+        the later blocks, the logits). For observers that only count lookups: an audit, background statistics."""
+        if not self.config.memory.layers:
+            return
+        last = self.memory_layers[max(self.config.memory.layers)].search
+
+        def stop(module: nn.Module, args: Any, out: Any) -> None:
+            raise _LookupsDone
+
+        handle = last.register_forward_hook(stop)  # after every hook already there, so they all run first
+        try:
+            self.hidden(tokens)
+        except _LookupsDone:
+            pass
+        finally:
+            handle.remove()
+
     def suffix_logits(self, inputs: list[torch.Tensor], start: int, first_block: int, copies: int,
                       start_only: bool = False) -> torch.Tensor:
         """Logits (copies, T - start, vocab) of positions start..T-1, recomputed from block ``first_block`` on.
@@ -402,6 +421,10 @@ class MemoryModel(nn.Module):
                 p.zero_()
         for layer in self.memory_layers.values():
             layer.reset_parameters(g)
+
+
+class _LookupsDone(Exception):
+    """Raised by :meth:`MemoryModel.run_lookups` once the last lookup has been observed."""
 
 
 class _SkipInit(TorchFunctionMode):
