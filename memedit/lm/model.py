@@ -361,7 +361,7 @@ class MemoryModel(nn.Module):
             h = block(inputs[first][start : start + 1].unsqueeze(0).expand(copies, -1, -1),
                       cos[start : start + 1], sin[start : start + 1], past)  # (G, 1, D)
             later = inputs[first + 1][start + 1 :]  # (S - 1, D) the clean outputs of the later positions
-            h = torch.cat([h, later.unsqueeze(0).expand(copies, -1, -1).to(h.dtype)], 1)  # (G, S, D)
+            h = torch.cat([h, later.to(h).unsqueeze(0).expand(copies, -1, -1)], 1)  # (G, S, D)
             first += 1
         else:
             h = inputs[first][start:].unsqueeze(0).expand(copies, -1, -1)  # (G, S, D)
