@@ -155,14 +155,14 @@ class Attention(nn.Module):
             P = past[0].shape[1]
             k, v = torch.cat([past[0].expand(B, -1, -1, -1), k], 1), torch.cat([past[1].expand(B, -1, -1, -1), v], 1)
             mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)  # query i sees keys <= P + i
-        rep = self.n_heads // self.n_kv_heads
-        if rep > 1:  # each kv head serves `rep` consecutive query heads
-            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        # each kv head serves n_heads / n_kv_heads consecutive query heads: SDPA maps them itself (the same numbers
+        # as repeating the kv heads, without the copies)
+        gqa = self.n_heads != self.n_kv_heads
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, h, T, hd)
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
