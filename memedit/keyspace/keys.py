@@ -495,7 +495,7 @@ def slot_usage(model: MemoryModel, table: str, texts: Sequence[str] | None) -> t
     with torch.no_grad(), on_lookup(model, counter):
         for tokens, valid in text_batches(model, texts, 64):
             counter.batch(valid.reshape(-1))
-            model(tokens)
+            model.run_lookups(tokens)  # the counter sees the lookups; nothing after them is needed
     return counter.table_reads(t.name), f"counted over {len(texts):,} background passages"
 
 
