@@ -189,9 +189,13 @@ class TransformerBlock(nn.Module):
         self.hook_resid_pre = HookPoint()  # (B, T, D) the block's input residual (TransformerLens's name)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                past: tuple[torch.Tensor, torch.Tensor] | None = None, first_only: bool = False) -> torch.Tensor:
+        """The block's output (B, T, D) for inputs x (B, T, D); with ``first_only``, (B, 1, D) at the first position
+        only: attention still reads all T (the same arithmetic as without), the feed-forward runs on one position."""
         x = self.hook_resid_pre(x)
         h = x + self.attention(self.attention_norm(x), cos, sin, past)
+        if first_only:
+            h = h[:, :1]  # (B, 1, D)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def past(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,9 +352,9 @@ class MemoryModel(nn.Module):
 
         ``start_only``: the hooks change block ``first_block`` at position ``start`` only, and ``inputs`` ends with
         one more entry, the residual after the last block. That block's attention then reads the clean residual
-        everywhere, so its outputs at later positions are the clean ones: it computes position ``start`` alone and
-        the later positions' outputs are taken from ``inputs`` (the memory reads of a whole target's positions, once
-        per copy, are what an ablation costs).
+        everywhere, so its outputs at later positions are the clean ones: its feed-forward (the memory read) runs
+        at position ``start`` alone and the later positions' outputs are taken from ``inputs`` (a whole target's
+        memory reads, once per copy, are what an ablation costs).
         """
         T = inputs[0].shape[0]
         cos, sin = self.rope(T, inputs[0].device)
@@ -358,8 +362,8 @@ class MemoryModel(nn.Module):
         if start_only:
             block = self.layers[first]
             past = block.past(inputs[first][:start].unsqueeze(0), cos[:start], sin[:start])
-            h = block(inputs[first][start : start + 1].unsqueeze(0).expand(copies, -1, -1),
-                      cos[start : start + 1], sin[start : start + 1], past)  # (G, 1, D)
+            h = block(inputs[first][start:].unsqueeze(0).expand(copies, -1, -1), cos[start:], sin[start:], past,
+                      first_only=True)  # (G, 1, D)
             later = inputs[first + 1][start + 1 :]  # (S - 1, D) the clean outputs of the later positions
             h = torch.cat([h, later.to(h).unsqueeze(0).expand(copies, -1, -1)], 1)  # (G, S, D)
             first += 1
