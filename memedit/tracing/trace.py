@@ -167,8 +167,8 @@ def _dropped_logits(model: MemoryModel, tokens: torch.Tensor, pos: int, groups: 
     handled correctly. A drop at ``pos`` cannot change earlier positions (attention is causal) nor earlier blocks,
     so only positions >= pos are recomputed, from the first block with a dropped unit on, attending to the clean
     keys and values of earlier positions (``inputs``: every block's clean input residual and the final one, see
-    :func:`block_inputs`). In that first block only position ``pos`` changes, so it computes that position alone
-    (``MemoryModel.suffix_logits``, ``start_only``); groups are run in chunks that share their first block.
+    :func:`block_inputs`). In that first block only position ``pos`` changes, so its feed-forward runs on that
+    position alone (``MemoryModel.suffix_logits``, ``start_only``); groups run in chunks that share their first block.
     """
     T = tokens.shape[0]
     S = T - pos
