@@ -180,7 +180,9 @@ def test_a_step_runs_only_its_batch_and_measurements_use_a_bounded_sample():
     model.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
     res = adapt(model, texts, texts, steps=5, batch_size=4, lr=2.0, measure_tokens=60)
     measure = len(text_batches(model, sample, 64))  # one batch of the sample, per measurement
-    assert len(calls) == 5 + 4 * measure  # 5 steps + text loss and probe before and after
-    assert calls.count(len(sample)) == 4 * measure and calls.count(4) == 5 and len(sample) != 4
+    # 5 steps + the probe before and after: a probe that is the text itself is measured once for both
+    assert len(calls) == 5 + 2 * measure
+    assert calls.count(len(sample)) == 2 * measure and calls.count(4) == 5 and len(sample) != 4
+    assert res.loss_before == res.probe_loss_before and res.loss_after == res.probe_loss_after
     assert res.probe_lookups == sum(len(model.encode(t)) for t in sample)  # every real position but the last
     assert 0 < res.slots_replaced <= res.collateral

@@ -94,7 +94,7 @@ def audit(model: MemoryModel, corpus: Corpus, max_tokens: int | None = None, bat
                 tokens, lengths = pad_batch(seqs, pad)
                 docs, starts = torch.tensor(where, dtype=torch.int64).view(-1, 2).unbind(1)
                 counter.documents(tokens, lengths, docs, starts)
-                model(tokens.to(device))
+                model.run_lookups(tokens.to(device))  # the counter sees the lookups; nothing after them is needed
                 tokens_here += n
             if progress is not None:
                 progress(seen, max(frac, seen / max_tokens) if max_tokens else frac)

@@ -232,8 +232,11 @@ def _row_norms(rows: torch.Tensor, block: int = CHUNK) -> np.ndarray:
     """(n,) float32: the L2 norm of each row of a (mapped) table, upcast a block of rows at a time so a
     1M-row bfloat16 table never becomes a 4 GiB float32 copy."""
     out = np.empty(rows.shape[0], dtype=np.float32)
+    up = torch.empty(min(block, rows.shape[0]), rows.shape[1], device=rows.device)  # one buffer: see top_written_tokens
     for start in range(0, rows.shape[0], block):
-        out[start : start + block] = _np(rows[start : start + block].detach().float().norm(dim=1))
+        b = min(block, rows.shape[0] - start)
+        up[:b].copy_(rows[start : start + b].detach())
+        out[start : start + b] = _np(up[:b].norm(dim=1))
     return out
 
 

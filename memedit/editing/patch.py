@@ -226,11 +226,13 @@ def check_rows(model: MemoryModel, table: str, rows: Sequence[int]) -> torch.Ten
 
 
 def make_patch(model: MemoryModel, updates: dict[str, tuple[Sequence[int] | torch.Tensor, torch.Tensor]],
-               message: str = "", kind: str = "set", info: dict | None = None) -> Patch:
+               message: str = "", kind: str = "set", info: dict | None = None, base: str | None = None) -> Patch:
     """A patch setting ``updates`` = {table: (row ids (n,), new rows (n, V))} on ``model``'s current rows.
 
     New rows are cast to the table's dtype; rows out of range, a wrong width, NaN/inf and frozen rows are refused.
     Rows whose new bytes equal the old are dropped (a no-op row would only make the patch larger).
+    ``base``: the model's fingerprint, when the caller took it before writing rows into the table and restoring
+    them (an edit's training): a table written in place is otherwise hashed whole again (2 s at a million slots).
     """
     changes = []
     frozen = frozen_rows(model)
@@ -261,7 +263,7 @@ def make_patch(model: MemoryModel, updates: dict[str, tuple[Sequence[int] | torc
             changes.append(TableChange(t.name, list(t.layers), ids, old, new))
     if not changes:
         raise MemeditError("the patch changes nothing: every new row equals the current one")
-    return Patch(changes, base=fingerprint(model), message=message, kind=kind, info=dict(info or {}))
+    return Patch(changes, base=base or fingerprint(model), message=message, kind=kind, info=dict(info or {}))
 
 
 def _refuse_frozen(table: str, ids: torch.Tensor, frozen: dict[str, torch.Tensor]) -> None:

@@ -375,12 +375,15 @@ def adapt(
     mem = {L: model.memory_layers[L] for L in layers}
     frozen = frozen_key_rows(model)
     batches = text_batches(model, texts, batch_size)
-    text_measured = text_batches(model, text_sample(model, texts, measure_tokens), 64)
+    text_texts = text_sample(model, texts, measure_tokens)
+    text_measured = text_batches(model, text_texts, 64)
     probe_texts = text_sample(model, probe, measure_tokens)
     probe_batches = text_batches(model, probe_texts, 64)
+    # without a probe of its own (the CLI's fallback) the probe sample is the text sample: measure it once
+    same = probe_texts == text_texts
     before = {keys_name(L): m.keys.detach().clone() for L, m in mem.items()}
-    loss_before = text_loss(model, text_measured)
     probe_loss_before, probe_slots = loss_and_slots(model, probe_batches)
+    loss_before = probe_loss_before if same else text_loss(model, text_measured)
     indexes = {L: exact.layer_indexes(m) for L, m in mem.items()} if check_exact else {}
 
     model.requires_grad_(False)
@@ -430,7 +433,8 @@ def adapt(
     patch = diff_patch(before, model, {"command": "keys adapt", "steps": str(steps), "lr": str(lr),
                                        "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return AdaptResult(
-        history, loss_before, text_loss(model, text_measured), probe_loss_before, probe_loss_after,
+        history, loss_before, probe_loss_after if same else text_loss(model, text_measured), probe_loss_before,
+        probe_loss_after,
         collateral(probe_slots, now), slots_replaced(probe_slots, now), len(next(iter(now.values()))),
         sum(int(v.sum()) for v in changed_any.values()), sum(m.keys.shape[0] for m in mem.values()),
         sum(int(v.sum()) for v in skipped.values()), n_exact, n_bad, patch)
@@ -491,7 +495,7 @@ def slot_usage(model: MemoryModel, table: str, texts: Sequence[str] | None) -> t
     with torch.no_grad(), on_lookup(model, counter):
         for tokens, valid in text_batches(model, texts, 64):
             counter.batch(valid.reshape(-1))
-            model(tokens)
+            model.run_lookups(tokens)  # the counter sees the lookups; nothing after them is needed
     return counter.table_reads(t.name), f"counted over {len(texts):,} background passages"
 
 

@@ -155,14 +155,14 @@ class Attention(nn.Module):
             P = past[0].shape[1]
             k, v = torch.cat([past[0].expand(B, -1, -1, -1), k], 1), torch.cat([past[1].expand(B, -1, -1, -1), v], 1)
             mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)  # query i sees keys <= P + i
-        rep = self.n_heads // self.n_kv_heads
-        if rep > 1:  # each kv head serves `rep` consecutive query heads
-            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        # each kv head serves n_heads / n_kv_heads consecutive query heads: SDPA maps them itself (the same numbers
+        # as repeating the kv heads, without the copies)
+        gqa = self.n_heads != self.n_kv_heads
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, h, T, hd)
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -189,9 +189,13 @@ class TransformerBlock(nn.Module):
         self.hook_resid_pre = HookPoint()  # (B, T, D) the block's input residual (TransformerLens's name)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                past: tuple[torch.Tensor, torch.Tensor] | None = None, first_only: bool = False) -> torch.Tensor:
+        """The block's output (B, T, D) for inputs x (B, T, D); with ``first_only``, (B, 1, D) at the first position
+        only: attention still reads all T (the same arithmetic as without), the feed-forward runs on one position."""
         x = self.hook_resid_pre(x)
         h = x + self.attention(self.attention_norm(x), cos, sin, past)
+        if first_only:
+            h = h[:, :1]  # (B, 1, D)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def past(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,17 +323,53 @@ class MemoryModel(nn.Module):
         h = self.hidden(tokens)  # first: a standalone module says here that it has no host LM
         return self.output(self.norm(self.hook_resid_final(h)))
 
-    def suffix_logits(self, inputs: list[torch.Tensor], start: int, first_block: int, copies: int) -> torch.Tensor:
+    def run_lookups(self, tokens: torch.Tensor) -> None:
+        """Run tokens (B, T) only as far as the last memory layer's lookup: hooks on the lookups (``on_lookup``) see
+        every one as in a full forward, and what no lookup depends on is never computed (that layer's value read,
+        the later blocks, the logits). For observers that only count lookups: an audit, background statistics."""
+        if not self.config.memory.layers:
+            return
+        last = self.memory_layers[max(self.config.memory.layers)].search
+
+        def stop(module: nn.Module, args: Any, out: Any) -> None:
+            raise _LookupsDone
+
+        handle = last.register_forward_hook(stop)  # after every hook already there, so they all run first
+        try:
+            self.hidden(tokens)
+        except _LookupsDone:
+            pass
+        finally:
+            handle.remove()
+
+    def suffix_logits(self, inputs: list[torch.Tensor], start: int, first_block: int, copies: int,
+                      start_only: bool = False) -> torch.Tensor:
         """Logits (copies, T - start, vocab) of positions start..T-1, recomputed from block ``first_block`` on.
 
         ``inputs[b]`` is block b's input residual (T, D) from a forward over the same tokens. Positions before
         ``start`` cannot change (attention is causal), so their keys and values come from ``inputs``; the copies
         differ only by what hooks change inside the recomputed part (e.g. a lookup rewritten at ``start``).
+
+        ``start_only``: the hooks change block ``first_block`` at position ``start`` only, and ``inputs`` ends with
+        one more entry, the residual after the last block. That block's attention then reads the clean residual
+        everywhere, so its outputs at later positions are the clean ones: its feed-forward (the memory read) runs
+        at position ``start`` alone and the later positions' outputs are taken from ``inputs`` (a whole target's
+        memory reads, once per copy, are what an ablation costs).
         """
         T = inputs[0].shape[0]
         cos, sin = self.rope(T, inputs[0].device)
-        h = inputs[first_block][start:].unsqueeze(0).expand(copies, -1, -1)  # (G, S, D)
-        for b in range(first_block, len(self.layers)):
+        first = first_block
+        if start_only:
+            block = self.layers[first]
+            past = block.past(inputs[first][:start].unsqueeze(0), cos[:start], sin[:start])
+            h = block(inputs[first][start:].unsqueeze(0).expand(copies, -1, -1), cos[start:], sin[start:], past,
+                      first_only=True)  # (G, 1, D)
+            later = inputs[first + 1][start + 1 :]  # (S - 1, D) the clean outputs of the later positions
+            h = torch.cat([h, later.to(h).unsqueeze(0).expand(copies, -1, -1)], 1)  # (G, S, D)
+            first += 1
+        else:
+            h = inputs[first][start:].unsqueeze(0).expand(copies, -1, -1)  # (G, S, D)
+        for b in range(first, len(self.layers)):
             block = self.layers[b]
             past = block.past(inputs[b][:start].unsqueeze(0), cos[:start], sin[:start])
             h = block(h, cos[start:], sin[start:], past)
@@ -385,6 +425,10 @@ class MemoryModel(nn.Module):
                 p.zero_()
         for layer in self.memory_layers.values():
             layer.reset_parameters(g)
+
+
+class _LookupsDone(Exception):
+    """Raised by :meth:`MemoryModel.run_lookups` once the last lookup has been observed."""
 
 
 class _SkipInit(TorchFunctionMode):

@@ -129,7 +129,18 @@ def top_written_tokens(model, layer: int, k: int, budget: int = 1 << 23
                      unembed=(ro.unembed * ro.norm_weight) @ ro.value_proj if ro.value_proj is not None
                      else ro.unembed * ro.norm_weight, decodable=ro.decodable)
     rows = model.memory_layers[layer].values.weight
-    block = max(1, budget // folded.unembed.shape[0])
+    W = folded.unembed  # (vocab, V)
+    block = min(max(1, budget // W.shape[0]), rows.shape[0])
+    # two buffers for the whole table: a fresh (block, V) float32 upcast and (block, vocab) logits per block cost
+    # more in page faults than the top-k itself (the allocator maps and unmaps them every time)
+    up = torch.empty(block, W.shape[1], device=W.device)  # (block, V) the rows in float32
+    logits = torch.empty(block, W.shape[0], device=W.device)  # (block, vocab)
     for start in range(0, rows.shape[0], block):
-        vals, ids = top_tokens(folded.logits(rows[start : start + block]), k, True)
-        yield start, ids, vals
+        b = min(block, rows.shape[0] - start)
+        up[:b].copy_(rows[start : start + b])
+        torch.mm(up[:b], W.T, out=logits[:b])  # what folded.logits computes (its norm weight is 1)
+        if folded.decodable < logits.shape[-1]:
+            logits[:b, folded.decodable :] = float("nan")  # as folded.logits
+        torch.nan_to_num_(logits[:b], nan=float("-inf"))  # as top_tokens, in place: NaN is never among the top
+        top = logits[:b].topk(min(k, logits.shape[-1]), dim=-1)
+        yield start, top.indices, top.values

@@ -149,8 +149,9 @@ def _chunk(model: MemoryModel, T: int, limit: int = 256) -> int:
 
 
 def block_inputs(model: MemoryModel, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """Every block's input residual (T, D) for one sequence of tokens (T,)."""
-    names = [f"layers.{b}.hook_resid_pre" for b in range(len(model.layers))]
+    """Every block's input residual (T, D) for one sequence of tokens (T,), and last the residual after the last
+    block."""
+    names = [f"layers.{b}.hook_resid_pre" for b in range(len(model.layers))] + ["hook_resid_final"]
     with torch.no_grad():
         _, cache = run_with_cache(model, tokens.to(_device(model)).unsqueeze(0), names)
     return [cache[n][0] for n in names]
@@ -165,16 +166,25 @@ def _dropped_logits(model: MemoryModel, tokens: torch.Tensor, pos: int, groups: 
     dropped reads nothing). Dropping is by slot id, so a lookup that changed because of an upstream drop is
     handled correctly. A drop at ``pos`` cannot change earlier positions (attention is causal) nor earlier blocks,
     so only positions >= pos are recomputed, from the first block with a dropped unit on, attending to the clean
-    keys and values of earlier positions (``inputs``: every block's clean input residual, see
-    :func:`block_inputs`).
+    keys and values of earlier positions (``inputs``: every block's clean input residual and the final one, see
+    :func:`block_inputs`). In that first block only position ``pos`` changes, so its feed-forward runs on that
+    position alone (``MemoryModel.suffix_logits``, ``start_only``); groups run in chunks that share their first block.
     """
     T = tokens.shape[0]
     S = T - pos
     H = model.config.memory.heads
     inputs = block_inputs(model, tokens) if inputs is None else inputs
     chunk = _chunk(model, S)
-    for start in range(0, len(groups), chunk):
-        part = groups[start : start + chunk]
+    last = len(model.layers) - 1
+    firsts = [min([u.layer for u in g], default=last) for g in groups]
+    parts = []  # (start, end) of consecutive groups with the same first layer, at most ``chunk`` of them
+    for i, f in enumerate(firsts):
+        if parts and firsts[parts[-1][0]] == f and i - parts[-1][0] < chunk:
+            parts[-1][1] = i + 1
+        else:
+            parts.append([i, i + 1])
+    for start, end in parts:
+        part = groups[start:end]
         G = len(part)
         width = max([1] + [sum(1 for u in g if u.layer == L) for g in part for L in model.memory_layers])
         dropped = {L: torch.full((G, H, width), -1, dtype=torch.long) for L in model.memory_layers}
@@ -186,11 +196,12 @@ def _dropped_logits(model: MemoryModel, tokens: torch.Tensor, pos: int, groups: 
                 c = fill[u.layer][b, u.head]
                 dropped[u.layer][b, u.head, c] = u.slot
                 fill[u.layer][b, u.head] += 1
-        first = min([u.layer for g in part for u in g], default=len(model.layers) - 1)
-        rows = torch.arange(G) * S  # the flat (G*S) row of position pos in every copy
+        first = firsts[start]
 
-        # the hook runs inside this iteration (on_lookup below), so it sees this iteration's rows
+        # the hook runs inside this iteration (on_lookup below), so it sees this iteration's groups
         def rewrite(L: int, lk: Lookup) -> Lookup:
+            # the flat row of position pos in every copy: copies hold S positions, or 1 in the first block
+            rows = torch.arange(G) * (lk.indices.shape[0] // G)  # noqa: B023
             idx = lk.indices[rows]  # (G, H, k)  # noqa: B023
             hit = (idx.unsqueeze(-1) == dropped[L].to(idx.device).unsqueeze(-2)).any(-1)  # (G, H, k)  # noqa: B023
             w = lk.weights[rows].masked_fill(hit, 0.0)  # noqa: B023
@@ -200,7 +211,7 @@ def _dropped_logits(model: MemoryModel, tokens: torch.Tensor, pos: int, groups: 
             return lk.replace(weights=weights)
 
         with torch.no_grad(), on_lookup(model, rewrite):
-            yield model.suffix_logits(inputs, pos, first, G).float().cpu()
+            yield model.suffix_logits(inputs, pos, first, G, start_only=True).float().cpu()
 
 
 def drop_slots(model: MemoryModel, tokens: torch.Tensor, pos: int, groups: Sequence[Sequence[Unit]],
@@ -374,8 +385,9 @@ class Trace:
 
     @property
     def inputs(self) -> list[torch.Tensor]:
-        """Every block's input residual (T, D) of the traced forward."""
-        return [self.cache[f"layers.{b}.hook_resid_pre"] for b in range(len(self.model.layers))]
+        """Every block's input residual (T, D) of the traced forward, and last the residual after the last block."""
+        return [self.cache[f"layers.{b}.hook_resid_pre"] for b in range(len(self.model.layers))] + [
+            self.cache["hook_resid_final"]]
 
     def drop(self, groups: Sequence[Sequence[Unit]], pos: int | None = None) -> torch.Tensor:
         """The whole target's log-probability (G,) with each group of units dropped at ``pos`` (batched forwards of
