@@ -3,6 +3,7 @@ metrics right after each edit, revert byte for byte, frozen rows bit-identical a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 
@@ -279,3 +280,27 @@ def test_kept_facts_keep_the_answers_earlier_edits_gave(tiny):
     assert keep_for(sibling, facts, answers=edited_answers(model)) == [("Reidreir was born in", "park")]
     revert(model, res.patch.id)
     assert edited_answers(load(path)) == {}
+
+
+@pytest.mark.parametrize("layers", [[0, 2], [1, 2]])
+def test_training_forward_from_the_fixed_prefix_is_the_full_forward(layers):
+    """An edit's training runs each step from the first memory layer's value read, with that layer's lookup
+    computed once: the same logits and the same gradients on the trained rows as a full forward, bit for bit."""
+    from memedit.tracing.capture import fixed_prefix, trainable_rows
+
+    from .conftest import tiny_model
+
+    model = tiny_model(layers=layers)
+    tokens = torch.tensor([model.encode(t) for t in ["the cat sat on the mat .", "a dog ran in the park ."]])
+    rows = {"shared": torch.arange(0, 256, 3)}
+    grads = []
+    for prefix in (False, True):
+        with contextlib.ExitStack() as stack:
+            logits = stack.enter_context(fixed_prefix(model, tokens)) if prefix else (lambda: model(tokens))
+            leaves = stack.enter_context(trainable_rows(model, rows))
+            with torch.enable_grad():
+                out = logits()
+                out.float().logsumexp(-1).sum().backward()
+            grads.append((out.detach(), leaves["shared"].grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert grads[0][1].abs().sum() > 0  # the rows are read: the comparison is not of zeros

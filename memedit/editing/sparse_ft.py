@@ -388,11 +388,10 @@ def _batch(model: MemoryModel, requests: Sequence[EditRequest]) -> tuple[torch.T
 KEEP_TOKEN_LOSS = math.log(2)  # a kept answer's token stays the greedy one while its loss is below this (p > 1/2)
 
 
-def _loss(model: MemoryModel, tokens: torch.Tensor, labels: torch.Tensor, n_edit: int
-          ) -> tuple[torch.Tensor, float, float]:
+def _loss(logits: torch.Tensor, labels: torch.Tensor, n_edit: int) -> tuple[torch.Tensor, float, float]:
     """(mean cross-entropy over every target token of every phrasing, the largest loss of a new-target token (the
-    first ``n_edit`` rows), the largest of a keep-pair token): prompt and padding positions are ignored."""
-    logits = model(tokens.to(next(model.parameters()).device))  # (B, T, vocab)
+    first ``n_edit`` rows), the largest of a keep-pair token) for logits (B, T, vocab): prompt and padding positions
+    are ignored."""
     labels = labels.to(logits.device)
     ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                          reduction="none").view(labels.shape)
@@ -407,6 +406,31 @@ def _holds(cfg: EditConfig, loss: float, worst: float, worst_keep: float) -> boo
     return (loss < cfg.stop_loss or worst < cfg.stop_token_loss) and worst_keep < KEEP_TOKEN_LOSS
 
 
+class _SGD:
+    """torch.optim.SGD's update with momentum (no dampening, weight decay or Nesterov): buf = m * buf + grad,
+    p -= lr * buf (buf = grad at the first step). Written out because constructing torch.optim.SGD first imports
+    torch._dynamo (2.5 s of CPU, once per process: most of a single CLI edit on a small model)."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, momentum: float = 0.0):
+        self.params, self.lr, self.momentum = params, lr, momentum
+        self.bufs: list[torch.Tensor | None] = [None] * len(params)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            d = p.grad
+            if self.momentum:
+                buf = self.bufs[i]
+                d = self.bufs[i] = d.clone() if buf is None else buf.mul_(self.momentum).add_(d)
+            p.add_(d, alpha=-self.lr)
+
+
 def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[str, torch.Tensor] | None,
                cfg: EditConfig) -> tuple[int, float, bool]:
     """Train the given value rows (or, with ``cfg.train_all``, every parameter) in place; returns (steps, mean loss,
@@ -416,9 +440,10 @@ def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[s
     (:func:`memedit.tracing.capture.trainable_rows`): the optimizer sees only them, so nothing else can move and no
     gradient or optimizer state is as large as the table. They are written back at the end.
     """
-    from ..tracing.capture import reused_first_lookup, trainable_rows
+    from ..tracing.capture import fixed_prefix, trainable_rows
 
     tokens, labels, n_edit = _batch(model, requests)
+    tokens = tokens.to(next(model.parameters()).device)
     if cfg.optimizer not in ("sgd", "adamw"):
         raise MemeditError(f"unknown optimizer {cfg.optimizer!r}: use sgd or adamw")
     steps, loss_val, done = 0, float("nan"), False
@@ -428,15 +453,16 @@ def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[s
             for p in params:
                 p.requires_grad_(True)
             stack.callback(lambda: [p.requires_grad_(False) for p in params])
+            logits = lambda: model(tokens)  # noqa: E731
         else:
-            stack.enter_context(reused_first_lookup(model, tokens))  # exact: only value rows are trained
+            logits = stack.enter_context(fixed_prefix(model, tokens))  # exact: only value rows are trained
             leaves = stack.enter_context(trainable_rows(model, rows))
             params = list(leaves.values())
-        opt = (torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum) if cfg.optimizer == "sgd"
+        opt = (_SGD(params, cfg.learning_rate, cfg.momentum) if cfg.optimizer == "sgd"
                else torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0))
         for steps in range(1, cfg.steps + 1):
             with torch.enable_grad():
-                loss, worst, worst_keep = _loss(model, tokens, labels, n_edit)
+                loss, worst, worst_keep = _loss(logits(), labels, n_edit)
             loss_val = loss.item()
             if _holds(cfg, loss_val, worst, worst_keep):
                 steps, done = steps - 1, True
@@ -446,7 +472,7 @@ def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[s
             opt.step()
         else:
             with torch.no_grad():
-                loss, worst, worst_keep = _loss(model, tokens, labels, n_edit)
+                loss, worst, worst_keep = _loss(logits(), labels, n_edit)
             loss_val, done = loss.item(), _holds(cfg, loss.item(), worst, worst_keep)
         if not cfg.train_all:
             with torch.no_grad():
@@ -476,7 +502,10 @@ def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | N
     if cfg.train_all:  # baseline: every parameter moves, which a value patch cannot hold; the model stays edited
         steps, loss, _ = train_rows(model, requests, None, cfg)
         return EditResult(None, {}, steps, loss, time.perf_counter() - t0)
-    counts = fact_counts(model, items, cfg.positions)
+    from ..storage.checkpoint import fingerprint
+
+    base_fp = fingerprint(model)  # before training writes rows into the table (and restores them), which would
+    counts = fact_counts(model, items, cfg.positions)  # make the table be hashed whole again
     scores = rank(counts, bg, cfg.ranking)
     most = cfg.top_t * len(requests)
     off = protected_rows(model, cfg, bg, protect)
@@ -508,7 +537,7 @@ def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | N
     msg = message or "edit: " + "; ".join(f"{r.rewrite_prompt} -> {r.target_new}" for r in requests)[:200]
     if steps == 0:
         raise MemeditError("the model already gives the new answer (loss below the stop threshold): nothing to edit")
-    patch = make_patch(model, updates, message=msg, kind="edit", info=info)
+    patch = make_patch(model, updates, message=msg, kind="edit", info=info, base=base_fp)
     return EditResult(patch, {k: v.tolist() for k, v in rows.items()}, steps, loss, time.perf_counter() - t0)
 
 

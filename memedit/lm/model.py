@@ -323,6 +323,31 @@ class MemoryModel(nn.Module):
         h = self.hidden(tokens)  # first: a standalone module says here that it has no host LM
         return self.output(self.norm(self.hook_resid_final(h)))
 
+    def mid_block(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+        """The residual of block ``layer`` after its attention, before its feed-forward: (B, T, D) for tokens (B, T).
+
+        With :meth:`from_mid_block` it splits the forward pass in two, the same arithmetic as ``forward``: a caller
+        that changes only value rows of memory layers >= ``layer`` (an edit's training) computes this part once.
+        """
+        tokens = tokens.to(self.tok_embeddings.weight.device)
+        cos, sin = self.rope(tokens.shape[1], tokens.device)
+        h = self.tok_embeddings(tokens)
+        for block in self.layers[:layer]:
+            h = block(h, cos, sin)
+        block = self.layers[layer]
+        x = block.hook_resid_pre(h)
+        return x + block.attention(block.attention_norm(x), cos, sin)
+
+    def from_mid_block(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """Logits (B, T, vocab) from :meth:`mid_block`'s residual h (B, T, D): the rest of block ``layer``, then
+        every later block."""
+        cos, sin = self.rope(h.shape[1], h.device)
+        block = self.layers[layer]
+        h = h + block.feed_forward(block.ffn_norm(h))
+        for block in self.layers[layer + 1 :]:
+            h = block(h, cos, sin)
+        return self.output(self.norm(self.hook_resid_final(h)))
+
     def run_lookups(self, tokens: torch.Tensor) -> None:
         """Run tokens (B, T) only as far as the last memory layer's lookup: hooks on the lookups (``on_lookup``) see
         every one as in a full forward, and what no lookup depends on is never computed (that layer's value read,

@@ -173,32 +173,36 @@ def trainable_rows(model: MemoryModel, rows: dict[str, torch.Tensor]) -> Iterato
 
 
 @contextlib.contextmanager
-def reused_first_lookup(model: MemoryModel, tokens: torch.Tensor) -> Iterator[None]:
-    """Within the block, the first memory layer's lookup for ``tokens`` (B, T) is computed once and reused by every
-    forward pass on a batch of the same size (pass only these tokens in the block).
+def fixed_prefix(model: MemoryModel, tokens: torch.Tensor) -> Iterator[Callable[[], torch.Tensor]]:
+    """A function that returns the logits of ``tokens`` (B, T), computing only what value rows can change.
 
-    Exact while only value rows change (sparse finetuning): nothing before the first memory layer reads a value
-    row, so its queries, and so its slots and weights, cannot change. It saves that layer's search (the top-k's,
-    most of a step's cost on a small model) at every training step. Later memory layers read the trained rows
-    through the residual stream and are searched as usual.
+    Exact while only value rows change (sparse finetuning): nothing before the first memory layer's value read
+    depends on a value row, so that layer's block input, attention and lookup (its queries, slots and weights) are
+    computed once here and every call runs from its value read on (:meth:`MemoryModel.from_mid_block`), with the
+    lookup reused. At a million slots with memory layers 1 and 3 that skips the dense block 0 as well; on a small
+    model, the first lookup's top-k's, most of a training step. Later memory layers read the trained rows through
+    the residual stream and are searched as usual. Hooks on the first lookup still see (and may replace) it.
     """
     if not model.memory_layers:
-        yield
+        yield lambda: model(tokens)
         return
     L = min(model.memory_layers)
-    search = model.memory_layers[L].search
-    with torch.no_grad(), capture_lookups(model) as rec:
-        model(tokens.to(next(model.parameters()).device))
+    layer = model.memory_layers[L]
+    with torch.no_grad():
+        h = model.mid_block(tokens, L)  # (B, T, D)
+        with capture_lookups(model) as rec:
+            layer.lookup(model.layers[L].ffn_norm(h).reshape(-1, h.shape[-1]))  # as the block's forward runs it
     cached = rec[L][0]
     n = cached.indices.shape[0]
+    search = layer.search
     compute = search.forward
 
     def forward(query: torch.Tensor, keys: torch.Tensor) -> Lookup:
         return cached if query.shape[0] == n else compute(query, keys)
 
-    search.forward = forward  # an instance attribute: hooks on the module still see (and may replace) the lookup
+    search.forward = forward  # an instance attribute: hooks on the module still run on its output
     try:
-        yield
+        yield lambda: model.from_mid_block(h, L)
     finally:
         del search.forward
 
