@@ -152,7 +152,7 @@ def test_frozen_rows_stay_bit_identical_after_hundreds_of_operations(folder):
         op = rng.choice(["set", "add", "scale", "zero", "copy", "edit", "revert", "frozen"])
         try:
             if op == "edit" and done["edit"] < 6:
-                p = edit(model, [req], None, EditConfig(top_t=24, ranking="counts", steps=5, stop_loss=0,
+                p = edit(model, [req], None, EditConfig(top_t=24, ranking="counts", steps=5,
                                                         stop_token_loss=0)).patch
                 assert not set(p.changes[0].rows.tolist()) & set(frozen)
                 apply(model, p)
@@ -236,7 +236,7 @@ def test_an_edit_allocates_nothing_the_size_of_the_value_table():
     assert sparse.largest < table.nbytes / 8, f"largest allocation {sparse.largest:,} B, table {table.nbytes:,} B"
     # the dense baseline, measured the same way, does allocate table-sized gradients: the check can fail
     with LargestAllocation() as dense:
-        edit(model, [req], None, EditConfig(steps=1, stop_loss=0.0, stop_token_loss=0.0, train_all=True,
+        edit(model, [req], None, EditConfig(steps=1, stop_token_loss=0.0, train_all=True,
                                             ranking="counts"))
     assert dense.largest >= table.nbytes
 
@@ -270,7 +270,7 @@ def test_kept_facts_keep_the_answers_earlier_edits_gave(tiny):
 
     model, path = tiny
     req = EditRequest.from_dict(dict(REQUEST, target_true="Thakrian"))
-    res = edit(model, [req], None, EditConfig(top_t=24, ranking="counts", steps=3, stop_loss=0, stop_token_loss=0))
+    res = edit(model, [req], None, EditConfig(top_t=24, ranking="counts", steps=3, stop_token_loss=0))
     apply(model, res.patch)
     assert edited_answers(load(path)) == {"r1": "park", "Reidreir was born in": "park"}
     facts = [Fact(id="r1", relation="r", prompt="{} was born in", subject="Reidreir", target_true="Thakrian",
