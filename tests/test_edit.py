@@ -265,7 +265,7 @@ def test_keep_pairs_that_contradict_the_edit_are_dropped():
 def test_kept_facts_keep_the_answers_earlier_edits_gave(tiny):
     """A sibling fact an earlier edit rewrote is kept at its new answer (keeping the old one would undo that edit);
     the answers come from the folder's edit log, and a revert takes them back."""
-    from memedit.editing.sparse_ft import edited_answers, keep_for
+    from memedit.editing.sparse_ft import edited_answers, edited_rows, keep_for
     from memedit.world.facts import Fact
 
     model, path = tiny
@@ -273,13 +273,14 @@ def test_kept_facts_keep_the_answers_earlier_edits_gave(tiny):
     res = edit(model, [req], None, EditConfig(top_t=24, ranking="counts", steps=3, stop_token_loss=0))
     apply(model, res.patch)
     assert edited_answers(load(path)) == {"r1": "park", "Reidreir was born in": "park"}
+    assert edited_rows(load(path))["shared"].tolist() == sorted(res.patch.changes[0].rows.tolist())  # --protect edits
     facts = [Fact(id="r1", relation="r", prompt="{} was born in", subject="Reidreir", target_true="Thakrian",
                   target_new="x", paraphrases=[], heldout_paraphrases=[], neighborhood=[])]
     sibling = EditRequest.from_dict(dict(REQUEST, id="r2", prompt="{} sat on the", target_new="mat"))
     assert keep_for(sibling, facts) == [("Reidreir was born in", "Thakrian")]
     assert keep_for(sibling, facts, answers=edited_answers(model)) == [("Reidreir was born in", "park")]
     revert(model, res.patch.id)
-    assert edited_answers(load(path)) == {}
+    assert edited_answers(load(path)) == {} and edited_rows(load(path)) == {}
 
 
 @pytest.mark.parametrize("layers", [[0, 2], [1, 2]])

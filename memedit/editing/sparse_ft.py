@@ -184,8 +184,8 @@ def answers_of(requests: Sequence[EditRequest]) -> dict[str, str]:
     return {k: r.target_new for r in requests for k in ([r.id] if r.id else []) + [r.rewrite_prompt]}
 
 
-def edited_answers(model: MemoryModel) -> dict[str, str]:
-    """:func:`answers_of` the fact edits the model folder's log holds as applied (not reverted), later edits last."""
+def applied_edits(model: MemoryModel) -> list[dict]:
+    """The edit-log entries of the fact edits the model folder holds as applied (not reverted), oldest first."""
     from ..storage.state import edit_log
 
     applied: dict[str, dict] = {}
@@ -193,12 +193,17 @@ def edited_answers(model: MemoryModel) -> dict[str, str]:
         if e.get("kind") != "edit" or "id" not in e:
             continue
         if e.get("op") == "apply":
-            applied[e["id"]] = e.get("answers") or {}
+            applied[e["id"]] = e
         elif e.get("op") == "revert":
             applied.pop(e["id"], None)
+    return list(applied.values())
+
+
+def edited_answers(model: MemoryModel) -> dict[str, str]:
+    """:func:`answers_of` the fact edits the model folder's log holds as applied (not reverted), later edits last."""
     out: dict[str, str] = {}
-    for a in applied.values():
-        out.update(a)
+    for e in applied_edits(model):
+        out.update(e.get("answers") or {})
     return out
 
 
@@ -309,18 +314,8 @@ def rank(counts: dict[str, torch.Tensor], bg: Background | None, ranking: str = 
 
 def edited_rows(model: MemoryModel) -> dict[str, torch.Tensor]:
     """{table: row ids} trained by the fact edits the model folder's edit log holds as applied (not reverted)."""
-    from ..storage.state import edit_log
-
-    applied: dict[str, dict] = {}
-    for e in edit_log(model):
-        if e.get("kind") != "edit" or "id" not in e:
-            continue
-        if e.get("op") == "apply":
-            applied[e["id"]] = e.get("rows") or {}
-        elif e.get("op") == "revert":
-            applied.pop(e["id"], None)
     out: dict[str, list[int]] = {}
-    for rows in applied.values():
+    for rows in (e.get("rows") or {} for e in applied_edits(model)):
         for name, ids in rows.items():
             out.setdefault(name, []).extend(int(i) for i in ids)
     return {k: torch.tensor(sorted(set(v)), dtype=torch.long) for k, v in out.items()}
