@@ -15,8 +15,8 @@ the fact's true object. After every ``--every`` edits, on the model as it stands
                 sample of N prompts instead), and its drop from the start
 Methods (memedit's strategies are options of ``memedit edit``; see EditConfig):
   memedit            the `memedit edit` defaults: rows read at every prompt position ranked by TF-IDF, adaptive rows
-                     (64 first, doubled every 15 steps while the edit does not hold, up to 1,024; at most 200 steps
-                     of SGD with momentum 0.9, lr 5),
+                     (128 first, doubled every 10 steps while the edit does not hold, up to 1,024; at most 200 steps
+                     of SGD with momentum 0.9, lr 10, until every new-target token has p > 1/2),
                      the subject's other facts kept in the loss (--keep-subject: the world is known here)
   answer             rows read at the answer positions only, nothing kept (the defaults before issue 13's demo)
   protect            + rows that earlier edits trained are never trained again

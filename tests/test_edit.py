@@ -86,8 +86,10 @@ def test_sequential_requests_are_measured_right_after_each_edit(cli, folder, tmp
     assert len(edits) == 2 and edits[0]["patch"] != edits[1]["patch"]
     assert all(e["efficacy"] == 1.0 for e in edits)
     assert len(json.loads(cli("patch", "log", "-m", path, "--json")[1])["applied"]) == 2
-    # batch mode: one patch for both requests
-    code, out, err = cli("edit", "-m", path, "--requests", tmp_path / "req.jsonl", *FAST, "--dry-run", "--json")
+    # batch mode: one patch for both requests (new targets: the folder already gives the first ones)
+    again = [dict(REQUEST, target_new="dog"), dict(second, target_new="park")]
+    (tmp_path / "req2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in again))
+    code, out, err = cli("edit", "-m", path, "--requests", tmp_path / "req2.jsonl", *FAST, "--dry-run", "--json")
     assert code == 0, err
     edits = json.loads(out)["edits"]
     assert len(edits) == 2 and edits[0]["patch"] == edits[1]["patch"]
