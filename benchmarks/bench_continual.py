@@ -16,8 +16,10 @@ the fact's true object. After every ``--every`` edits, on the model as it stands
 Methods (memedit's strategies are options of ``memedit edit``; see EditConfig):
   memedit            the `memedit edit` defaults: rows read at every prompt position ranked by TF-IDF, adaptive rows
                      (128 first, doubled every 10 steps while the edit does not hold, up to 1,024; at most 200 steps
-                     of SGD with momentum 0.9, lr 10, until every new-target token has p > 1/2),
+                     of SGD with momentum 0.9, lr 10, until every new-target token has p > 1/2), the rows that
+                     the prompt reads at the new target about 8 other subjects left alone (--contrast 8),
                      the subject's other facts kept in the loss (--keep-subject: the world is known here)
+  no-contrast        memedit without --contrast (rows that the prompt reads about other subjects may be trained)
   answer             rows read at the answer positions only, nothing kept (the defaults before issue 13's demo)
   protect            + rows that earlier edits trained are never trained again
   hot                + protect, and the background's 2 % most-read rows left alone
@@ -49,11 +51,13 @@ from memedit.editing.sparse_ft import EditConfig, EditRequest, answers_of, edit,
 from memedit.tracing.targets import score  # noqa: E402
 from memedit.world.facts import world_of  # noqa: E402
 
-FIXED = {"adaptive": False, "top_t": 128, "steps": 100, "lr": 5.0, "momentum": 0.0}  # the defaults before continual
+FIXED = {"adaptive": False, "top_t": 128, "steps": 100, "lr": 5.0, "momentum": 0.0,
+         "contrast": 0}  # the defaults before continual
 # editing
 STRATEGIES = {
     "memedit": {"keep": True},
-    "answer": {"positions": "answer"},
+    "no-contrast": {"keep": True, "contrast": 0},
+    "answer": {"positions": "answer", "contrast": 0},
     "protect": {"protect": "edits", "keep": True},
     "hot": {"protect": "hot", "keep": True},
     "fixed-128": FIXED,
@@ -123,7 +127,8 @@ def run(method: str, base_state: dict, model, reqs, bg, every: int, untouched_of
             rows.append(0)
         else:
             req.keep = keep_for(req, facts, answers=answers) if keep else []
-            res = edit(model, [req], bg, cfg, protect=protect if cfg.protect != "none" else None)
+            res = edit(model, [req], bg, cfg, protect=protect if cfg.protect != "none" else None,
+                       subjects=[f.subject for f in facts])
             if res.patch is not None:
                 write_rows(model, res.patch, new=True)
                 rows.append(res.patch.n_rows)

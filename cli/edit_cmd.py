@@ -200,6 +200,10 @@ def edit(
     protect: Annotated[str, typer.Option("--protect", help="Rows left alone: none; edits (rows earlier edits "
                                                            "trained); hot (also the background's most-read).")]
     = "none",
+    contrast: Annotated[Optional[int], typer.Option("--contrast", min=0, help="Leave alone the rows the prompt reads "
+                                                    "at the new target about this many other subjects (of the known "
+                                                    "facts, else the request's neighborhood prompts; default 8). 0: "
+                                                    "off.")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="At most this many steps.")] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="sgd, or adamw (forgets more).")] = "sgd",
@@ -249,7 +253,7 @@ def edit(
 
         check_output(m, out)  # before anything is applied
     cfg = S.EditConfig(optimizer=optimizer, ranking=ranking, adaptive=adaptive, protect=protect)
-    for k, v in (("top_t", top_t), ("lr", lr), ("steps", steps), ("positions", positions)):
+    for k, v in (("top_t", top_t), ("lr", lr), ("steps", steps), ("positions", positions), ("contrast", contrast)):
         if v is not None:
             setattr(cfg, k, v)
     bg = None
@@ -263,7 +267,8 @@ def edit(
         warnings.simplefilter("always")
         results = S.run_edits(m, reqs, bg, cfg, sequential=sequential,
                               commit=None if dry_run else (lambda p: apply(m, p)), forgetting=forgetting,
-                              keep_facts=world if keep_subject and world else None)
+                              keep_facts=world if keep_subject and world else None,
+                              subjects=[f.subject for f in world] if world else None)
     for w in caught:
         from .common import err_console
 
