@@ -6,8 +6,8 @@ Run: .venv/bin/python examples/inspect_fact.py [FACT_ID]
 import sys
 
 import memedit
-from memedit.world.facts import world_of
 from memedit.tracing.trace import trace_fact
+from memedit.world.facts import world_of
 
 model = memedit.load()  # the bundled demo model
 fact = world_of(model).fact(sys.argv[1] if len(sys.argv) > 1 else "f00000")
