@@ -88,7 +88,8 @@ class EditConfig:
     # carry the relation and the spelling of the answer for every subject: on the demo, after 150 sequential edits
     # without it, most untouched facts that broke had taken an edited object that shares their answer's first token
     # ("Leirailish" -> "Leithish", "clarinet" -> "cello"), for many subjects at once. With 8 subjects the drop on
-    # untouched facts after 100 edits was 0.6 points against 1.47 (benchmarks/bench_continual.py).
+    # untouched facts was 0.8 / 2.3 / 5.0 points after 100 / 300 / 500 edits, against 1.2 / 2.7 / 7.3 without
+    # (benchmarks/bench_continual.py, the same 1,000 requests); 32 subjects did no better than 8.
     contrast: int = 8
     adaptive: bool = True  # train min_t rows first, and double them (up to top_t) only while the edit does not hold
     min_t: int = 128  # with adaptive: the rows tried first
@@ -501,13 +502,15 @@ def contrast_rows(model: MemoryModel, requests: Sequence[EditRequest], n: int,
     items = []
     pool = sorted(set(subjects or ()))
     for r in requests:
-        if pool:
+        if not pool:
+            prompts = list(r.neighborhood)[:n]
+        elif "{}" in r.prompt:
             others = [s for s in pool if s != r.subject]
             rng = random.Random(f"{r.id}|{r.rewrite_prompt}")
             prompts = [r.prompt.replace("{}", s) for s in rng.sample(others, min(n, len(others)))]
-        else:
-            prompts = list(r.neighborhood)[:n]
-        items += [tokenize_target(model, p, r.target_new) for p in prompts if "{}" in r.prompt or not pool]
+        else:  # a prompt without a subject slot has nothing to swap
+            prompts = []
+        items += [tokenize_target(model, p, r.target_new) for p in prompts]
     if not items:
         return {}
     return {name: (c > 0).nonzero().flatten() for name, c in fact_counts(model, items, "answer").items()}
