@@ -169,10 +169,12 @@ def background(
                        progress=bar)
     B.save(m, bg)
     res = {"n_batches": bg.n_batches, "tokens": bg.tokens, "seconds": round(time.perf_counter() - t0, 2),
-           "tables": {k: {"rows_read": int((v > 0).sum()), "rows": v.numel()} for k, v in bg.df.items()}}
+           "tables": {k: {"rows_read": int((v > 0).sum()), "rows": v.numel()} for k, v in bg.df.items()},
+           "locality_texts": len(bg.locality or [])}
     if json:
         return print_json(res)
-    console.print(f"background over {bg.n_batches} batches ({bg.tokens:,} tokens) in {res['seconds']}s")
+    console.print(f"background over {bg.n_batches} batches ({bg.tokens:,} tokens) in {res['seconds']}s; "
+                  f"{res['locality_texts']} texts kept as the locality sample edits are measured on")
     for k, v in res["tables"].items():
         console.print(f"table {k}: {v['rows_read']:,} of {v['rows']:,} rows read at least once")
 
@@ -222,6 +224,17 @@ def edit(
                                                    help="Other facts' prompts to measure forgetting on "
                                                         "(0: skip).")] = 1000,
     facts: FactsOpt = None,
+    locality: Annotated[Optional[Path],
+                        typer.Option("--locality", help="Text (one passage a line, or JSONL \"text\") whose "
+                                                        "next-token predictions the edit must not change (default: "
+                                                        "the sample stored by `memedit background`).")] = None,
+    max_collateral: Annotated[Optional[float],
+                              typer.Option("--max-collateral", min=0.0, max=1.0,
+                                           help="Refuse an edit that changes the greedy next token at more than "
+                                                "this share of the locality sample's positions (default 0.01).")]
+    = None,
+    force: Annotated[bool, typer.Option("--force", help="Commit edits the guard refuses (too much collateral, or "
+                                                        "not holding), and say so.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Measure, but leave the model folder unchanged.")] = False,
     out: Annotated[Optional[Path],
                    typer.Option("--out", "-o", help="Also write the patch file here (one patch).")] = None,
@@ -231,10 +244,16 @@ def edit(
 ) -> None:
     """Rewrite facts by sparse memory finetuning: train only the value rows that matter, save it as a patch.
 
+    Every edit is measured on a locality sample of text before it is committed: an edit that changes the greedy
+    next token at more than --max-collateral of the sample's positions, or that does not hold, is refused (exit 1,
+    the folder unchanged; --force commits it anyway). --requests without --sequential is one batch.
+
     Example: memedit edit -m ./my-model --prompt "{} was born in" --subject Reidreir --target-new Zaishail
     """
     import warnings
 
+    from memedit.editing import background as B
+    from memedit.editing import locality as L
     from memedit.editing import sparse_ft as S
     from memedit.editing.patch import apply
     from memedit.errors import MemeditError
@@ -253,44 +272,80 @@ def edit(
 
         check_output(m, out)  # before anything is applied
     cfg = S.EditConfig(optimizer=optimizer, ranking=ranking, adaptive=adaptive, protect=protect)
-    for k, v in (("top_t", top_t), ("lr", lr), ("steps", steps), ("positions", positions), ("contrast", contrast)):
+    for k, v in (("top_t", top_t), ("lr", lr), ("steps", steps), ("positions", positions), ("contrast", contrast),
+                 ("max_collateral", max_collateral)):
         if v is not None:
             setattr(cfg, k, v)
-    bg = None
-    if ranking != "counts":
-        from memedit.editing.background import get
-
-        bg = get(m)
+    bg = B.get(m) if ranking != "counts" else None
     world = load_facts(facts) if facts is not None else (world_of(m).facts if m.meta.get("world") else None)
+    texts = L.sample_for(m, locality, bg.locality if bg is not None else B.stored_locality(m), cfg.locality_tokens)
+    if texts is None:
+        raise MemeditError("no locality sample to measure the edit's collateral on: run `memedit background CORPUS` "
+                           "(it keeps a sample of CORPUS) or pass --locality FILE")
+    loc = L.Locality(m, texts)
     forgetting = S.Forgetting(m, world, forgetting_sample) if forgetting_sample and world else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         results = S.run_edits(m, reqs, bg, cfg, sequential=sequential,
                               commit=None if dry_run else (lambda p: apply(m, p)), forgetting=forgetting,
                               keep_facts=world if keep_subject and world else None,
-                              subjects=[f.subject for f in world] if world else None)
+                              subjects=[f.subject for f in world] if world else None, locality=loc, force=force)
     for w in caught:
         from .common import err_console
 
         err_console.print(f"[yellow]warning:[/] {esc(str(w.message))}")
-    if out is not None:
-        results[0].patch.save(out)
+    committed = [r for r in results if r.status in ("committed", "forced")]
+    if out is not None and committed:
+        committed[0].patch.save(out)
     rows = []
     for res in results:
+        info = res.patch.info["requests"] if res.patch is not None else None
         for n, per in enumerate(res.metrics["per_request"]):
-            rows.append({"patch": res.patch.id, "applied": not dry_run, "rows_trained": res.patch.n_rows,
-                         "tables": {c.table: c.layers for c in res.patch.changes}, "steps": res.steps,
-                         "loss": res.loss, "seconds": res.seconds, **per,
+            req = info[n] if info is not None else None
+            rows.append({"status": res.status, "reason": res.reason,
+                         "patch": res.patch.id if res.patch is not None else None,
+                         "applied": res.status in ("committed", "forced") and not dry_run,
+                         "rows_trained": res.patch.n_rows if res.patch is not None else 0,
+                         "tables": {c.table: c.layers for c in res.patch.changes} if res.patch is not None else {},
+                         "steps": res.steps, "loss": res.loss, "seconds": res.seconds,
+                         "holds": res.holding[n] if res.holding else True, **per,
+                         "collateral": res.collateral.to_json() if res.collateral is not None else None,
                          "forgetting": res.metrics.get("forgetting"),
-                         "request": res.patch.info["requests"][n]})
+                         "request": req if req is not None else _request_json(reqs, results, res, n)})
+    counts = {k: sum(r.status == k for r in results) for k in ("committed", "forced", "refused", "already")}
+    summary = {"edits": len(results), **counts, "locality": {"sequences": len(loc.texts),
+                                                             "positions": int(loc.valid.sum())},
+               "max_collateral": cfg.max_collateral}
     if json:
-        return print_json({"edits": rows})
+        print_json({"edits": rows, "summary": summary})
+    else:
+        _print_edits(m, rows, summary, dry_run)
+    if counts["refused"]:
+        raise typer.Exit(1)
+
+
+def _request_json(reqs, results, res, n):
+    """The request of row ``n`` of a result without a patch (its group's n-th request)."""
+    from dataclasses import asdict
+
+    start = sum(len(r.metrics["per_request"]) for r in results[: results.index(res)])
+    return asdict(reqs[start + n])
+
+
+def _print_edits(m, rows, summary, dry_run) -> None:
     fmt = lambda x: "-" if x is None else f"{x:.0%}"  # noqa: E731
     for n, r in enumerate(rows, 1):
         q = r["request"]
         text = q["prompt"].replace("{}", q["subject"])
+        what = {"committed": "", "forced": " [yellow]FORCED over the guard[/]",
+                "refused": " [red]REFUSED, not committed[/]", "already": " already answered: skipped"}[r["status"]]
+        patch = f"patch {r['patch']}: {r['rows_trained']} rows, {r['steps']} steps, " if r["patch"] else ""
+        co = r["collateral"]
+        co = "" if co is None else f", collateral {co['changed']:.2%} (KL {co['kl_mean']:.1e})"
         console.print(f"[bold]{n}.[/] {esc(text)} [red]{esc(q['target_true'])}[/] -> [green]{esc(q['target_new'])}[/]  "
-                      f"patch {r['patch']}: {r['rows_trained']} rows, {r['steps']} steps, {r['seconds']:.2f}s")
+                      f"{patch}{r['seconds']:.2f}s{co}{what}")
+        if r["reason"]:
+            console.print(f"   {esc(r['reason'])}")
     t = Table(title="fact edits" + (" (dry run: nothing written)" if dry_run else ""))
     for c in ("#", "efficacy", "paraphrase", "held-out", "neighborhood", "score", "forgetting"):
         t.add_column(c, justify="right")
@@ -299,10 +354,14 @@ def edit(
         t.add_row(str(n), fmt(r["efficacy"]), fmt(r["paraphrase"]), fmt(r["paraphrase_heldout"]),
                   fmt(r["neighborhood"]), f"{r['score']:.2f}", "-" if fg is None else f"{fg['change'] * 100:+.1f} pts")
     console.print(t)
+    s = summary
+    console.print(f"{s['committed']} committed, {s['forced']} forced, {s['refused']} refused, {s['already']} already "
+                  f"answered (collateral: share of {s['locality']['positions']:,} locality positions whose greedy "
+                  f"next token changed; budget {s['max_collateral']:.2%})")
     shared = {tb: ls for r in rows for tb, ls in r["tables"].items() if len(ls) > 1}
     for tb, ls in shared.items():
         console.print(f"table {tb} is read by layers {', '.join(map(str, ls))}: all of them change")
-    if not dry_run:
+    if not dry_run and (s["committed"] or s["forced"]):
         console.print(f"applied to {m.source}; undo with `memedit patch revert ID -m {m.source}`")
 
 

@@ -22,7 +22,10 @@ REQUEST = {"id": "r1", "prompt": "{} was born in", "subject": "Reidreir", "targe
            "neighborhood": ["the cat sat on"]}
 # A small fixed budget for the random tiny model: 24 rows, counted where the answer is read (with rows counted at
 # every position, 24 rows of a random model's prompt positions need not include one that moves the answer).
-FAST = ["--top-t", "24", "--lr", "2", "--steps", "40", "--positions", "answer"]
+# The guard is not what these tests check: the random model's edits change much of its three-sentence corpus
+# (62 % of the greedy tokens of the sentences without the subject) and some do not reach p > 1/2 on every token in
+# 40 steps, so they are committed over the guard (--force); tests/test_safe_edits.py tests the guard.
+FAST = ["--top-t", "24", "--lr", "2", "--steps", "40", "--positions", "answer", "--force"]
 
 
 @pytest.fixture

@@ -19,6 +19,8 @@ from ..errors import MemeditError
 from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
 from ..tracing.capture import SlotCounter, on_lookup
+from .locality import META_KEY as LOCALITY_KEY
+from .locality import SAMPLE_TOKENS, decode_sample, draw_sample, encode_sample
 
 DEFAULT_BATCH = 32  # sentences per background batch (a "document" for document frequency)
 DEFAULT_MAX_BATCHES = 1000  # the reference uses 1000 batches of general text
@@ -34,6 +36,7 @@ class Background:
     n_batches: int
     tokens: int = 0
     corpus: str = ""
+    locality: list[str] | None = None  # a capped sample of the corpus's texts (memedit/editing/locality.py)
 
     def idf(self, table: str) -> torch.Tensor:
         """log((|B| + 1) / (df + 1)) per row: (rows,) float32."""
@@ -53,9 +56,12 @@ def default_corpus(model: MemoryModel) -> list[str]:
 @torch.no_grad()
 def compute(model: MemoryModel, sentences: Sequence[str], batch_size: int = DEFAULT_BATCH,
             max_batches: int = DEFAULT_MAX_BATCHES, seed: int = 0, corpus: str = "",
-            progress: Callable[[int, int], None] | None = None) -> Background:
-    """Background statistics over ``sentences`` (shuffled with ``seed``, cut into batches of ``batch_size``)."""
+            progress: Callable[[int, int], None] | None = None,
+            locality_tokens: int = SAMPLE_TOKENS) -> Background:
+    """Background statistics over ``sentences`` (shuffled with ``seed``, cut into batches of ``batch_size``), with a
+    locality sample of ``locality_tokens`` tokens drawn from them (0: none)."""
     sentences = list(sentences)
+    locality = draw_sample(model, sentences, locality_tokens, seed) if locality_tokens > 0 else None
     random.Random(seed).shuffle(sentences)
     sentences = sentences[: batch_size * max_batches]
     n_batches = (len(sentences) + batch_size - 1) // batch_size
@@ -79,7 +85,7 @@ def compute(model: MemoryModel, sentences: Sequence[str], batch_size: int = DEFA
             if progress is not None:
                 progress(min(start + chunk, len(sentences)) // batch_size, n_batches)
     return Background(counter.df, {name: counter.table_reads(name) for name in counter.tables}, n_batches, tokens,
-                      corpus)
+                      corpus, locality)
 
 
 def save(model: MemoryModel, bg: Background) -> None:
@@ -87,7 +93,10 @@ def save(model: MemoryModel, bg: Background) -> None:
     from ..storage.state import write_background
 
     tensors = {f"df.{k}": v for k, v in bg.df.items()} | {f"counts.{k}": v for k, v in bg.counts.items()}
-    write_background(model, tensors, {"n_batches": bg.n_batches, "tokens": bg.tokens, "corpus": bg.corpus})
+    meta = {"n_batches": bg.n_batches, "tokens": bg.tokens, "corpus": bg.corpus}
+    if bg.locality:
+        meta[LOCALITY_KEY] = encode_sample(bg.locality)
+    write_background(model, tensors, meta)
 
 
 def carry(model: MemoryModel, copy: str | Path) -> bool:
@@ -115,7 +124,8 @@ def stored(model: MemoryModel) -> Background | None:
     if set(df) != set(names) or any(df[n].numel() != r for n, r in names.items()):
         raise MemeditError("the stored background statistics do not match this model's tables; "
                            "recompute them with `memedit background`")
-    return Background(df, counts, int(meta.get("n_batches", 0)), int(meta.get("tokens", 0)), meta.get("corpus", ""))
+    return Background(df, counts, int(meta.get("n_batches", 0)), int(meta.get("tokens", 0)), meta.get("corpus", ""),
+                      decode_sample(meta))
 
 
 _CACHE: weakref.WeakKeyDictionary[MemoryModel, Background] = weakref.WeakKeyDictionary()
@@ -134,3 +144,11 @@ def get(model: MemoryModel) -> Background:
         _CACHE[model] = compute(model, default_corpus(model), max_batches=IN_MEMORY_BATCHES,
                                 corpus=f"default, {IN_MEMORY_BATCHES} batches (computed in memory)")
     return _CACHE[model]
+
+
+def stored_locality(model: MemoryModel) -> list[str] | None:
+    """The locality sample kept with the stored background statistics, or None."""
+    from ..storage.state import background
+
+    got = background(model)
+    return decode_sample(got[1]) if got is not None else None

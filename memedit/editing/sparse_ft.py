@@ -38,6 +38,7 @@ from ..storage.state import frozen_rows
 from ..tracing.capture import SlotCounter, on_lookup
 from ..tracing.targets import TargetTokens, answer_or_given, score, tokenize_target
 from .background import Background
+from .locality import Collateral, Locality
 from .patch import Patch, make_patch
 
 RANKINGS = ("tfidf", "kl", "counts")
@@ -94,6 +95,11 @@ class EditConfig:
     adaptive: bool = True  # train min_t rows first, and double them (up to top_t) only while the edit does not hold
     min_t: int = 128  # with adaptive: the rows tried first
     round_steps: int = 10  # with adaptive: steps per round before the rows are doubled (the last round: the rest)
+    # An edit's reach on text (memedit/editing/locality.py): the guard and the preservation term (docs/decisions.md).
+    max_collateral: float = 0.01  # refuse an edit that changes more than this share of the sample's greedy tokens
+    preserve: float = 1.0  # weight of KL(pre-edit || now) on the locality sample in the loss (0: off)
+    preserve_sample: int = 8  # locality sequences per step (drawn among those that read a trained row)
+    locality_tokens: int = 3000  # the locality sample's size (tokens), drawn from the background corpus
 
     @property
     def learning_rate(self) -> float:
@@ -243,12 +249,19 @@ def read_requests(path: str | Path) -> list[EditRequest]:
 
 @dataclass
 class EditResult:
-    patch: Patch | None  # None only for the train_all baseline
+    patch: Patch | None  # None for the train_all baseline, and when every request already held
     slots: dict[str, list[int]]  # the rows trained, per table
     steps: int
     loss: float
     seconds: float
     metrics: dict = field(default_factory=dict)
+    done: bool = True  # every request holds by the stop rule
+    holding: list[bool] = field(default_factory=list)  # per request
+    # "committed" (applied in memory, and by the commit function if one was given), "refused" (the guard: see
+    # reason), "forced" (over the guard, committed anyway), "already" (the model already gave every new answer)
+    status: str = "committed"
+    reason: str = ""
+    collateral: Collateral | None = None
 
 
 # ---- 1. counting slot reads on the new fact -----------------------------------------------------------
@@ -383,38 +396,64 @@ def select(model: MemoryModel, scores: dict[str, torch.Tensor], top_t: int,
 
 
 # ---- 3. training ------------------------------------------------------------------------------------------
-def _batch(model: MemoryModel, requests: Sequence[EditRequest]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(tokens (B, T), labels (B, T), E) over every training phrasing followed by its new target (the first E rows),
-    then every keep pair followed by its answer (teacher forcing)."""
-    keep = [tokenize_target(model, p, t) for r in requests for p, t in r.keep]
-    items = fact_items(model, requests)
-    tokens, _, labels = _teacher_batch(model, items + keep)
-    return tokens, labels, len(items)
+@dataclass
+class _Batch:
+    """The teacher-forcing batch of an edit: every training phrasing of every request followed by its new target,
+    then every keep pair followed by its answer; ``owner`` (B,) the request each row belongs to, ``edit`` (B,) True
+    for a phrasing row (False: a keep pair)."""
+
+    tokens: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T): the target token at each answer position, -100 elsewhere
+    owner: torch.Tensor  # (B,) int64
+    edit: torch.Tensor  # (B,) bool
+    n_requests: int
+
+
+def _batch(model: MemoryModel, requests: Sequence[EditRequest]) -> _Batch:
+    items, owner, is_edit = [], [], []
+    for i, r in enumerate(requests):
+        mine = fact_items(model, [r])
+        items += mine
+        owner += [i] * len(mine)
+        is_edit += [True] * len(mine)
+    for i, r in enumerate(requests):
+        keep = [tokenize_target(model, p, t) for p, t in r.keep]
+        items += keep
+        owner += [i] * len(keep)
+        is_edit += [False] * len(keep)
+    tokens, _, labels = _teacher_batch(model, items)
+    return _Batch(tokens, labels, torch.tensor(owner), torch.tensor(is_edit), len(requests))
 
 
 KEEP_TOKEN_LOSS = math.log(2)  # a kept answer's token stays the greedy one while its loss is below this (p > 1/2)
 
 
-def _loss(logits: torch.Tensor, labels: torch.Tensor, n_edit: int) -> tuple[torch.Tensor, dict]:
-    """(mean cross-entropy over every target token of every phrasing, its worst parts) for logits (B, T, vocab):
-    prompt and padding positions are ignored. The parts: ``token`` the largest loss of a new-target token (the
-    first ``n_edit`` rows), ``phrasing`` the largest mean loss of one phrasing's new target, ``keep`` the largest
-    loss of a keep-pair token."""
-    labels = labels.to(logits.device)
+def _loss(logits: torch.Tensor, b: _Batch, stop: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(loss, holds (n_requests,) bool, mean loss) for logits (B, T, vocab): prompt and padding positions ignored.
+
+    A request's loss is the mean cross-entropy over the tokens of its phrasings' new targets and of its keep pairs'
+    answers (teacher forcing). The batch's loss is the SUM over the requests that do not hold yet, so each request
+    moves as fast as it would alone whatever the batch size, and a request stops pulling once it holds (a batch of
+    one is exactly a single edit). A request holds when every token of its new target, in every phrasing, has a
+    loss below ``stop`` and every token of its keep pairs one below KEEP_TOKEN_LOSS.
+    """
+    labels = b.labels.to(logits.device)
     ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                         reduction="none").view(labels.shape)
+                         reduction="none").view(labels.shape)  # (B, T)
     on = labels != -100
-    edit_ce, edit_on = ce[:n_edit].detach(), on[:n_edit]
-    per_phrasing = (edit_ce * edit_on).sum(1) / edit_on.sum(1).clamp_min(1)
-    worst = {"token": edit_ce[edit_on].max().item(), "phrasing": per_phrasing.max().item(),
-             "keep": ce[n_edit:][on[n_edit:]].max().item() if on[n_edit:].any() else 0.0}
-    return ce[on].mean(), worst
-
-
-def _holds(cfg: EditConfig, worst: dict) -> bool:
-    """Whether training can stop: every token of the new target, in every training phrasing, has a loss below
-    ``stop_token_loss``, and every kept answer is still the greedy one."""
-    return worst["token"] < cfg.stop_token_loss and worst["keep"] < KEEP_TOKEN_LOSS
+    owner = b.owner.to(logits.device)
+    n = b.n_requests
+    row_sum, row_n = (ce * on).sum(1), on.sum(1)  # (B,)
+    req_sum = torch.zeros(n, device=ce.device).index_add(0, owner, row_sum)
+    req_n = torch.zeros(n, device=ce.device).index_add(0, owner, row_n.float())
+    per_request = req_sum / req_n.clamp_min(1)  # (n,)
+    row_max = (ce.detach() * on).amax(1)  # (B,) ce >= 0, so masked zeros never win
+    edit_rows = b.edit.to(logits.device)
+    worst_edit = torch.zeros(n, device=ce.device).scatter_reduce(0, owner[edit_rows], row_max[edit_rows], "amax")
+    worst_keep = torch.zeros(n, device=ce.device).scatter_reduce(0, owner[~edit_rows], row_max[~edit_rows], "amax")
+    holds = (worst_edit < stop) & (worst_keep < KEEP_TOKEN_LOSS)
+    loss = (per_request * (~holds).float()).sum()
+    return loss, holds.cpu(), float(ce.detach()[on].mean())
 
 
 class _SGD:
@@ -442,22 +481,42 @@ class _SGD:
             p.add_(d, alpha=-self.lr)
 
 
+@dataclass
+class Preserve:
+    """What training keeps: the locality sample (its pre-edit distributions) and the sequences it may use."""
+
+    locality: Locality
+    allowed: torch.Tensor  # (B,) bool: sample sequences that do not mention an edited subject
+    weight: float
+    sample: int  # sequences per step
+    seed: int = 0
+
+
 def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[str, torch.Tensor] | None,
-               cfg: EditConfig) -> tuple[int, float, bool]:
+               cfg: EditConfig, preserve: Preserve | None = None) -> tuple[int, float, torch.Tensor]:
     """Train the given value rows (or, with ``cfg.train_all``, every parameter) in place; returns (steps, mean loss,
-    whether the edit holds: :func:`_holds`).
+    which requests hold: :func:`_loss`).
 
     The rows are gathered into small leaf tensors that the forward pass reads instead of the table
     (:func:`memedit.tracing.capture.trainable_rows`): the optimizer sees only them, so nothing else can move and no
-    gradient or optimizer state is as large as the table. They are written back at the end.
+    gradient or optimizer state is as large as the table. They are written back at the end. With ``preserve``, each
+    step adds ``weight`` x (requests still training) x the mean KL(pre-edit || now) of the next-token distribution
+    over ``sample`` sequences of the locality sample drawn among those that read a trained row.
     """
     from ..tracing.capture import fixed_prefix, trainable_rows
 
-    tokens, labels, n_edit = _batch(model, requests)
-    tokens = tokens.to(next(model.parameters()).device)
+    b = _batch(model, requests)
+    tokens = b.tokens.to(next(model.parameters()).device)
     if cfg.optimizer not in ("sgd", "adamw"):
         raise MemeditError(f"unknown optimizer {cfg.optimizer!r}: use sgd or adamw")
-    steps, loss_val, done = 0, float("nan"), False
+    steps, loss_val = 0, float("nan")
+    holds = torch.zeros(len(requests), dtype=torch.bool)
+    candidates = None
+    if preserve is not None and rows is not None and preserve.weight > 0 and preserve.sample > 0:
+        candidates = preserve.locality.sequences_reading(rows, preserve.allowed)
+        if not len(candidates):
+            candidates = None
+    gen = torch.Generator().manual_seed(preserve.seed if preserve is not None else 0)
     with contextlib.ExitStack() as stack:
         if cfg.train_all:  # the baseline: dense, every parameter
             params = list(model.parameters())
@@ -473,23 +532,25 @@ def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[s
                else torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0))
         for steps in range(1, cfg.steps + 1):
             with torch.enable_grad():
-                loss, worst = _loss(logits(), labels, n_edit)
-            loss_val = loss.item()
-            if _holds(cfg, worst):
-                steps, done = steps - 1, True
-                break
+                loss, holds, loss_val = _loss(logits(), b, cfg.stop_token_loss)
+                if bool(holds.all()):
+                    steps -= 1
+                    break
+                if candidates is not None:
+                    pick = candidates[torch.randperm(len(candidates), generator=gen)[: preserve.sample]]
+                    kl = preserve.locality.kl_term(model(preserve.locality.batch_tokens(pick)), pick)
+                    loss = loss + preserve.weight * float((~holds).sum()) * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         else:
             with torch.no_grad():
-                loss, worst = _loss(logits(), labels, n_edit)
-            loss_val, done = loss.item(), _holds(cfg, worst)
+                _, holds, loss_val = _loss(logits(), b, cfg.stop_token_loss)
         if not cfg.train_all:
             with torch.no_grad():
                 for name, leaf in leaves.items():
                     model.table(name).weight[rows[name]] = leaf.detach()
-    return steps, loss_val, done
+    return steps, loss_val, holds
 
 
 def contrast_rows(model: MemoryModel, requests: Sequence[EditRequest], n: int,
@@ -516,15 +577,52 @@ def contrast_rows(model: MemoryModel, requests: Sequence[EditRequest], n: int,
     return {name: (c > 0).nonzero().flatten() for name, c in fact_counts(model, items, "answer").items()}
 
 
+class _Candidates:
+    """One request's rankable rows over every table: flat ids (table offset + row) and their scores, best first,
+    with the rows an edit may not train (frozen, protected, contrast) taken out."""
+
+    def __init__(self, model: MemoryModel, scores: dict[str, torch.Tensor], blocked: torch.Tensor,
+                 soft_blocked: torch.Tensor, offsets: dict[str, int]):
+        ids, vals = [], []
+        for name, s in scores.items():
+            r = torch.isfinite(s).nonzero().flatten()
+            ids.append(r + offsets[name])
+            vals.append(s[r])
+        ids, vals = torch.cat(ids), torch.cat(vals)
+        ok = ~blocked[ids]
+        ids, vals = ids[ok], vals[ok]
+        strict = ~soft_blocked[ids]
+        if bool(strict.any()):  # contrast rows are left alone unless they are all the fact reads
+            ids, vals = ids[strict], vals[strict]
+        order = vals.argsort(descending=True, stable=True)
+        self.ids = ids[order]
+
+    def top(self, t: int) -> torch.Tensor:
+        return self.ids[:t]
+
+
+def _split(flat: torch.Tensor, offsets: dict[str, int], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, off in offsets.items():
+        mine = flat[(flat >= off) & (flat < off + sizes[name])] - off
+        if mine.numel():
+            out[name] = mine.unique()  # sorted
+    return out
+
+
 def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | None, cfg: EditConfig | None = None,
          message: str = "", protect: dict[str, torch.Tensor] | None = None,
-         subjects: Sequence[str] | None = None) -> EditResult:
+         subjects: Sequence[str] | None = None, preserve: Preserve | None = None) -> EditResult:
     """The patch that rewrites the facts of ``requests`` (one batch), with what was trained; the model is unchanged.
 
+    Each request gets its own rows (its top-t by ``cfg.ranking``; adaptive: min_t first, doubled while that request
+    does not hold), trained together on the sum of the requests' losses (:func:`_loss`). A batch in which every
+    request already holds gives ``status="already"`` and no patch.
     Apply the patch with :func:`memedit.editing.patch.apply` (a model folder) or
     :func:`memedit.editing.patch.write_rows` (memory).
     Baseline ``cfg.train_all`` is the exception: it leaves the model edited and returns no patch.
-    ``subjects``: other subjects the model knows (e.g. the known facts'), for ``cfg.contrast``.
+    ``subjects``: other subjects the model knows (e.g. the known facts'), for ``cfg.contrast``; ``preserve``: the
+    locality sample kept during training (:class:`Preserve`).
     """
     cfg = cfg or EditConfig()
     if cfg.optimizer == "adamw" and not cfg.train_all:
@@ -535,58 +633,72 @@ def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | N
     for r in requests:
         r.target_true = answer_or_given(model, r.rewrite_prompt, r.target_true)
         r.keep = consistent_keep(r)
-    items = fact_items(model, requests)  # refuses a target the tokenizer cannot represent, before any training
+    fact_items(model, requests)  # refuses a target the tokenizer cannot represent, before any training
     if cfg.train_all:  # baseline: every parameter moves, which a value patch cannot hold; the model stays edited
-        steps, loss, _ = train_rows(model, requests, None, cfg)
-        return EditResult(None, {}, steps, loss, time.perf_counter() - t0)
+        steps, loss, holds = train_rows(model, requests, None, cfg)
+        return EditResult(None, {}, steps, loss, time.perf_counter() - t0, done=bool(holds.all()))
     from ..storage.checkpoint import fingerprint
 
     base_fp = fingerprint(model)  # before training writes rows into the table (and restores them), which would
-    counts = fact_counts(model, items, cfg.positions)  # make the table be hashed whole again
-    scores = rank(counts, bg, cfg.ranking)
-    most = cfg.top_t * len(requests)
-    off = protected_rows(model, cfg, bg, protect)
-    if cfg.contrast:
-        with_contrast = dict(off)
-        for name, ids in contrast_rows(model, requests, cfg.contrast, subjects).items():
-            with_contrast[name] = torch.cat([off[name], ids]) if name in off else ids
-        try:
-            select(model, scores, 1, with_contrast)
-            off = with_contrast
-        except MemeditError:  # every row the fact reads is shared with the other subjects: train those rather than none
-            pass
-    t = min(most, cfg.min_t * len(requests)) if cfg.adaptive else most
+    # make the table be hashed whole again
+    sizes = {t.name: t.n_rows for t in model.tables}
+    offsets, o = {}, 0
+    for name, n in sizes.items():
+        offsets[name], o = o, o + n
+    blocked = torch.zeros(o, dtype=torch.bool)
+    for name, ids in frozen_rows(model).items():
+        if name in offsets:
+            blocked[ids + offsets[name]] = True
+    for name, ids in protected_rows(model, cfg, bg, protect).items():
+        blocked[ids + offsets[name]] = True
+    soft = torch.zeros(o, dtype=torch.bool)
+    cands = []
+    for r in requests:
+        if cfg.contrast:
+            soft.zero_()
+            for name, ids in contrast_rows(model, [r], cfg.contrast, subjects).items():
+                soft[ids + offsets[name]] = True
+        scores = rank(fact_counts(model, fact_items(model, [r]), cfg.positions), bg, cfg.ranking)
+        c = _Candidates(model, scores, blocked, soft, offsets)
+        if not len(c.ids):
+            raise MemeditError(f"every slot the fact {r.rewrite_prompt!r} reads is frozen or protected: nothing can "
+                               "be trained")
+        cands.append(c)
+    t = [min(cfg.top_t, cfg.min_t) if cfg.adaptive else cfg.top_t for _ in requests]
     base: dict[str, dict[int, torch.Tensor]] = {}  # table -> {row id: its original contents}, every row trained
     rows: dict[str, torch.Tensor] = {}
-    steps = 0
+    steps, loss = 0, float("nan")
+    holds = torch.zeros(len(requests), dtype=torch.bool)
     try:
         while True:
-            rows = select(model, scores, t, off)
+            rows = _split(torch.cat([c.top(ti) for c, ti in zip(cands, t, strict=True)]), offsets, sizes)
             for name, ids in rows.items():  # remember the originals of the rows this round adds
                 seen = base.setdefault(name, {})
                 new = [i for i in ids.tolist() if i not in seen]
                 if new:
                     seen.update(zip(new, model.table(name).weight.detach()[new].clone(), strict=True))
-            budget = cfg.steps - steps if (not cfg.adaptive or t >= most) else min(cfg.round_steps, cfg.steps - steps)
-            n, loss, done = train_rows(model, requests, rows, replace(cfg, steps=max(1, budget)))
+            full = all(ti >= cfg.top_t for ti in t)
+            budget = cfg.steps - steps if (not cfg.adaptive or full) else min(cfg.round_steps, cfg.steps - steps)
+            n, loss, holds = train_rows(model, requests, rows, replace(cfg, steps=max(1, budget)), preserve)
             steps += n
-            if not cfg.adaptive or done or t >= most or steps >= cfg.steps:
+            if not cfg.adaptive or bool(holds.all()) or full or steps >= cfg.steps:
                 break
-            t = min(most, 2 * t)  # the edit does not hold yet: train more rows, starting from where it stands
+            # the requests that do not hold yet train more rows, starting from where they stand
+            t = [ti if bool(h) else min(cfg.top_t, 2 * ti) for ti, h in zip(t, holds.tolist(), strict=True)]
         updates = {name: (ids, model.table(name).weight.detach()[ids].clone()) for name, ids in rows.items()}
     finally:  # the model is left as it was; the patch carries the change
         with torch.no_grad():
             for name, originals in base.items():
                 ids = torch.tensor(list(originals), dtype=torch.long)
                 model.table(name).weight[ids] = torch.stack(list(originals.values()))
+    seconds = time.perf_counter() - t0
+    if steps == 0:  # every request already holds by the stop rule
+        return EditResult(None, {}, 0, loss, seconds, done=True, status="already")
     info = {"requests": [asdict(r) for r in requests], "config": asdict(cfg), "steps": steps, "loss": loss}
     msg = message or "edit: " + "; ".join(f"{r.rewrite_prompt} -> {r.target_new}" for r in requests)[:200]
-    if steps == 0:
-        raise MemeditError("the model already gives the new answer (loss below the stop threshold): nothing to edit")
     patch = make_patch(model, updates, message=msg, kind="edit", info=info, base=base_fp)
-    return EditResult(patch, {k: v.tolist() for k, v in rows.items()}, steps, loss, time.perf_counter() - t0)
-
-
+    return EditResult(patch, {k: v.tolist() for k, v in rows.items()}, steps, loss, seconds,
+                      done=bool(holds.all()), holding=holds.tolist())
 # ---- metrics ---------------------------------------------------------------------------------------------
 def _prefers(model: MemoryModel, prompts: Sequence[str], first: str, second: str) -> list[bool]:
     """[mean per-token log P(first) > mean per-token log P(second)] for each prompt (whole targets, CounterFact)."""
@@ -629,6 +741,7 @@ class Forgetting:
         self.model = model
         self.excluded: set[str] = set()
         self.correct = self._correct()
+        self._saved: tuple[set[str], torch.Tensor] | None = None
 
     def _correct(self) -> torch.Tensor:
         """Whether each prompt's greedy continuation is its whole true target (exact match)."""
@@ -644,6 +757,7 @@ class Forgetting:
 
     def update(self, edited_ids: Sequence[str] = ()) -> dict:
         """After an edit: {accuracy_before, accuracy_after, change} over the sample minus every edited fact."""
+        self._saved = (set(self.excluded), self.correct)
         self.excluded.update(edited_ids)
         keep = self._keep()
         before = self.correct[keep].float().mean().item()
@@ -651,40 +765,83 @@ class Forgetting:
         after = self.correct[keep].float().mean().item()
         return {"accuracy_before": before, "accuracy_after": after, "change": after - before, "n": int(keep.sum())}
 
+    def undo(self) -> None:
+        """Forget the last update (an edit that was measured, then not committed)."""
+        if self._saved is not None:
+            self.excluded, self.correct = self._saved
+            self._saved = None
+
 
 def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | None, cfg: EditConfig,
               sequential: bool = True, commit: Callable[[Patch], None] | None = None,
               forgetting: Forgetting | None = None, progress: Callable[[int, int], None] | None = None,
-              keep_facts: Sequence | None = None, subjects: Sequence[str] | None = None) -> list[EditResult]:
-    """Make the edits (one by one if ``sequential``, else one batch), each applied (in memory, then by ``commit``
-    if given) before the next; metrics are taken right after each edit. With ``keep_facts``, a request without
-    keep pairs of its own keeps its subject's other facts (:func:`keep_for`), at the answers earlier edits (the
-    folder's log, then this run's) gave them. ``subjects``: other subjects for ``cfg.contrast`` (default: those of
-    ``keep_facts``)."""
+              keep_facts: Sequence | None = None, subjects: Sequence[str] | None = None,
+              locality: Locality | None = None, force: bool = False) -> list[EditResult]:
+    """Make the edits (one by one if ``sequential``, else one batch), each measured right after it and, if the
+    guard lets it through, applied (in memory, then by ``commit`` if given) before the next.
+
+    The guard: with a ``locality`` sample, an edit whose collateral (the share of the sample's positions whose
+    greedy next token changed, :class:`memedit.editing.locality.Locality`) exceeds ``cfg.max_collateral``, or that
+    does not hold by the stop rule, is refused: ``status="refused"``, the model is left as it was, and later groups
+    still run (``force``: committed anyway, ``status="forced"``). A group whose every request already holds is
+    skipped (``status="already"``). Training keeps the sample's pre-edit distributions (``cfg.preserve``).
+
+    With ``keep_facts``, a request without keep pairs of its own keeps its subject's other facts
+    (:func:`keep_for`) at the answers earlier edits (the folder's log, then this run's) and the batch itself give
+    them. ``subjects``: other subjects for ``cfg.contrast`` (default: those of ``keep_facts``)."""
     from .patch import write_rows
 
+    fact_items(model, requests)  # every target tokenizes, before anything is trained
     groups = [[r] for r in requests] if sequential else [list(requests)]
     results = []
     made: dict[str, torch.Tensor] = {}  # rows trained by the edits of this run (a folder's log holds earlier ones)
     answers = edited_answers(model) if keep_facts is not None else {}
     for n, group in enumerate(groups, 1):
         if keep_facts is not None:
+            mine = {**answers, **answers_of(group)}  # siblings inside the batch are kept at their new answers
             for r in group:
                 if not r.keep:  # a request's own keep pairs (JSONL "keep") win
-                    r.keep = keep_for(r, keep_facts, answers=answers)
+                    r.keep = keep_for(r, keep_facts, answers=mine)
+        edited_subjects = [r.subject for r in group if r.subject]
+        preserve = None
+        if locality is not None and cfg.preserve > 0:
+            preserve = Preserve(locality, locality.allowed(edited_subjects), cfg.preserve, cfg.preserve_sample, n)
         res = edit(model, group, bg, cfg, protect=made if cfg.protect != "none" else None,
-                   subjects=subjects if subjects is not None else [f.subject for f in keep_facts or ()])
-        for name, ids in res.slots.items():
-            made[name] = torch.cat([made.get(name, torch.empty(0, dtype=torch.long)), torch.tensor(ids)])
+                   subjects=subjects if subjects is not None else [f.subject for f in keep_facts or ()],
+                   preserve=preserve)
         if res.patch is not None:
-            if commit is not None:
-                commit(res.patch)  # e.g. memedit.editing.patch.apply: writes the rows in memory and in the folder
-            else:
-                write_rows(model, res.patch, new=True)
-        answers.update(answers_of(group))
+            write_rows(model, res.patch, new=True)  # measured in memory first
+            if locality is not None:
+                res.collateral = locality.collateral({k: torch.tensor(v) for k, v in res.slots.items()},
+                                                     edited_subjects)
+            reasons = []
+            if not res.done:
+                held = sum(res.holding)
+                reasons.append(f"does not hold by the stop rule ({held} of {len(group)} requests hold after "
+                               f"{res.steps} steps)")
+            if res.collateral is not None and res.collateral.changed > cfg.max_collateral:
+                reasons.append(f"collateral {res.collateral.changed:.2%} of the locality sample's greedy tokens "
+                               f"changed (budget {cfg.max_collateral:.2%})")
+            res.reason = "; ".join(reasons)
+            if reasons:
+                res.status = "forced" if force else "refused"
         res.metrics = {"per_request": [measure(model, r) for r in group]}
-        if forgetting is not None:
+        if forgetting is not None and res.patch is not None:
             res.metrics["forgetting"] = forgetting.update([r.id for r in group if r.id])
+        if res.patch is not None:
+            if res.status == "refused":
+                write_rows(model, res.patch, new=False)  # the model is left as it was
+                if forgetting is not None:
+                    forgetting.undo()
+            else:
+                if commit is not None:
+                    write_rows(model, res.patch, new=False)
+                    commit(res.patch)  # e.g. memedit.editing.patch.apply: writes the rows in memory and the folder
+                for name, ids in res.slots.items():
+                    made[name] = torch.cat([made.get(name, torch.empty(0, dtype=torch.long)), torch.tensor(ids)])
+                answers.update(answers_of(group))
+                if locality is not None:
+                    locality.refresh(locality.sequences_reading({k: torch.tensor(v) for k, v in res.slots.items()}))
         results.append(res)
         if progress is not None:
             progress(n, len(groups))

@@ -193,16 +193,23 @@ def fixed_prefix(model: MemoryModel, tokens: torch.Tensor) -> Iterator[Callable[
         with capture_lookups(model) as rec:
             layer.lookup(model.layers[L].ffn_norm(h).reshape(-1, h.shape[-1]))  # as the block's forward runs it
     cached = rec[L][0]
-    n = cached.indices.shape[0]
     search = layer.search
     compute = search.forward
+    inside = [False]  # the cached lookup serves only the forward run from h (other forwards in the block search)
 
     def forward(query: torch.Tensor, keys: torch.Tensor) -> Lookup:
-        return cached if query.shape[0] == n else compute(query, keys)
+        return cached if inside[0] else compute(query, keys)
+
+    def run() -> torch.Tensor:
+        inside[0] = True
+        try:
+            return model.from_mid_block(h, L)
+        finally:
+            inside[0] = False
 
     search.forward = forward  # an instance attribute: hooks on the module still run on its output
     try:
-        yield lambda: model.from_mid_block(h, L)
+        yield run
     finally:
         del search.forward
 

@@ -1,0 +1,255 @@
+"""An edit's reach on text: the locality sample, the collateral of a change of value rows, and its preservation.
+
+A value row changes the model only at the positions whose top-k selects it, and through attention (and later
+memory layers) at the later positions of the same sequence. A sequence none of whose lookups selects a changed row
+is therefore unchanged, exactly; every other sequence is compared before and after. That needs no facts world: the
+sample is plain text (a capped sample of the background corpus stored with the background statistics, or
+``--locality FILE``), so the collateral of an edit is measured on any model a user brings.
+
+Figures (:meth:`Locality.collateral`), over the sample minus the sequences that mention an edited subject (the
+intended change is not collateral):
+
+- ``reads``: the share of positions whose lookup (before the edit, any memory layer) selects a changed row;
+- ``kl_mean`` / ``kl_max``: KL(before || after) of the next-token distribution over all positions (nats);
+- ``changed``: the share of all positions whose greedy next token changed (the figure the guard bounds).
+
+Training keeps the pre-edit distributions (:meth:`Locality.kl_term`): a KL term on a per-step subsample of the
+sequences that read a trained row, so that an edit cannot buy efficacy with collateral.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import MemeditError
+from ..lm.batching import pad_batch, pad_id
+from ..lm.model import MemoryModel
+from ..tracing.capture import capture_lookups
+
+SAMPLE_TOKENS = 3000  # the stored locality sample's size, in tokens (sequences are whole sentences)
+MAX_SEQ_TOKENS = 64  # a longer sentence is cut to its first tokens (a sample of text, not of lengths)
+FULL_VOCAB_ELEMENTS = 2**24  # keep the whole pre-edit distribution up to this many (positions x vocabulary) floats
+TOP_TOKENS = 64  # beyond that: the top tokens' probabilities and one bucket for the rest (a lower bound on the KL)
+META_KEY = "locality"  # the background file's metadata field holding the sample (a JSON list of texts)
+
+
+def draw_sample(model: MemoryModel, texts: Sequence[str], max_tokens: int = SAMPLE_TOKENS, seed: int = 0
+                ) -> list[str]:
+    """Whole texts drawn at random (fixed ``seed``) from ``texts`` until they hold ``max_tokens`` tokens."""
+    pool = sorted({t.strip() for t in texts if t and t.strip()})  # each text once
+    random.Random(seed).shuffle(pool)
+    out, n = [], 0
+    for t in pool:
+        if n >= max_tokens:
+            break
+        out.append(t)
+        n += min(len(model.encode(t)), MAX_SEQ_TOKENS)
+    return out
+
+
+def encode_sample(texts: Sequence[str]) -> str:
+    return json.dumps(list(texts), ensure_ascii=False)
+
+
+def decode_sample(meta: dict[str, str]) -> list[str] | None:
+    """The locality sample stored in background metadata, or None."""
+    raw = meta.get(META_KEY)
+    if raw is None:
+        return None
+    try:
+        texts = json.loads(raw)
+    except ValueError:
+        raise MemeditError("the locality sample stored with the background statistics is damaged: recompute it "
+                           "with `memedit background`") from None
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise MemeditError("the locality sample stored with the background statistics is not a list of texts: "
+                           "recompute it with `memedit background`")
+    return texts
+
+
+def mentions(text: str, subjects: Sequence[str]) -> bool:
+    """Whether ``text`` names one of ``subjects`` (as a whole word)."""
+    return any(s and re.search(rf"(?<!\w){re.escape(s)}(?!\w)", text) for s in subjects)
+
+
+@dataclass
+class Collateral:
+    """What a change of value rows did to the locality sample (module docstring)."""
+
+    positions: int  # positions measured (the sample minus sequences that mention an edited subject)
+    sequences: int
+    reads: float  # share of positions whose lookup selects a changed row
+    kl_mean: float  # nats, over all positions
+    kl_max: float
+    changed: float  # share of all positions whose greedy next token changed
+    exact_kl: bool  # False: the KL is over the top tokens and one bucket for the rest (a lower bound)
+
+    def to_json(self) -> dict:
+        return {"positions": self.positions, "sequences": self.sequences, "reads": self.reads,
+                "kl_mean": self.kl_mean, "kl_max": self.kl_max, "changed": self.changed, "exact_kl": self.exact_kl}
+
+
+class Locality:
+    """The locality sample, tokenized once, with the current model's next-token distributions and lookups.
+
+    ``refresh()`` after a committed change makes the model as it is now the "before" of the next measurement.
+    """
+
+    def __init__(self, model: MemoryModel, texts: Sequence[str], batch: int = 64):
+        seqs = [model.encode(t)[:MAX_SEQ_TOKENS] for t in texts if t.strip()]
+        keep = [i for i, s in enumerate(seqs) if len(s) >= 2]
+        if not keep:
+            raise MemeditError("the locality sample holds no text of two tokens or more")
+        self.model, self.batch = model, batch
+        self.texts = [t for t in texts if t.strip()]
+        self.texts = [self.texts[i] for i in keep]
+        self.tokens, self.lengths = pad_batch([seqs[i] for i in keep], pad_id(model))  # (B, T), (B,)
+        B, T = self.tokens.shape
+        self.valid = torch.arange(T)[None, :] < self.lengths[:, None]  # (B, T)
+        V = model.config.vocab_size
+        self.exact = int(self.valid.sum()) * V <= FULL_VOCAB_ELEMENTS
+        self.k = V if self.exact else min(TOP_TOKENS, V)
+        self.refresh()
+
+    @torch.no_grad()
+    def _forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """(logits (b, T, V), {layer: slot ids (b, T, H*k)}) for sample sequences ``rows``."""
+        with capture_lookups(self.model) as rec:
+            logits = self.model(self.tokens[rows].to(self._device))
+        b, T = len(rows), self.tokens.shape[1]
+        return logits.float(), {L: lk[0].indices.reshape(b, T, -1).cpu() for L, lk in rec.items()}
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _chunks(self, ids: torch.Tensor):
+        for s in range(0, len(ids), self.batch):
+            yield ids[s : s + self.batch]
+
+    @torch.no_grad()
+    def refresh(self, sequences: torch.Tensor | None = None) -> None:
+        """Take the model as it is now as the reference (its greedy tokens, distributions and lookups): for every
+        sequence, or only ``sequences`` (after a change that only they read)."""
+        B, T = self.tokens.shape
+        if sequences is None:
+            sequences = torch.arange(B)
+            self.greedy = torch.zeros(B, T, dtype=torch.long)
+            self.top_ids = torch.zeros(B, T, self.k, dtype=torch.long)
+            self.top_logp = torch.zeros(B, T, self.k)
+            self.rest_logp = torch.full((B, T), -float("inf"))
+            self.slots: dict[int, torch.Tensor] = {}
+        for rows in self._chunks(sequences):
+            logits, slots = self._forward(rows)
+            logp = logits.log_softmax(-1).cpu()
+            self.greedy[rows] = logp.argmax(-1)
+            top = logp.topk(self.k, dim=-1)
+            self.top_ids[rows], self.top_logp[rows] = top.indices, top.values
+            if not self.exact:
+                self.rest_logp[rows] = torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-7))
+            for L, s in slots.items():
+                if L not in self.slots:
+                    self.slots[L] = torch.zeros(B, T, s.shape[-1], dtype=torch.long)
+                self.slots[L][rows] = s
+
+    def table_layers(self) -> dict[str, list[int]]:
+        return {t.name: list(t.layers) for t in self.model.tables}
+
+    def reads(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T) bool: positions whose lookup (in the reference model) selects one of ``rows`` {table: ids}."""
+        hit = torch.zeros(self.tokens.shape, dtype=torch.bool)
+        for name, layers in self.table_layers().items():
+            ids = rows.get(name)
+            if ids is None or not len(ids):
+                continue
+            ids = torch.as_tensor(ids, dtype=torch.long)
+            for L in layers:
+                hit |= torch.isin(self.slots[L], ids).any(-1)
+        return hit & self.valid
+
+    def sequences_reading(self, rows: dict[str, torch.Tensor], allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """Ids of the sample sequences that read one of ``rows`` (the only ones a change of those rows can move)."""
+        hit = self.reads(rows).any(1)
+        if allowed is not None:
+            hit &= allowed
+        return hit.nonzero().flatten()
+
+    def allowed(self, subjects: Sequence[str]) -> torch.Tensor:
+        """(B,) bool: sequences that do not mention any of ``subjects``."""
+        return torch.tensor([not mentions(t, subjects) for t in self.texts], dtype=torch.bool)
+
+    def _kl(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """KL(reference || model) (b, T) of ``logits`` (b, T, V) against the reference at sample ``rows``."""
+        logp = logits.float().log_softmax(-1)
+        dev = logp.device
+        ref = self.top_logp[rows].to(dev)  # (b, T, k)
+        after = logp.gather(-1, self.top_ids[rows].to(dev))  # (b, T, k)
+        kl = (ref.exp() * (ref - after)).sum(-1)
+        if not self.exact:
+            rest_ref = self.rest_logp[rows].to(dev)
+            rest_after = torch.log1p(-after.exp().sum(-1).clamp(max=1 - 1e-7))
+            kl = kl + torch.where(rest_ref > -float("inf"), rest_ref.exp() * (rest_ref - rest_after),
+                                  torch.zeros_like(kl))
+        return kl.clamp_min(0.0)
+
+    @torch.no_grad()
+    def collateral(self, changed_rows: dict[str, torch.Tensor], subjects: Sequence[str] = ()) -> Collateral:
+        """What the model as it is now changed against the reference, on the sample minus ``subjects``' sequences.
+
+        Only sequences that read a changed row are run: the others are unchanged, exactly (module docstring).
+        """
+        allowed = self.allowed(subjects)
+        valid = self.valid & allowed[:, None]
+        n_pos = int(valid.sum())
+        reads = self.reads(changed_rows) & valid
+        touched = reads.any(1).nonzero().flatten()
+        kl_sum, kl_max, n_changed = 0.0, 0.0, 0
+        for s in range(0, len(touched), self.batch):
+            rows = touched[s : s + self.batch]
+            logits, _ = self._forward(rows)
+            v = valid[rows].to(logits.device)
+            kl = self._kl(logits, rows) * v
+            kl_sum += float(kl.sum())
+            kl_max = max(kl_max, float(kl.max())) if kl.numel() else kl_max
+            n_changed += int(((logits.argmax(-1).cpu() != self.greedy[rows]) & valid[rows]).sum())
+        n = max(n_pos, 1)
+        return Collateral(n_pos, int(allowed.sum()), float(reads.sum()) / n, kl_sum / n, kl_max, n_changed / n,
+                          self.exact)
+
+    def kl_term(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Mean KL(reference || model) over the valid positions of sample ``rows``, for ``logits`` (b, T, V) of those
+        rows computed with the trainable rows (a differentiable scalar)."""
+        v = self.valid[rows].to(logits.device)
+        return (self._kl(logits, rows) * v).sum() / v.sum().clamp_min(1)
+
+    def batch_tokens(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.tokens[rows].to(self._device)
+
+
+def read_locality(path) -> list[str]:
+    """The texts of a ``--locality`` file (one per line, or JSONL with a "text" field)."""
+    from ..storage.corpus import read_texts
+
+    return read_texts(path, "locality sample")
+
+
+def sample_for(model: MemoryModel, path=None, stored: Sequence[str] | None = None,
+               max_tokens: int = SAMPLE_TOKENS) -> list[str] | None:
+    """The locality texts an edit measures on: ``path``'s (drawn down to ``max_tokens``), else ``stored`` (the
+    sample kept with the background statistics), else (a model with a demo world) a sample of its default corpus;
+    None when there is none."""
+    if path is not None:
+        return draw_sample(model, read_locality(path), max_tokens)
+    if stored:
+        return list(stored)
+    if getattr(model, "meta", {}).get("world"):
+        from ..world.facts import world_of
+
+        return draw_sample(model, world_of(model).training_sentences(), max_tokens)
+    return None
