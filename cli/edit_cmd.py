@@ -278,6 +278,7 @@ def edit(
             setattr(cfg, k, v)
     bg = B.get(m) if ranking != "counts" else None
     world = load_facts(facts) if facts is not None else (world_of(m).facts if m.meta.get("world") else None)
+    S.fact_items(m, reqs)  # every target tokenizes: said before anything else is asked of the folder
     texts = L.sample_for(m, locality, bg.locality if bg is not None else B.stored_locality(m), cfg.locality_tokens)
     if texts is None:
         raise MemeditError("no locality sample to measure the edit's collateral on: run `memedit background CORPUS` "

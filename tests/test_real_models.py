@@ -63,10 +63,16 @@ def test_an_edit_with_a_multi_byte_target_survives_conversion_to_lingua(ref, cli
     native, back = tmp_path / "native", tmp_path / "lingua"
     assert cli("convert", native, "--model", step)[0] == 0
     assert cli("background", text, "--model", native)[0] == 0
+    # a random model: the edit changes much of its text, so the guard refuses it unless forced (what is tested
+    # here is the conversion of the edited rows)
     code, out, err = cli("edit", "--prompt", "The capital of {} is", "--subject", "France", "--target-new", " Rome",
                          "--model", native, "--json")
+    assert code == 1 and json.loads(out)["edits"][0]["status"] == "refused"
+    code, out, err = cli("edit", "--prompt", "The capital of {} is", "--subject", "France", "--target-new", " Rome",
+                         "--model", native, "--json", "--force")
     assert code == 0, err
     e = json.loads(out)["edits"][0]
+    assert e["status"] == "forced"
     old = e["request"]["target_true"]
     assert old and old != "Rome" and e["efficacy"] == 1.0
     for folder in (native, back):

@@ -119,17 +119,24 @@ class Locality:
 
     @torch.no_grad()
     def _forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """(logits (b, T, V), {layer: slot ids (b, T, H*k)}) for sample sequences ``rows``."""
+        """(logits (b, t, V), {layer: slot ids (b, t, H*k)}) for sample sequences ``rows``, cut to their longest
+        (t = :meth:`width`)."""
+        t = self.width(rows)
         with capture_lookups(self.model) as rec:
-            logits = self.model(self.tokens[rows].to(self._device))
-        b, T = len(rows), self.tokens.shape[1]
-        return logits.float(), {L: lk[0].indices.reshape(b, T, -1).cpu() for L, lk in rec.items()}
+            logits = self.model(self.batch_tokens(rows))
+        return logits.float(), {L: lk[0].indices.reshape(len(rows), t, -1).cpu() for L, lk in rec.items()}
 
     @property
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def width(self, rows: torch.Tensor) -> int:
+        """The longest of sample sequences ``rows``: the width their batch is cut to."""
+        return int(self.lengths[rows].max())
+
     def _chunks(self, ids: torch.Tensor):
+        """``ids`` in batches of sequences of similar length (little padding)."""
+        ids = ids[self.lengths[ids].argsort(stable=True)]
         for s in range(0, len(ids), self.batch):
             yield ids[s : s + self.batch]
 
@@ -141,22 +148,30 @@ class Locality:
         if sequences is None:
             sequences = torch.arange(B)
             self.greedy = torch.zeros(B, T, dtype=torch.long)
-            self.top_ids = torch.zeros(B, T, self.k, dtype=torch.long)
+            self.top_ids = None if self.exact else torch.zeros(B, T, self.k, dtype=torch.long)
             self.top_logp = torch.zeros(B, T, self.k)
             self.rest_logp = torch.full((B, T), -float("inf"))
             self.slots: dict[int, torch.Tensor] = {}
         for rows in self._chunks(sequences):
-            logits, slots = self._forward(rows)
-            logp = logits.log_softmax(-1).cpu()
-            self.greedy[rows] = logp.argmax(-1)
+            self._store(rows, *self._forward(rows))
+        self._pending = []
+
+    def _store(self, rows: torch.Tensor, logits: torch.Tensor, slots: dict[int, torch.Tensor]) -> None:
+        """Make ``logits`` (b, t, V) and ``slots`` of sample sequences ``rows`` the reference."""
+        B, T = self.tokens.shape
+        t = logits.shape[1]
+        logp = logits.log_softmax(-1).cpu()
+        self.greedy[rows, :t] = logp.argmax(-1)
+        if self.exact:
+            self.top_logp[rows, :t] = logp
+        else:
             top = logp.topk(self.k, dim=-1)
-            self.top_ids[rows], self.top_logp[rows] = top.indices, top.values
-            if not self.exact:
-                self.rest_logp[rows] = torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-7))
-            for L, s in slots.items():
-                if L not in self.slots:
-                    self.slots[L] = torch.zeros(B, T, s.shape[-1], dtype=torch.long)
-                self.slots[L][rows] = s
+            self.top_ids[rows, :t], self.top_logp[rows, :t] = top.indices, top.values
+            self.rest_logp[rows, :t] = torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-7))
+        for L, s in slots.items():
+            if L not in self.slots:
+                self.slots[L] = torch.full((B, T, s.shape[-1]), -1, dtype=torch.long)
+            self.slots[L][rows, :t] = s
 
     def table_layers(self) -> dict[str, list[int]]:
         return {t.name: list(t.layers) for t in self.model.tables}
@@ -185,14 +200,14 @@ class Locality:
         return torch.tensor([not mentions(t, subjects) for t in self.texts], dtype=torch.bool)
 
     def _kl(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """KL(reference || model) (b, T) of ``logits`` (b, T, V) against the reference at sample ``rows``."""
+        """KL(reference || model) (b, t) of ``logits`` (b, t, V) against the reference at sample ``rows``."""
         logp = logits.float().log_softmax(-1)
-        dev = logp.device
-        ref = self.top_logp[rows].to(dev)  # (b, T, k)
-        after = logp.gather(-1, self.top_ids[rows].to(dev))  # (b, T, k)
+        dev, t = logp.device, logp.shape[1]
+        ref = self.top_logp[rows, :t].to(dev)  # (b, t, k)
+        after = logp if self.exact else logp.gather(-1, self.top_ids[rows, :t].to(dev))  # (b, t, k)
         kl = (ref.exp() * (ref - after)).sum(-1)
         if not self.exact:
-            rest_ref = self.rest_logp[rows].to(dev)
+            rest_ref = self.rest_logp[rows, :t].to(dev)
             rest_after = torch.log1p(-after.exp().sum(-1).clamp(max=1 - 1e-7))
             kl = kl + torch.where(rest_ref > -float("inf"), rest_ref.exp() * (rest_ref - rest_after),
                                   torch.zeros_like(kl))
@@ -210,26 +225,36 @@ class Locality:
         reads = self.reads(changed_rows) & valid
         touched = reads.any(1).nonzero().flatten()
         kl_sum, kl_max, n_changed = 0.0, 0.0, 0
-        for s in range(0, len(touched), self.batch):
-            rows = touched[s : s + self.batch]
-            logits, _ = self._forward(rows)
-            v = valid[rows].to(logits.device)
-            kl = self._kl(logits, rows) * v
+        self._pending = []
+        for rows in self._chunks(touched):
+            logits, slots = self._forward(rows)
+            self._pending.append((rows, logits, slots))
+            t = logits.shape[1]
+            v = valid[rows, :t]
+            kl = self._kl(logits, rows) * v.to(logits.device)
             kl_sum += float(kl.sum())
             kl_max = max(kl_max, float(kl.max())) if kl.numel() else kl_max
-            n_changed += int(((logits.argmax(-1).cpu() != self.greedy[rows]) & valid[rows]).sum())
+            n_changed += int(((logits.argmax(-1).cpu() != self.greedy[rows, :t]) & v).sum())
         n = max(n_pos, 1)
         return Collateral(n_pos, int(allowed.sum()), float(reads.sum()) / n, kl_sum / n, kl_max, n_changed / n,
                           self.exact)
 
+    def accept(self) -> None:
+        """After :meth:`collateral`, when its change is committed: the model as measured becomes the reference
+        (only the sequences that read a changed row moved)."""
+        for rows, logits, slots in self._pending:
+            self._store(rows, logits, slots)
+        self._pending = []
+
     def kl_term(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Mean KL(reference || model) over the valid positions of sample ``rows``, for ``logits`` (b, T, V) of those
         rows computed with the trainable rows (a differentiable scalar)."""
-        v = self.valid[rows].to(logits.device)
+        v = self.valid[rows, : logits.shape[1]].to(logits.device)
         return (self._kl(logits, rows) * v).sum() / v.sum().clamp_min(1)
 
     def batch_tokens(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.tokens[rows].to(self._device)
+        """The tokens (b, t) of sample sequences ``rows``, cut to the longest of them."""
+        return self.tokens[rows, : self.width(rows)].to(self._device)
 
 
 def read_locality(path) -> list[str]:

@@ -841,7 +841,7 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
                     made[name] = torch.cat([made.get(name, torch.empty(0, dtype=torch.long)), torch.tensor(ids)])
                 answers.update(answers_of(group))
                 if locality is not None:
-                    locality.refresh(locality.sequences_reading({k: torch.tensor(v) for k, v in res.slots.items()}))
+                    locality.accept()
         results.append(res)
         if progress is not None:
             progress(n, len(groups))
