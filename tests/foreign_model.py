@@ -115,7 +115,7 @@ def world(seed: int = SEED, n_people: int = N_PEOPLE) -> list[dict]:
     facts = []
     for rel in ("town", "job"):
         true = [rng.choice(objects[rel]) for _ in people]
-        for p, (person, obj) in enumerate(zip(people, true)):
+        for p, (person, obj) in enumerate(zip(people, true, strict=True)):
             held = (p + (2 if rel == "job" else 0)) % len(WORDINGS[rel])  # every wording is held out for 1/5
             train = [w for i, w in enumerate(WORDINGS[rel]) if i != held]
             first = rng.randrange(len(train))
@@ -384,7 +384,7 @@ def greedy_tokens(state, params, sp, prompts: Sequence[str], max_tokens: int = 8
         logits = model(_pad(cur))
         nxt = logits[torch.arange(len(cur)), torch.tensor([len(c) - 1 for c in cur])].argmax(-1).tolist()
         keep = []
-        for i, t in zip(live, nxt):
+        for i, t in zip(live, nxt, strict=True):
             if t != sp.eos_id():
                 new[i].append(t)
                 keep.append(i)
@@ -419,8 +419,8 @@ def exact_matches(state, params, sp, pairs: Sequence[tuple[str, str]], batch_siz
         part = pairs[s : s + batch_size]
         pids = [encode_prompt(sp, p) for p, _ in part]
         tids = [target_ids(sp, p, t) for p, t in part]
-        logits = model(_pad([p + t[:-1] for p, t in zip(pids, tids)]))
-        for b, (p, t) in enumerate(zip(pids, tids)):
+        logits = model(_pad([p + t[:-1] for p, t in zip(pids, tids, strict=True)]))
+        for b, (p, t) in enumerate(zip(pids, tids, strict=True)):
             pred = logits[b, len(p) - 1 : len(p) - 1 + len(t)].argmax(-1).tolist()
             out.append(pred == t)
     return out
@@ -518,6 +518,8 @@ def main(epochs: int = 15, threads: int = 1) -> None:  # python -m tests.foreign
     write_fixture(FIXTURE, model, params, proto, facts, sentences)
     state, params, sp = load_foreign(FIXTURE)
     print("read back:", figures(state, params, sp, facts))
+    zeroed = {k: torch.zeros_like(v) if k.endswith("values.weight") else v for k, v in state.items()}
+    print("value table zeroed (do the facts live in memory?):", figures(zeroed, params, sp, facts))
     print(f"wrote {FIXTURE} in {time.time() - t0:.0f}s")
 
 
