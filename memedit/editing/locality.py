@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import MemeditError
 from ..lm.batching import pad_batch, pad_id
@@ -101,21 +102,34 @@ class Locality:
     ``refresh()`` after a committed change makes the model as it is now the "before" of the next measurement.
     """
 
-    def __init__(self, model: MemoryModel, texts: Sequence[str], batch: int = 64):
-        seqs = [model.encode(t)[:MAX_SEQ_TOKENS] for t in texts if t.strip()]
-        keep = [i for i, s in enumerate(seqs) if len(s) >= 2]
+    def __init__(self, model: MemoryModel, texts: Sequence[str], batch: int = 64,
+                 sequences: Sequence[Sequence[int]] | None = None, starts: Sequence[int] | None = None):
+        """``texts``; or (for :meth:`of_answers`) token ``sequences`` measured from position ``starts[i]`` on."""
+        texts = [t for t in texts if t.strip()]
+        seqs = [model.encode(t)[:MAX_SEQ_TOKENS] for t in texts] if sequences is None else [list(x) for x in sequences]
+        keep = [i for i, s in enumerate(seqs) if len(s) >= 2 or starts is not None]
         if not keep:
             raise MemeditError("the locality sample holds no text of two tokens or more")
         self.model, self.batch = model, batch
-        self.texts = [t for t in texts if t.strip()]
-        self.texts = [self.texts[i] for i in keep]
+        self.texts = [texts[i] for i in keep]
         self.tokens, self.lengths = pad_batch([seqs[i] for i in keep], pad_id(model))  # (B, T), (B,)
         B, T = self.tokens.shape
         self.valid = torch.arange(T)[None, :] < self.lengths[:, None]  # (B, T)
+        if starts is not None:
+            self.valid &= torch.arange(T)[None, :] >= torch.tensor([starts[i] for i in keep])[:, None]
+        # every other sequence trains (preservation), the rest is held out: the guard measures there
+        self.held_out = (torch.arange(B) % 2 == 1) if starts is None else torch.zeros(B, dtype=torch.bool)
         V = model.config.vocab_size
         self.exact = int(self.valid.sum()) * V <= FULL_VOCAB_ELEMENTS
         self.k = V if self.exact else min(TOP_TOKENS, V)
         self.refresh()
+
+    @classmethod
+    def of_answers(cls, model: MemoryModel, items: Sequence) -> Locality:
+        """The answer positions of prompts with their targets (``TargetTokens``, teacher forcing): what earlier
+        edits made the model say, kept by later ones."""
+        return cls(model, [it.prompt for it in items], sequences=[it.sequence for it in items],
+                   starts=[len(it.prompt_ids) - 1 for it in items])
 
     @torch.no_grad()
     def _forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -151,6 +165,7 @@ class Locality:
             self.top_ids = None if self.exact else torch.zeros(B, T, self.k, dtype=torch.long)
             self.top_logp = torch.zeros(B, T, self.k)
             self.rest_logp = torch.full((B, T), -float("inf"))
+            self.margin = torch.zeros(B, T)  # logit of the greedy token minus the next best
             self.slots: dict[int, torch.Tensor] = {}
         for rows in self._chunks(sequences):
             self._store(rows, *self._forward(rows))
@@ -162,6 +177,8 @@ class Locality:
         t = logits.shape[1]
         logp = logits.log_softmax(-1).cpu()
         self.greedy[rows, :t] = logp.argmax(-1)
+        two = logits.topk(2, dim=-1).values.cpu()
+        self.margin[rows, :t] = two[..., 0] - two[..., 1]
         if self.exact:
             self.top_logp[rows, :t] = logp
         else:
@@ -214,12 +231,14 @@ class Locality:
         return kl.clamp_min(0.0)
 
     @torch.no_grad()
-    def collateral(self, changed_rows: dict[str, torch.Tensor], subjects: Sequence[str] = ()) -> Collateral:
-        """What the model as it is now changed against the reference, on the sample minus ``subjects``' sequences.
+    def collateral(self, changed_rows: dict[str, torch.Tensor], subjects: Sequence[str] = (),
+                   held_out: bool = True) -> Collateral:
+        """What the model as it is now changed against the reference, on the sample's held-out half (``held_out``;
+        else on all of it) minus ``subjects``' sequences.
 
         Only sequences that read a changed row are run: the others are unchanged, exactly (module docstring).
         """
-        allowed = self.allowed(subjects)
+        allowed = self.allowed(subjects) & (self.held_out if held_out else True)
         valid = self.valid & allowed[:, None]
         n_pos = int(valid.sum())
         reads = self.reads(changed_rows) & valid
@@ -245,6 +264,29 @@ class Locality:
         for rows, logits, slots in self._pending:
             self._store(rows, logits, slots)
         self._pending = []
+
+    @torch.no_grad()
+    def flipped(self, rows: torch.Tensor, logits: torch.Tensor, min_margin: float = 0.0) -> torch.Tensor:
+        """(b,) bool: which of sample sequences ``rows`` have a position whose greedy token differs from the
+        reference in ``logits`` (b, t, V), counting only positions whose reference margin is at least
+        ``min_margin`` (near-ties flip back and forth under any change)."""
+        t = logits.shape[1]
+        firm = self.valid[rows, :t] & (self.margin[rows, :t] >= min_margin)
+        return ((logits.argmax(-1).cpu() != self.greedy[rows, :t]) & firm).any(1)
+
+    def margin_term(self, logits: torch.Tensor, rows: torch.Tensor, cap: float) -> torch.Tensor:
+        """Mean over the valid positions of sample ``rows`` of relu(min(reference margin, cap) / 2 - margin now),
+        where a margin is the logit of the reference's greedy token minus the best other logit: zero while every
+        greedy token keeps at least half its reference margin (up to ``cap``), and a pull as soon as one does not."""
+        t = logits.shape[1]
+        dev = logits.device
+        g = self.greedy[rows, :t].to(dev)  # (b, t)
+        z = logits.float()
+        zg = z.gather(-1, g[..., None]).squeeze(-1)  # (b, t)
+        other = z.scatter(-1, g[..., None], -float("inf")).amax(-1)  # (b, t)
+        want = self.margin[rows, :t].to(dev).clamp(max=cap) / 2
+        v = self.valid[rows, :t].to(dev)
+        return (F.relu(want - (zg - other)) * v).sum() / v.sum().clamp_min(1)
 
     def kl_term(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Mean KL(reference || model) over the valid positions of sample ``rows``, for ``logits`` (b, T, V) of those

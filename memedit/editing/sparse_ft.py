@@ -61,7 +61,10 @@ class EditConfig:
     # from 128 rows in rounds of 10 steps, a median of 23.5 steps (74 at lr 5 from 64 rows with p >= 0.74) and
     # 1.2 s of CPU an edit, with the same forgetting over 150 sequential edits (benchmarks/bench_continual.py).
     top_t: int = 1024  # at most this many value rows trained per fact
-    lr: float | None = None  # None: 10.0 for SGD (with momentum 0.9; §6 used 2 to 5 without), 1e-2 for AdamW
+    # None: for SGD, the lr that makes the first step move the trained rows by ``step_size`` of their mean norm
+    # (scale-free: lr 10 on the demo, ~0.1-1 on a model whose value rows are 10x smaller); 1e-2 for AdamW
+    lr: float | None = None
+    step_size: float = 0.0065  # the demo's first steps at lr 10 moved its rows by 0.5-0.8 % of their norm
     steps: int = 200  # at most this many optimizer steps in all (most edits stop early)
     # Stop early once every token of the new target, in every training phrasing, has a loss below this (p > 1/2:
     # the greedy continuation of every training phrasing is the whole new target) while every token of the keep
@@ -97,16 +100,21 @@ class EditConfig:
     round_steps: int = 10  # with adaptive: steps per round before the rows are doubled (the last round: the rest)
     # An edit's reach on text (memedit/editing/locality.py): the guard and the preservation term (docs/decisions.md).
     max_collateral: float = 0.01  # refuse an edit that changes more than this share of the sample's greedy tokens
-    preserve: float = 1.0  # weight of KL(pre-edit || now) on the locality sample in the loss (0: off)
+    preserve: float = 1.0  # weight of the margin term on the locality sample's training half (0: off)
+    preserve_margin: float = 2.0  # the margin term keeps half of each greedy token's logit margin, up to this
+    preserve_kl: float = 0.0  # weight of KL(pre-edit || now) on the same positions (0: off)
     preserve_sample: int = 8  # locality sequences per step (drawn among those that read a trained row)
+    repairs: int = 2  # times an edit that holds is trained on, with the sequences whose greedy tokens it changed
+    repair_steps: int = 20  # at most this many steps per repair
     locality_tokens: int = 3000  # the locality sample's size (tokens), drawn from the background corpus
 
     @property
-    def learning_rate(self) -> float:
-        """``lr``, or the optimizer's default when it is None."""
+    def learning_rate(self) -> float | None:
+        """``lr``, or the optimizer's default when it is None (None: SGD's lr is set by ``step_size`` at the first
+        step)."""
         if self.lr is not None:
             return self.lr
-        return 10.0 if self.optimizer == "sgd" else 1e-2
+        return None if self.optimizer == "sgd" else 1e-2
 
 
 @dataclass
@@ -461,8 +469,8 @@ class _SGD:
     p -= lr * buf (buf = grad at the first step). Written out because constructing torch.optim.SGD first imports
     torch._dynamo (2.5 s of CPU, once per process: most of a single CLI edit on a small model)."""
 
-    def __init__(self, params: list[torch.Tensor], lr: float, momentum: float = 0.0):
-        self.params, self.lr, self.momentum = params, lr, momentum
+    def __init__(self, params: list[torch.Tensor], lr: float | None, momentum: float = 0.0, step_size: float = 0.0):
+        self.params, self.lr, self.momentum, self.step_size = params, lr, momentum, step_size
         self.bufs: list[torch.Tensor | None] = [None] * len(params)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -471,6 +479,10 @@ class _SGD:
 
     @torch.no_grad()
     def step(self) -> None:
+        if self.lr is None:  # the first step moves the rows by step_size of their mean norm
+            g = torch.cat([p.grad.float().norm(dim=-1) for p in self.params if p.grad is not None])
+            v = torch.cat([p.detach().float().norm(dim=-1) for p in self.params if p.grad is not None])
+            self.lr = self.step_size * float(v.mean()) / max(float(g.mean()), 1e-12)
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
@@ -483,13 +495,54 @@ class _SGD:
 
 @dataclass
 class Preserve:
-    """What training keeps: the locality sample (its pre-edit distributions) and the sequences it may use."""
+    """What training keeps: the locality sample's greedy tokens and distributions before the edit, on its training
+    half (the guard measures on the held-out half), minus the sequences that mention an edited subject."""
 
     locality: Locality
-    allowed: torch.Tensor  # (B,) bool: sample sequences that do not mention an edited subject
-    weight: float
-    sample: int  # sequences per step
+    allowed: torch.Tensor  # (B,) bool: training-half sequences that do not mention an edited subject
+    cfg: EditConfig
     seed: int = 0
+    pinned: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # always in the step
+    history: Locality | None = None  # the answers of earlier edits (Locality.of_answers): kept, like pinned ones
+    history_rows: torch.Tensor | None = None  # those of them that read the rows being trained
+
+    def candidates(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The allowed sequences that read one of ``rows`` (the only ones training them can move)."""
+        return self.locality.sequences_reading(rows, self.allowed)
+
+    @torch.no_grad()
+    def flipped(self, model: MemoryModel, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The allowed sequences that read one of ``rows`` and whose greedy tokens the model now changes."""
+        loc = self.locality
+        out = []
+        for ids in loc._chunks(self.candidates(rows)):
+            out.append(ids[loc.flipped(ids, model(loc.batch_tokens(ids)), self.cfg.preserve_margin / 4)])
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def _preservation(model: MemoryModel, preserve: Preserve, candidates: torch.Tensor, gen: torch.Generator,
+                  n_active: int) -> tuple[torch.Tensor | float, bool]:
+    """(the preservation loss of one step, whether every pinned sequence keeps its greedy tokens): on the pinned
+    sequences and ``cfg.preserve_sample`` others drawn from ``candidates``, weight x (requests still training) x
+    (the margin term + ``preserve_kl`` x the KL term) (memedit/editing/locality.py)."""
+    cfg, loc = preserve.cfg, preserve.locality
+    extra = candidates[torch.randperm(len(candidates), generator=gen)[: cfg.preserve_sample]]
+    pick = torch.cat([preserve.pinned, extra[~torch.isin(extra, preserve.pinned)]])
+    term, ok = 0.0, True
+    if len(pick):
+        logits = model(loc.batch_tokens(pick))
+        k = len(preserve.pinned)
+        ok = not bool(loc.flipped(pick[:k], logits[:k].detach(), cfg.preserve_margin / 4).any()) if k else True
+        term = cfg.preserve * loc.margin_term(logits, pick, cfg.preserve_margin)
+        if cfg.preserve_kl:
+            term = term + cfg.preserve_kl * loc.kl_term(logits, pick)
+    hist = preserve.history
+    if hist is not None and preserve.history_rows is not None and len(preserve.history_rows):
+        h = preserve.history_rows
+        logits = model(hist.batch_tokens(h))
+        ok = ok and not bool(hist.flipped(h, logits.detach()).any())
+        term = term + cfg.preserve * hist.margin_term(logits, h, cfg.preserve_margin)
+    return max(n_active, 1) * term, ok
 
 
 def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[str, torch.Tensor] | None,
@@ -500,8 +553,8 @@ def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[s
     The rows are gathered into small leaf tensors that the forward pass reads instead of the table
     (:func:`memedit.tracing.capture.trainable_rows`): the optimizer sees only them, so nothing else can move and no
     gradient or optimizer state is as large as the table. They are written back at the end. With ``preserve``, each
-    step adds ``weight`` x (requests still training) x the mean KL(pre-edit || now) of the next-token distribution
-    over ``sample`` sequences of the locality sample drawn among those that read a trained row.
+    step adds :func:`_preservation` on locality sequences that read a trained row, and training goes on until the
+    pinned sequences keep their greedy tokens too.
     """
     from ..tracing.capture import fixed_prefix, trainable_rows
 
@@ -511,11 +564,10 @@ def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[s
         raise MemeditError(f"unknown optimizer {cfg.optimizer!r}: use sgd or adamw")
     steps, loss_val = 0, float("nan")
     holds = torch.zeros(len(requests), dtype=torch.bool)
-    candidates = None
-    if preserve is not None and rows is not None and preserve.weight > 0 and preserve.sample > 0:
-        candidates = preserve.locality.sequences_reading(rows, preserve.allowed)
-        if not len(candidates):
-            candidates = None
+    on = preserve is not None and rows is not None and (cfg.preserve > 0 or cfg.preserve_kl > 0)
+    candidates = preserve.candidates(rows) if on else None
+    if on and preserve.history is not None:  # earlier edits whose answers read a trained row (at most 32)
+        preserve.history_rows = preserve.history.sequences_reading(rows)[-32:]
     gen = torch.Generator().manual_seed(preserve.seed if preserve is not None else 0)
     with contextlib.ExitStack() as stack:
         if cfg.train_all:  # the baseline: dense, every parameter
@@ -528,18 +580,18 @@ def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[s
             logits = stack.enter_context(fixed_prefix(model, tokens))  # exact: only value rows are trained
             leaves = stack.enter_context(trainable_rows(model, rows))
             params = list(leaves.values())
-        opt = (_SGD(params, cfg.learning_rate, cfg.momentum) if cfg.optimizer == "sgd"
+        opt = (_SGD(params, cfg.learning_rate, cfg.momentum, cfg.step_size) if cfg.optimizer == "sgd"
                else torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0))
         for steps in range(1, cfg.steps + 1):
             with torch.enable_grad():
                 loss, holds, loss_val = _loss(logits(), b, cfg.stop_token_loss)
-                if bool(holds.all()):
+                kept = True
+                if on:
+                    term, kept = _preservation(model, preserve, candidates, gen, int((~holds).sum()))
+                    loss = loss + term
+                if bool(holds.all()) and kept:
                     steps -= 1
                     break
-                if candidates is not None:
-                    pick = candidates[torch.randperm(len(candidates), generator=gen)[: preserve.sample]]
-                    kl = preserve.locality.kl_term(model(preserve.locality.batch_tokens(pick)), pick)
-                    loss = loss + preserve.weight * float((~holds).sum()) * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -550,6 +602,8 @@ def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[s
             with torch.no_grad():
                 for name, leaf in leaves.items():
                     model.table(name).weight[rows[name]] = leaf.detach()
+    if cfg.optimizer == "sgd" and opt.lr is not None:
+        cfg.lr = opt.lr  # later rounds of the same edit keep the lr the first step chose
     return steps, loss_val, holds
 
 
@@ -624,7 +678,7 @@ def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | N
     ``subjects``: other subjects the model knows (e.g. the known facts'), for ``cfg.contrast``; ``preserve``: the
     locality sample kept during training (:class:`Preserve`).
     """
-    cfg = cfg or EditConfig()
+    cfg = replace(cfg) if cfg is not None else EditConfig()  # a copy: the lr chosen by step_size is this edit's
     if cfg.optimizer == "adamw" and not cfg.train_all:
         warnings.warn("AdamW forgets more than SGD in sparse memory finetuning (reference §6)", stacklevel=2)
     if cfg.ranking != "counts" and bg is None and not cfg.train_all:
@@ -679,12 +733,23 @@ def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | N
                     seen.update(zip(new, model.table(name).weight.detach()[new].clone(), strict=True))
             full = all(ti >= cfg.top_t for ti in t)
             budget = cfg.steps - steps if (not cfg.adaptive or full) else min(cfg.round_steps, cfg.steps - steps)
-            n, loss, holds = train_rows(model, requests, rows, replace(cfg, steps=max(1, budget)), preserve)
+            rc = replace(cfg, steps=max(1, budget))
+            n, loss, holds = train_rows(model, requests, rows, rc, preserve)
+            cfg.lr = rc.lr  # the lr the first step chose (step_size), for the later rounds
             steps += n
             if not cfg.adaptive or bool(holds.all()) or full or steps >= cfg.steps:
                 break
             # the requests that do not hold yet train more rows, starting from where they stand
             t = [ti if bool(h) else min(cfg.top_t, 2 * ti) for ti, h in zip(t, holds.tolist(), strict=True)]
+        for _ in range(cfg.repairs if preserve is not None and bool(holds.all()) else 0):
+            # sequences of the sample's training half whose greedy tokens the edit changed are kept from then on
+            flipped = preserve.flipped(model, rows)
+            if not len(flipped) or steps >= cfg.steps:
+                break
+            preserve.pinned = torch.cat([preserve.pinned, flipped]).unique()
+            rc = replace(cfg, steps=min(cfg.repair_steps, cfg.steps - steps))
+            n, loss, holds = train_rows(model, requests, rows, rc, preserve)
+            steps += n
         updates = {name: (ids, model.table(name).weight.detach()[ids].clone()) for name, ids in rows.items()}
     finally:  # the model is left as it was; the patch carries the change
         with torch.no_grad():
@@ -796,6 +861,7 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
     results = []
     made: dict[str, torch.Tensor] = {}  # rows trained by the edits of this run (a folder's log holds earlier ones)
     answers = edited_answers(model) if keep_facts is not None else {}
+    kept: list[TargetTokens] = []  # the answers of this run's committed edits, kept by later ones
     for n, group in enumerate(groups, 1):
         if keep_facts is not None:
             mine = {**answers, **answers_of(group)}  # siblings inside the batch are kept at their new answers
@@ -804,8 +870,9 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
                     r.keep = keep_for(r, keep_facts, answers=mine)
         edited_subjects = [r.subject for r in group if r.subject]
         preserve = None
-        if locality is not None and cfg.preserve > 0:
-            preserve = Preserve(locality, locality.allowed(edited_subjects), cfg.preserve, cfg.preserve_sample, n)
+        if locality is not None and (cfg.preserve > 0 or cfg.preserve_kl > 0 or cfg.repairs > 0):
+            preserve = Preserve(locality, locality.allowed(edited_subjects) & ~locality.held_out, cfg, n,
+                                history=Locality.of_answers(model, kept) if kept else None)
         res = edit(model, group, bg, cfg, protect=made if cfg.protect != "none" else None,
                    subjects=subjects if subjects is not None else [f.subject for f in keep_facts or ()],
                    preserve=preserve)
@@ -842,6 +909,9 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
                 answers.update(answers_of(group))
                 if locality is not None:
                     locality.accept()
+                    mine = {r.rewrite_prompt for r in group}
+                    kept = [it for it in kept if it.prompt not in mine] + [
+                        tokenize_target(model, r.rewrite_prompt, r.target_new) for r in group]
         results.append(res)
         if progress is not None:
             progress(n, len(groups))
