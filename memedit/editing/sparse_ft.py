@@ -105,6 +105,7 @@ class EditConfig:
     preserve_kl: float = 0.0  # weight of KL(pre-edit || now) on the same positions (0: off)
     preserve_sample: int = 8  # locality sequences per step (drawn among those that read a trained row)
     repairs: int = 2  # times an edit that holds is trained on, with the sequences whose greedy tokens it changed
+    preserve_always: bool = False  # the preservation term in every step (False: only in repairs, when needed)
     repair_steps: int = 20  # at most this many steps per repair
     locality_tokens: int = 3000  # the locality sample's size (tokens), drawn from the background corpus
 
@@ -506,6 +507,15 @@ class Preserve:
     history: Locality | None = None  # the answers of earlier edits (Locality.of_answers): kept, like pinned ones
     history_rows: torch.Tensor | None = None  # those of them that read the rows being trained
 
+    @torch.no_grad()
+    def history_flipped(self, model: MemoryModel, rows: dict[str, torch.Tensor]) -> bool:
+        """Whether the model now changes an answer of an earlier edit that reads one of ``rows``."""
+        hist = self.history
+        if hist is None:
+            return False
+        ids = hist.sequences_reading(rows)
+        return any(bool(hist.flipped(c, model(hist.batch_tokens(c))).any()) for c in hist._chunks(ids))
+
     def candidates(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """The allowed sequences that read one of ``rows`` (the only ones training them can move)."""
         return self.locality.sequences_reading(rows, self.allowed)
@@ -734,7 +744,7 @@ def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | N
             full = all(ti >= cfg.top_t for ti in t)
             budget = cfg.steps - steps if (not cfg.adaptive or full) else min(cfg.round_steps, cfg.steps - steps)
             rc = replace(cfg, steps=max(1, budget))
-            n, loss, holds = train_rows(model, requests, rows, rc, preserve)
+            n, loss, holds = train_rows(model, requests, rows, rc, preserve if cfg.preserve_always else None)
             cfg.lr = rc.lr  # the lr the first step chose (step_size), for the later rounds
             steps += n
             if not cfg.adaptive or bool(holds.all()) or full or steps >= cfg.steps:
@@ -742,9 +752,10 @@ def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | N
             # the requests that do not hold yet train more rows, starting from where they stand
             t = [ti if bool(h) else min(cfg.top_t, 2 * ti) for ti, h in zip(t, holds.tolist(), strict=True)]
         for _ in range(cfg.repairs if preserve is not None and bool(holds.all()) else 0):
-            # sequences of the sample's training half whose greedy tokens the edit changed are kept from then on
+            # sequences of the sample's training half whose greedy tokens the edit changed are kept from then on,
+            # with the answers of earlier edits that read the rows
             flipped = preserve.flipped(model, rows)
-            if not len(flipped) or steps >= cfg.steps:
+            if (not len(flipped) and not preserve.history_flipped(model, rows)) or steps >= cfg.steps:
                 break
             preserve.pinned = torch.cat([preserve.pinned, flipped]).unique()
             rc = replace(cfg, steps=min(cfg.repair_steps, cfg.steps - steps))
