@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memedit  # noqa: E402
 from memedit.editing import background as B  # noqa: E402
-from memedit.editing.sparse_ft import EditConfig, EditRequest, Forgetting, edit, keep_for, measure  # noqa: E402
+from memedit.editing.locality import Locality  # noqa: E402
+from memedit.editing.sparse_ft import EditConfig, EditRequest, Forgetting, Preserve, edit, keep_for, measure  # noqa: E402
 from memedit.world.evaluate import accuracy  # noqa: E402
 from memedit.world.facts import world_of  # noqa: E402
 
@@ -87,9 +88,13 @@ def apply_edit(model, req: EditRequest, bg, cfg, commit=None):
         t0 = time.perf_counter()
         rome_edit(model, req, max(model.memory_layers), C_INV[0])
         return EditResult(None, {}, 0, float("nan"), time.perf_counter() - t0)
+    preserve = None
     if not cfg.train_all:
         req.keep = keep_for(req, WORLD)
-    res = edit(model, [req], bg, cfg)
+        if LOCALITY:  # as `memedit edit` does: repairs on the locality sample when the edit changed it
+            loc = LOCALITY[0]
+            preserve = Preserve(loc, loc.allowed([req.subject]) & ~loc.held_out, cfg)
+    res = edit(model, [req], bg, cfg, preserve=preserve)
     if res.patch is not None:
         (commit or (lambda p: write_rows(model, p)))(res.patch)
     return res
@@ -167,6 +172,7 @@ def sequential(model, facts, others, bg, cfg, folder: Path | None) -> dict:
 
 
 ORIGINAL_BYTES: list[bytes] = []
+LOCALITY: list[Locality] = []  # the locality sample `memedit edit` would use (the background's)
 
 
 def main() -> None:
@@ -211,8 +217,10 @@ def main() -> None:
         for run in args.runs.split(","):
             for name, cfg in cfgs.items():
                 t0 = time.perf_counter()
-                if run == "single":
+                if run == "single":  # each edit on the original model: the locality sample's reference holds
+                    LOCALITY[:] = [Locality(model, bg.locality)] if bg.locality else []
                     res = single(model, facts, others, bg, cfg)
+                    LOCALITY.clear()
                 else:
                     folder = None
                     if name == "memedit":  # the real path: a model folder, apply per edit, revert every edit

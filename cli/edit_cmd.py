@@ -231,7 +231,8 @@ def edit(
     max_collateral: Annotated[Optional[float],
                               typer.Option("--max-collateral", min=0.0, max=1.0,
                                            help="Refuse an edit that changes the greedy next token at more than "
-                                                "this share of the locality sample's positions (default 0.01).")]
+                                                "this share of the locality sample's positions (default 0.02; a "
+                                                "batch of n requests: n times it).")]
     = None,
     force: Annotated[bool, typer.Option("--force", help="Commit edits the guard refuses (too much collateral, or "
                                                         "not holding), and say so.")] = False,

@@ -426,6 +426,23 @@ def exact_matches(state, params, sp, pairs: Sequence[tuple[str, str]], batch_siz
     return out
 
 
+@torch.no_grad()
+def mean_logprobs(state, params, sp, pairs: Sequence[tuple[str, str]], batch_size: int = 512) -> list[float]:
+    """Per (prompt, target): the mean over the target's tokens of their log-probability under teacher forcing
+    (CounterFact's whole-target comparison)."""
+    model = _model(state, params)
+    out = []
+    for s in range(0, len(pairs), batch_size):
+        part = pairs[s : s + batch_size]
+        pids = [encode_prompt(sp, p) for p, _ in part]
+        tids = [target_ids(sp, p, t) for p, t in part]
+        logp = model(_pad([p + t[:-1] for p, t in zip(pids, tids, strict=True)])).float().log_softmax(-1)
+        for b, (p, t) in enumerate(zip(pids, tids, strict=True)):
+            lp = logp[b, len(p) - 1 : len(p) - 1 + len(t)].gather(-1, torch.tensor(t)[:, None])
+            out.append(float(lp.mean()))
+    return out
+
+
 def accuracy(state, params, sp, pairs: Sequence[tuple[str, str]]) -> float:
     """Share of (prompt, target) pairs whose whole target is the greedy continuation (the model's own forward)."""
     hits = exact_matches(state, params, sp, pairs)

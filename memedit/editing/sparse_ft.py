@@ -99,7 +99,8 @@ class EditConfig:
     min_t: int = 128  # with adaptive: the rows tried first
     round_steps: int = 10  # with adaptive: steps per round before the rows are doubled (the last round: the rest)
     # An edit's reach on text (memedit/editing/locality.py): the guard and the preservation term (docs/decisions.md).
-    max_collateral: float = 0.01  # refuse an edit that changes more than this share of the sample's greedy tokens
+    # refuse an edit that changes more than this share of the sample's greedy tokens (a batch: n times this)
+    max_collateral: float = 0.02
     preserve: float = 1.0  # weight of the margin term on the locality sample's training half (0: off)
     preserve_margin: float = 2.0  # the margin term keeps half of each greedy token's logit margin, up to this
     preserve_kl: float = 0.0  # weight of KL(pre-edit || now) on the same positions (0: off)
@@ -897,9 +898,11 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
                 held = sum(res.holding)
                 reasons.append(f"does not hold by the stop rule ({held} of {len(group)} requests hold after "
                                f"{res.steps} steps)")
-            if res.collateral is not None and res.collateral.changed > cfg.max_collateral:
+            budget = cfg.max_collateral * len(group)  # a batch of n facts may change what n single edits may
+            if res.collateral is not None and res.collateral.changed > budget:
                 reasons.append(f"collateral {res.collateral.changed:.2%} of the locality sample's greedy tokens "
-                               f"changed (budget {cfg.max_collateral:.2%})")
+                               f"changed (budget {budget:.2%}" + (f" = {len(group)} x {cfg.max_collateral:.2%})"
+                                                                  if len(group) > 1 else ")"))
             res.reason = "; ".join(reasons)
             if reasons:
                 res.status = "forced" if force else "refused"
