@@ -261,11 +261,13 @@ def load_native(path: str | Path, log: bool = True) -> MemoryModel:
     open_folder(model, path, state, base_meta)
     tok_name = meta.get("tokenizer", "tokenizer.json")
     tok = path / str(tok_name)
-    if not isinstance(tok_name, str) or Path(tok_name).is_absolute() or not tok.resolve().is_relative_to(
-            path.resolve()):
+    if tok_name is not None and (not isinstance(tok_name, str) or Path(tok_name).is_absolute() or
+                                 not tok.resolve().is_relative_to(path.resolve())):
         raise MemeditError(f"{path / 'config.json'}: the tokenizer path {tok_name!r} leaves the model folder; give a "
                            "file name inside it")
-    model.tokenizer = load_tokenizer(tok) if tok.is_file() else None
+    if tok_name is not None and tok.exists() and not tok.is_file():
+        raise MemeditError(f"{tok} is not a file; run `memedit check --model {path}`")
+    model.tokenizer = load_tokenizer(tok) if tok_name is not None and tok.is_file() else None
     check_tokenizer(model, str(tok))
     model.meta = dict(meta["meta"]) if isinstance(meta.get("meta"), dict) else {}
     return model
@@ -381,7 +383,7 @@ def save(model: MemoryModel, dst: str | Path, overwrite: bool = False) -> Path:
             "memedit_version": __version__,
             "dtype": dtype_name(model.dtype),
             "model": model.config.to_dict(),
-            "tokenizer": "tokenizer.json",
+            "tokenizer": "tokenizer.json" if model.tokenizer is not None else None,
             "meta": model.meta,
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -297,6 +297,8 @@ class Damage:
     declared: int | None = None
 
     def describe(self) -> str:
+        if not self.index:
+            return f"its first {self.length} bytes: {self.reason}"
         return f"record {self.index} at byte {self.offset:,} ({self.length:,} bytes): {self.reason}"
 
 
@@ -1231,9 +1233,9 @@ def _check_tokenizer(folder: Path, model, config: dict) -> bool:
     from ..lm.tokenizer import load_tokenizer
     from .checkpoint import check_tokenizer
 
-    if model.config.standalone:
-        return True
     name = config.get("tokenizer", "tokenizer.json")
+    if model.config.standalone or name is None:  # a folder saved without a tokenizer
+        return True
     if not isinstance(name, str) or Path(name).is_absolute() or not (folder / name).resolve().is_relative_to(
             folder.resolve()):
         raise MemeditError(f"config.json: the tokenizer path {name!r} leaves the model folder")
@@ -1296,7 +1298,11 @@ def salvage_log(st: Store, model) -> tuple[list[str], list[str]]:
             new.append(item)
         else:
             try:
-                raw, rec, exact = _rebuild(st, model, item.head or {}, item, apply=not folded_item)
+                if isinstance((item.head or {}).get("file"), str):
+                    raw, rec, exact = _rebuild(st, model, item.head, item, apply=not folded_item)
+                    named.add(item.head["file"])
+                else:  # no header left: a patch file no record names, whose old rows are the rows before it
+                    raw, rec, exact = _unused_patch(st, model, named, apply=not folded_item)
             except _Lost as e:
                 lost.append(f"record {n} at byte {off:,} ({ln:,} bytes): {e}")
                 continue
@@ -1307,22 +1313,12 @@ def salvage_log(st: Store, model) -> tuple[list[str], list[str]]:
                         f"{STATE_DIR}/{rec.head.get('file')}")
         in_base += folded_item
     for k in range(scan.missing):  # records cut off the end: only their patch files can tell
-        found = None
-        for path in sorted((st.dir / "patches").glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
-            rel = str(path.relative_to(st.dir))
-            if rel in named:
-                continue
-            named.add(rel)
-            try:
-                found = _rebuild(st, model, {"op": "apply", "file": rel}, None, apply=True, fit=True)
-                break
-            except _Lost:
-                continue
-        if found is None:
+        try:
+            raw, rec, _ = _unused_patch(st, model, named, apply=True)
+        except _Lost:
             lost.append(f"{scan.missing - k} record(s) cut off the end of the log: no unused patch file fits (a revert,"
                         " or a patch whose file is gone)")
             break
-        raw, rec, _ = found
         out += raw
         new.append(rec)
         done.append(f"record {len(new)} (apply {rec.head.get('id')}) cut off the end, rebuilt from "
@@ -1345,6 +1341,22 @@ def salvage_log(st: Store, model) -> tuple[list[str], list[str]]:
     st.write_mark(len(new), len(out), new[-1].sha if new else "")
     done.append(f"wrote a new {LOG}: {len(new)} records ({len(scan.records)} kept byte for byte)")
     return done, lost
+
+
+def _unused_patch(st: Store, model, named: set, apply: bool) -> tuple[bytes, Record, bool]:
+    """An apply record rebuilt from the oldest patch file in ``memedit/patches/`` that no record names and whose old
+    rows are the model's rows now (added to ``named``)."""
+    for path in sorted((st.dir / "patches").glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
+        rel = str(path.relative_to(st.dir))
+        if rel in named:
+            continue
+        try:
+            found = _rebuild(st, model, {"op": "apply", "file": rel}, None, apply=apply, fit=True)
+        except _Lost:
+            continue
+        named.add(rel)
+        return found
+    raise _Lost("its header is unreadable and no unused patch file fits the rows before it")
 
 
 def _patch_changes(model, path: Path) -> tuple[list[Change], dict]:
