@@ -31,9 +31,8 @@ def folder(tmp_path_factory):
     """A converted tiny model with four records: apply A (value rows 1, 2), a key patch (sub-key 4 of layer 0),
     apply B (value row 3), revert A; plus frozen rows and background statistics. Returns (folder, spans of the
     records in rows.log, fingerprint after each record)."""
-    from typer.testing import CliRunner
-
     from memedit_cli.app import app
+    from typer.testing import CliRunner
 
     runner = CliRunner()
 
@@ -291,9 +290,13 @@ FILE_CASES = [
     ("model.safetensors header length flipped", lambda p: _flip_at(p / "model.safetensors", 5), "generate"),
     ("model.safetensors data flipped (output.weight)", _flip_base_data("output.weight"), None),
     ("model.safetensors NaN in norm.weight", _flip_base_data("norm.weight", NAN_F32), None),
+    ("model.safetensors NaN in a value row", _flip_base_data("values.weight", NAN_F32), None),
+    ("rows.log a folder", lambda p: (p / "memedit" / LOG).unlink() or (p / "memedit" / LOG).mkdir(), "generate"),
     ("frozen truncated", _truncate(FROZEN), "freeze"),
     ("frozen a folder", lambda p: (p / FROZEN).unlink() or (p / FROZEN).mkdir(), "freeze"),
     ("frozen wrong type (2-d floats)", lambda p: _st(p, FROZEN, {"shared": torch.zeros(2, 2)}), "freeze"),
+    ("frozen wrong rank (2-d ids)", lambda p: _st(p, FROZEN, {"shared": torch.zeros(2, 2, dtype=torch.long)}),
+     "freeze"),
     ("frozen NaN", lambda p: _st(p, FROZEN, {"shared": torch.tensor([float("nan")])}), "freeze"),
     ("frozen out of range (70,000)", lambda p: _st(p, FROZEN, {"shared": torch.tensor([70_000])}), "freeze"),
     ("frozen out of range (-3)", lambda p: _st(p, FROZEN, {"shared": torch.tensor([-3])}), "freeze"),
@@ -316,7 +319,7 @@ FILE_CASES = [
     ("config.json dtype a list", _config(lambda c: _set(c, ["dtype"], [1])), "generate"),
     ("tokenizer.json truncated", _truncate("tokenizer.json"), "generate"),
     ("tokenizer.json missing", lambda p: (p / "tokenizer.json").unlink(), None),
-    ("tokenizer.json a folder", _tokenizer_dir, None),
+    ("tokenizer.json a folder", _tokenizer_dir, "generate"),
     ("tokenizer.json a JSON list", lambda p: (p / "tokenizer.json").write_text("[]"), "generate"),
     ("tokenizer.json out of range (vocab too big)", _bigger_vocab, "generate"),
     ("base fingerprint metadata garbage", lambda p: _base_meta(p, {"memedit.fp": "[1, 2]"}), None),
@@ -379,7 +382,8 @@ def test_check_removes_stale_temp_files_and_says_what_it_cut(cli, copy):
     assert code == 0, res
     assert sorted(res["repaired"]) == sorted([
         f"cut a torn last record (100 bytes) off {LOG}", "removed the temp file .tmpAb12Cd",
-        "removed the temp file memedit/patches/.tmpZZ99aa", "removed the temp file memedit/.frozen.safetensors.k2j3.tmp"])
+        "removed the temp file memedit/patches/.tmpZZ99aa",
+        "removed the temp file memedit/.frozen.safetensors.k2j3.tmp"])
     assert (path / ".tmp-notours").exists() and log.read_bytes() == good
 
 
@@ -395,10 +399,13 @@ def test_an_output_must_be_a_regular_file_or_a_new_path(cli, copy, tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     for out in ("/dev/null", str(fifo)):
-        err = one_line_refusal(cli, "patch", "set", "-m", path, "-t", "shared", "-r", "5", "--scalar", "1", "--out", out)
+        err = one_line_refusal(cli, "patch", "set", "-m", path, "-t", "shared", "-r", "5", "--scalar", "1",
+                               "--out", out)
         assert "not a regular file" in err
     assert Path("/dev/null").is_char_device() and fifo.is_fifo()
-    assert cli("patch", "set", "-m", path, "-t", "shared", "-r", "5", "--scalar", "1", "--out", tmp_path / "p.st")[0] == 0
+    new = tmp_path / "p.safetensors"
+    assert cli("patch", "set", "-m", path, "-t", "shared", "-r", "5", "--scalar", "1", "--out", new)[0] == 0
+    assert new.is_file()
 
 
 def test_a_refused_writer_leaves_the_holders_text(copy):

@@ -250,10 +250,13 @@ def load_native(path: str | Path, log: bool = True) -> MemoryModel:
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise MemeditError(f"{path} has no model.safetensors")
-    state, base_meta = map_tensors(weights)
     if not isinstance(meta.get("dtype", "float32"), str) or meta.get("dtype", "float32") not in DTYPES:
         raise MemeditError(f"{path / 'config.json'}: unknown dtype {meta.get('dtype')!r}")
-    load_state(model, state, str(weights), copy=False)
+    try:
+        state, base_meta = map_tensors(weights)
+        load_state(model, state, str(weights), copy=False)
+    except MemeditError as e:  # a damaged base: say where to go next
+        raise MemeditError(f"{e}; run `memedit check --model {path}`") from None
     model.source = str(path)
     model.read_only = path.resolve() == BUNDLED.resolve()
     if not log:
@@ -396,7 +399,7 @@ def save(model: MemoryModel, dst: str | Path, overwrite: bool = False) -> Path:
         if src_state is not None and src_state.is_dir():
             from .store import LOCK, scan_log, upgrade_dir
 
-            shutil.copytree(src_state, tmp / STATE_DIR, ignore=shutil.ignore_patterns(LOCK, ".*.tmp"))
+            shutil.copytree(src_state, tmp / STATE_DIR, ignore=shutil.ignore_patterns(LOCK, ".*.tmp", ".tmp??????"))
             upgrade_dir(tmp / STATE_DIR)
             records = scan_log(tmp / STATE_DIR / "rows.log", with_rows=False)[0]
         write_base(model, tmp / "model.safetensors", records)  # the model as it is holds every record

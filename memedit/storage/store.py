@@ -332,7 +332,8 @@ def _valid_at(data: bytes, p: int) -> bool:
         return False
     magic, n, crc = REC_HEAD.unpack_from(data, p)
     end = p + REC_HEAD.size + n
-    return magic == REC_MAGIC and n <= MAX_RECORD and end <= len(data) and zlib.crc32(data[p + REC_HEAD.size: end]) == crc
+    framed = magic == REC_MAGIC and n <= MAX_RECORD and end <= len(data)
+    return framed and zlib.crc32(data[p + REC_HEAD.size: end]) == crc
 
 
 def _next_record(data: bytes, p: int) -> int | None:
@@ -629,9 +630,9 @@ class Store:
         """Cut a torn last record and remove temp files left by killed writers (needs the lock); returns what it did.
         A damaged log (anything but a torn last record) is refused: nothing is cut."""
         self.require_lock()
-        scan = inspect_log(self.log, with_rows=False)
-        _refuse_damage(self.log, scan)
-        return self.cut_torn(scan) + self.remove_temps()
+        _, end, size = scan_log(self.log, with_rows=False)  # raises on damage; reuses what this process read
+        done = self.cut_torn(inspect_log(self.log, with_rows=False)) if size > end else []
+        return done + self.remove_temps()
 
     def cut_torn(self, scan: LogScan) -> list[str]:
         """Cut the torn last record of a log whose ``scan`` found no damage (needs the lock)."""
@@ -1121,11 +1122,15 @@ def _check(st: Store, res: dict, repair: bool, upgrade: bool, salvage: bool) -> 
     config = guard(read_config, st.folder)
     base = guard(load_native, st.folder, False) if config is not None else None  # config, header, shapes
     if base is not None:
-        _check_base(st, base, problems)
-    mark_bad = scan is None and st.dir.joinpath(MARK).exists()
+        guard(_check_base, st, base, problems)
+    try:
+        read_mark(st.log)
+        mark_bad = False
+    except MemeditError:
+        mark_bad = True
     if salvage and base is not None and ((scan is not None and scan.problem) or mark_bad):
         if mark_bad:
-            problems.remove(next(p for p in problems if MARK in p))
+            problems[:] = [p for p in problems if MARK not in p]
         done, lost = guard(salvage_log, st, base) or ([], [])
         repaired.extend(done)
         res["lost"].extend(lost)
@@ -1139,8 +1144,8 @@ def _check(st: Store, res: dict, repair: bool, upgrade: bool, salvage: bool) -> 
             problems.append(f"readers refuse the folder until `memedit check --salvage --model {st.folder}` rebuilds "
                             f"the log (it keeps the damaged one aside)")
         elif scan.torn:
-            problems.append(f"{LOG} ends in a torn record ({scan.torn:,} bytes); readers ignore it, the next writer (or "
-                            "`memedit check`) cuts it off")
+            problems.append(f"{LOG} ends in a torn record ({scan.torn:,} bytes); readers ignore it, the next writer "
+                            "(or `memedit check`) cuts it off")
     stale = st.temps()
     if stale:
         problems.append(f"temp files left by an interrupted write: {', '.join(p.name for p in stale[:4])}")
