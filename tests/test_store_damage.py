@@ -157,7 +157,8 @@ def test_a_damaged_row_log_is_refused_reported_and_salvaged(cli, copy, name, dam
     assert aside.read_bytes() == damaged
     assert len(Store(path).records()) == n_after
     assert fingerprint(load(path)) == fps[fp_after]
-    assert check_json(cli, path)[0] == 0
+    code, res = check_json(cli, path)
+    assert code == 0 and res["fingerprint"] == fps[fp_after], res
     assert cli("patch", "zero", "-m", path, "-t", "shared", "-r", "5", "--apply")[0] == 0  # writable again
 
 

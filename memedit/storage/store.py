@@ -1191,6 +1191,8 @@ def _check_base(st: Store, model, problems: list[str]) -> None:
             problems.append("model.safetensors: its memedit.fp metadata (the fingerprint sums) is unreadable")
         else:
             actual = {name: block_hash_sum(name, t) for name, t in state.items()}
+            for name, t in state.items():  # kept up to date as the log's records apply: hashed once per check
+                _set_cached_sum(model, name, t, actual[name])
             wrong = sorted(set(stored) ^ set(actual)) + sorted(k for k in stored.keys() & actual.keys()
                                                                if stored[k] != actual[k])
             if wrong:
