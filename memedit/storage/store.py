@@ -1101,7 +1101,7 @@ def _check(st: Store, res: dict, repair: bool, upgrade: bool, salvage: bool) -> 
         try:
             return fn(*args)
         except MemeditError as e:
-            problems.append(str(e))
+            problems.append(str(e).split("; run `memedit check")[0])  # readers' advice: this is the check
         except Exception as e:  # noqa: BLE001 - damage may surface as any error deep in a reader
             problems.append(f"{type(e).__name__}: {str(e)[:200]}")
         return None
