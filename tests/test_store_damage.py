@@ -369,6 +369,22 @@ def test_a_damaged_state_file_is_reported_and_refused(cli, copy, name, damage, r
     assert folder_hash(path) == before
 
 
+def test_check_lists_every_problem_at_once(cli, copy):
+    path, spans, _ = copy
+    log = path / "memedit" / LOG
+    log.write_bytes(flip(rows_at(1))(log.read_bytes(), spans))
+    _st(path, FROZEN, {"shared": torch.tensor([70_000])})
+    _st(path, BACKGROUND, {"df.shared": torch.full((256,), float("nan"))})
+    _flip_base_data("output.weight")(path)
+    (path / "tokenizer.json").unlink()
+    code, res = check_json(cli, path)
+    found = " | ".join(res["problems"])
+    assert code == 1 and res["fingerprint"] is None
+    for what in (f"{LOG} is damaged: record 2", "frozen.safetensors", "background.safetensors", "fingerprint sums",
+                 "tokenizer"):
+        assert what in found, (what, res["problems"])
+
+
 # ---- repairs, outputs, the lock -----------------------------------------------------------------------------------
 def test_check_removes_stale_temp_files_and_says_what_it_cut(cli, copy):
     path, spans, _ = copy

@@ -1113,9 +1113,10 @@ def _check(st: Store, res: dict, repair: bool, upgrade: bool, salvage: bool) -> 
     if repair:
         repaired.extend(st.remove_temps())
     if upgrade and is_legacy(st.dir):
-        n = upgrade_dir(st.dir)
-        repaired.append(f"moved {n} edit-log entries from {LEGACY_LOG} into {LOG}")
-        scan = guard(inspect_log, st.log)
+        n = guard(upgrade_dir, st.dir)
+        if n is not None:
+            repaired.append(f"moved {n} edit-log entries from {LEGACY_LOG} into {LOG}")
+            scan = guard(inspect_log, st.log)
     if is_legacy(st.dir):
         problems.append(f"the edit log is in the old format ({LEGACY_LOG}); run `memedit check --upgrade --model "
                         f"{st.folder}` before writing")
@@ -1149,21 +1150,22 @@ def _check(st: Store, res: dict, repair: bool, upgrade: bool, salvage: bool) -> 
     stale = st.temps()
     if stale:
         problems.append(f"temp files left by an interrupted write: {', '.join(p.name for p in stale[:4])}")
-    if base is None or scan is None or scan.problem:
+    if base is None:
         return
-    res["records"] = len(scan.records)
-    model = base
-    if guard(_check_records, st, model, scan.records, problems) is None:
-        return
-    if guard(_check_tokenizer, st.folder, model, config) is False:
+    log_ok = scan is not None and not scan.problem
+    if log_ok:  # the records the base does not hold, applied to it and compared
+        res["records"] = len(scan.records)
+        log_ok = guard(_check_records, st, base, scan.records, problems) is not None
+    if guard(_check_tokenizer, st.folder, base, config) is False:
         problems.append(f"the tokenizer named by config.json ({config.get('tokenizer', 'tokenizer.json')!r}) is "
                         "missing")
     from .state import background, frozen_rows
 
-    guard(frozen_rows, model)
-    guard(background, model)
+    guard(frozen_rows, base)
+    guard(background, base)
     res["folded"] = guard(st.folded) or 0
-    res["fingerprint"] = guard(fingerprint, model)
+    if log_ok:
+        res["fingerprint"] = guard(fingerprint, base)
 
 
 def _check_base(st: Store, model, problems: list[str]) -> None:
