@@ -1307,11 +1307,14 @@ def salvage_log(st: Store, model) -> tuple[list[str], list[str]]:
             new.append(item)
         else:
             try:
-                if isinstance((item.head or {}).get("file"), str):
-                    raw, rec, exact = _rebuild(st, model, item.head, item, apply=not folded_item)
+                try:
+                    raw, rec, exact = _rebuild(st, model, item.head or {}, item, apply=not folded_item)
                     named.add(item.head["file"])
-                else:  # no header left: a patch file no record names, whose old rows are the rows before it
-                    raw, rec, exact = _unused_patch(st, model, named, apply=not folded_item)
+                except _Lost as e:  # no usable header: a patch file no record names, whose old rows fit here
+                    try:
+                        raw, rec, exact = _unused_patch(st, model, named, apply=not folded_item)
+                    except _Lost:
+                        raise e from None
             except _Lost as e:
                 lost.append(f"record {n} at byte {off:,} ({ln:,} bytes): {e}")
                 continue
