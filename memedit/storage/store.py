@@ -7,13 +7,19 @@
     memedit/rows.log      the append-only row log, which is also the journal and the edit log: one checksummed
                           record per applied or reverted change (tensor names, row ids, old rows, new rows, id, op,
                           message, fingerprints before and after).
+    memedit/rows.end      how far the log reaches, rewritten after each append: {"records", "bytes", "sha" of the
+                          last record}. A log behind it lost records it had (damage, not a crash).
     memedit/lock          the writers' lock (``fcntl.flock``); it holds the pid and command of the holder.
     memedit/frozen.safetensors, memedit/background.safetensors   small files, replaced atomically under the lock.
 
 Writers serialise on the lock; readers never lock: they map the base and apply the log's complete records, so they
 never see half a change (SQLite's rollback-journal idea, turned into a redo log: docs/ has no copy; see the
-module tests in tests/test_store.py). A torn last record (a writer killed mid-append) is ignored by readers and
-cut off by the next writer. A write costs the rows it changes: the record holds only those rows.
+module tests in tests/test_store.py). A torn last record (a writer killed mid-append: its length runs past the end
+of the file, and rows.end does not count it) is ignored by readers and cut off by the next writer. Anything else
+that is not a valid record is damage (SQLite's "database disk image is malformed"): readers and writers refuse in
+one line naming the record and its offset, nothing is cut, and `memedit check --salvage` (:func:`salvage_log`)
+rebuilds the log beside the damaged one (tests/test_store_damage.py). A write costs the rows it changes: the
+record holds only those rows.
 
 Record framing (little-endian): b"MREC", u64 payload length, u32 crc32 of the payload, payload; the payload is
 u32 JSON length, the JSON header, then the row ids (int64), old rows and new rows of each tensor in header order.
