@@ -302,6 +302,7 @@ FILE_CASES = [
     ("model.safetensors NaN in norm.weight", _flip_base_data("norm.weight", NAN_F32), None),
     ("model.safetensors NaN in a value row", _flip_base_data("values.weight", NAN_F32), None),
     ("rows.log a folder", lambda p: (p / "memedit" / LOG).unlink() or (p / "memedit" / LOG).mkdir(), "generate"),
+    ("memedit/ a file", lambda p: shutil.rmtree(p / "memedit") or (p / "memedit").write_text("x"), "generate"),
     ("frozen truncated", _truncate(FROZEN), "freeze"),
     ("frozen a folder", lambda p: (p / FROZEN).unlink() or (p / FROZEN).mkdir(), "freeze"),
     ("frozen wrong type (2-d floats)", lambda p: _st(p, FROZEN, {"shared": torch.zeros(2, 2)}), "freeze"),

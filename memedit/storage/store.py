@@ -437,7 +437,10 @@ def read_mark(path: Path) -> dict | None:
         return m
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, UnicodeDecodeError):
+    except OSError as e:
+        raise MemeditError(f"cannot read {p}: {e.strerror or e}; run `memedit check --model {path.parent.parent}`"
+                           ) from None
+    except (ValueError, UnicodeDecodeError):
         raise MemeditError(f"{p} is damaged; run `memedit check --model {path.parent.parent}`") from None
 
 
@@ -1087,6 +1090,9 @@ def check_folder(folder: str | Path, repair: bool = True, upgrade: bool = False,
     res = {"folder": str(folder), "ok": False, "problems": [], "repaired": [], "lost": [], "records": 0, "folded": 0,
            "fingerprint": None}
     writable = os.access(folder, os.W_OK) and (not st.dir.exists() or os.access(st.dir, os.W_OK))
+    if st.dir.exists() and not st.dir.is_dir():
+        res["problems"].append(f"{st.dir} is not a folder (it holds the row log, frozen rows and the lock)")
+        writable = False
     if upgrade and not writable:
         raise MemeditError(f"{folder} is read-only; cannot upgrade it")
     lock = st.locked(legacy_ok=True, recover=False) if writable and (repair or upgrade or salvage) else \
