@@ -415,6 +415,14 @@ def test_check_removes_stale_temp_files_and_says_what_it_cut(cli, copy):
     assert (path / ".tmp-notours").exists() and log.read_bytes() == good
 
 
+def test_check_refuses_a_folder_of_another_layout_in_one_line(cli, tmp_path):
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    save_file({"w": torch.zeros(2)}, str(d / "model.safetensors"))
+    assert "not a native memedit folder" in one_line_refusal(cli, "check", "-m", d)
+
+
 def test_the_next_writer_removes_safetensors_temp_files(cli, copy):
     path, _, _ = copy
     (path / ".tmpQw12Er").write_bytes(b"x")

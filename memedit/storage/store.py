@@ -1080,12 +1080,19 @@ def check_folder(folder: str | Path, repair: bool = True, upgrade: bool = False,
     tokenizer. Never raises for damage: every problem is listed. With ``repair`` (needs write access) cut a torn last
     record and remove temp files; with ``salvage`` rebuild a damaged row log (:func:`salvage_log`); with ``upgrade``
     move a v1 edit log into the row log. Returns {"ok", "problems", "repaired", "lost", "fingerprint", ...}."""
-    from .checkpoint import is_native
+    from .checkpoint import is_native, read_config
 
     folder = Path(folder)
-    if not is_native(folder) and not ((folder / "config.json").is_file() and
-                                      ((folder / "model.safetensors").exists() or (folder / STATE_DIR).is_dir())):
-        raise MemeditError(f"{folder} is not a native memedit folder (no config.json with format memedit)")
+    if not is_native(folder):  # a folder of another layout, or a native one whose config.json is damaged
+        damaged = False
+        if (folder / "config.json").is_file() and ((folder / "model.safetensors").exists() or
+                                                   (folder / STATE_DIR).is_dir()):
+            try:
+                read_config(folder)
+            except MemeditError:
+                damaged = True
+        if not damaged:
+            raise MemeditError(f"{folder} is not a native memedit folder (no config.json with format memedit)")
     st = Store(folder)
     res = {"folder": str(folder), "ok": False, "problems": [], "repaired": [], "lost": [], "records": 0, "folded": 0,
            "fingerprint": None}
