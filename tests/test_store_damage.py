@@ -205,6 +205,18 @@ def test_a_checksum_valid_record_with_nan_rows_is_damage(cli, copy):
     assert fingerprint(load(path)) == fps[4] and len(Store(path).records()) == 4
 
 
+def test_salvage_never_overwrites_a_log_it_kept_aside(cli, copy):
+    path, spans, fps = copy
+    log = path / "memedit" / LOG
+    kept = []
+    for offset in (rows_at(0), rows_at(2)):  # damaged twice, salvaged twice within a second
+        kept.append(flip(offset)(log.read_bytes(), spans))
+        log.write_bytes(kept[-1])
+        assert check_json(cli, path, "--salvage")[0] == 0
+    assert sorted(p.read_bytes() for p in path.joinpath("memedit").glob(f"{LOG}.damaged-*")) == sorted(kept)
+    assert fingerprint(load(path)) == fps[4]
+
+
 def test_salvage_rebuilds_a_damaged_record_the_base_already_holds(cli, copy):
     path, spans, fps = copy
     assert cli("compact", "-m", path)[0] == 0

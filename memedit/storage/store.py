@@ -1298,7 +1298,7 @@ def salvage_log(st: Store, model) -> tuple[list[str], list[str]]:
         mark_ok, scan = True, inspect_log(st.log)
     except MemeditError:  # a damaged marker: the log itself decides
         mark_ok = False
-        st.dir.joinpath(MARK).rename(st.dir / f"{MARK}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        st.dir.joinpath(MARK).rename(_aside(st.dir / MARK))
         scan = inspect_log(st.log)
     data = st.log.read_bytes() if st.log.is_file() else b""
     meta = st.base_meta()
@@ -1354,7 +1354,7 @@ def salvage_log(st: Store, model) -> tuple[list[str], list[str]]:
         new.append(rec)
         done.append(f"record {len(new)} (apply {rec.head.get('id')}) cut off the end, rebuilt from "
                     f"{STATE_DIR}/{rec.head.get('file')}")
-    aside = st.dir / f"{LOG}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside = _aside(st.log)
     if st.log.is_file():
         try:
             os.link(st.log, aside)
@@ -1372,6 +1372,16 @@ def salvage_log(st: Store, model) -> tuple[list[str], list[str]]:
     st.write_mark(len(new), len(out), new[-1].sha if new else "")
     done.append(f"wrote a new {LOG}: {len(new)} records ({len(scan.records)} kept byte for byte)")
     return done, lost
+
+
+def _aside(path: Path) -> Path:
+    """A new name beside ``path`` for keeping a damaged file: NAME.damaged-TIME (-2, -3 ... if taken)."""
+    stem = f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = path.with_name(stem), 1
+    while out.exists():
+        n += 1
+        out = path.with_name(f"{stem}-{n}")
+    return out
 
 
 def _unused_patch(st: Store, model, named: set, apply: bool) -> tuple[bytes, Record, bool]:
