@@ -228,14 +228,16 @@ def test_salvage_rebuilds_a_damaged_record_the_base_already_holds(cli, copy):
     assert fingerprint(load(path)) == fps[4] and res["folded"] == 4
 
 
-def test_a_damaged_marker_is_reported_and_rebuilt(cli, copy):
+@pytest.mark.parametrize("mark", ["[1, 2", json.dumps({"records": 4, "bytes": 10, "sha": "0" * 64})],
+                         ids=["garbage", "another last record"])
+def test_a_damaged_marker_is_reported_and_rebuilt(cli, copy, mark):
     path, _, fps = copy
-    (path / "memedit" / MARK).write_text("[1, 2")
-    assert MARK in one_line_refusal(cli, "generate", "the cat", "-n", "1", "-m", path)
+    (path / "memedit" / MARK).write_text(mark)
+    one_line_refusal(cli, "generate", "the cat", "-n", "1", "-m", path)
     assert check_json(cli, path)[0] == 1
     code, res = check_json(cli, path, "--salvage")
-    assert code == 0 and any(MARK in r for r in res["repaired"]), res
-    assert fingerprint(load(path)) == fps[4]
+    assert code == 0 and any(MARK in r for r in res["repaired"]) and not res["lost"], res
+    assert fingerprint(load(path)) == fps[4] and len(Store(path).records()) == 4
 
 
 # ---- the other state files --------------------------------------------------------------------------------------

@@ -1306,11 +1306,16 @@ def salvage_log(st: Store, model) -> tuple[list[str], list[str]]:
         folded = st.folded(meta)
     except MemeditError:
         folded = 0
+    # a valid record that only disagrees with rows.end (a salvage killed before it wrote the marker) is kept
+    starts = {off for off, _ in scan.spans}
     items = sorted([(off, ln, rec) for (off, ln), rec in zip(scan.spans, scan.records, strict=True)] +
-                   [(d.offset, d.length, d) for d in scan.damage if d.index], key=lambda x: x[0])
+                   [(d.offset, d.length, d) for d in scan.damage if d.index and d.offset not in starts],
+                   key=lambda x: x[0])
     done, lost = [], []
     if not mark_ok:
         done.append(f"set the damaged {MARK} aside and rebuilt it from the log")
+    if any(d.index and d.offset in starts for d in scan.damage):
+        done.append(f"{MARK} named another last record than the log holds; rebuilt it from the log")
     if any(not d.index for d in scan.damage):
         done.append(f"rewrote the damaged format marker at the start of {LOG}")
     out = bytearray(LOG_MAGIC)
