@@ -111,7 +111,7 @@ def kills(base: Path, n: int, seed: int = 0) -> dict:
         r = subprocess.run(cmd("check", "-m", path, "--json"), capture_output=True, text=True, env=ENV)
         res = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {"ok": False, "problems": [r.stderr]}
         inconsistent += not res["ok"]
-        temps += len(list(path.rglob(".*.tmp")))
+        temps += len(list(path.rglob(".*.tmp"))) + len(list(path.rglob(".tmp??????")))  # ours and safetensors'
     return {"runs": n, "killed": killed, "finished": finished, "inconsistent_after_check": inconsistent,
             "temp_files_left": temps}
 

@@ -142,7 +142,7 @@ class _Tok:
 def _frozen(w: _Weights, table: str, slot: int) -> bool:
     from ..storage.state import frozen_rows
 
-    rows = frozen_rows(w) if w.source else {}  # reads only model.source
+    rows = frozen_rows(w._model) if w.source else {}
     return bool((rows.get(table, torch.empty(0, dtype=torch.long)) == slot).any())
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +42,7 @@ def atomic_path(path: str | Path, crash: str = "") -> Iterator[Path]:
     from .store import crash_point
 
     path = Path(path)
+    refuse_special(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -65,6 +68,20 @@ def atomic_path(path: str | Path, crash: str = "") -> Iterator[Path]:
         raise
     if crash:
         crash_point(f"{crash}-renamed")
+
+
+def refuse_special(path: Path) -> None:
+    """Refuse an output path that exists and is not a regular file (a device, a pipe, a socket, a folder): a rename
+    would replace the node itself (/dev/null with a regular file)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise MemeditError(f"cannot write {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, pipe or socket)"
+        raise MemeditError(f"{path} is {kind}; give a regular file or a new path")
 
 
 @contextlib.contextmanager
@@ -143,9 +160,10 @@ def is_native(path: Path) -> bool:
     if not cfg.is_file():
         return False
     try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT
+        meta = json.loads(cfg.read_text())
     except (OSError, ValueError):
         return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def load(path: str | Path | None = None, dtype: str | None = None, device: str | None = None,
@@ -158,6 +176,8 @@ def load(path: str | Path | None = None, dtype: str | None = None, device: str |
     standalone XLM / product-key-memory module, which its state dict does not store).
     """
     p = resolve_model_path(path)
+    if p.is_dir() and (p / "config.json").is_file():
+        read_config(p)  # a damaged config.json: one line naming it, whatever the folder's layout
     if p.is_dir() and is_native(p):
         model = load_native(p)
         if options.get("tokenizer"):
@@ -195,21 +215,31 @@ def check_device(device: str) -> torch.device:
     return d
 
 
-def load_native(path: str | Path) -> MemoryModel:
-    """Load a native model folder, validating config, names and shapes."""
+def read_config(path: Path) -> dict:
+    """The parsed config.json of a native folder (a JSON object), refused in one line when it is damaged."""
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise MemeditError(f"cannot read {path / 'config.json'}: {e}; run `memedit check --model {path}`") from None
+    if not isinstance(meta, dict):
+        raise MemeditError(f"{path / 'config.json'} is damaged (a JSON {type(meta).__name__}, not an object); run "
+                           f"`memedit check --model {path}`")
+    return meta
+
+
+def load_native(path: str | Path, log: bool = True) -> MemoryModel:
+    """Load a native model folder, validating config, names and shapes (with ``log=False``: its base only, without
+    the row log's records or the tokenizer, for `memedit check`)."""
     from ..lm.tokenizer import load_tokenizer
     from .store import map_tensors, open_folder
 
     path = Path(path)
-    try:
-        meta = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise MemeditError(f"cannot read {path / 'config.json'}: {e}") from None
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    meta = read_config(path)
+    if not isinstance(meta.get("format_version", 0), int) or meta.get("format_version", 0) > FORMAT_VERSION:
         raise MemeditError(f"{path} was written by a newer memedit (format {meta['format_version']}); upgrade memedit")
     try:
         cfg = ModelConfig.from_dict(meta["model"])
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:
         raise MemeditError(f"{path / 'config.json'}: invalid model config ({e})") from None
     check_config(cfg, path / "config.json")
     try:
@@ -220,22 +250,29 @@ def load_native(path: str | Path) -> MemoryModel:
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise MemeditError(f"{path} has no model.safetensors")
-    state, base_meta = map_tensors(weights)
-    if DTYPES.get(meta.get("dtype", "float32")) is None:
+    if not isinstance(meta.get("dtype", "float32"), str) or meta.get("dtype", "float32") not in DTYPES:
         raise MemeditError(f"{path / 'config.json'}: unknown dtype {meta.get('dtype')!r}")
-    load_state(model, state, str(weights), copy=False)
+    try:
+        state, base_meta = map_tensors(weights)
+        load_state(model, state, str(weights), copy=False)
+    except MemeditError as e:  # a damaged base: say where to go next
+        raise MemeditError(f"{e}; run `memedit check --model {path}`") from None
+    model.source = str(path)
+    model.read_only = path.resolve() == BUNDLED.resolve()
+    if not log:
+        return model
     open_folder(model, path, state, base_meta)
     tok_name = meta.get("tokenizer", "tokenizer.json")
     tok = path / str(tok_name)
-    if not isinstance(tok_name, str) or Path(tok_name).is_absolute() or not tok.resolve().is_relative_to(
-            path.resolve()):
+    if tok_name is not None and (not isinstance(tok_name, str) or Path(tok_name).is_absolute() or
+                                 not tok.resolve().is_relative_to(path.resolve())):
         raise MemeditError(f"{path / 'config.json'}: the tokenizer path {tok_name!r} leaves the model folder; give a "
                            "file name inside it")
-    model.tokenizer = load_tokenizer(tok) if tok.is_file() else None
+    if tok_name is not None and tok.exists() and not tok.is_file():
+        raise MemeditError(f"{tok} is not a file; run `memedit check --model {path}`")
+    model.tokenizer = load_tokenizer(tok) if tok_name is not None and tok.is_file() else None
     check_tokenizer(model, str(tok))
-    model.meta = dict(meta.get("meta") or {})
-    model.source = str(path)
-    model.read_only = path.resolve() == BUNDLED.resolve()
+    model.meta = dict(meta["meta"]) if isinstance(meta.get("meta"), dict) else {}
     return model
 
 
@@ -349,7 +386,7 @@ def save(model: MemoryModel, dst: str | Path, overwrite: bool = False) -> Path:
             "memedit_version": __version__,
             "dtype": dtype_name(model.dtype),
             "model": model.config.to_dict(),
-            "tokenizer": "tokenizer.json",
+            "tokenizer": "tokenizer.json" if model.tokenizer is not None else None,
             "meta": model.meta,
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -362,7 +399,7 @@ def save(model: MemoryModel, dst: str | Path, overwrite: bool = False) -> Path:
         if src_state is not None and src_state.is_dir():
             from .store import LOCK, scan_log, upgrade_dir
 
-            shutil.copytree(src_state, tmp / STATE_DIR, ignore=shutil.ignore_patterns(LOCK, ".*.tmp"))
+            shutil.copytree(src_state, tmp / STATE_DIR, ignore=shutil.ignore_patterns(LOCK, ".*.tmp", ".tmp??????"))
             upgrade_dir(tmp / STATE_DIR)
             records = scan_log(tmp / STATE_DIR / "rows.log", with_rows=False)[0]
         write_base(model, tmp / "model.safetensors", records)  # the model as it is holds every record
@@ -395,6 +432,7 @@ def check_output(model: MemoryModel | None, out: str | Path) -> Path:
     out = Path(out).expanduser()
     if out.is_dir():
         raise MemeditError(f"{out} is a folder; give a file name")
+    refuse_special(out)
     if model is not None and model.source is not None:
         src = Path(model.source)
         own = {(src / f).resolve() for f in OWN_FILES} | ({src.resolve()} if src.is_file() else set())
@@ -447,6 +485,10 @@ def check_config(cfg: ModelConfig, origin: Path) -> None:
     for k, v in ints.items():
         if not isinstance(v, int) or not 1 <= v <= 1 << 31:
             raise MemeditError(f"{origin}: {k} = {v!r} is out of range (1..2^31)")
+    floats = {"norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "ffn_dim_multiplier": cfg.ffn_dim_multiplier}
+    for k, v in floats.items():
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and 0 < v < 1e30):
+            raise MemeditError(f"{origin}: {k} = {v!r} must be a finite positive number")
     v_dim = cfg.dim if mem.v_dim in (-1, None) else mem.v_dim
     total = (2 * max(cfg.vocab_size, 0) * cfg.dim + cfg.n_layers * 12 * cfg.dim * cfg.dim) * 4
     if mem.layers:

@@ -29,14 +29,20 @@ BACKGROUND = "background.safetensors"
 PATCHES = "patches"
 
 
+def _damaged(path: Path, what: str) -> MemeditError:
+    return MemeditError(f"{path} is damaged ({what}); run `memedit check --model {path.parent.parent}`")
+
+
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
+    if not path.is_file():
+        raise _damaged(path, "not a file")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except (SafetensorError, OSError) as e:
-        raise MemeditError(f"{path} is corrupt ({e}); remove it or restore it from a backup") from None
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as e:
+        raise _damaged(path, str(e)[:160]) from None
 
 
 def _write_tensors(model: MemoryModel, name: str, tensors: dict[str, torch.Tensor],
@@ -55,9 +61,18 @@ def frozen_rows(model: MemoryModel) -> dict[str, torch.Tensor]:
     if model.source is None:
         return {}
     path = Path(model.source) / "memedit" / FROZEN
-    if not path.is_file():
+    if not path.exists():
         return {}
     tensors, _ = _read_tensors(path)
+    rows = {t.name: t.n_rows for t in model.tables}
+    rows.update({f"keys.layer{L}": layer.keys.shape[0] for L, layer in model.memory_layers.items()})
+    for k, v in tensors.items():
+        if k not in rows:
+            raise _damaged(path, f"{k!r} is neither a value table nor a layer's sub-keys")
+        if v.dim() != 1 or v.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise _damaged(path, f"{k} is a {v.dim()}-d {v.dtype} tensor, not a list of row ids")
+        if v.numel() and (int(v.min()) < 0 or int(v.max()) >= rows[k]):
+            raise _damaged(path, f"{k} names rows outside 0..{rows[k] - 1}")
     return {k: v.long() for k, v in tensors.items()}
 
 
@@ -119,9 +134,25 @@ def background(model: MemoryModel) -> tuple[dict[str, torch.Tensor], dict[str, s
     if model.source is None:
         return None
     path = Path(model.source) / "memedit" / BACKGROUND
-    if not path.is_file():
+    if not path.exists():
         return None
-    return _read_tensors(path)
+    tensors, meta = _read_tensors(path)
+    rows = {t.name: t.n_rows for t in model.tables}
+    for k, v in tensors.items():
+        kind, _, table = k.partition(".")
+        if kind not in ("df", "counts") or table not in rows:
+            raise _damaged(path, f"{k!r} is not a statistic of a value table")
+        if v.dim() != 1 or v.numel() != rows[table] or v.is_complex() or v.dtype == torch.bool:
+            raise _damaged(path, f"{k} is a {tuple(v.shape)} {v.dtype} tensor; expected ({rows[table]},) counts")
+        if v.numel() and not (torch.isfinite(v.double()).all() and v.double().min() >= 0):
+            raise _damaged(path, f"{k} holds NaN, inf or negative counts")
+    for k in ("n_batches", "tokens"):
+        try:
+            if int(meta.get(k, "0")) < 0:
+                raise ValueError
+        except ValueError:
+            raise _damaged(path, f"{k} = {meta.get(k)!r} is not a count") from None
+    return tensors, meta
 
 
 def write_background(model: MemoryModel, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -7,13 +7,19 @@
     memedit/rows.log      the append-only row log, which is also the journal and the edit log: one checksummed
                           record per applied or reverted change (tensor names, row ids, old rows, new rows, id, op,
                           message, fingerprints before and after).
+    memedit/rows.end      how far the log reaches, rewritten after each append: {"records", "bytes", "sha" of the
+                          last record}. A log behind it lost records it had (damage, not a crash).
     memedit/lock          the writers' lock (``fcntl.flock``); it holds the pid and command of the holder.
     memedit/frozen.safetensors, memedit/background.safetensors   small files, replaced atomically under the lock.
 
 Writers serialise on the lock; readers never lock: they map the base and apply the log's complete records, so they
 never see half a change (SQLite's rollback-journal idea, turned into a redo log: docs/ has no copy; see the
-module tests in tests/test_store.py). A torn last record (a writer killed mid-append) is ignored by readers and
-cut off by the next writer. A write costs the rows it changes: the record holds only those rows.
+module tests in tests/test_store.py). A torn last record (a writer killed mid-append: its length runs past the end
+of the file, and rows.end does not count it) is ignored by readers and cut off by the next writer. Anything else
+that is not a valid record is damage (SQLite's "database disk image is malformed"): readers and writers refuse in
+one line naming the record and its offset, nothing is cut, and `memedit check --salvage` (:func:`salvage_log`)
+rebuilds the log beside the damaged one (tests/test_store_damage.py). A write costs the rows it changes: the
+record holds only those rows.
 
 Record framing (little-endian): b"MREC", u64 payload length, u32 crc32 of the payload, payload; the payload is
 u32 JSON length, the JSON header, then the row ids (int64), old rows and new rows of each tensor in header order.
@@ -28,6 +34,8 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
 import struct
 import sys
 import time
@@ -50,6 +58,7 @@ MAX_RECORD = 1 << 36  # a length field beyond this is damage, not a record
 CRASH_ENV = "MEMEDIT_CRASH_AT"
 NO_WAIT_ENV = "MEMEDIT_NO_WAIT"
 STATE_DIR = "memedit"
+TEMP = re.compile(r"\..+\.tmp|\.tmp[A-Za-z0-9]{6}")  # atomic_path's temp names, and safetensors' save_file's
 
 ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -278,19 +287,228 @@ def decode_payload(payload: bytes, with_rows: bool = True) -> Record:
     return Record(head, changes, hashlib.sha256(payload).hexdigest())
 
 
+MARK = "rows.end"  # {"records", "bytes", "sha"} of the log as its last writer left it: a shorter log lost records
+
+
+@dataclass
+class Damage:
+    """A stretch of the row log that is not a valid record: corruption (never cut; `memedit check --salvage`)."""
+
+    index: int  # the 1-based number of the record it stands in place of
+    offset: int  # byte offset in the file
+    length: int  # bytes up to the next valid record (or the end of the file)
+    reason: str
+    head: dict | None = None  # what is still readable of the record's JSON header
+    crc: int | None = None  # the stored checksum and payload length, when the framing is intact
+    declared: int | None = None
+
+    def describe(self) -> str:
+        if not self.index:
+            return f"its first {self.length} bytes: {self.reason}"
+        return f"record {self.index} at byte {self.offset:,} ({self.length:,} bytes): {self.reason}"
+
+
+@dataclass
+class LogScan:
+    """Everything a row log holds: valid records (also those after damage), damage, a torn tail."""
+
+    records: list[Record]
+    spans: list[tuple[int, int]]  # (offset, length) of each valid record in the file
+    end: int  # where the valid records before any damage or torn tail end
+    size: int
+    torn: int = 0  # bytes of a torn last record (a writer killed mid-append): readers ignore it, writers cut it
+    damage: list[Damage] = field(default_factory=list)
+    missing: int = 0  # records the marker says were written that the log no longer holds at all
+    mark: dict | None = None
+
+    @property
+    def problem(self) -> str:
+        """'' for a sound log (a torn tail is not a problem), else what is wrong, in one line."""
+        if self.damage:
+            more = f" (and {len(self.damage) - 1} more damaged stretch(es))" if len(self.damage) > 1 else ""
+            return f"{self.damage[0].describe()}{more}"
+        if self.missing:
+            return (f"it holds {len(self.records)} records but {self.mark['records']} were written (up to byte "
+                    f"{self.mark['bytes']:,}; it is {self.size:,} bytes): the log was cut short")
+        return ""
+
+
+def _valid_at(data: bytes, p: int) -> bool:
+    if p + REC_HEAD.size > len(data):
+        return False
+    magic, n, crc = REC_HEAD.unpack_from(data, p)
+    end = p + REC_HEAD.size + n
+    framed = magic == REC_MAGIC and n <= MAX_RECORD and end <= len(data)
+    return framed and zlib.crc32(data[p + REC_HEAD.size: end]) == crc
+
+
+def _next_record(data: bytes, p: int) -> int | None:
+    """The offset of the first valid record (framing and checksum) at or after ``p``."""
+    while (p := data.find(REC_MAGIC, p)) >= 0:
+        if _valid_at(data, p):
+            return p
+        p += 1
+    return None
+
+
+def _damaged_head(span: bytes) -> dict | None:
+    """What can still be read of a damaged record's JSON header (the whole header, or its op, id, file and kind)."""
+    body = span[REC_HEAD.size:]
+    with contextlib.suppress(ValueError, struct.error, UnicodeDecodeError):
+        (n,) = struct.unpack_from("<I", body)
+        h = json.loads(body[4: 4 + n])
+        if isinstance(h, dict):
+            return h
+    text = span[:1 << 20].decode("latin-1")
+    out = {k: m.group(1) for k in ("op", "id", "file", "kind")
+           if (m := re.search(rf'"{k}": "([^"\\]{{1,300}})"', text))}
+    return out or None
+
+
+def _check_rows(rec: Record) -> None:
+    """Refuse a record no memedit writes: rows out of order, or rows holding NaN or inf."""
+    for c in rec.changes:
+        if c.rows.numel() and (int(c.rows.min()) < 0 or not (torch.isfinite(c.old.float()).all() and
+                                                             torch.isfinite(c.new.float()).all())):
+            raise ValueError(f"its rows of {c.label} hold NaN, inf or negative row ids, which no memedit writes")
+
+
+def _parse(data: bytes, pos: int, with_rows: bool, shift: int = 0) -> LogScan:
+    """Walk the records of ``data`` from ``pos`` (file offsets are data offsets plus ``shift``)."""
+    scan = LogScan([], [], pos + shift, len(data) + shift)
+    ok_so_far = True
+    while pos < len(data):
+        rest = len(data) - pos
+        if rest < REC_HEAD.size:
+            if data[pos:pos + 4] == REC_MAGIC[:min(4, rest)]:
+                scan.torn = rest  # the start of a record header: an append cut short
+            else:
+                scan.damage.append(Damage(len(scan.records) + len(scan.damage) + 1, pos + shift, rest,
+                                          "bytes that are not a record"))
+            break
+        magic, n, crc = REC_HEAD.unpack_from(data, pos)
+        end = pos + REC_HEAD.size + n
+        framed = magic == REC_MAGIC and n <= MAX_RECORD
+        if framed and end <= len(data):
+            payload = data[pos + REC_HEAD.size: end]
+            if zlib.crc32(payload) == crc:
+                try:
+                    rec = decode_payload(payload, with_rows)
+                    if with_rows:
+                        _check_rows(rec)
+                except (ValueError, KeyError, TypeError, IndexError, RuntimeError, struct.error) as e:
+                    reason = f"its content is unreadable ({str(e)[:120]})"
+                else:
+                    scan.records.append(rec)
+                    scan.spans.append((pos + shift, end - pos))
+                    pos = end
+                    if ok_so_far:
+                        scan.end = pos + shift
+                    continue
+            else:
+                reason = "checksum mismatch"
+            nxt = end if end == len(data) or _valid_at(data, end) else _next_record(data, pos + 1)
+        elif framed:  # runs past the end of the file: torn, unless whole records follow or the length is damaged
+            nxt = _next_record(data, pos + 1)
+            if nxt is None and zlib.crc32(data[pos + REC_HEAD.size:]) != crc:
+                scan.torn = rest
+                break
+            reason = "its length runs past the end of the file, yet " + (
+                "valid records follow it" if nxt is not None else "its bytes are all there (the length is damaged)")
+        else:
+            reason = "no record marker here" if magic != REC_MAGIC else f"an impossible length ({n:,} bytes)"
+            nxt = _next_record(data, pos + 1)
+        nxt = len(data) if nxt is None else nxt
+        scan.damage.append(Damage(len(scan.records) + len(scan.damage) + 1, pos + shift, nxt - pos, reason,
+                                  _damaged_head(data[pos:nxt]), crc if framed else None, n if framed else None))
+        ok_so_far = False
+        pos = nxt
+    return scan
+
+
+def read_mark(path: Path) -> dict | None:
+    """The marker beside the row log (None when there is none); raises naming the file when it is damaged."""
+    p = path.with_name(MARK)
+    try:
+        m = json.loads(p.read_bytes())
+        if not (isinstance(m, dict) and isinstance(m.get("records"), int) and isinstance(m.get("bytes"), int)
+                and isinstance(m.get("sha"), str) and m["records"] >= 0 and m["bytes"] >= 0):
+            raise ValueError
+        return m
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise MemeditError(f"cannot read {p}: {e.strerror or e}; run `memedit check --model {path.parent.parent}`"
+                           ) from None
+    except (ValueError, UnicodeDecodeError):
+        raise MemeditError(f"{p} is damaged; run `memedit check --model {path.parent.parent}`") from None
+
+
+def inspect_log(path: Path, with_rows: bool = True) -> LogScan:
+    """The whole row log (see :class:`LogScan`), raising only for a log written by a newer memedit or unreadable;
+    its marker (rows.end) is read first, so a writer appending meanwhile cannot make it look cut short."""
+    mark = read_mark(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        data = None
+    except OSError as e:
+        raise MemeditError(f"cannot read {path}: {e.strerror or e}") from None
+    if data is None:
+        scan = LogScan([], [], 0, 0)
+    elif data.startswith(LOG_MAGIC):
+        scan = _parse(data, len(LOG_MAGIC), with_rows)
+    elif len(data) < len(LOG_MAGIC) and LOG_MAGIC.startswith(data):
+        scan = LogScan([], [], 0, len(data), torn=len(data))  # a log whose creation was cut short
+    elif data[: len(LOG_MAGIC) - 1] == LOG_MAGIC[:-1] and data[len(LOG_MAGIC) - 1] > LOG_MAGIC[-1]:
+        raise MemeditError(f"{path} has row-log format {data[len(LOG_MAGIC) - 1]}, newer than this memedit; "
+                           "upgrade memedit")
+    else:
+        scan = _parse(data, min(len(LOG_MAGIC), len(data)), with_rows)
+        scan.damage.insert(0, Damage(0, 0, min(len(LOG_MAGIC), len(data)), "the file's format marker is damaged"))
+        scan.end = 0
+    scan.mark = mark
+    if mark is not None:
+        have = len(scan.records) + len(scan.damage) - (1 if scan.damage and scan.damage[0].index == 0 else 0)
+        if mark["records"] > have and scan.torn:  # a committed record, cut short: damage, not a crash
+            off = scan.size - scan.torn
+            tail = data[off:] if data is not None else b""
+            framing = REC_HEAD.unpack_from(tail) if len(tail) >= REC_HEAD.size else (None, None, None)
+            scan.damage.append(Damage(have + 1, off, scan.torn, "cut short: the log had been written past it",
+                                      _damaged_head(tail), framing[2], framing[1]))
+            scan.torn, have = 0, have + 1
+        scan.missing = max(0, mark["records"] - have)
+        if not scan.missing and not scan.damage and mark["records"] and \
+                scan.records[mark["records"] - 1].sha != mark["sha"]:
+            scan.damage.append(Damage(mark["records"], scan.spans[mark["records"] - 1][0],
+                                      scan.spans[mark["records"] - 1][1],
+                                      "it is not the record written there (its hash differs from rows.end)"))
+    return scan
+
+
+def _refuse_damage(path: Path, scan: LogScan) -> None:
+    if scan.problem:
+        raise MemeditError(f"{path} is damaged: {scan.problem}; run `memedit check --model {path.parent.parent}` "
+                           "(nothing was changed)")
+
+
 _SCANNED: dict[tuple, tuple[list[Record], int, bytes]] = {}  # (path, dev, ino, with_rows) -> (records, end, tail)
 
 
 def scan_log(path: Path, with_rows: bool = True, start: int = 0) -> tuple[list[Record], int, int]:
-    """(complete records, byte offset where they end, file size) of a row log; a torn or damaged tail is left out.
+    """(complete records, byte offset where they end, file size) of a row log; a torn last record is left out, and
+    any other damage raises (one line naming the record and its offset): never a silent partial history.
 
     Records already read by this process are reused (the log is append-only; a replaced file has a new inode, and
     the last record's framing is compared to be sure), so reading the log after each write costs the new records."""
     if start:
         return _scan_log(path, with_rows, start)
+    mark = read_mark(path)
     try:
         s = os.stat(path)
     except FileNotFoundError:
+        if mark is not None and mark["records"]:
+            _refuse_damage(path, inspect_log(path, with_rows))
         return [], 0, 0
     except OSError as e:
         raise MemeditError(f"cannot read {path}: {e.strerror or e}") from None
@@ -306,13 +524,17 @@ def scan_log(path: Path, with_rows: bool = True, start: int = 0) -> tuple[list[R
             same = False
         if same:
             if s.st_size == end:
-                return list(records), end, s.st_size
-            more, end2, size = _scan_log(path, with_rows, end)
-            records = records + more
+                end2, size = end, s.st_size
+            else:
+                more, end2, size = _scan_log(path, with_rows, end)
+                records = records + more
         else:
             hit = None
     if hit is None:
         records, end2, size = _scan_log(path, with_rows, 0)
+    if mark is not None and (mark["records"] > len(records) or
+                             (mark["records"] and records[mark["records"] - 1].sha != mark["sha"])):
+        _refuse_damage(path, inspect_log(path, with_rows))
     with contextlib.suppress(OSError):
         with open(path, "rb") as f:
             n = min(end2, 64)
@@ -323,41 +545,23 @@ def scan_log(path: Path, with_rows: bool = True, start: int = 0) -> tuple[list[R
 
 def _scan_log(path: Path, with_rows: bool = True, start: int = 0) -> tuple[list[Record], int, int]:
     """(complete records, byte offset where they end, file size) of a row log (from byte ``start``, the end of
-    records already read); a torn or damaged tail is left out."""
+    records already read); a torn last record is left out, any other damage raises."""
+    if not start:
+        scan = inspect_log(path, with_rows)
+        _refuse_damage(path, scan)
+        return scan.records, scan.end, scan.size
     try:
         with open(path, "rb") as f:
-            if start:
-                head = f.read(len(LOG_MAGIC))
-                f.seek(start)
-                data = head + f.read()
-            else:
-                data = f.read()
+            f.seek(start)
+            data = f.read()
     except FileNotFoundError:
         return [], 0, 0
     except OSError as e:
         raise MemeditError(f"cannot read {path}: {e.strerror or e}") from None
-    if not data.startswith(LOG_MAGIC):
-        if len(data) < len(LOG_MAGIC) and LOG_MAGIC.startswith(data):
-            return [], 0, len(data)  # a log whose creation was cut short
-        if data[: len(LOG_MAGIC) - 1] == LOG_MAGIC[:-1]:
-            raise MemeditError(f"{path} has row-log format {data[len(LOG_MAGIC) - 1]}, newer than this memedit")
-        raise MemeditError(f"{path} is not a memedit row log; run `memedit check --model {path.parent.parent}`")
-    pos, out = len(LOG_MAGIC), []
-    shift = start - pos if start else 0  # offsets in ``data`` are file offsets minus this
-    while pos + REC_HEAD.size <= len(data):
-        magic, n, crc = REC_HEAD.unpack_from(data, pos)
-        end = pos + REC_HEAD.size + n
-        if magic != REC_MAGIC or n > MAX_RECORD or end > len(data):
-            break
-        payload = data[pos + REC_HEAD.size: end]
-        if zlib.crc32(payload) != crc:
-            break
-        try:
-            out.append(decode_payload(payload, with_rows))
-        except (ValueError, KeyError, struct.error):
-            break
-        pos = end
-    return out, pos + shift, len(data) + shift
+    scan = _parse(data, 0, with_rows, shift=start)
+    if scan.damage:  # numbered from the start of the file
+        _refuse_damage(path, inspect_log(path, with_rows))
+    return scan.records, scan.end, scan.size
 
 
 # ---- the store -------------------------------------------------------------------------------------------
@@ -374,11 +578,13 @@ class Store:
 
     # ---- the lock ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def locked(self, wait: bool | None = None, legacy_ok: bool = False) -> Iterator[Store]:
-        """Hold the writers' lock (re-entrant within a process): recover a torn log tail, remove stale temp files.
+    def locked(self, wait: bool | None = None, legacy_ok: bool = False, recover: bool = True) -> Iterator[Store]:
+        """Hold the writers' lock (re-entrant within a process): recover a torn log tail, remove stale temp files
+        (or, with ``recover=False``, leave that to the caller: `memedit check`).
 
         A second writer waits with a message, or with $MEMEDIT_NO_WAIT (``memedit --no-wait``) fails naming the
-        holder. A folder whose edit log predates the row log is refused until ``memedit check --upgrade``."""
+        holder. A folder whose edit log predates the row log is refused until ``memedit check --upgrade``; a
+        damaged row log is refused until ``memedit check --salvage``."""
         key = str(self.folder.resolve())
         if key in _HELD:
             yield self
@@ -390,6 +596,7 @@ class Store:
             fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
             raise MemeditError(f"cannot write to {self.folder}: {e.strerror or e}") from None
+        held = False
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -406,6 +613,7 @@ class Store:
                                        "(or drop --no-wait to wait)") from None
                 print(f"waiting for {holder} to finish writing {self.folder} ...", file=sys.stderr, flush=True)
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            held = True
             os.ftruncate(fd, 0)
             argv = " ".join([Path(sys.argv[0]).name, *sys.argv[1:5]])[:200] if sys.argv else "python"
             os.pwrite(fd, f"pid {os.getpid()} ({argv})".encode(), 0)
@@ -413,12 +621,14 @@ class Store:
             if not legacy_ok and is_legacy(self.dir):
                 raise MemeditError(f"{self.folder} was written by an earlier memedit (edit log in {LEGACY_LOG}); run "
                                    f"`memedit check --upgrade --model {self.folder}` first")
-            self.recover()
+            if recover:
+                self.recover()
             yield self
         finally:
-            _HELD.pop(key, None)
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
+            if held:  # a refused writer leaves the holder's text alone
+                _HELD.pop(key, None)
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
             os.close(fd)  # closing releases the flock
 
     def require_lock(self) -> None:
@@ -426,30 +636,45 @@ class Store:
             raise RuntimeError("store write without the lock")  # a programming error, not a user error
 
     def recover(self) -> list[str]:
-        """Cut a torn last record and remove temp files left by killed writers (needs the lock); returns what it did."""
+        """Cut a torn last record and remove temp files left by killed writers (needs the lock); returns what it did.
+        A damaged log (anything but a torn last record) is refused: nothing is cut."""
         self.require_lock()
-        done = []
-        records, end, size = scan_log(self.log, with_rows=False)
-        if size > end:
-            if end == 0:
-                self.log.unlink()
-                done.append(f"removed an unfinished {self.log.name}")
-            else:
-                with open(self.log, "rb+") as f:
-                    f.truncate(end)
-                    os.fsync(f.fileno())
-                done.append(f"cut a torn record ({size - end} bytes) off {self.log.name}")
+        _, end, size = scan_log(self.log, with_rows=False)  # raises on damage; reuses what this process read
+        done = self.cut_torn(inspect_log(self.log, with_rows=False)) if size > end else []
+        return done + self.remove_temps()
+
+    def cut_torn(self, scan: LogScan) -> list[str]:
+        """Cut the torn last record of a log whose ``scan`` found no damage (needs the lock)."""
+        self.require_lock()
+        if not scan.torn or scan.problem:
+            return []
+        if scan.end == 0:
+            self.log.unlink()
+            return [f"removed an unfinished {self.log.name} ({scan.size} bytes)"]
+        with open(self.log, "rb+") as f:
+            f.truncate(scan.end)
+            os.fsync(f.fileno())
+        return [f"cut a torn last record ({scan.torn:,} bytes) off {self.log.name}"]
+
+    def temps(self) -> list[Path]:
+        """Temp files of interrupted writes: the store's own (``.NAME.XXXX.tmp``) and safetensors' (``.tmpXXXXXX``)."""
+        out = []
         for d in (self.folder, self.dir, self.dir / "patches"):
             if d.is_dir():
-                for p in d.glob(".*.tmp"):
-                    with contextlib.suppress(OSError):
-                        if p.is_dir():
-                            import shutil
+                out += [p for p in d.iterdir() if TEMP.fullmatch(p.name)]
+        return out
 
-                            shutil.rmtree(p)
-                        else:
-                            p.unlink()
-                        done.append(f"removed the temp file {p.name}")
+    def remove_temps(self) -> list[str]:
+        """Remove the temp files of interrupted writes (needs the lock: no writer of this folder is running)."""
+        self.require_lock()
+        done = []
+        for p in self.temps():
+            with contextlib.suppress(OSError):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+                done.append(f"removed the temp file {p.relative_to(self.folder)}")
         return done
 
     # ---- reading --------------------------------------------------------------------------------------------
@@ -462,9 +687,13 @@ class Store:
     def folded(self, meta: dict[str, str] | None = None) -> int:
         meta = self.base_meta() if meta is None else meta
         try:
-            return int(meta.get("memedit.folded", "0"))
+            n = int(meta.get("memedit.folded", "0"))
+            if n < 0:
+                raise ValueError
+            return n
         except ValueError:
-            raise MemeditError(f"{self.base}: bad memedit.folded metadata; run `memedit check`") from None
+            raise MemeditError(f"{self.base}: bad memedit.folded metadata; run `memedit check --model "
+                               f"{self.folder}`") from None
 
     # ---- writing --------------------------------------------------------------------------------------------
     def append(self, head: dict, changes: list[Change]) -> Record:
@@ -488,7 +717,16 @@ class Store:
         finally:
             os.close(fd)
         crash_point("log-appended")
-        return decode_payload(data[REC_HEAD.size:], with_rows=True)
+        rec = decode_payload(data[REC_HEAD.size:], with_rows=True)
+        self.write_mark(len(self.records(with_rows=False)), self.end, rec.sha)
+        return rec
+
+    def write_mark(self, records: int, end: int, sha: str) -> None:
+        """Record how far the log was written (after the append: a crash between the two leaves the marker behind
+        the log, which is harmless; a log behind its marker lost committed records)."""
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(self.dir / MARK, json.dumps({"records": records, "bytes": end, "sha": sha}))
 
 
 def _read_holder(fd: int) -> str:
@@ -696,9 +934,7 @@ def open_folder(model, folder: Path, state: dict[str, torch.Tensor], meta: dict[
     """Finish loading a native folder into ``model`` (its tensors already set from the mapped base): seed the
     fingerprint sums from the base's metadata, then apply the row log's complete records the base does not hold."""
     st = Store(folder)
-    fp = {}
-    with contextlib.suppress(ValueError, TypeError):
-        fp = {k: int(v, 16) for k, v in json.loads(meta.get("memedit.fp", "{}")).items()}
+    fp = stored_sums(meta) or {}
     if fp:
         from .checkpoint import native_state
 
@@ -725,6 +961,15 @@ def open_folder(model, folder: Path, state: dict[str, torch.Tensor], meta: dict[
             for name, t in native_state(model, contiguous=False).items():
                 if name in cached:
                     _set_cached_sum(model, name, t, cached[name])
+
+
+def stored_sums(meta: dict[str, str]) -> dict[str, int] | None:
+    """The fingerprint sums a base stores in its metadata; None when it has none or they are unreadable."""
+    try:
+        fp = json.loads(meta["memedit.fp"])
+        return {str(k): int(v, 16) for k, v in fp.items()}
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
 
 
 FP_CACHE = "fingerprint.json"
@@ -829,64 +1074,417 @@ def upgrade_dir(d: Path) -> int:
     return len(entries)
 
 
-def check_folder(folder: str | Path, repair: bool = True, upgrade: bool = False) -> dict:
-    """Verify a native folder: config, weights header, row log (framing, chain to the base, rows vs weights),
-    frozen set, fingerprint. With ``repair`` (needs write access) cut a torn record and remove temp files; with
-    ``upgrade`` move a v1 edit log into the row log. Returns {"ok", "problems", "repaired", "fingerprint", ...}."""
-    from .checkpoint import fingerprint, is_native, load_native
+def check_folder(folder: str | Path, repair: bool = True, upgrade: bool = False, salvage: bool = False) -> dict:
+    """Verify a native folder and say what is wrong: config, base (header, finite values, fingerprint sums against
+    its metadata), row log (framing, checksums, chain to the base, rows), frozen rows, background statistics,
+    tokenizer. Never raises for damage: every problem is listed. With ``repair`` (needs write access) cut a torn last
+    record and remove temp files; with ``salvage`` rebuild a damaged row log (:func:`salvage_log`); with ``upgrade``
+    move a v1 edit log into the row log. Returns {"ok", "problems", "repaired", "lost", "fingerprint", ...}."""
+    from .checkpoint import is_native, read_config
 
     folder = Path(folder)
-    problems: list[str] = []
-    repaired: list[str] = []
-    if not is_native(folder):
-        raise MemeditError(f"{folder} is not a native memedit folder (no config.json with format memedit)")
+    if not is_native(folder):  # a folder of another layout, or a native one whose config.json is damaged
+        damaged = False
+        if (folder / "config.json").is_file() and ((folder / "model.safetensors").exists() or
+                                                   (folder / STATE_DIR).is_dir()):
+            try:
+                read_config(folder)
+            except MemeditError:
+                damaged = True
+        if not damaged:
+            raise MemeditError(f"{folder} is not a native memedit folder (no config.json with format memedit)")
     st = Store(folder)
+    res = {"folder": str(folder), "ok": False, "problems": [], "repaired": [], "lost": [], "records": 0, "folded": 0,
+           "fingerprint": None}
     writable = os.access(folder, os.W_OK) and (not st.dir.exists() or os.access(st.dir, os.W_OK))
-    if (repair or upgrade) and writable:
-        with st.locked(legacy_ok=True):  # locking recovers: a torn tail and temp files go
-            repaired.extend(st.recover())
-            if upgrade and is_legacy(st.dir):
-                n = upgrade_dir(st.dir)
-                repaired.append(f"moved {n} edit-log entries from {LEGACY_LOG} into {LOG}")
-    elif upgrade:
+    if st.dir.exists() and not st.dir.is_dir():
+        res["problems"].append(f"{st.dir} is not a folder (it holds the row log, frozen rows and the lock)")
+        writable = False
+    if upgrade and not writable:
         raise MemeditError(f"{folder} is read-only; cannot upgrade it")
+    lock = st.locked(legacy_ok=True, recover=False) if writable and (repair or upgrade or salvage) else \
+        contextlib.nullcontext()
+    with lock:  # held throughout: no writer changes the folder while it is checked and repaired
+        _check(st, res, repair and writable, upgrade, salvage and writable)
+    res["ok"] = not res["problems"] and not res["lost"]
+    return res
+
+
+def _check(st: Store, res: dict, repair: bool, upgrade: bool, salvage: bool) -> None:
+    from .checkpoint import fingerprint, load_native, read_config
+
+    problems, repaired = res["problems"], res["repaired"]
+
+    def guard(fn, *args):
+        """fn(*args), or None with the problem listed: a check reports damage, it never raises it."""
+        try:
+            return fn(*args)
+        except MemeditError as e:
+            problems.append(str(e).split("; run `memedit check")[0])  # readers' advice: this is the check
+        except Exception as e:  # noqa: BLE001 - damage may surface as any error deep in a reader
+            problems.append(f"{type(e).__name__}: {str(e)[:200]}")
+        return None
+
+    scan = guard(inspect_log, st.log)
+    if scan is not None and repair and not scan.problem:
+        repaired.extend(st.cut_torn(scan))
+        scan = guard(inspect_log, st.log)
+    if repair:
+        repaired.extend(st.remove_temps())
+    if upgrade and is_legacy(st.dir):
+        n = guard(upgrade_dir, st.dir)
+        if n is not None:
+            repaired.append(f"moved {n} edit-log entries from {LEGACY_LOG} into {LOG}")
+            scan = guard(inspect_log, st.log)
     if is_legacy(st.dir):
         problems.append(f"the edit log is in the old format ({LEGACY_LOG}); run `memedit check --upgrade --model "
-                        f"{folder}` before writing")
-    _, end, size = scan_log(st.log, with_rows=False)
-    if size > end:
-        problems.append(f"{LOG} ends in a torn or damaged record ({size - end} bytes); readers ignore it, the next "
-                        "writer (or `memedit check`) cuts it off")
-    stale = [p.name for d in (folder, st.dir, st.dir / "patches") if d.is_dir() for p in d.glob(".*.tmp")]
+                        f"{st.folder}` before writing")
+    config = guard(read_config, st.folder)
+    base = guard(load_native, st.folder, False) if config is not None else None  # config, header, shapes
+    if base is not None:
+        guard(_check_base, st, base, problems)
+    try:
+        read_mark(st.log)
+        mark_bad = False
+    except MemeditError:
+        mark_bad = True
+    if salvage and base is not None and ((scan is not None and scan.problem) or mark_bad):
+        if mark_bad:
+            problems[:] = [p for p in problems if MARK not in p]
+        done, lost = guard(salvage_log, st, base) or ([], [])
+        repaired.extend(done)
+        res["lost"].extend(lost)
+        scan = guard(inspect_log, st.log)
+        base = guard(load_native, st.folder, False)
+    if scan is not None:
+        if scan.problem:
+            problems.extend(f"{LOG} is damaged: {d.describe()}" for d in scan.damage)
+            if scan.missing:
+                problems.append(f"{LOG} is damaged: {scan.problem}")
+            problems.append(f"readers refuse the folder until `memedit check --salvage --model {st.folder}` rebuilds "
+                            f"the log (it keeps the damaged one aside)")
+        elif scan.torn:
+            problems.append(f"{LOG} ends in a torn record ({scan.torn:,} bytes); readers ignore it, the next writer "
+                            "(or `memedit check`) cuts it off")
+    stale = st.temps()
     if stale:
-        problems.append(f"temp files left by an interrupted write: {', '.join(stale[:4])}")
-    model = load_native(folder)  # config, header, chain of the log to the base, frozen file, tokenizer
-    records = st.records()
+        problems.append(f"temp files left by an interrupted write: {', '.join(p.name for p in stale[:4])}")
+    if base is None:
+        return
+    log_ok = scan is not None and not scan.problem
+    if log_ok:  # the records the base does not hold, applied to it and compared
+        res["records"] = len(scan.records)
+        log_ok = guard(_check_records, st, base, scan.records, problems) is not None
+    if guard(_check_tokenizer, st.folder, base, config) is False:
+        problems.append(f"the tokenizer named by config.json ({config.get('tokenizer', 'tokenizer.json')!r}) is "
+                        "missing")
+    from .state import background, frozen_rows
+
+    guard(frozen_rows, base)
+    guard(background, base)
+    res["folded"] = guard(st.folded) or 0
+    if log_ok:
+        res["fingerprint"] = guard(fingerprint, base)
+
+
+def _check_base(st: Store, model, problems: list[str]) -> None:
+    """The base alone: finite values in every tensor, and its metadata (fingerprint sums, folded count) readable and
+    true (the sums are compared with the base's own tensors, whatever the log holds)."""
+    from .checkpoint import native_state
+
+    state = native_state(model, contiguous=False)
+    for name, t in state.items():
+        if t.is_floating_point():
+            bad = 0
+            flat = t.detach().reshape(-1)
+            for i in range(0, flat.numel(), 1 << 24):  # 16M values at a time: bounded memory on a large table
+                bad += int((~torch.isfinite(flat[i: i + (1 << 24)].float())).sum())
+            if bad:
+                problems.append(f"model.safetensors: {name} holds {bad:,} NaN or inf values")
+    meta = st.base_meta()
+    try:
+        st.folded(meta)
+    except MemeditError as e:
+        problems.append(str(e))
+    if "memedit.fp" in meta:
+        stored = stored_sums(meta)
+        if stored is None:
+            problems.append("model.safetensors: its memedit.fp metadata (the fingerprint sums) is unreadable")
+        else:
+            actual = {name: block_hash_sum(name, t) for name, t in state.items()}
+            for name, t in state.items():  # kept up to date as the log's records apply: hashed once per check
+                _set_cached_sum(model, name, t, actual[name])
+            wrong = sorted(set(stored) ^ set(actual)) + sorted(k for k in stored.keys() & actual.keys()
+                                                               if stored[k] != actual[k])
+            if wrong:
+                problems.append(f"model.safetensors: its tensors do not match the fingerprint sums it stores "
+                                f"({', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}): the base is damaged")
+
+
+def _check_records(st: Store, model, records: list[Record], problems: list[str]) -> bool:
+    """Each record fits the model (tensor, rows, shapes, dtypes), the log chains to the base, and after applying the
+    records the base does not hold, every row the log last wrote holds what the log says."""
+    meta = st.base_meta()
+    folded = st.folded(meta)
+    if folded > len(records) or (folded and records[folded - 1].sha != meta.get("memedit.head")):
+        problems.append(f"the row log does not match the base (the base holds {folded} records, the log has "
+                        f"{len(records)}, or its record {folded} differs)")
+        return True
     params = writable_tensors(model)
-    for n, r in enumerate(records):
+    for n, r in enumerate(records, 1):
         for c in r.changes:
-            if c.name not in params:
+            p = params.get(c.name)
+            k = c.rows.numel()
+            if p is None:
                 problems.append(f"record {n} ({r.head.get('id')}) changes {c.name}, which is not patchable")
-    # the last record touching each row decides its value: the weights must hold it
+            elif tuple(c.new.shape) != (k, *p.shape[1:]) or c.new.dtype != p.dtype or c.rows.dim() != 1 or \
+                    (k and int(c.rows.max()) >= p.shape[0]):
+                problems.append(f"record {n} ({r.head.get('id')}): its rows of {c.label} do not fit the model's "
+                                f"{tuple(p.shape)} {p.dtype}")
+    if problems:
+        return True
+    apply_records(model, records[folded:])
     last: dict[tuple[str, int], torch.Tensor] = {}
     for r in records:
         for c in r.changes:
             for i, row in zip(c.rows.tolist(), c.new, strict=True):
                 last[(c.name, i)] = row
-    bad = [k for k, row in last.items() if k[0] in params and not torch.equal(
+    bad = [k for k, row in last.items() if not torch.equal(
         params[k[0]].detach()[k[1]].reshape(-1).view(torch.uint8), row.reshape(-1).view(torch.uint8))]
     if bad:
         problems.append(f"{len(bad)} rows differ from the row log (e.g. {bad[0][0]} row {bad[0][1]})")
-    frozen_ids(model)  # reads and range-checks the frozen file
-    from ..keyspace.keys import frozen_key_rows
+    return True
 
-    frozen_key_rows(model)
+
+def _check_tokenizer(folder: Path, model, config: dict) -> bool:
+    """Load the tokenizer config.json names (raises what is wrong with it); False when it is missing."""
+    from ..lm.tokenizer import load_tokenizer
+    from .checkpoint import check_tokenizer
+
+    name = config.get("tokenizer", "tokenizer.json")
+    if model.config.standalone or name is None:  # a folder saved without a tokenizer
+        return True
+    if not isinstance(name, str) or Path(name).is_absolute() or not (folder / name).resolve().is_relative_to(
+            folder.resolve()):
+        raise MemeditError(f"config.json: the tokenizer path {name!r} leaves the model folder")
+    path = folder / name
+    if not path.exists():
+        return False
+    if not path.is_file():
+        raise MemeditError(f"{path} is not a file")
+    model.tokenizer = load_tokenizer(path)
+    check_tokenizer(model, str(path))
+    return True
+
+
+# ---- salvage: rebuilding a damaged row log ----------------------------------------------------------------------
+class _Lost(Exception):
+    """Why a damaged record cannot be rebuilt."""
+
+
+def salvage_log(st: Store, model) -> tuple[list[str], list[str]]:
+    """Rebuild a damaged row log (needs the lock; ``model``: the folder's base, loaded without the log); returns
+    (what was done, what was lost).
+
+    The damaged log is kept aside (``rows.log.damaged-TIME``, a hard link to the old file: never deleted). The new log
+    holds every valid record byte for byte, in order, and each damaged record rebuilt from the patch file it names in
+    ``memedit/patches/`` when that file is intact (byte for byte when its header survived: the rebuilt record's
+    checksum then equals the stored one). Records cut off the end are rebuilt from patch files no record names, in
+    the order they were written, when their rows fit. Every record that cannot be rebuilt is listed as lost."""
+    from .checkpoint import atomic_path, atomic_write_bytes
+
+    st.require_lock()
+    try:
+        mark_ok, scan = True, inspect_log(st.log)
+    except MemeditError:  # a damaged marker: the log itself decides
+        mark_ok = False
+        st.dir.joinpath(MARK).rename(_aside(st.dir / MARK))
+        scan = inspect_log(st.log)
+    data = st.log.read_bytes() if st.log.is_file() else b""
     meta = st.base_meta()
-    if "memedit.fp" in meta and st.folded(meta) == len(records):
-        with contextlib.suppress(ValueError, TypeError):
-            stored = {k: int(v, 16) for k, v in json.loads(meta["memedit.fp"]).items()}
-            model.__dict__.pop("_fp_cache", None)
-            if stored != tensor_sums(model):
-                problems.append("the base's stored fingerprint sums do not match its tensors")
-    return {"folder": str(folder), "ok": not problems, "problems": problems, "repaired": repaired,
-            "records": len(records), "folded": st.folded(meta), "fingerprint": fingerprint(model)}
+    try:
+        folded = st.folded(meta)
+    except MemeditError:
+        folded = 0
+    # a valid record that only disagrees with rows.end (a salvage killed before it wrote the marker) is kept
+    starts = {off for off, _ in scan.spans}
+    items = sorted([(off, ln, rec) for (off, ln), rec in zip(scan.spans, scan.records, strict=True)] +
+                   [(d.offset, d.length, d) for d in scan.damage if d.index and d.offset not in starts],
+                   key=lambda x: x[0])
+    done, lost = [], []
+    if not mark_ok:
+        done.append(f"set the damaged {MARK} aside and rebuilt it from the log")
+    if any(d.index and d.offset in starts for d in scan.damage):
+        done.append(f"{MARK} named another last record than the log holds; rebuilt it from the log")
+    if any(not d.index for d in scan.damage):
+        done.append(f"rewrote the damaged format marker at the start of {LOG}")
+    out = bytearray(LOG_MAGIC)
+    new: list[Record] = []
+    in_base = 0  # records of the new log the base holds
+    named = {r.head.get("file") for r in scan.records} | {(d.head or {}).get("file") for d in scan.damage}
+    for n, (off, ln, item) in enumerate(items, 1):
+        folded_item = n <= folded
+        if isinstance(item, Record):
+            if not folded_item:
+                apply_records(model, [item])
+            out += data[off: off + ln]
+            new.append(item)
+        else:
+            try:
+                try:
+                    raw, rec, exact = _rebuild(st, model, item.head or {}, item, apply=not folded_item)
+                    named.add(item.head["file"])
+                except _Lost as e:  # no usable header: a patch file no record names, whose old rows fit here
+                    try:
+                        raw, rec, exact = _unused_patch(st, model, named, apply=not folded_item)
+                    except _Lost:
+                        raise e from None
+            except _Lost as e:
+                lost.append(f"record {n} at byte {off:,} ({ln:,} bytes): {e}")
+                continue
+            out += raw
+            new.append(rec)
+            how = "restored byte for byte" if exact else "rebuilt (rows exact; time, message and fingerprints anew)"
+            done.append(f"record {n} ({rec.head.get('op')} {rec.head.get('id')}) {how} from "
+                        f"{STATE_DIR}/{rec.head.get('file')}")
+        in_base += folded_item
+    for k in range(scan.missing):  # records cut off the end: only their patch files can tell
+        try:
+            raw, rec, _ = _unused_patch(st, model, named, apply=True)
+        except _Lost:
+            lost.append(f"{scan.missing - k} record(s) cut off the end of the log: no unused patch file fits (a revert,"
+                        " or a patch whose file is gone)")
+            break
+        out += raw
+        new.append(rec)
+        done.append(f"record {len(new)} (apply {rec.head.get('id')}) cut off the end, rebuilt from "
+                    f"{STATE_DIR}/{rec.head.get('file')}")
+    aside = _aside(st.log)
+    if st.log.is_file():
+        try:
+            os.link(st.log, aside)
+        except OSError:
+            shutil.copy2(st.log, aside)
+        done.insert(0, f"kept the damaged log as {STATE_DIR}/{aside.name}")
+    atomic_write_bytes(st.log, bytes(out))
+    _SCANNED.clear()
+    if in_base != folded or (in_base and new[in_base - 1].sha != meta.get("memedit.head")):
+        from .checkpoint import load_native
+
+        with atomic_path(st.base, crash="salvage") as tmp:  # the same tensors, metadata naming the new log's records
+            write_base(load_native(st.folder, log=False), tmp, new[:in_base])
+        done.append(f"rewrote model.safetensors' metadata: it holds the first {in_base} records of the new log")
+    st.write_mark(len(new), len(out), new[-1].sha if new else "")
+    done.append(f"wrote a new {LOG}: {len(new)} records ({len(scan.records)} kept byte for byte)")
+    return done, lost
+
+
+def _aside(path: Path) -> Path:
+    """A new name beside ``path`` for keeping a damaged file: NAME.damaged-TIME (-2, -3 ... if taken)."""
+    stem = f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = path.with_name(stem), 1
+    while out.exists():
+        n += 1
+        out = path.with_name(f"{stem}-{n}")
+    return out
+
+
+def _unused_patch(st: Store, model, named: set, apply: bool) -> tuple[bytes, Record, bool]:
+    """An apply record rebuilt from the oldest patch file in ``memedit/patches/`` that no record names and whose old
+    rows are the model's rows now (added to ``named``)."""
+    for path in sorted((st.dir / "patches").glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
+        rel = str(path.relative_to(st.dir))
+        if rel in named:
+            continue
+        try:
+            found = _rebuild(st, model, {"op": "apply", "file": rel}, None, apply=apply, fit=True)
+        except _Lost:
+            continue
+        named.add(rel)
+        return found
+    raise _Lost("its header is unreadable and no unused patch file fits the rows before it")
+
+
+def _patch_changes(model, path: Path) -> tuple[list[Change], dict]:
+    """(changes old -> new, metadata) of a value or key patch file, after its own checksums (raises _Lost)."""
+    # the patch formats belong to editing/ and keyspace/ (which write them); salvage is their only reader below
+    from ..editing.patch import Patch
+    from ..keyspace.keys import KeyPatch, key_changes
+
+    try:
+        p = Patch.load(path)
+        return ([Change(model.table(c.table).state_names[0], c.table, c.rows, c.old, c.new) for c in p.changes],
+                {"message": p.message, "time": p.time, "kind": p.kind, "id": p.id})
+    except MemeditError as e:
+        first = e
+    try:
+        kp = KeyPatch.load(path)
+        return key_changes(model, kp), {"id": kp.id, "kind": "keys", "message": kp.meta.get("command", "keys")}
+    except MemeditError:
+        raise _Lost(f"its patch file is damaged ({str(first)[:160]})") from None
+
+
+def _rebuild(st: Store, model, head: dict, dmg: Damage | None, apply: bool, fit: bool = False
+             ) -> tuple[bytes, Record, bool]:
+    """(record bytes, record, byte-for-byte?) of a damaged record rebuilt from the patch file its header names."""
+    file = head.get("file")
+    if not isinstance(file, str) or not file:
+        raise _Lost("its header is unreadable and names no patch file")
+    path = Path(file) if Path(file).is_absolute() else st.dir / file
+    if not path.is_file():
+        raise _Lost(f"its patch file {file} is gone")
+    changes, pmeta = _patch_changes(model, path)
+    params = writable_tensors(model)
+    for c in changes:
+        p = params.get(c.name)
+        if p is None or tuple(c.new.shape[1:]) != tuple(p.shape[1:]) or c.new.dtype != p.dtype or (
+                c.rows.numel() and int(c.rows.max()) >= p.shape[0]):
+            raise _Lost(f"its patch file {file} does not fit the model")
+    op = head.get("op")
+    if op not in ("apply", "revert"):  # which way: the rows before it tell
+        op = "revert" if not differing(model, [Change(c.name, c.label, c.rows, c.new, c.old) for c in changes],
+                                       "old") and differing(model, changes, "old") else "apply"
+    if op == "revert":
+        changes = [Change(c.name, c.label, c.rows, c.new, c.old) for c in changes]
+    if fit and differing(model, changes, "old"):
+        raise _Lost(f"{file} does not fit the rows before it")
+    if apply:  # the old rows are what was there, so a revert restores exactly that
+        changes = [Change(c.name, c.label, c.rows, params[c.name].detach()[c.rows].clone(), c.new) for c in changes]
+    live = [c for c in changes if c.rows.numel()]
+    exact = None
+    if dmg is not None and "tensors" in head and dmg.crc is not None:
+        raw = encode_record({k: v for k, v in head.items() if k not in ("v", "tensors")}, live)
+        if zlib.crc32(raw[REC_HEAD.size:]) == dmg.crc and len(raw) - REC_HEAD.size == dmg.declared:
+            exact = raw
+    if exact is None:
+        from .checkpoint import fingerprint
+
+        h = {k: head[k] for k in ("op", "id", "file", "kind", "message", "time", "forced", "answers") if k in head}
+        h.update(op=op, file=file, salvaged=True)
+        for k in ("id", "kind", "message", "time"):
+            if not isinstance(h.get(k), str) and k in pmeta:
+                h[k] = pmeta[k]
+        h.update(tables={c.label: c.rows.numel() for c in live}, rows={c.label: c.rows.tolist() for c in live},
+                 layers=_layers(model, live))
+        if apply:
+            h["before"], h["after"] = fingerprint(model), _probe_after(model, live)
+        raw = encode_record(h, live)
+    rec = decode_payload(raw[REC_HEAD.size:], with_rows=True)
+    if apply:
+        apply_records(model, [rec])
+    return raw, rec, exact is not None
+
+
+def _probe_after(model, changes: list[Change]) -> str:
+    """The model's fingerprint with ``changes`` applied (the model is left as it was)."""
+    from .checkpoint import fingerprint
+
+    params = writable_tensors(model)
+    saved = [(params[c.name], c.rows, params[c.name].detach()[c.rows].clone()) for c in changes]
+    with torch.no_grad():
+        for c in changes:
+            params[c.name].detach()[c.rows] = c.new.to(params[c.name].dtype)
+        fp = fingerprint(model)
+        for p, rows, old in saved:
+            p.detach()[rows] = old
+    return fp
