@@ -334,7 +334,7 @@ def export(path: str | Path, model: Any, stats: SlotStats | None = None, metrics
                 from ..lm.tokenizer import token_text
 
                 vocab = np.asarray([token_text(model.tokenizer, i) for i in range(V)], dtype=h5py.string_dtype())
-                w.array("vocab", vocab, ("token",), attrs={"long_name": "the string of each token id"})
+                w.array("vocab", vocab, ("token",), attrs={"long_name": "the text each token id decodes to"})
         _write_edit_log(w, edit_log(model))
     return path
 
