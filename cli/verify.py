@@ -75,6 +75,8 @@ def verify(
 
     if sum(x is not None and x != 0 for x in (corpus, random, queries)) > 1:
         raise MemeditError("give only one of --corpus, --random and --queries")
+    if reference not in exact.REFERENCES:
+        raise MemeditError(f"unknown --reference {reference!r} (choose from {', '.join(exact.REFERENCES)})")
     m = load_model(model, device=device)
     if layer is not None and layer not in m.memory_layers:
         raise MemeditError(f"layer {layer} is not a memory layer (memory layers: {list(m.memory_layers)})")

@@ -183,6 +183,8 @@ def test_bad_input_is_one_line_with_exit_2(cli, tiny, tmp_path):
     assert code == 2 and "not a memory layer" in err
     code, _, err = cli("verify", "--model", path, "--random", 5, "--dtypes", "int8")
     assert code == 2 and "unknown dtype" in err
+    code, _, err = cli("verify", "--model", path, "--random", 5, "--reference", "ivf")
+    assert code == 2 and "unknown --reference 'ivf'" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("verify", "--model", path)
     assert code == 2 and "--corpus" in err  # a model without a facts world needs text
 
