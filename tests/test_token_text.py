@@ -50,3 +50,27 @@ def test_inspect_and_slot_show_decoded_text_and_json_keeps_ids(cli, tmp_path):
     assert all("token_id" in x for w in d["writes"] for x in w["promotes"])
     for c in d["contexts"] or []:
         assert len(c["text"]) == len(c["tokens"]) and not any("Ġ" in t for t in c["text"] if t)
+
+
+def test_every_tokenizer_kind_shows_decoded_text(tmp_path):
+    """SentencePiece ('▁cat'), tiktoken (bytes), lingua's bytes and a HuggingFace tokenizer without a byte-level
+    decoder: the shown text of a sentence's tokens, joined, is the sentence; special tokens keep their symbol."""
+    pytest.importorskip("sentencepiece")
+    pytest.importorskip("tiktoken")
+    from memedit.storage.importers.tokenizers import BytesTokenizer, load_path
+
+    from .test_importers import make_tokenizer_files
+
+    files = make_tokenizer_files(tmp_path)
+    sp = load_path(files["sp"][0])
+    shown = [token_text(sp, i) for i in sp.encode("the cat")]
+    assert "".join(shown) == " the cat" and not any("▁" in t for t in shown)
+    assert token_text(sp, sp.bos_id) == "<s>"
+    tk = load_path(files["tiktoken"][0], "tiktoken")
+    assert [token_text(tk, i) for i in tk.encode("the cat")] == ["the", " c", "a", "t"]
+    assert token_text(tk, tk.bos_id) == "<|begin_of_text|>"
+    by = BytesTokenizer()
+    assert "".join(token_text(by, i) for i in by.encode("née\n")) == "n\\xc3\\xa9e\\n"  # é split over two bytes
+    assert token_text(by, by.bos_id) == "<bos>"
+    hf = load_path(files["hf"][0])  # Whitespace pre-tokenizer, no decoder: the symbols are the words
+    assert [token_text(hf, i) for i in hf.encode("the cat")] == ["the", "cat"]
