@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench bench-smoke clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,14 +18,26 @@ demo: install
 	$(BIN)/memedit info
 	$(BIN)/memedit generate "Reidreir was born in"
 
-# The browser tests of `memedit report` need a Chromium (apt-get install chromium); without one they skip, and -rs
-# prints the one line saying so.
+# The whole suite. The browser test of `memedit report` (tests/test_report.py) drives a Chromium through Playwright
+# (installed with the test extras); it finds `chromium` or `chromium-browser` on PATH, or the one MEMEDIT_CHROMIUM
+# names. Without one it is skipped, and -rs prints the line saying so: `sudo apt-get install chromium` first (as
+# .ci/run does) to run all of it.
 test: install
 	$(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/python -m pytest -rs tests
 
 bench: install
 	$(BIN)/python benchmarks/bench_lookup.py
+
+# Every script in benchmarks/ at tiny sizes (--smoke), so none can crash unseen; baselines.py is a module that
+# bench_edit.py and bench_continual.py import. What they print is not a measurement.
+bench-smoke: install
+	@for f in benchmarks/*.py; do \
+		[ "$$f" = benchmarks/baselines.py ] && continue; \
+		echo "== $$f --smoke"; start=$$(date +%s); \
+		$(BIN)/python $$f --smoke || { echo "== $$f --smoke FAILED"; exit 1; }; \
+		echo "== $$f --smoke: $$(( $$(date +%s) - start )) s"; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

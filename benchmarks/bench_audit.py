@@ -6,7 +6,7 @@
 2. writing 1,048,576-slot statistics with memedit's exporter vs writing the same arrays directly with h5py and
    the same filters and chunks (gzip 4 + shuffle, 64K-slot chunks).
 
-    nice -n 10 .venv/bin/python benchmarks/bench_audit.py [--tokens 100000] [--rounds 5] [--threads 1]
+    nice -n 10 .venv/bin/python benchmarks/bench_audit.py [--tokens 100000] [--rounds 5] [--threads 1] [--smoke]
 """
 
 from __future__ import annotations
@@ -113,12 +113,12 @@ def bench_counting(model, max_tokens: int, batch_size: int, rounds: int) -> None
     print(f"  end-to-end audit() incl. reading, tokenizing, fingerprint: {stats.tokens / e:,.0f} tokens/s")
 
 
-def million_slot_stats(accesses: int, seed: int = 0) -> SlotStats:
+def million_slot_stats(accesses: int, seed: int = 0, n_keys: int = 1024) -> SlotStats:
     """Statistics of a 1,048,576-slot memory (N 1024, 4 heads, layers 1 and 3 sharing a table), with skewed use."""
     from memedit.lm.memory import MemoryConfig
     from memedit.lm.model import ModelConfig
 
-    N, H, layers = 1024, 4, [1, 3]
+    N, H, layers = n_keys, 4, [1, 3]
     g = torch.Generator().manual_seed(seed)
     z = lambda *s: torch.zeros(s, dtype=torch.int64)  # noqa: E731
     cfg = ModelConfig(dim=1024, n_layers=4, memory=MemoryConfig(layers=layers, n_keys=N, heads=H, knn=32))
@@ -136,8 +136,8 @@ def million_slot_stats(accesses: int, seed: int = 0) -> SlotStats:
     return s
 
 
-def bench_export(rounds: int, accesses: int) -> None:
-    stats = million_slot_stats(accesses)
+def bench_export(rounds: int, accesses: int, n_keys: int = 1024) -> None:
+    stats = million_slot_stats(accesses, n_keys=n_keys)
     metrics = report(stats)
     arrays = {  # the same arrays memedit writes, prepared beforehand for the raw writer
         "counts": (stats.counts.numpy(), 2), "weights": (stats.weights.numpy(), 2),
@@ -167,7 +167,8 @@ def bench_export(rounds: int, accesses: int) -> None:
         m, r = min(times["memedit"]), min(times["raw"])
         with h5py.File(ours) as a, h5py.File(raw) as b:
             same = all(np.array_equal(a[k][()], b[k][()]) for k in arrays)
-        print(f"  1,048,576 slots x 4 heads x 2 layers (+ shared-table sums), {int(stats.counts.sum()):,} accesses; "
+        print(f"  {n_keys * n_keys:,} slots x 4 heads x 2 layers (+ shared-table sums), "
+              f"{int(stats.counts.sum()):,} accesses; "
               f"best of {rounds}; same arrays in both files: {same}")
         print(f"  raw h5py writes      {r:6.2f} s   {raw.stat().st_size / 2**20:6.1f} MiB")
         print(f"  memedit write_audit  {m:6.2f} s   {ours.stat().st_size / 2**20:6.1f} MiB   ratio {m / r:.2f}x  "
@@ -182,7 +183,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--big-tokens", type=int, default=5_000, help="tokens for the 1M-slot model (0: skip it)")
     ap.add_argument("--accesses", type=int, default=8_000_000, help="accesses per layer in the 1M-slot stats")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds in all: does it run (not a measurement)")
     args = ap.parse_args()
+    n_keys = 1024
+    if args.smoke:
+        args.tokens, args.rounds, args.big_tokens, args.accesses, n_keys = 2_000, 1, 0, 20_000, 64
     torch.set_num_threads(args.threads)
     model, what = demo_or_demo_shaped()
     print(f"audit counting overhead ({what}, {args.threads} thread(s))")
@@ -190,8 +195,8 @@ def main() -> None:
     if args.big_tokens:
         print(f"audit counting overhead (untrained 1M-slot model, {args.threads} thread(s))")
         bench_counting(million_slot_model(model), args.big_tokens, args.batch_size, args.rounds)
-    print("export of 1M-slot statistics")
-    bench_export(max(3, args.rounds // 2), args.accesses)
+    print(f"export of {n_keys * n_keys:,}-slot statistics")
+    bench_export(1 if args.smoke else max(3, args.rounds // 2), args.accesses, n_keys)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Continual editing: N sequential fact edits on the demo, every method in the same run, a forgetting curve.
 
     python benchmarks/bench_continual.py [--model PATH] [--n 1000] [--every 50] [--methods a,b,...]
-                                         [--json out.json] [--plot curve.png] [--untouched N]
+                                         [--json out.json] [--plot curve.png] [--untouched N] [--smoke]
 
 Each method starts from the same model and makes the same N edits one after another: facts drawn at random (seed
 0), each rewritten to a RANDOM other object of its relation (not the world's ``target_new``), the old answer being
@@ -166,7 +166,11 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--replot", default=None, help="only plot (to --plot) the curves of these --json files, a,b,...")
+    ap.add_argument("--smoke", action="store_true",
+                    help="1 edit per method, 20 untouched prompts: does it run (not a measurement)")
     args = ap.parse_args()
+    if args.smoke:
+        args.n, args.every, args.untouched = 1, 1, 20
     if args.replot:
         merged = {}
         for f in args.replot.split(","):

@@ -1,6 +1,6 @@
 """Fact-edit benchmark on the demo world: memedit's sparse memory finetuning against three baselines.
 
-    python benchmarks/bench_edit.py [--model PATH] [--n 100] [--json out.json]
+    python benchmarks/bench_edit.py [--model PATH] [--n 100] [--json out.json] [--smoke]
 
 Methods (same steps, same early stop):
   memedit      the defaults of `memedit edit`: rows read at every position ranked by TF-IDF against the background
@@ -114,7 +114,7 @@ def summarise(rows: list[dict]) -> dict:
 
 def single(model, facts, others, bg, cfg) -> dict:
     state = snapshot(model)
-    forget = Forgetting(model, others, sample=1000)
+    forget = Forgetting(model, others, sample=FORGET_SAMPLE)
     base_correct = forget.correct.clone()
     rows = []
     for f in facts:
@@ -136,7 +136,7 @@ def sequential(model, facts, others, bg, cfg, folder: Path | None) -> dict:
     untouched_p = [p for f in others for p in f.training_prompts]
     untouched_t = [f.target_true for f in others for _ in f.training_prompts]
     acc0 = accuracy(model, untouched_p, untouched_t)
-    forget = Forgetting(model, others, sample=1000)
+    forget = Forgetting(model, others, sample=FORGET_SAMPLE)
     apply_secs: list[float] = []
 
     def commit(p):
@@ -173,6 +173,7 @@ def sequential(model, facts, others, bg, cfg, folder: Path | None) -> dict:
 
 ORIGINAL_BYTES: list[bytes] = []
 LOCALITY: list[Locality] = []  # the locality sample `memedit edit` would use (the background's)
+FORGET_SAMPLE = 1000  # other facts' prompts that measure forgetting after each edit
 
 
 def main() -> None:
@@ -188,8 +189,12 @@ def main() -> None:
     ap.add_argument("--runs", default="single,sequential")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--smoke", action="store_true", help="1 fact, 50 other facts: does it run (not a measurement)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.smoke:
+        global FORGET_SAMPLE
+        args.n, FORGET_SAMPLE = 1, 20
 
     model = memedit.load(args.model)
     world = world_of(model)
@@ -197,7 +202,7 @@ def main() -> None:
     facts = rng.sample(world.facts, args.n)
     WORLD[:] = world.facts
     edited = {f.id for f in facts}
-    others = [f for f in world.facts if f.id not in edited]
+    others = [f for f in world.facts if f.id not in edited][: 50 if args.smoke else None]
     t0 = time.perf_counter()
     bg = B.get(model)  # what `memedit edit` uses on the bundled model: the stored statistics, or computed in memory
     bg_seconds = time.perf_counter() - t0

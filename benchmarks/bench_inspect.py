@@ -4,7 +4,7 @@
    selected slots at random, at the answer position; how often does the target's probability go down?
 2. Wall time of the commands a user runs, end to end (new process each time, median of --repeat runs).
 
-Run: nice -n 10 .venv/bin/python benchmarks/bench_inspect.py [--facts 300] [--repeat 3]
+Run: nice -n 10 .venv/bin/python benchmarks/bench_inspect.py [--facts 300] [--repeat 3] [--smoke]
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--model", default=None, help="model folder (default: the bundled demo model)")
+    ap.add_argument("--smoke", action="store_true", help="5 facts, each command once: does it run (not a measurement)")
     args = ap.parse_args()
+    if args.smoke:
+        args.facts, args.repeat = 5, 1
 
     import torch
 

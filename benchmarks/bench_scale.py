@@ -14,6 +14,7 @@ floor, and the CPU time (user + system) of the command's process, which a busy m
 wall time. The load average is printed before and after: on a shared machine the figures move with it.
 
 Usage: nice -n 10 python benchmarks/bench_scale.py [--n-keys 1024] [--dim 1024] [--timeout 600] [--only info,convert]
+                                                   [--smoke]
 It needs about 5 GB of memory while it builds the checkpoint and ~7 GB of disk.
 """
 
@@ -182,11 +183,15 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--reuse", action="store_true", help="keep the last run's NATIVE folder and files (with --only: "
                                                           "rerun a few rows; convert is skipped when NATIVE exists)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a 1,024-slot checkpoint, D 128, every command once; exit 1 if one fails (not a measurement)")
     args = ap.parse_args()
+    if args.smoke:
+        args.n_keys, args.dim, args.reuse, args.only = 32, 128, False, ""
 
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     cons = build_checkpoint(args.n_keys, args.dim)
-    work = CACHE / "scale-run"
+    work = CACHE / ("scale-smoke" if args.smoke else "scale-run")
     if not args.reuse:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -236,6 +241,9 @@ def main() -> None:
           f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime:.0f} s", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    failed = [r["command"] for r in results if r["rc"] or r["killed"]]
+    if args.smoke and failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Prints, from one run:
   3. peak extra memory of the blockwise search (measured in a fresh subprocess),
   4. incremental index update vs full rebuild after changing 8 sub-keys.
 
-Run: nice -n 10 .venv/bin/python benchmarks/bench_verify.py [--n-keys 1024] [--k-dim 512] [--queries 256]
+Run: nice -n 10 .venv/bin/python benchmarks/bench_verify.py [--n-keys 1024] [--k-dim 512] [--queries 256] [--smoke]
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--smoke", action="store_true", help="N 64, K 64, 32 queries: does it run (not a measurement)")
     a = ap.parse_args()
+    if a.smoke:
+        a.n_keys, a.k_dim, a.queries, a.repeats = 64, 64, 32, 2
     N, K = a.n_keys, a.k_dim
     torch.set_num_threads(a.threads)
     print(f"random memory: N {N} ({N * N:,} slots), K {K}, {a.heads} heads, k {a.knn}; {a.queries} random queries "
@@ -83,7 +86,11 @@ def main() -> None:
         print(f"verify {p.dtype:8s}: {j['lookups']:,} lookups, mismatches {j['mismatches']}, identical index sets "
               f"{j['identical']:.2%}, differing only inside ties {j['tie_agree']:.2%}, k-th score ties {j['ties']:,}, "
               f"max |Δscore| {max(h.max_score_diff for h in p.heads):.2e}")
-    print(f"verify total (2 passes incl. lookups): {verify_s:.1f} s -> {'AGREE' if report.ok else 'MISMATCH'}")
+    faults = sum(p.total("reference_faults") + p.total("reference_errors") for p in report.passes)
+    print(f"verify total (2 passes incl. lookups): {verify_s:.1f} s -> {'AGREE' if report.ok else 'LOOKUP ERROR'}; "
+          f"faulty reference answers {faults} (re-checked by the brute force)")
+    if not report.ok:
+        raise SystemExit("verify found a lookup error")
 
     # 2. throughput: blockwise exact search (what verify runs) vs faiss.knn over materialised keys, one head
     import faiss

@@ -1,7 +1,7 @@
 """Stress the model store: concurrent writers, random kill -9, 1,000 mixed operations reverted, a 2-row write on a
 2 GiB table.
 
-    nice python benchmarks/stress_store.py [--kills 52] [--ops 1000] [--runs 3] [--writers 8] [--skip-big]
+    nice python benchmarks/stress_store.py [--kills 52] [--ops 1000] [--runs 3] [--writers 8] [--skip-big] [--smoke]
 
 1. writers   8 processes at once, each `patch set --apply` on its own row of one folder, 3 runs: every row must hold
              its value and every "applied" must be in the log (lost updates, phantom log entries).
@@ -236,7 +236,11 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=52)
     ap.add_argument("--ops", type=int, default=1000)
     ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--smoke", action="store_true",
+                    help="2 writers, 1 run, 2 kills, 20 operations, no 2 GiB table: does it run (not a measurement)")
     a = ap.parse_args()
+    if a.smoke:
+        a.writers, a.runs, a.kills, a.ops, a.skip_big = 2, 1, 2, 20, True
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="stress-store-") as d:
         base = Path(d)

@@ -252,8 +252,8 @@ def export(
 
     Example: memedit audit --out audit.h5 && memedit export --out memory.h5 --stats audit.h5
     """
+    from memedit.auditing.hdf5 import NO_TOP_TOKENS, read_audit, top_tokens_skipped
     from memedit.auditing.hdf5 import export as run
-    from memedit.auditing.hdf5 import read_audit
     from memedit.auditing.stats import report
     from memedit.storage.checkpoint import check_output
 
@@ -264,8 +264,11 @@ def export(
     with StepProgress("exporting", "slots", disable=json) as bar:
         path = run(out, m, audit_stats, metrics, top_k=top_tokens, progress=bar)
     size = path.stat().st_size
+    note = NO_TOP_TOKENS if top_tokens_skipped(m, top_tokens) else None
     if json:
         return print_json({"out": str(path), "bytes": size, "stats": str(stats) if stats else None,
-                           "tokens": audit_stats.tokens if audit_stats else 0})
+                           "tokens": audit_stats.tokens if audit_stats else 0, "note": note})
     console.print(f"wrote {path} ({size / 2**20:.1f} MiB)"
                   + (f" with statistics of {audit_stats.tokens:,} tokens" if audit_stats else ""))
+    if note:
+        console.print(f"[yellow]note[/] {note}")

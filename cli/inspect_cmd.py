@@ -19,7 +19,7 @@ def _loaded(model: Optional[str], dtype: Optional[str], device: Optional[str] = 
 
 
 def _tokens(items: list[dict]) -> str:
-    return esc(" ".join(x["token"] for x in items))
+    return esc(" ".join(repr(x["token"]) for x in items))  # quoted: a decoded token's own space shows
 
 
 TargetOpt = Annotated[
@@ -246,7 +246,7 @@ def trace_causal(
             level = int(255 - 200 * min(1.0, max(0.0, x) / top))
             cells.append(f"[black on rgb({level},{level},255)] {x:+.3f} [/]")
         mark = "*" if pos in ct.subject_positions else ""
-        t.add_row(str(pos), esc(tok) + mark, *cells)
+        t.add_row(str(pos), esc(repr(tok)) + mark, *cells)
     console.print(t)
     console.print("[dim]* subject token (corrupted)[/]")
     if plot is not None:

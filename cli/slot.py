@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .common import JsonOpt, ModelOpt, app, command, console, print_json
+from .common import JsonOpt, ModelOpt, app, command, console, esc, print_json
 
 
 @command(app)
@@ -52,8 +52,8 @@ def slot(
         kt.add_row(str(k["layer"]), *(f"{h['i_norm']:.2f} / {h['j_norm']:.2f}" for h in k["heads"]))
     console.print(kt)
     for wr in d["writes"]:
-        up = ", ".join(f"{x['token']} {x['logit']:+.2f}" for x in wr["promotes"])
-        down = ", ".join(f"{x['token']} {x['logit']:+.2f}" for x in wr["suppresses"])
+        up = ", ".join(f"{esc(repr(x['token']))} {x['logit']:+.2f}" for x in wr["promotes"])
+        down = ", ".join(f"{esc(repr(x['token']))} {x['logit']:+.2f}" for x in wr["suppresses"])
         console.print(f"through layer {wr['layer']}: promotes {up}\n{'':>18}suppresses {down}", highlight=False)
     u = d["usage"]
     if u is not None:
@@ -68,14 +68,12 @@ def slot(
         ct = Table(title="top contexts", box=None, padding=(0, 1))
         for c in ("weight", "doc", "pos", "layer/head", "context"):
             ct.add_column(c, justify="right" if c != "context" else "left")
-        from rich.markup import escape
-
-        for c in d["contexts"]:
-            words = [escape(t) for t in c["text"] if t is not None]
+        for c in d["contexts"]:  # decoded text, the firing token marked
+            words = [esc(t) for t in c["text"] if t is not None]
             before = sum(1 for t in c["text"][:8] if t is not None)
             words[before] = f"[bold reverse]{words[before]}[/]"
             ct.add_row(f"{c['weight']:.3f}", str(c["document"]), str(c["position"]), f"L{c['layer']}h{c['head']}",
-                       " ".join(words))
+                       "".join(words))
         console.print(ct)
     elif stats is not None and d["contexts"] is None:
         console.print("(the audit kept no top contexts: audit with --contexts M)")

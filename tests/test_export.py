@@ -221,3 +221,43 @@ def test_export_streams_blocks_that_straddle_chunks_and_reports_progress(tmp_pat
             top = (folded @ table[slot]).topk(3)
             assert a["top_tokens"][1, slot].tolist() == top.indices.tolist()
             np.testing.assert_allclose(a["top_token_logits"][1, slot], top.values.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_standalone_module_exports_what_needs_no_vocabulary_with_a_note(cli, tmp_path):
+    """XLM / product-key-memory modules have no host LM: export writes norms, frozen rows, the edit log and usage,
+    and says why the top tokens are missing, instead of refusing."""
+    from product_key_memory import PKM
+
+    from memedit.auditing.hdf5 import NO_TOP_TOKENS, write_audit
+    from memedit.auditing.stats import AuditCounter, SlotStats
+    from memedit.tracing.capture import on_lookup
+
+    torch.manual_seed(0)
+    torch.save(PKM(dim=32, heads=2, num_keys=16, topk=4, dim_head=16).eval().state_dict(), tmp_path / "pkm.pt")
+    code, out, err = cli("export", "--model", tmp_path / "pkm.pt", "--out", tmp_path / "x.h5")
+    assert code == 0, err
+    assert "top tokens skipped" in out and "host language model" in out
+    folder = tmp_path / "native"
+    assert cli("convert", folder, "--model", tmp_path / "pkm.pt", "--knn", 4)[0] == 0
+    assert cli("freeze", "--model", folder, "--rows", "3,7", "--table", "layer0")[0] == 0
+    code, _, err = cli("patch", "set", "--model", folder, "--table", "layer0", "--rows", "5", "--scalar", 0,
+                       "--apply")
+    assert code == 0, err
+    model = load(folder)  # usage from lookups on query vectors (a standalone module has no text to audit)
+    counter = AuditCounter(model)
+    with on_lookup(model, counter), torch.no_grad():
+        counter.batch(torch.ones(40, dtype=torch.bool))
+        model.memory_layers[0](torch.randn(1, 40, 32))
+    write_audit(tmp_path / "a.h5", SlotStats.counted(counter, 40, "query vectors", fingerprint(model),
+                                                      model.config.to_dict()))
+    code, out, err = cli("export", "--model", folder, "--out", tmp_path / "y.h5", "--stats", tmp_path / "a.h5",
+                         "--json")
+    assert code == 0, err
+    assert json.loads(out)["note"] == NO_TOP_TOKENS
+    with h5py.File(tmp_path / "y.h5", "r") as f:
+        assert f.attrs["note"] == NO_TOP_TOKENS and "top_tokens" not in f and "vocab" not in f
+        assert f["value_norms"].shape == (1, 256) and f["value_norms"][0, 5] == 0  # the row set to 0
+        assert f["key_norms"].shape == (1, 2, 2, 16)
+        assert np.flatnonzero(f["frozen"][0]).tolist() == [3, 7]
+        assert [x.decode() for x in f["edit_log"]["action"][()]] == ["apply"]
+        assert int(f["counts"][()].sum()) == 40 * 2 * 4  # 40 queries x 2 heads x k 4

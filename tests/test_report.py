@@ -49,8 +49,11 @@ def test_site_holds_every_used_slot_within_2kb_and_agrees_with_memedit_slot(demo
     rec = recs[str(slot)]
     info = slot_info(demo, slot, n=5)
     assert rec["c"] == int(stats.table_counts("shared").sum(0)[slot]) and rec["r"] == 1
-    promoted = [demo.tokenizer.id_to_token(t) for t, _ in rec["p"][0][1]]
-    assert promoted == [x["token"] for x in info["writes"][0]["promotes"]]
+    promoted = [t for t, _ in rec["p"][0][1]]  # token ids in the data; the page shows them through vocab.js
+    assert promoted == [x["token_id"] for x in info["writes"][0]["promotes"]]
+    _, (vocab,) = load_js(out / "data" / "vocab.js")
+    assert [vocab[t] for t in promoted] == [x["token"] for x in info["writes"][0]["promotes"]]
+    assert not any("Ġ" in t for t in vocab) and vocab[demo.tokenizer.encode(" Shoush")[0]] == " Shoush"  # decoded text
     assert [c[0] for c in rec["x"]] == pytest.approx([c["weight"] for c in stats.contexts.entries("shared", slot)],
                                                      rel=1e-3)
     _, (n, fact) = load_js(out / "data" / "facts" / "0.js")

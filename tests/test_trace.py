@@ -229,7 +229,7 @@ def test_trace_causal_grid_and_plot(cli, tiny, tmp_path):
     assert d["corrupted_prob"] == pytest.approx(d["clean_prob"], abs=1e-6)
     assert max(abs(x) for row in d["indirect_effect"] for x in row) < 1e-6
     code, out, _ = cli("trace-causal", PROMPT, "-s", "Reidreir", "-t", "Thakrian", "--model", path)
-    assert code == 0 and "indirect effect" in out and "Reidreir*" in out
+    assert code == 0 and "indirect effect" in out and "'Reidreir'*" in out
     code, _, err = cli("trace-causal", PROMPT, "--subject", "Bob", "--target", "Thakrian", "--model", path)
     assert code == 2 and "does not occur in the prompt" in err
 

@@ -164,7 +164,7 @@ def test_cli_exit_code_1_on_a_real_mismatch(cli, tiny, monkeypatch):
     monkeypatch.setattr(ProductKeySearch, "forward", swapped)
     code, out, _ = cli("verify", "--model", path, "--random", 50, "--dtypes", "float32", "--examples", 1)
     assert code == 1
-    assert "REAL MISMATCHES" in out and "memedit slots" in out and "reference slots" in out
+    assert "LOOKUP ERRORS" in out and "memedit slots" in out and "reference slots" in out
 
 
 # ---- bad input -------------------------------------------------------------------------------------------
@@ -183,6 +183,8 @@ def test_bad_input_is_one_line_with_exit_2(cli, tiny, tmp_path):
     assert code == 2 and "not a memory layer" in err
     code, _, err = cli("verify", "--model", path, "--random", 5, "--dtypes", "int8")
     assert code == 2 and "unknown dtype" in err
+    code, _, err = cli("verify", "--model", path, "--random", 5, "--reference", "ivf")
+    assert code == 2 and "unknown --reference 'ivf'" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("verify", "--model", path)
     assert code == 2 and "--corpus" in err  # a model without a facts world needs text
 
@@ -237,7 +239,12 @@ def test_miq_reference_agrees_with_the_brute_force_and_flags_the_same_bug(cli, t
         keys, q = torch.randn(2, N, 8, generator=g).numpy(), (torch.randn(300, 16, generator=g) * 4).numpy()
         d1, i1 = exact.exact_search(q, keys, 5)
         d2, i2 = exact.miq_search(q, keys, 5)
-        assert np.allclose(d1, d2, rtol=1e-5, atol=1e-4) and (np.sort(i1, 1) == np.sort(i2, 1)).all()
+        # MIQ's answers are judged like any reference: well-formed, and agreeing once rescored exactly
+        assert exact.answer_faults(i2, d2, N * N) == [None] * 300
+        tol = exact.MIQ_RTOL * exact.score_scale(q, keys)
+        t1, t2 = exact.true_scores(q, keys, i1), exact.true_scores(q, keys, i2)
+        kinds = [exact.judge(i2[r], d2[r], t2[r], i1[r], t1[r], tol[r])[0] for r in range(300)]
+        assert set(kinds) <= {"same", "tie"} and kinds.count("same") > 290
     _, path = tiny
     code, out, _ = cli("verify", "--model", path, "--random", 300, "--reference", "miq", "--json")
     assert code == 0 and json.loads(out)["ok"] is True
@@ -247,6 +254,84 @@ def test_miq_reference_agrees_with_the_brute_force_and_flags_the_same_bug(cli, t
     report = exact.verify(model, exact.random_source(400, seed=1), "random", [torch.float32], reference="miq")
     bad = mismatches_by_layer(report)
     assert bad[2] > 300 and bad[0] == 0
+
+
+# ---- a faulty reference is not the lookup's fault ----------------------------------------------------------
+def tied_model_folder(tmp_path):
+    """A tiny model whose half-2 sub-keys 3 and 7 are equal in every head: slots i*N + 3 and i*N + 7 tie exactly."""
+    from memedit.storage.checkpoint import save
+
+    model = tiny_model()
+    with torch.no_grad():
+        for layer in model.memory_layers.values():
+            layer.keys4d[:, 1, 7] = layer.keys4d[:, 1, 3]  # (H, 2, N, K/2)
+    return save(model, tmp_path / "tied")
+
+
+def duplicating_inside_ties(monkeypatch) -> list[int]:
+    """Make FAISS's MIQ answer return the same slot twice where two slots tie (as it was seen to do at a million
+    slots): the real search, then the second slot of each exact tie replaced by the first. Returns a counter."""
+    real = exact.miq_search
+    made = [0]
+
+    def faulty(queries, keys, k, index=None):
+        D, ids = real(queries, keys, k, index)
+        ids = ids.copy()
+        for r in range(ids.shape[0]):
+            tie = np.flatnonzero((D[r, 1:] == D[r, :-1]) & (ids[r, 1:] != ids[r, :-1]))
+            if len(tie):
+                ids[r, tie[0] + 1] = ids[r, tie[0]]
+                made[0] += 1
+        return D, ids
+
+    monkeypatch.setattr(exact, "miq_search", faulty)
+    return made
+
+
+def test_a_duplicated_slot_inside_a_tie_is_a_reference_fault_and_the_lookup_is_still_proven(cli, tmp_path,
+                                                                                               monkeypatch):
+    path = tied_model_folder(tmp_path)
+    made = duplicating_inside_ties(monkeypatch)
+    code, out, _ = cli("verify", "--model", path, "--random", 300, "--reference", "miq", "--dtypes", "float32")
+    assert made[0] > 20  # the faulty reference really was faulty, many times
+    assert code == 0
+    assert "reference fault" in out and "returned twice" in out and "judged by the brute force" in out
+    assert "all lookups agree" in out
+    code, out, _ = cli("verify", "--model", path, "--random", 300, "--reference", "miq", "--dtypes", "float32",
+                       "--json")
+    p = json.loads(out)["passes"][0]
+    assert code == 0 and p["mismatches"] == 0 and p["unproven"] == 0
+    assert p["reference_faults"] == p["rechecked"] > 0
+    assert p["identical"] + p["tie_agree"] == pytest.approx(1.0)  # every lookup judged, by MIQ or the brute force
+
+
+def test_a_wrong_lookup_is_a_lookup_error_even_with_a_faulty_reference(cli, tmp_path, monkeypatch):
+    path = tied_model_folder(tmp_path)
+    duplicating_inside_ties(monkeypatch)
+    original = ProductKeySearch.forward
+
+    def small_stage1(self, query, keys):  # the lookup drops its best slot and repeats its second
+        lk = original(self, query, keys)
+        bad = lk.indices.clone()
+        bad[..., 0] = bad[..., 1]
+        return lk.replace(indices=bad)
+
+    monkeypatch.setattr(ProductKeySearch, "forward", small_stage1)
+    code, out, _ = cli("verify", "--model", path, "--random", 100, "--reference", "miq", "--dtypes", "float32",
+                       "--json")
+    p = json.loads(out)["passes"][0]
+    assert code == 1 and p["mismatches"] == p["lookups"] == 400  # 2 layers x 2 heads x 100, every one wrong
+    code, out, _ = cli("verify", "--model", path, "--random", 100, "--reference", "miq", "--dtypes", "float32")
+    assert code == 1 and "lookup error" in out and "LOOKUP ERRORS" in out
+
+
+def test_the_bundled_model_verifies_against_miq(cli):
+    """Seed 2 is where FAISS's MIQ returned one slot twice (float32, layer 1 head 1) and verify blamed the lookup."""
+    code, out, _ = cli("verify", "--random", 2000, "--reference", "miq", "--seed", 2, "--dtypes", "float32",
+                       "--json")
+    p = json.loads(out)["passes"][0]
+    assert code == 0 and p["mismatches"] == 0 and p["unproven"] == 0 and p["lookups"] == 16000
+    assert p["rechecked"] == p["reference_faults"] + p["reference_errors"]
 
 
 def test_a_pass_in_another_dtype_shares_the_value_table_and_agrees():

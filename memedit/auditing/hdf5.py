@@ -240,16 +240,31 @@ def _row_norms(rows: torch.Tensor, block: int = CHUNK) -> np.ndarray:
     return out
 
 
+NO_TOP_TOKENS = ("top tokens skipped: a standalone memory module has no host language model, so a slot's value row "
+                 "has no vocabulary to be read out in (convert the host LM with its memory to export them)")
+
+
+def top_tokens_skipped(model: Any, top_k: int) -> bool:
+    """True when ``export(..., top_k)`` leaves out the top promoted tokens: asked for, but the model is a standalone
+    memory module (XLM PKM, product-key-memory) with no unembedding to read a value row out through."""
+    return top_k > 0 and getattr(model, "output", None) is None
+
+
 def export(path: str | Path, model: Any, stats: SlotStats | None = None, metrics: list[dict] | None = None,
            top_k: int = 10, progress: Callable[[int, int], None] | None = None) -> Path:
     """Write the memory's contents (value-row norms, sub-key norms, top promoted tokens per slot, frozen rows,
     the edit log) and, if given, an audit's statistics, to one HDF5 file; returns the path.
 
-    Everything sized by the slots is computed and written a block of rows at a time (memory stays bounded at a
-    million slots); ``progress(rows done, rows total)`` is called after each block."""
+    A standalone memory module exports everything that needs no vocabulary; its file's ``note`` attribute says why
+    the top tokens are missing (:data:`NO_TOP_TOKENS`). Everything sized by the slots is computed and written a
+    block of rows at a time (memory stays bounded at a million slots); ``progress(rows done, rows total)`` is called
+    after each block."""
     from ..storage.checkpoint import fingerprint
     from ..storage.state import edit_log, frozen_mask
 
+    skipped = top_tokens_skipped(model, top_k)
+    if skipped:
+        top_k = 0
     path = Path(path)
     fp = fingerprint(model)
     if stats is not None:
@@ -261,6 +276,8 @@ def export(path: str | Path, model: Any, stats: SlotStats | None = None, metrics
         f.attrs["contents"] = "export"
         f.attrs["fingerprint"] = fp
         f.attrs["source"] = str(model.source or "")
+        if skipped:
+            f.attrs["note"] = NO_TOP_TOKENS
         if stats is not None:
             write_stats(w, stats, metrics)
         else:
@@ -317,7 +334,7 @@ def export(path: str | Path, model: Any, stats: SlotStats | None = None, metrics
                 from ..lm.tokenizer import token_text
 
                 vocab = np.asarray([token_text(model.tokenizer, i) for i in range(V)], dtype=h5py.string_dtype())
-                w.array("vocab", vocab, ("token",), attrs={"long_name": "the string of each token id"})
+                w.array("vocab", vocab, ("token",), attrs={"long_name": "the text each token id decodes to"})
         _write_edit_log(w, edit_log(model))
     return path
 

@@ -120,8 +120,11 @@ def slot_info(model: MemoryModel | str | Path, slot: int, table: str | None = No
         if ro is not None:
             (wr,) = slot_writes(w._model if w._model is not None else _Tok(w.tokenizer), L, [slot], n=n, readout=ro,
                                 rows=row)
-            writes.append({"layer": L, "promotes": [{"token": t, "logit": x} for t, x in wr["promotes"]],
-                           "suppresses": [{"token": t, "logit": x} for t, x in wr["suppresses"]]})
+            writes.append({"layer": L,
+                           "promotes": [{"token": t, "token_id": i, "logit": x}
+                                        for (t, x), i in zip(wr["promotes"], wr["promote_ids"], strict=True)],
+                           "suppresses": [{"token": t, "token_id": i, "logit": x}
+                                          for (t, x), i in zip(wr["suppresses"], wr["suppress_ids"], strict=True)]})
     out: dict[str, Any] = {
         "slot": slot, "table": name, "layers": layers, "i": i, "j": j, "n_keys": N, "sub_keys": keys,
         "value_norm": float(row[0].norm()), "writes": writes, "frozen": _frozen(w, name, slot),

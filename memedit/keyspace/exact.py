@@ -8,11 +8,17 @@ independent reference is FAISS's own product-key search (``MultiIndexQuantizer``
 incremental index of ``keys adapt --exact-index`` is searched with FAISS.
 
 Comparison (§3's caveats): the one-matmul brute force rounds differently from s1 + s2, and in low precision
-many scores tie at the k-th place. So a lookup AGREES when
-  1. its k scores, sorted, match FAISS's top-k scores within a tolerance (the score multisets agree),
-  2. each reported score is the true score of the reported slot (recomputed from the slot's key), and
-  3. every slot in which the two id sets differ scores within tolerance of the k-th score (a tie at the edge).
-Anything else is a REAL mismatch. The tolerance is relative to the score scale |q1|·max|C0| + |q2|·max|C1|.
+many scores tie at the k-th place. And a reference can be wrong too: FAISS's MultiIndexQuantizer has returned the
+same slot twice inside a tie. So the reference is checked before it judges, and a disagreement is settled by exact
+scores, never by trusting either side:
+  1. a reference answer holding a slot twice, an id out of range or a non-finite score is a REFERENCE FAULT; that
+     query is checked again against the brute force, so the lookup is still proven;
+  2. every reported score must be the true score of its slot (float64 from the slot's own key), with no slot twice;
+  3. where the id sets differ, both sides are rescored exactly: a slot the reference holds that scores above the
+     lookup's k-th is a LOOKUP ERROR; a slot the lookup holds that scores above the reference's k-th is a
+     REFERENCE ERROR (re-checked against the brute force like a fault); otherwise the difference is a tie.
+Only a confirmed lookup error fails the check. The tolerance is relative to the score scale
+|q1|·max|C0| + |q2|·max|C1|.
 
 :class:`SlotKeyIndex` keeps one head's slot keys materialised and is updated incrementally when sub-keys
 change (a half-1 sub-key touches the N slots of its row, a half-2 sub-key the N slots of its column).
@@ -157,7 +163,8 @@ def miq_search(queries: np.ndarray, keys: np.ndarray, k: int, index=None):
     q2 = (np.asarray(queries, dtype=np.float64) ** 2).sum(1, keepdims=True)
     scores = (alpha**2 * q2 + 2 * M * M - D) / (2 * alpha)  # undo the L2 form and the scale
     i, j = labels & ((1 << nbits) - 1), labels >> nbits
-    return scores.astype(np.float32), np.where(labels >= 0, i * N + j, -1)
+    real = (labels >= 0) & (i < N) & (j < N)  # a padding sub-key is no slot: -1, an id out of range
+    return scores.astype(np.float32), np.where(real, i * N + j, -1)
 
 
 def true_scores(queries: np.ndarray, keys: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -180,9 +187,12 @@ def score_scale(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
 
 
 # ---- the comparison ---------------------------------------------------------------------------------
+LOOKUP_ERROR, REFERENCE_FAULT, REFERENCE_ERROR = "lookup error", "reference fault", "reference error"
+
+
 @dataclass
 class Mismatch:
-    """One lookup that FAISS contradicts, in full."""
+    """One lookup the reference contradicts (a lookup error), or one reference answer found wrong, in full."""
 
     layer: int
     head: int
@@ -190,9 +200,10 @@ class Mismatch:
     reason: str
     memedit_slots: list[int]
     memedit_scores: list[float]
-    faiss_slots: list[int]
+    faiss_slots: list[int]  # the reference's slots (after a re-check against the brute force, if there was one)
     faiss_scores: list[float]
     true_scores: list[float]  # each memedit slot's score recomputed from its own key
+    kind: str = LOOKUP_ERROR  # or REFERENCE_FAULT / REFERENCE_ERROR (then the slots are the faulty answer's)
 
 
 @dataclass
@@ -204,11 +215,16 @@ class HeadReport:
     lookups: int = 0
     identical: int = 0  # same slot ids, scores within tolerance
     tie_agree: int = 0  # ids differ only among slots tied at the k-th score
-    mismatches: int = 0  # real disagreements
+    mismatches: int = 0  # confirmed lookup errors (the exact rescoring shows the lookup wrong)
     ties: int = 0  # lookups where the k-th and (k+1)-th best scores tie (within tolerance)
-    max_score_diff: float = 0.0  # max |memedit score - FAISS score| over ranks
+    reference_faults: int = 0  # reference answers that cannot be a top-k: a slot twice, an id out of range, nan
+    reference_errors: int = 0  # reference answers beaten by the lookup once both are rescored exactly
+    rechecked: int = 0  # lookups whose faulty reference answer was replaced by the brute force's
+    unproven: int = 0  # lookups that no reference could judge (the brute force itself faulty: a memedit bug)
+    max_score_diff: float = 0.0  # max |memedit score - reference score| over ranks
     max_rel_diff: float = 0.0  # the same divided by the score scale
-    examples: list[Mismatch] = field(default_factory=list)
+    examples: list[Mismatch] = field(default_factory=list)  # lookup errors
+    faults: list[Mismatch] = field(default_factory=list)  # faulty reference answers
 
     @property
     def agreement(self) -> float:
@@ -218,6 +234,50 @@ class HeadReport:
         d = asdict(self)
         d["agreement"] = self.agreement
         return d
+
+
+def answer_faults(ids: np.ndarray, scores: np.ndarray, n_slots: int) -> list[str | None]:
+    """Why each row of a reference answer (ids, scores (n, m)) cannot be a top-k, or None where it can.
+
+    FAISS's MultiIndexQuantizer has returned the same slot twice inside a score tie (float32, 1,048,576 slots):
+    such an answer says nothing about the lookup, so it must not be compared with it."""
+    out: list[str | None] = [None] * ids.shape[0]
+    srt = np.sort(ids, 1)
+    dup = (srt[:, 1:] == srt[:, :-1]).any(1)
+    bad = ((ids < 0) | (ids >= n_slots)).any(1)
+    nonfinite = ~np.isfinite(scores).all(1)
+    for r in np.flatnonzero(dup | bad | nonfinite):
+        if dup[r]:
+            twice = srt[r, 1:][srt[r, 1:] == srt[r, :-1]]
+            out[r] = f"slot {int(twice[0])} returned twice"
+        elif bad[r]:
+            wrong = ids[r][(ids[r] < 0) | (ids[r] >= n_slots)]
+            out[r] = f"slot id {int(wrong[0])} out of range 0..{n_slots - 1}"
+        else:
+            out[r] = "a non-finite score"
+    return out
+
+
+def judge(mine: np.ndarray, reported: np.ndarray, mine_true: np.ndarray, ref: np.ndarray, ref_true: np.ndarray,
+          tol: float) -> tuple[str, str]:
+    """(kind, reason) for one lookup against one well-formed reference answer, both rescored exactly.
+
+    mine, reported, mine_true: the lookup's k slots, its scores and their true scores (float64 from the slots' own
+    keys); ref, ref_true: the reference's k slots and their true scores. kind: "same", "tie", LOOKUP_ERROR or
+    REFERENCE_ERROR. A slot that one side holds and the other lacks, scoring above the other side's k-th by more
+    than ``tol``, proves the other side wrong; every real slot's score is known exactly, so neither side is trusted.
+    """
+    if len(np.unique(mine)) < len(mine):
+        return LOOKUP_ERROR, "a slot is selected twice"
+    if not (np.abs(mine_true - reported) <= tol).all():  # nan (slot out of range) -> False
+        return LOOKUP_ERROR, "a reported score is not its slot's score"
+    missed = ref_true[~np.isin(ref, mine)]
+    if (missed > mine_true.min() + tol).any():
+        return LOOKUP_ERROR, "scores differ from the exact top-k"
+    extra = mine_true[~np.isin(mine, ref)]
+    if (extra > ref_true.min() + tol).any():
+        return REFERENCE_ERROR, "the lookup holds a slot scoring above the reference's k-th"
+    return ("same" if np.array_equal(np.sort(mine), np.sort(ref)) else "tie"), ""
 
 
 def compare_head(
@@ -231,65 +291,96 @@ def compare_head(
     index: SlotKeyIndex | None = None,
     reference: str = "flat",
 ) -> HeadReport:
-    """Check memedit's top-k against FAISS for one head, adding the counts to ``report``.
+    """Check memedit's top-k against a reference for one head, adding the counts to ``report``.
 
-    The reference is the blockwise search, or ``index`` (materialised slot keys) when given, or with
-    ``reference="miq"`` FAISS's MultiIndexQuantizer (:func:`miq_search`): its slots are rescored from their own
-    keys in float64 and its rounding (a few float32 eps of the score scale, from the L2 form) widens ``rtol``.
+    The reference is the blockwise brute force, or ``index`` (materialised slot keys) when given, or with
+    ``reference="miq"`` FAISS's MultiIndexQuantizer (:func:`miq_search`, whose L2 form widens ``rtol`` by a few
+    float32 eps). The reference is checked before it judges: an answer that cannot be a top-k (a slot twice, an id
+    out of range, a non-finite score) is a reference fault, and that query is checked again against the brute
+    force. Every disagreement is rescored exactly (float64 from the slots' own keys) and classified as a lookup
+    error, a reference error (then re-checked against the brute force too) or a tie.
     """
     n, k = slots.shape
     if n == 0:
         return report
     if reference not in REFERENCES:
         raise MemeditError(f"unknown reference {reference!r} (choose from {', '.join(REFERENCES)})")
+    n_slots = keys.shape[1] ** 2
+    brute = index is None and reference == "flat"  # the reference is already the brute force
     if index is not None:
         D, ids = index.search(queries, k + 1)
+        D = D.astype(np.float64)
     elif reference == "miq":
-        _, ids = miq_search(queries, keys, k + 1)
-        D = true_scores(queries, keys, ids)
-        order = np.argsort(-D, axis=1, kind="stable")
-        D, ids = np.take_along_axis(D, order, 1), np.take_along_axis(ids, order, 1)
+        D, ids = miq_search(queries, keys, k + 1)
+        D = D.astype(np.float64)
         rtol = max(rtol, MIQ_RTOL)
     else:
         D, ids = exact_search(queries, keys, k + 1, block_bytes)  # (n, k+1): one extra to see ties at the edge
-    ref, ref_ids, kth = D[:, :k].astype(np.float64), ids[:, :k], D[:, k - 1].astype(np.float64)
+        D = D.astype(np.float64)
     tol = rtol * score_scale(queries, keys)  # (n,)
-    mine = np.sort(scores.astype(np.float64), axis=1)[:, ::-1]  # (n, k) descending
-    diff = np.abs(mine - ref)  # (n, k)
-    values_ok = (diff <= tol[:, None]).all(1)
     truth = true_scores(queries, keys, slots)  # (n, k)
-    consistent = np.abs(truth - scores) <= tol[:, None]  # nan (slot out of range) -> False
-    slots_ok = consistent.all(1) & (np.sort(slots, 1)[:, 1:] != np.sort(slots, 1)[:, :-1]).all(1)
-    same = (np.sort(slots, 1) == np.sort(ref_ids, 1)).all(1)
-    if D.shape[1] > k:
-        edge_tie = D[:, k] >= kth - tol
-    else:
-        edge_tie = np.zeros(n, dtype=bool)
-    # where the id sets differ, every differing slot (either side) must score at the edge, within tolerance
-    extra_ok = np.ones(n, dtype=bool)
-    for r in np.flatnonzero(~same & values_ok & slots_ok):
-        mine_only = np.setdiff1d(slots[r], ref_ids[r])
-        ref_only = np.setdiff1d(ref_ids[r], slots[r])
-        t_mine = true_scores(queries[r : r + 1], keys, mine_only[None])[0]
-        t_ref = ref[r][np.isin(ref_ids[r], ref_only)]
-        extra_ok[r] = bool((np.abs(t_mine - kth[r]) <= tol[r]).all() and (np.abs(t_ref - kth[r]) <= tol[r]).all())
-    agree = values_ok & slots_ok & extra_ok
+    faults = answer_faults(ids, D, n_slots)
+    kinds = np.array(["same"] * n, dtype=object)
+    # the common case, decided without rescoring the reference: same slot set, consistent scores, no fault
+    same = (np.sort(slots, 1) == np.sort(ids[:, :k], 1)).all(1)
+    consistent = (np.abs(truth - scores) <= tol[:, None]).all(1)
+    fine = same & consistent & np.array([f is None for f in faults])
+    recheck: list[int] = []
+    for r in np.flatnonzero(~fine):
+        if faults[r] is not None:
+            kind, reason = REFERENCE_FAULT, faults[r]
+            report.reference_faults += 1
+        else:
+            ref_true = true_scores(queries[r : r + 1], keys, ids[r : r + 1, :k])[0]
+            kind, reason = judge(slots[r], scores[r], truth[r], ids[r, :k], ref_true, tol[r])
+            if kind == REFERENCE_ERROR:
+                report.reference_errors += 1
+        kinds[r] = kind
+        if kind in (REFERENCE_FAULT, REFERENCE_ERROR):
+            recheck.append(int(r))
+            if len(report.faults) < MAX_EXAMPLES:
+                report.faults.append(Mismatch(
+                    report.layer, report.head, int(r), reason, slots[r].tolist(), [float(x) for x in scores[r]],
+                    ids[r, :k].tolist(), [float(x) for x in D[r, :k]], [float(x) for x in truth[r]], kind))
+        elif kind == LOOKUP_ERROR and len(report.examples) < MAX_EXAMPLES:
+            report.examples.append(Mismatch(
+                report.layer, report.head, int(r), reason, slots[r].tolist(), [float(x) for x in scores[r]],
+                ids[r, :k].tolist(), [float(x) for x in D[r, :k]], [float(x) for x in truth[r]]))
+    if recheck:  # a faulty reference proves nothing: judge those lookups by the brute force
+        rows = np.array(recheck)
+        if brute:
+            kinds[rows] = "unproven"
+        else:
+            D2, ids2 = exact_search(queries[rows], keys, k + 1, block_bytes)
+            D[rows], ids[rows] = D2, ids2
+            report.rechecked += len(rows)
+            faults2 = answer_faults(ids2, D2, n_slots)
+            for x, r in enumerate(rows):
+                if faults2[x] is not None:
+                    kinds[r] = "unproven"
+                    continue
+                ref_true = true_scores(queries[r : r + 1], keys, ids2[x : x + 1, :k])[0]
+                kind, reason = judge(slots[r], scores[r], truth[r], ids2[x, :k], ref_true, tol[r])
+                kinds[r] = "unproven" if kind == REFERENCE_ERROR else kind
+                if kind == LOOKUP_ERROR and len(report.examples) < MAX_EXAMPLES:
+                    report.examples.append(Mismatch(
+                        report.layer, report.head, int(r), reason, slots[r].tolist(), [float(x) for x in scores[r]],
+                        ids2[x, :k].tolist(), [float(x) for x in D2[x, :k]], [float(x) for x in truth[r]]))
     report.lookups += n
-    report.identical += int((agree & same).sum())
-    report.tie_agree += int((agree & ~same).sum())
-    report.mismatches += int((~agree).sum())
-    report.ties += int(edge_tie.sum())
-    report.max_score_diff = max(report.max_score_diff, float(diff.max()))
-    scale = np.maximum(tol / rtol, 1e-30)
-    report.max_rel_diff = max(report.max_rel_diff, float((diff.max(1) / scale).max()))
-    for r in np.flatnonzero(~agree)[: MAX_EXAMPLES - len(report.examples)]:
-        reason = ("scores differ from the exact top-k" if not values_ok[r]
-                  else "a reported score is not its slot's score" if not consistent[r].all()
-                  else "a slot is selected twice" if not slots_ok[r]
-                  else "slot ids differ where scores do not tie")
-        report.examples.append(Mismatch(
-            report.layer, report.head, int(r), reason, slots[r].tolist(), [float(x) for x in scores[r]],
-            ref_ids[r].tolist(), [float(x) for x in ref[r]], [float(x) for x in truth[r]]))
+    report.identical += int((kinds == "same").sum())
+    report.tie_agree += int((kinds == "tie").sum())
+    report.mismatches += int((kinds == LOOKUP_ERROR).sum())
+    report.unproven += int((kinds == "unproven").sum())
+    ok = (kinds == "same") | (kinds == "tie")
+    if D.shape[1] > k:
+        report.ties += int((D[ok, k] >= D[ok, k - 1] - tol[ok]).sum())
+    if ok.any():
+        mine = np.sort(scores[ok].astype(np.float64), axis=1)[:, ::-1]  # (m, k) descending
+        ref = np.sort(D[ok, :k], axis=1)[:, ::-1]
+        diff = np.abs(mine - ref)
+        report.max_score_diff = max(report.max_score_diff, float(diff.max()))
+        scale = np.maximum(tol[ok] / rtol, 1e-30)
+        report.max_rel_diff = max(report.max_rel_diff, float((diff.max(1) / scale).max()))
     return report
 
 
@@ -395,10 +486,15 @@ class PassReport:
     def lookups(self) -> int:
         return sum(h.lookups for h in self.heads)
 
+    def total(self, name: str) -> int:
+        """A HeadReport count summed over the heads ("reference_faults", "unproven", ...)."""
+        return sum(getattr(h, name) for h in self.heads)
+
     def to_json(self) -> dict:
         n = max(self.lookups, 1)
         return {
             "dtype": self.dtype, "rtol": self.rtol, "lookups": self.lookups, "mismatches": self.mismatches,
+            **{c: self.total(c) for c in ("reference_faults", "reference_errors", "rechecked", "unproven")},
             "identical": sum(h.identical for h in self.heads) / n,
             "tie_agree": sum(h.tie_agree for h in self.heads) / n,
             "ties": sum(h.ties for h in self.heads),
@@ -413,7 +509,9 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return all(p.mismatches == 0 for p in self.passes)
+        """True when no lookup error is confirmed and every lookup was judged (reference faults are not the
+        lookup's: those queries were proven against the brute force)."""
+        return all(p.mismatches == 0 and p.total("unproven") == 0 for p in self.passes)
 
     def to_json(self) -> dict:
         return {"source": self.source, "ok": self.ok, "passes": [p.to_json() for p in self.passes]}

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..errors import MemeditError
 from ..lm.batching import text_batches
 from ..lm.model import MemoryModel
+from ..lm.tokenizer import token_text
 
 PATCH_FORMAT = "memedit-row-patch"
 PATCH_VERSION = "1"
@@ -695,7 +696,7 @@ def route(
         moved=tuple(float(x) for x in (mem.keys.detach()[rows].float() - old_keys.float()).norm(dim=-1)),
         subkey_norms=tuple(float(x) for x in old_keys.float().norm(dim=-1)),
         rank=rank, weight=weight, target=target, p_before=p_before, p_after=logits1.softmax(-1)[want].item(),
-        predicted_before=tok.id_to_token(int(logits0.argmax())), predicted_after=tok.id_to_token(int(logits1.argmax())),
+        predicted_before=token_text(tok, int(logits0.argmax())), predicted_after=token_text(tok, int(logits1.argmax())),
         collateral=n_probe_changed, slots_replaced=n_replaced, probe_selecting_slot=n_select, facts_checked=n_facts,
         facts_accuracy_before=acc[0], facts_accuracy_after=acc[1], patch=patch)
 

@@ -80,19 +80,43 @@ class WordTokenizer:
         atomic_write_text(Path(path), json.dumps(self.to_json()))
 
 
+def byte_level_alphabet() -> dict[str, int]:
+    """The byte each symbol character of a byte-level BPE vocabulary stands for (GPT-2's ``bytes_to_unicode``,
+    inverted): printable bytes stand for themselves, the others are shifted past 255 (a space is ``Ġ``)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
+
+
+def shown(text: str) -> str:
+    """``text`` with its non-printable characters escaped (a newline as ``\\n``), spaces kept."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def token_text(tok: Tokenizer | None, i: int) -> str:
-    """Token ``i`` as text to show a person: ``<id N>`` for an id the tokenizer cannot decode (a padded vocabulary
-    has ids past the tokenizer's), non-printable characters escaped (byte tokens, newlines)."""
+    """Token ``i`` as the text it decodes to, to show a person: ``' Paris'``, not the vocabulary symbol ``'ĠParis'``.
+
+    Bytes that are not whole UTF-8 (a byte-level token holding part of a character) show as ``\\xNN``, other
+    non-printable characters escaped (a newline as ``\\n``); a special token shows its symbol (``<s>``), and an id
+    the tokenizer cannot decode (a padded vocabulary has ids past the tokenizer's) ``<id N>``. Every command and the
+    report show tokens through this one function; ``--json`` output keeps the ids beside it.
+    """
     i = int(i)
     if tok is None or not 0 <= i < tok.vocab_size:
         return f"<id {i}>"
     try:
-        t = tok.id_to_token(i)
+        raw = tok.token_bytes(i) if hasattr(tok, "token_bytes") else None  # None: a special token, or no bytes
+        t = raw.decode("utf-8", errors="backslashreplace") if raw is not None else tok.id_to_token(i)
     except (MemeditError, ValueError, IndexError, KeyError, TypeError):
         return f"<id {i}>"
     if t is None:
         return f"<id {i}>"
-    return t if t.isprintable() else t.encode("unicode_escape").decode("ascii")
+    return shown(t)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

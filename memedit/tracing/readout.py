@@ -112,6 +112,9 @@ def slot_writes(model, layer: int, slots: Sequence[int] | torch.Tensor, gate: to
                          if v != float("-inf")],
             "suppresses": [(token_text(tok, i), float(v)) for v, i in zip(dn_v[b], dn_i[b], strict=True)
                            if v != float("inf")],
+            # the token ids of the two lists, in order (--json shows each id beside its decoded text)
+            "promote_ids": [int(i) for v, i in zip(up_v[b], up_i[b], strict=True) if v != float("-inf")],
+            "suppress_ids": [int(i) for v, i in zip(dn_v[b], dn_i[b], strict=True) if v != float("inf")],
         })
     return out
 

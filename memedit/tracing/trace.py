@@ -435,7 +435,7 @@ class Trace:
         gate = self[name(unit.layer, "gate")][pos] if name(unit.layer, "gate") in self else None
         gating = self[name(unit.layer, "gating")][pos] if name(unit.layer, "gating") in self else None
         (w,) = slot_writes(self.model, unit.layer, [unit.slot], gate, gating, scale, n)
-        return {"promotes": w["promotes"], "suppresses": w["suppresses"]}
+        return {k: w[k] for k in ("promotes", "suppresses", "promote_ids", "suppress_ids")}
 
     def flip_count(self, pos: int | None = None, limit: int | None = None) -> int | None:
         """The smallest n such that dropping the n top-attributed units changes the top prediction at ``pos``.
@@ -486,8 +486,10 @@ class Trace:
             top.append({"layer": u.layer, "head": u.head, "slot": u.slot, "table": self.table_of(u.layer).name,
                         "attribution": a, "ablation": ablations[(u.layer, u.head, u.slot)],
                         "read_by": self.read_by(u.slot, u.layer, pos),
-                        "promotes": [{"token": t, "logit": x} for t, x in wr["promotes"]],
-                        "suppresses": [{"token": t, "logit": x} for t, x in wr["suppresses"]]})
+                        "promotes": [{"token": t, "token_id": i, "logit": x}
+                                     for (t, x), i in zip(wr["promotes"], wr["promote_ids"], strict=True)],
+                        "suppresses": [{"token": t, "token_id": i, "logit": x}
+                                       for (t, x), i in zip(wr["suppresses"], wr["suppress_ids"], strict=True)]})
         lp = self.logprobs[pos, scored]
         return {
             "position": pos,
@@ -495,7 +497,8 @@ class Trace:
             "scored": {"token": token_text(tok, scored), "token_id": scored, "prob": float(lp.exp()),
                        "logprob": float(lp), "rank": self.rank(pos),
                        "logit_direct": float(self["hook_resid_final"][pos].float() @ self.logit_direction(pos))},
-            "top": [{"token": t, "prob": p} for t, p in self.top_tokens(pos, n_tokens)],
+            "top": [{"token": t, "token_id": i, "prob": p} for (t, p), i in zip(
+                self.top_tokens(pos, n_tokens), self.logprobs[pos].topk(n_tokens).indices.tolist(), strict=True)],
             "layers": layers,
             "top_slots": top,
         }
@@ -520,7 +523,8 @@ class Trace:
         t = self.target
         d = {
             "prompt": self.prompt,
-            "tokens": [self.token_at(p) for p in range(self.T)],
+            "tokens": [self.token_at(p) for p in range(self.T)],  # decoded text; the ids beside it
+            "token_ids": self.tokens.tolist(),
             "position": self.position,
             "target_positions": self.target_positions,
             "target": {"text": t.text, "tokens": t.tokens, "token_ids": t.token_ids, "n_tokens": t.n_tokens,

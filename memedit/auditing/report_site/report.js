@@ -54,7 +54,8 @@ window.MEMEDIT = (function () {
     const out = [];
     const ql = q.toLowerCase();
     M.vocab.forEach((t, i) => {
-      if (t === q || t.toLowerCase() === ql) {
+      const tt = t.trim().toLowerCase();  // tokens are decoded text (" Paris"): the word matches with or without its space
+      if (t === q || tt === ql.trim()) {
         for (const [table, slot] of (M.search[i] || [])) {
           out.push(el("li", {}, el("a", { href: slotHref(table, slot) }, "slot " + slot), " (table " + table +
             ") promotes ", el("code", {}, t), " most"));

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import MemeditError
+from ...lm.tokenizer import byte_level_alphabet
 
 # lingua's tiktoken setup: 256 special ids after the BPE ranks, these named, the rest reserved
 TIKTOKEN_PATTERN = (
@@ -61,6 +62,10 @@ class BytesTokenizer:
             return chr(i)
         return {256: "<bos>", 257: "<eos>"}.get(i, f"\\x{i:02x}" if i < 256 else f"<id {i}>")
 
+    def token_bytes(self, i: int) -> bytes | None:
+        """The bytes token ``i`` decodes to; None for BOS and EOS."""
+        return bytes([i]) if 0 <= i < 256 else None
+
     def save(self, path: str | Path) -> None:
         _save_json(path, {"memedit_tokenizer": "bytes", "vocab_size": self.vocab_size})
 
@@ -85,6 +90,16 @@ class SentencePieceTokenizer:
     def id_to_token(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
 
+    def token_bytes(self, i: int) -> bytes | None:
+        """The bytes piece ``i`` decodes to ('▁' is a space, '<0x0A>' one byte); None for a control piece."""
+        i = int(i)
+        if self.sp.is_control(i) or self.sp.is_unknown(i):
+            return None
+        piece = self.sp.id_to_piece(i)
+        if self.sp.is_byte(i):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
     def save(self, path: str | Path) -> None:
         _save_json(path, {"memedit_tokenizer": "sentencepiece", "model": base64.b64encode(self.proto).decode()})
 
@@ -107,6 +122,7 @@ class TiktokenTokenizer:
         self.enc = tiktoken.Encoding(name=name, pat_str=TIKTOKEN_PATTERN, mergeable_ranks=ranks,
                                      special_tokens=specials)
         self.vocab_size = self.enc.n_vocab
+        self.n_ranks = len(ranks)
         self.bos_id = specials["<|begin_of_text|>"]
         self.eos_id = specials["<|end_of_text|>"]
         self.pad_id = None
@@ -119,6 +135,10 @@ class TiktokenTokenizer:
 
     def id_to_token(self, i: int) -> str:
         return self.enc.decode_single_token_bytes(int(i)).decode("utf-8", errors="replace")
+
+    def token_bytes(self, i: int) -> bytes | None:
+        """The bytes token ``i`` decodes to; None for a special token."""
+        return self.enc.decode_single_token_bytes(int(i)) if 0 <= int(i) < self.n_ranks else None
 
     def save(self, path: str | Path) -> None:
         _save_json(path, {"memedit_tokenizer": "tiktoken", "bpe": self.bpe_text})
@@ -138,6 +158,12 @@ class HFTokenizer:
         self.bos_id = self._first("<s>", "<|begin_of_text|>", "<bos>", "[CLS]")
         self.eos_id = self._first("</s>", "<|end_of_text|>", "<eos>", "[SEP]")
         self.pad_id = self._first("<pad>", "[PAD]")
+        data = json.loads(text)
+        self.special = {int(t["id"]) for t in data.get("added_tokens") or [] if t.get("special", True)}
+        dec = data.get("decoder") or {}
+        steps = [dec, *(dec.get("decoders") or [])]
+        self.decoding = {d.get("type") for d in steps if isinstance(d, dict)}  # ByteLevel, Metaspace, ByteFallback...
+        self.alphabet = byte_level_alphabet() if "ByteLevel" in self.decoding else None
 
     def _first(self, *names: str) -> int | None:
         for n in names:
@@ -154,6 +180,24 @@ class HFTokenizer:
 
     def id_to_token(self, i: int) -> str:
         return self.tok.id_to_token(int(i)) or f"<{i}>"
+
+    def token_bytes(self, i: int) -> bytes | None:
+        """The bytes token ``i`` decodes to, from its vocabulary symbol and the tokenizer's decoder ('ĠParis' of a
+        byte-level BPE is b' Paris'; '▁Paris' of a Metaspace one too; '<0x0A>' of a byte fallback one byte); None
+        for a special token or a symbol no decoder here reads."""
+        i = int(i)
+        sym = self.tok.id_to_token(i)
+        if sym is None or i in self.special:
+            return None
+        if self.alphabet is not None:
+            if all(c in self.alphabet for c in sym):
+                return bytes(self.alphabet[c] for c in sym)
+            return sym.encode("utf-8")  # an added, non-special token is stored as plain text
+        if "ByteFallback" in self.decoding and len(sym) == 6 and sym.startswith("<0x") and sym.endswith(">"):
+            return bytes([int(sym[3:5], 16)])
+        if "Metaspace" in self.decoding or "Replace" in self.decoding:
+            return sym.replace("\u2581", " ").encode("utf-8")
+        return None
 
     def save(self, path: str | Path) -> None:
         from ..checkpoint import atomic_write_text
