@@ -8,8 +8,11 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from memedit import limits
+
 from . import patch_cmd  # noqa: F401  (registers the `patch` group)
 from .common import DeviceOpt, JsonOpt, ModelOpt, StepProgress, app, command, console, esc, load_model, print_json
+from .validate import finite
 
 FactsOpt = Annotated[Optional[Path], typer.Option("--facts", help="Facts JSONL (default: the model's own world).")]
 
@@ -204,7 +207,8 @@ def edit(
                                                     "at the new target about this many other subjects (of the known "
                                                     "facts, else the request's neighborhood prompts; default 8). 0: "
                                                     "off.")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", callback=finite(0.0, limits.MAX_LR, lo_open=True),
+                                                help=f"Learning rate (above 0, at most {limits.MAX_LR:g}).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="At most this many steps.")] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="sgd, or adamw (forgets more).")] = "sgd",
     ranking: Annotated[str, typer.Option("--ranking", help="tfidf, kl, or counts.")] = "tfidf",
