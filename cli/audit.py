@@ -79,8 +79,11 @@ def audit(
     corpus: Annotated[Optional[str], typer.Argument(
         help="Text file (one document per line) or JSONL with a \"text\" field; default: the demo world's corpus.",
         show_default=False, metavar="CORPUS")] = None,
-    tokens: Annotated[Optional[int], typer.Option("--tokens", "-n", min=1, help="Stop after N tokens.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Documents per forward pass.")] = 64,
+    tokens: Annotated[Optional[int], typer.Option("--tokens", "-n", min=1, max=limits.INT64_MAX,
+                                                  help="Stop after N tokens.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=limits.MAX_BATCH_SIZE,
+                                            help=f"Documents per forward pass (at most {limits.MAX_BATCH_SIZE:,}).")
+                          ] = 64,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the statistics to FILE.h5.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Plot usage curves and slot heat maps to FILE.png.")
                     ] = None,

@@ -142,9 +142,10 @@ def train(
     out: Annotated[Path,
                    typer.Option("--out", "-o", help="Folder to write the trained model to.")] = Path("demo-model"),
     epochs: Annotated[Optional[int],
-                      typer.Option(min=1, help="Passes over the world's training sentences (default: the bundled "
+                      typer.Option(min=1, max=limits.MAX_EPOCHS, help="Passes over the world's training sentences (default: the bundled "
                                               "model's).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="World and initialisation seed (default 1234).")] = None,
+    seed: Annotated[Optional[int], typer.Option(min=0, max=limits.INT64_MAX,
+                                                help="World and initialisation seed (default 1234).")] = None,
     device: Annotated[str, typer.Option(help="torch device to train on: cpu, cuda, cuda:1 ...")] = "cpu",
     json: JsonOpt = False,
 ) -> None:

@@ -147,8 +147,11 @@ def frozen(model: ModelOpt = None, json: JsonOpt = False) -> None:
 def background(
     corpus: Annotated[Optional[Path], typer.Argument(help="Text file, one sentence per line (default: the demo "
                                                           "world's filler and facts).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sentences per background batch.")] = 32,
-    max_batches: Annotated[int, typer.Option("--max-batches", min=1, help="Use at most this many batches.")] = 1000,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=limits.MAX_BATCH_SIZE,
+                                            help="Sentences per background batch (at most "
+                                                 f"{limits.MAX_BATCH_SIZE:,}).")] = 32,
+    max_batches: Annotated[int, typer.Option("--max-batches", min=1, max=limits.MAX_BATCHES,
+                                             help="Use at most this many batches.")] = 1000,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     json: JsonOpt = False,
@@ -260,6 +263,7 @@ def edit(
     for k, v in (("top_t", top_t), ("lr", lr), ("steps", steps), ("positions", positions), ("contrast", contrast)):
         if v is not None:
             setattr(cfg, k, v)
+    cfg.check()  # before the background statistics and the forgetting sample are read
     bg = None
     if ranking != "counts":
         from memedit.editing.background import get

@@ -204,7 +204,8 @@ def trace_causal(
     noise: Annotated[float, typer.Option("--noise", callback=finite(0.0, limits.MAX_NOISE),
                                          help="Noise std as a multiple of the embedding std (0 to "
                                               f"{limits.MAX_NOISE:g}).")] = 3.0,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the noise draws.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=-limits.INT64_MAX - 1, max=limits.INT64_MAX,
+                                      help="Seed of the noise draws.")] = 0,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Save the heat map as PNG (needs matplotlib).")]
     = None,
     model: ModelOpt = None,

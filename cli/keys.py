@@ -29,7 +29,8 @@ def adapt_cmd(
     steps: Annotated[int, typer.Option(min=1, max=limits.MAX_ADAPT_STEPS,
                                        help="Update steps (one batch each, cycling through the text; at most "
                                             f"{limits.MAX_ADAPT_STEPS:,}).")] = 20,
-    batch_size: Annotated[int, typer.Option(min=1, help="Passages per step.")] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, max=limits.MAX_BATCH_SIZE,
+                                            help=f"Passages per step (at most {limits.MAX_BATCH_SIZE:,}).")] = 16,
     lr: Annotated[float, typer.Option(callback=finite(0.0, limits.MAX_LR),
                                       help=f"SGD learning rate for the sub-keys (0 to {limits.MAX_LR:g}).")] = 0.3,
     layer: Annotated[Optional[list[int]], typer.Option(help="Only these memory layers (repeatable).")] = None,

@@ -57,7 +57,8 @@ def verify(
                        typer.Option(min=1, max=limits.MAX_THREADS,
                                     help="Threads for FAISS and torch (pinned: results differ between counts; at most "
                                          f"this machine's {limits.MAX_THREADS} cores).")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of the random queries.")] = 0,
+    seed: Annotated[int, typer.Option(min=-limits.INT64_MAX - 1, max=limits.INT64_MAX,
+                                      help="Seed of the random queries.")] = 0,
     save_queries: Annotated[Optional[Path],
                             typer.Option(help="Also write the checked queries (first dtype) as .npz.")] = None,
     examples: Annotated[int, typer.Option(min=0, help="Mismatches to print in full.")] = 3,

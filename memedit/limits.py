@@ -23,6 +23,9 @@ MAX_THREADS = os.cpu_count() or 1  # verify --threads: more threads than cores o
 MAX_TOP_TOKENS = 1_000  # export --top-tokens
 MAX_CONTEXT_BYTES = 1 << 30  # audit --contexts: the top contexts held in memory, all tables together
 MAX_ADAPT_STEPS = 100_000  # keys adapt --steps
+MAX_BATCH_SIZE = 65_536  # documents per forward pass (audit, background, keys adapt --batch-size)
+MAX_BATCHES = 1_000_000_000  # background --max-batches
+MAX_EPOCHS = 1_000  # train --epochs (the bundled model took 9)
 MAX_LR = 1e6  # edit --lr, keys adapt --lr: a larger step overflows bfloat16 rows, it cannot be meant
 MAX_TEXT_CHARS = 1_000_000  # one prompt, subject or target; one line of a text or JSONL file
 MAX_FILE_BYTES = 256 << 20  # a file read whole (--requests, --facts, freeze --file)
@@ -35,6 +38,11 @@ def count(value: int, flag: str, lo: int = 1, hi: int = INT64_MAX) -> int:
     if not lo <= value <= hi:
         raise MemeditError(f"{flag} {value:,} is out of range: give {lo:,} to {hi:,}")
     return value
+
+
+def seed(value: int, flag: str = "--seed") -> int:
+    """``value`` if torch can seed with it (a signed 64-bit integer)."""
+    return count(value, flag, -INT64_MAX - 1, INT64_MAX)
 
 
 def number(value: float, flag: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:

@@ -128,6 +128,17 @@ CASES = [
     ("audit-contexts-memory", ["audit", "--contexts", "1024"]),
     ("export-top-tokens", ["export", "--out", "x.h5", "--top-tokens", "1000000000"]),
     ("export-top-tokens-past-vocab", ["export", "--out", "x.h5", "--top-tokens", "999"]),
+    ("background-batch-size", ["background", "--batch-size", str(BIG)]),
+    ("background-max-batches", ["background", "--max-batches", str(BIG)]),
+    ("audit-batch-size", ["audit", "--batch-size", str(BIG)]),
+    ("audit-tokens-past-int64", ["audit", "--tokens", str(BIG)]),
+    ("train-epochs", ["train", "--out", "new", "--epochs", str(BIG)]),
+    ("train-seed-past-int64", ["train", "--out", "new", "--seed", str(BIG)]),
+    ("verify-seed-past-int64", ["verify", "--random", "10", "--seed", str(BIG)]),
+    ("trace-causal-seed-past-int64", ["trace-causal", "Reidreir was born in", "--subject", "Reidreir", "--target",
+                                      "x", "--seed", str(BIG)]),
+    ("freeze-hot-past-rows", ["freeze", "--hot", str(BIG)]),
+    ("edit-optimizer-unknown", ["edit", "--fact", "f00012", "--optimizer", "nope"]),
     ("keys-adapt-steps", ["keys", "adapt", "F/bad_utf8.txt", "--steps", "1000000000"]),
     ("keys-adapt-5mb-line", ["keys", "adapt", "F/bigline.txt"]),
     ("audit-5mb-line", ["audit", "F/bigline.txt"]),
@@ -174,7 +185,7 @@ CASES = [
     ("unknown-command", ["nosuchcommand"]),
     ("unknown-option", ["generate", "hello", "--nosuch"]),
 ]
-NO_MODEL = {"unknown-command", "train-out-proc"}  # commands that take no --model
+NO_MODEL = {"unknown-command", "train-out-proc", "train-epochs", "train-seed-past-int64"}  # commands that take no --model
 
 
 @pytest.mark.parametrize("args", [c[1] for c in CASES], ids=[c[0] for c in CASES])
@@ -211,10 +222,11 @@ def test_the_refusals_say_what_was_wrong(cli, world):
     assert "/proc" in cli("train", "--out", "/proc/x")[2]
 
 
-def test_a_refused_no_wait_writer_touches_only_the_lock_file(cli, world):
+def test_a_refused_no_wait_writer_touches_only_the_lock_file(cli, world, monkeypatch):
     """`memedit --no-wait patch set` against a held lock: exit 2, and nothing but memedit/lock changes (its holder
     text: lock bookkeeping)."""
     model, _ = world
+    monkeypatch.setenv("MEMEDIT_NO_WAIT", "0")  # --no-wait sets it in this process: put it back afterwards
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom memedit.storage.store import Store\n"
          "with Store(sys.argv[1]).locked():\n    print('held', flush=True)\n    time.sleep(60)", str(model)],

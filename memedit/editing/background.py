@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import limits
 from ..errors import MemeditError
 from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
@@ -55,6 +56,8 @@ def compute(model: MemoryModel, sentences: Sequence[str], batch_size: int = DEFA
             max_batches: int = DEFAULT_MAX_BATCHES, seed: int = 0, corpus: str = "",
             progress: Callable[[int, int], None] | None = None) -> Background:
     """Background statistics over ``sentences`` (shuffled with ``seed``, cut into batches of ``batch_size``)."""
+    limits.count(batch_size, "--batch-size", 1, limits.MAX_BATCH_SIZE)
+    limits.count(max_batches, "--max-batches", 1, limits.MAX_BATCHES)
     sentences = list(sentences)
     random.Random(seed).shuffle(sentences)
     sentences = sentences[: batch_size * max_batches]

@@ -89,6 +89,9 @@ def hot_rows(model: MemoryModel, n: int, stats: str | Path | None = None) -> dic
     ``stats`` is given, else by background statistics (stored, or computed in memory)."""
     if n <= 0:
         raise MemeditError("--hot needs a positive number of rows")
+    rows = min(t.n_rows for t in model.tables)
+    if n > rows:
+        raise MemeditError(f"--hot {n:,} is more rows than a table has ({rows:,}): that freezes every row")
     if stats is not None:
         counts = audit_counts(model, stats)
     else:

@@ -103,6 +103,8 @@ class EditConfig:
         limits.count(self.top_t, "--top-t", 1)
         limits.count(self.steps, "--steps", 1)
         limits.count(self.contrast, "--contrast", 0)
+        if self.optimizer not in ("sgd", "adamw"):
+            raise MemeditError(f"unknown optimizer {self.optimizer!r}: use sgd or adamw")
         return self
 
     @property

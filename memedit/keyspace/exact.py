@@ -520,6 +520,7 @@ def corpus_source(texts: Sequence[str], limit: int = 0) -> Callable[[MemoryModel
 def random_source(n: int, layers: Sequence[int] | None = None, seed: int = 0):
     """Gaussian query vectors (n, H, K) per memory layer; no tokenizer needed."""
     limits.count(n, "--random", 1, limits.MAX_RANDOM_QUERIES)
+    limits.seed(seed)
 
     def make(m: MemoryModel, dt: torch.dtype) -> dict[int, Checked]:
         g = torch.Generator().manual_seed(seed)

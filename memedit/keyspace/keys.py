@@ -370,7 +370,7 @@ def adapt(
     from . import exact
 
     limits.count(steps, "--steps", 1, limits.MAX_ADAPT_STEPS)
-    limits.count(batch_size, "--batch-size", 1, 1 << 20)
+    limits.count(batch_size, "--batch-size", 1, limits.MAX_BATCH_SIZE)
     limits.number(lr, "--lr", 0.0, limits.MAX_LR)
     layers = list(layers or model.memory_layers)
     for L in layers:

@@ -81,6 +81,7 @@ def causal_trace(model: MemoryModel, prompt: str, subject: str, target: str, sam
     limits.count(samples, "--samples", 1, limits.MAX_CAUSAL_SAMPLES)
     limits.number(noise, "--noise", 0.0, limits.MAX_NOISE)
     limits.text(subject, "the subject")
+    limits.seed(seed)
     tt = tokenize_target(model, prompt, target)
     ids = list(tt.prompt_ids)
     span = subject_span(model, ids, subject)
