@@ -410,11 +410,12 @@ def check_output(model: MemoryModel | None, out: str | Path) -> Path:
 
 def check_output_folder(model: MemoryModel | None, dst: str | Path, overwrite: bool = False) -> Path:
     """``dst`` if a model folder can be written there, checked before any work: a new path (or an empty folder) in
-    a folder memedit can write, and not inside ``model``'s own folder (a model inside another's state is lost)."""
+    a folder memedit can write, and not inside ``model``'s own folder (a model inside another's state is lost).
+    ``overwrite``: ``dst`` may be a folder already (it is replaced whole)."""
     dst = Path(dst).expanduser()
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise MemeditError(f"{dst} already exists and is not empty; choose a new folder")
-    if model is not None and model.source is not None and Path(model.source).is_dir():
+    if not overwrite and model is not None and model.source is not None and Path(model.source).is_dir():
         src, where = Path(model.source).resolve(), dst.resolve()
         if where == src or src in where.parents:
             raise MemeditError(f"{dst} is inside the model folder {model.source}; write the new model somewhere else")
