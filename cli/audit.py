@@ -10,6 +10,8 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
+from memedit import limits
+
 from .common import (
     DeviceOpt,
     DtypeOpt,
@@ -77,15 +79,20 @@ def audit(
     corpus: Annotated[Optional[str], typer.Argument(
         help="Text file (one document per line) or JSONL with a \"text\" field; default: the demo world's corpus.",
         show_default=False, metavar="CORPUS")] = None,
-    tokens: Annotated[Optional[int], typer.Option("--tokens", "-n", min=1, help="Stop after N tokens.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Documents per forward pass.")] = 64,
+    tokens: Annotated[Optional[int], typer.Option("--tokens", "-n", min=1, max=limits.INT64_MAX,
+                                                  help="Stop after N tokens.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=limits.MAX_BATCH_SIZE,
+                                            help=f"Documents per forward pass (at most {limits.MAX_BATCH_SIZE:,}).")
+                          ] = 64,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the statistics to FILE.h5.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Plot usage curves and slot heat maps to FILE.png.")
                     ] = None,
     heads: Annotated[bool, typer.Option("--heads", help="Also show every head's metrics.")] = False,
     subkeys: Annotated[bool, typer.Option("--subkeys", help="Also show sub-key balance per head and half.")] = False,
     contexts: Annotated[int, typer.Option(
-        "--contexts", min=0, max=1024, help="Keep each slot's M highest-weight contexts in --out (see `memedit slot`).")
+        "--contexts", min=0, max=1024, help="Keep each slot's M highest-weight contexts in --out (see `memedit "
+        f"slot`); at most 1,024, and at most {limits.MAX_CONTEXT_BYTES / 2**30:g} GiB of contexts in memory (58 bytes "
+        "per slot and context).")
     ] = 0,
     distributed: Annotated[bool, typer.Option(
         "--distributed",
@@ -240,7 +247,9 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="The HDF5 file to write.")],
     stats: Annotated[Optional[Path], typer.Option("--stats", help="Include this audit's statistics (audit --out).")
                      ] = None,
-    top_tokens: Annotated[int, typer.Option("--top-tokens", min=0, help="Top promoted tokens per slot (0: none).")
+    top_tokens: Annotated[int, typer.Option("--top-tokens", min=0, max=limits.MAX_TOP_TOKENS,
+                                            help="Top promoted tokens per slot (0: none; at most "
+                                                 f"{limits.MAX_TOP_TOKENS:,} and the vocabulary).")
                           ] = 10,
     model: ModelOpt = None,
     device: DeviceOpt = None,

@@ -13,14 +13,47 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
+
+class OneLineErrors(TyperGroup):
+    """The root command: a usage error (an unknown command, a missing option, a value click refuses, such as
+    --steps 0 or --scalar abc) is one line and exit code 2, like every other user error, not click's box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            err_console.print("aborted")
+            sys.exit(1)
+        except typer.TyperException as e:  # click's ClickException, as vendored by typer
+            if not standalone_mode or not hasattr(e, "format_message"):
+                raise
+            if type(e).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+                ctx = getattr(e, "ctx", None)
+                hint = f" (see `{ctx.command_path} --help`)" if ctx is not None and ctx.command_path else ""
+                err_console.print(f"[bold red]error:[/] {_escape(e.format_message() + hint)}", soft_wrap=True)
+            sys.exit(getattr(e, "exit_code", 2))
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)  # non-standalone main returns an Exit's code, else None
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(" ".join(str(text).split()))  # one line, whatever click's message held
+
 
 # The typer app lives here, not in app.py, so that command modules register on it without importing app.py
 # (which imports them): no import cycle.
 app = typer.Typer(
     name="memedit",
+    cls=OneLineErrors,
     help="Look inside, and change, the memory layers of a language model.\n\n"
     "Every command takes --model (default: the bundled demo model; env MEMEDIT_MODEL).",
     no_args_is_help=True,

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from memedit import limits
+
 from .common import (
     DeviceOpt,
     DtypeOpt,
@@ -62,7 +64,10 @@ def info(model: ModelOpt = None, dtype: DtypeOpt = None, tokenizer: TokenizerOpt
 @command(app)
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens to generate.")] = 8,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, max=limits.MAX_GENERATE_TOKENS,
+                                            help="Tokens to generate (at most "
+                                                 f"{limits.MAX_GENERATE_TOKENS:,}, and the prompt plus them at most "
+                                                 "the model's context).")] = 8,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -115,11 +120,12 @@ def convert(
     Example: memedit convert ./for-eval --format lingua --model ./my-model
     """
     from memedit.errors import MemeditError
-    from memedit.storage.checkpoint import save
+    from memedit.storage.checkpoint import check_output_folder, save
 
     if format not in ("native", "lingua"):
         raise MemeditError(f"unknown --format {format!r} (choose native or lingua)")
     m = load_model(model, dtype, tokenizer, **({"knn": knn} if knn else {}))
+    check_output_folder(m, dst)  # before any work: a new path, outside the model's own folder
     if format == "lingua":
         from memedit.storage.importers.lingua import save_lingua
 
@@ -136,9 +142,10 @@ def train(
     out: Annotated[Path,
                    typer.Option("--out", "-o", help="Folder to write the trained model to.")] = Path("demo-model"),
     epochs: Annotated[Optional[int],
-                      typer.Option(min=1, help="Passes over the world's training sentences (default: the bundled "
+                      typer.Option(min=1, max=limits.MAX_EPOCHS, help="Passes over the world's training sentences (default: the bundled "
                                               "model's).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="World and initialisation seed (default 1234).")] = None,
+    seed: Annotated[Optional[int], typer.Option(min=0, max=limits.INT64_MAX,
+                                                help="World and initialisation seed (default 1234).")] = None,
     device: Annotated[str, typer.Option(help="torch device to train on: cpu, cuda, cuda:1 ...")] = "cpu",
     json: JsonOpt = False,
 ) -> None:
@@ -150,11 +157,13 @@ def train(
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from memedit.storage.checkpoint import save
+    from memedit.storage.checkpoint import check_device, check_output_folder, save
     from memedit.world.evaluate import fact_accuracies
     from memedit.world.train import TrainConfig
     from memedit.world.train import train as run
 
+    check_output_folder(None, out)  # before training, not after it
+    check_device(device)
     tc = TrainConfig()
     if epochs is not None:
         tc.epochs = epochs

@@ -8,8 +8,11 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from memedit import limits
+
 from . import patch_cmd  # noqa: F401  (registers the `patch` group)
 from .common import DeviceOpt, JsonOpt, ModelOpt, StepProgress, app, command, console, esc, load_model, print_json
+from .validate import finite
 
 FactsOpt = Annotated[Optional[Path], typer.Option("--facts", help="Facts JSONL (default: the model's own world).")]
 
@@ -144,8 +147,11 @@ def frozen(model: ModelOpt = None, json: JsonOpt = False) -> None:
 def background(
     corpus: Annotated[Optional[Path], typer.Argument(help="Text file, one sentence per line (default: the demo "
                                                           "world's filler and facts).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sentences per background batch.")] = 32,
-    max_batches: Annotated[int, typer.Option("--max-batches", min=1, help="Use at most this many batches.")] = 1000,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=limits.MAX_BATCH_SIZE,
+                                            help="Sentences per background batch (at most "
+                                                 f"{limits.MAX_BATCH_SIZE:,}).")] = 32,
+    max_batches: Annotated[int, typer.Option("--max-batches", min=1, max=limits.MAX_BATCHES,
+                                             help="Use at most this many batches.")] = 1000,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     json: JsonOpt = False,
@@ -206,7 +212,8 @@ def edit(
                                                     "at the new target about this many other subjects (of the known "
                                                     "facts, else the request's neighborhood prompts; default 8). 0: "
                                                     "off.")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", callback=finite(0.0, limits.MAX_LR, lo_open=True),
+                                                help=f"Learning rate (above 0, at most {limits.MAX_LR:g}).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="At most this many steps.")] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="sgd, or adamw (forgets more).")] = "sgd",
     ranking: Annotated[str, typer.Option("--ranking", help="tfidf, kl, or counts.")] = "tfidf",
@@ -277,6 +284,7 @@ def edit(
                  ("max_collateral", max_collateral)):
         if v is not None:
             setattr(cfg, k, v)
+    cfg.check()  # before the background statistics and the forgetting sample are read
     bg = B.get(m) if ranking != "counts" else None
     world = load_facts(facts) if facts is not None else (world_of(m).facts if m.meta.get("world") else None)
     S.fact_items(m, reqs)  # every target tokenizes: said before anything else is asked of the folder

@@ -10,7 +10,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from memedit import limits
+
 from .common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, app, command, console, esc, load_model, print_json
+from .validate import finite
 
 
 @contextlib.contextmanager
@@ -196,9 +199,13 @@ def trace_causal(
     prompt: Annotated[str, typer.Argument(help="The prompt (it must contain the subject).")],
     subject: Annotated[str, typer.Option("--subject", "-s", help="Words of the prompt to corrupt with noise.")],
     target: Annotated[str, typer.Option("--target", "-t", help="The answer whose probability is measured.")],
-    samples: Annotated[int, typer.Option("--samples", min=1, help="Noise samples averaged.")] = 10,
-    noise: Annotated[float, typer.Option("--noise", help="Noise std as a multiple of the embedding std.")] = 3.0,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the noise draws.")] = 0,
+    samples: Annotated[int, typer.Option("--samples", min=1, max=limits.MAX_CAUSAL_SAMPLES,
+                                         help=f"Noise samples averaged (at most {limits.MAX_CAUSAL_SAMPLES:,}).")] = 10,
+    noise: Annotated[float, typer.Option("--noise", callback=finite(0.0, limits.MAX_NOISE),
+                                         help="Noise std as a multiple of the embedding std (0 to "
+                                              f"{limits.MAX_NOISE:g}).")] = 3.0,
+    seed: Annotated[int, typer.Option("--seed", min=-limits.INT64_MAX - 1, max=limits.INT64_MAX,
+                                      help="Seed of the noise draws.")] = 0,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Save the heat map as PNG (needs matplotlib).")]
     = None,
     model: ModelOpt = None,

@@ -8,7 +8,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from memedit import limits
+
 from .common import DeviceOpt, JsonOpt, ModelOpt, app, command, console, esc, load_model, print_json
+from .validate import finite
 
 keys_app = typer.Typer(help="Change sub-keys: online adaptation, routing a fact to a free slot, key patches.",
                        no_args_is_help=True)
@@ -23,9 +26,13 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Measure only; write 
 @command(keys_app, "adapt")
 def adapt_cmd(
     corpus: Annotated[Path, typer.Argument(help="Text to adapt to, one passage per line.")],
-    steps: Annotated[int, typer.Option(min=1, help="Update steps (one batch each, cycling through the text).")] = 20,
-    batch_size: Annotated[int, typer.Option(min=1, help="Passages per step.")] = 16,
-    lr: Annotated[float, typer.Option(min=0.0, help="SGD learning rate for the sub-keys.")] = 0.3,
+    steps: Annotated[int, typer.Option(min=1, max=limits.MAX_ADAPT_STEPS,
+                                       help="Update steps (one batch each, cycling through the text; at most "
+                                            f"{limits.MAX_ADAPT_STEPS:,}).")] = 20,
+    batch_size: Annotated[int, typer.Option(min=1, max=limits.MAX_BATCH_SIZE,
+                                            help=f"Passages per step (at most {limits.MAX_BATCH_SIZE:,}).")] = 16,
+    lr: Annotated[float, typer.Option(callback=finite(0.0, limits.MAX_LR),
+                                      help=f"SGD learning rate for the sub-keys (0 to {limits.MAX_LR:g}).")] = 0.3,
     layer: Annotated[Optional[list[int]], typer.Option(help="Only these memory layers (repeatable).")] = None,
     probe: Annotated[Optional[Path],
                      typer.Option(help="Background text whose lookups measure collateral (default: a sample of the "
@@ -125,8 +132,9 @@ def route_cmd(
     layer: Annotated[Optional[int], typer.Option(help="Memory layer to route in (default: the cheapest).")] = None,
     head: Annotated[Optional[int], typer.Option(help="Head to route in (default: the cheapest).")] = None,
     margin: Annotated[float,
-                      typer.Option(min=0.0, help="How far above the k-th score to place the slot, as a share of its "
-                                                 "head's score spread.")] = 0.25,
+                      typer.Option(callback=finite(0.0, 1e6),
+                                   help="How far above the k-th score to place the slot, as a share of its head's "
+                                        "score spread.")] = 0.25,
     eval_facts: Annotated[int,
                           typer.Option(min=0, help="Other facts of the world to measure collateral on "
                                                    "(0 = all).")] = 1000,

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from memedit import limits
+
 from .common import DeviceOpt, JsonOpt, ModelOpt, StepProgress, app, command, console, esc, load_model, print_json
 
 
@@ -36,8 +38,9 @@ def verify(
     corpus: Annotated[Optional[Path],
                       typer.Option(help="Text file, one passage per line (default: the model's demo world).")] = None,
     random: Annotated[int,
-                      typer.Option("--random", min=0, help="Check N random query vectors per memory layer instead of "
-                                                           "text.")] = 0,
+                      typer.Option("--random", min=0, max=limits.MAX_RANDOM_QUERIES,
+                                   help="Check N random query vectors per memory layer instead of text (at most "
+                                        f"{limits.MAX_RANDOM_QUERIES:,}).")] = 0,
     queries: Annotated[Optional[Path],
                        typer.Option(help="Saved query vectors: .npy (n, H, K) for one layer, or .npz with layer{L} "
                                          "arrays.")] = None,
@@ -47,11 +50,15 @@ def verify(
     dtypes: Annotated[str,
                       typer.Option(help="Compute dtypes to check, comma-separated ('model' = the model's "
                                         "own).")] = "model,float32,bfloat16",
-    limit: Annotated[int, typer.Option(min=0, help="Distinct text lookups per layer to check (0 = all).")] = 4096,
+    limit: Annotated[int, typer.Option(min=0, max=limits.MAX_VERIFY_LIMIT,
+                                       help="Distinct text lookups per layer to check (0 = all; at most "
+                                            f"{limits.MAX_VERIFY_LIMIT:,}).")] = 4096,
     threads: Annotated[int,
-                       typer.Option(min=1, help="Threads for FAISS and torch (pinned: results differ between "
-                                                "counts).")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of the random queries.")] = 0,
+                       typer.Option(min=1, max=limits.MAX_THREADS,
+                                    help="Threads for FAISS and torch (pinned: results differ between counts; at most "
+                                         f"this machine's {limits.MAX_THREADS} cores).")] = 1,
+    seed: Annotated[int, typer.Option(min=-limits.INT64_MAX - 1, max=limits.INT64_MAX,
+                                      help="Seed of the random queries.")] = 0,
     save_queries: Annotated[Optional[Path],
                             typer.Option(help="Also write the checked queries (first dtype) as .npz.")] = None,
     examples: Annotated[int, typer.Option(min=0, help="Mismatches to print in full.")] = 3,

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .. import limits
 from ..errors import MemeditError
 from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
@@ -81,6 +82,7 @@ def audit(model: MemoryModel, corpus: Corpus, max_tokens: int | None = None, bat
         raise MemeditError("this model has no tokenizer, so it cannot read a text corpus")
     if max_tokens is not None and max_tokens < 1:
         raise MemeditError(f"--tokens must be at least 1, got {max_tokens}")
+    limits.count(batch_size, "--batch-size", 1, limits.MAX_BATCH_SIZE)
     counter = AuditCounter(model, contexts)
     pad = pad_id(model)
     device = next(model.parameters()).device

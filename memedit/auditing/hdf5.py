@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 import torch
 
+from .. import limits
 from ..errors import MemeditError
 from ..storage.checkpoint import atomic_path
 from ..tracing.readout import top_written_tokens as promoted_tokens  # the one readout (memedit/tracing/readout.py)
@@ -266,6 +267,10 @@ def export(path: str | Path, model: Any, stats: SlotStats | None = None, metrics
     if skipped:
         top_k = 0
     path = Path(path)
+    limits.count(top_k, "--top-tokens", 0, limits.MAX_TOP_TOKENS)
+    vocab = getattr(model.config, "vocab_size", 0)
+    if top_k > 0 and vocab and top_k > vocab:
+        raise MemeditError(f"--top-tokens {top_k:,} is more than the vocabulary's {vocab:,} tokens")
     fp = fingerprint(model)
     if stats is not None:
         check_same_model(stats, model, fp)

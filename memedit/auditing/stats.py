@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .. import limits
 from ..errors import MemeditError
 from ..lm.model import MemoryModel
 from ..tracing.capture import WEIGHT_SCALE, SlotCounter, per_table
@@ -136,6 +137,7 @@ class AuditCounter(SlotCounter):
 # ---- top contexts ---------------------------------------------------------------------------------------
 BEFORE, AFTER = 8, 2  # a context is the tokens from 8 before to 2 after the position that selected the slot
 WINDOW = BEFORE + 1 + AFTER
+CONTEXT_BYTES = 4 + 8 + 2 + 4 * WINDOW  # per slot and context: weight, key, where, tokens (58 bytes)
 POSITION_BITS = 24  # a context key is document << 24 | position: one int64 that sorts as (document, position)
 EMPTY_KEY = torch.iinfo(torch.int64).max
 
@@ -179,6 +181,11 @@ class TopContexts:
             raise MemeditError(f"--contexts must be at least 1, got {m}")
         if len(layers) > 127 or m > 1024:
             raise MemeditError("top contexts support up to 127 memory layers and 1,024 contexts per slot")
+        need = CONTEXT_BYTES * n_slots * m * len(tables)
+        if need > limits.MAX_CONTEXT_BYTES:
+            most = max(limits.MAX_CONTEXT_BYTES // (CONTEXT_BYTES * n_slots * max(len(tables), 1)), 0)
+            raise MemeditError(f"--contexts {m} keeps {need / 2**30:.1f} GiB of contexts for {n_slots:,} slots (at most "
+                               f"{limits.MAX_CONTEXT_BYTES / 2**30:g} GiB): give --contexts {most} or fewer")
         S = n_slots
         return cls(
             layers=list(layers), tables={k: list(v) for k, v in tables.items()}, m=m,

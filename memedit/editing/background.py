@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import limits
 from ..errors import MemeditError
 from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
@@ -60,6 +61,8 @@ def compute(model: MemoryModel, sentences: Sequence[str], batch_size: int = DEFA
             locality_tokens: int = SAMPLE_TOKENS) -> Background:
     """Background statistics over ``sentences`` (shuffled with ``seed``, cut into batches of ``batch_size``), with a
     locality sample of ``locality_tokens`` tokens drawn from them (0: none)."""
+    limits.count(batch_size, "--batch-size", 1, limits.MAX_BATCH_SIZE)
+    limits.count(max_batches, "--max-batches", 1, limits.MAX_BATCHES)
     sentences = list(sentences)
     locality = draw_sample(model, sentences, locality_tokens, seed) if locality_tokens > 0 else None
     random.Random(seed).shuffle(sentences)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
+from .. import limits
 from ..errors import MemeditError
 from ..lm.model import MemoryModel
 from ..storage.state import frozen_rows, write_frozen_rows
-from .patch import check_rows, parse_rows
+from .patch import MAX_ROWS, check_rows, parse_rows
 
 
 def frozen(model: MemoryModel) -> dict[str, list[int]]:
@@ -88,6 +89,9 @@ def hot_rows(model: MemoryModel, n: int, stats: str | Path | None = None) -> dic
     ``stats`` is given, else by background statistics (stored, or computed in memory)."""
     if n <= 0:
         raise MemeditError("--hot needs a positive number of rows")
+    rows = min(t.n_rows for t in model.tables)
+    if n > rows:
+        raise MemeditError(f"--hot {n:,} is more rows than a table has ({rows:,}): that freezes every row")
     if stats is not None:
         counts = audit_counts(model, stats)
     else:
@@ -116,14 +120,17 @@ def audit_counts(model: MemoryModel, path: str | Path) -> dict[str, torch.Tensor
 
 def rows_from_file(path: str | Path) -> list[int]:
     """Row ids from a text file (ids or ranges, separated by commas, spaces or newlines) or a .npy array."""
-    path = Path(path)
-    if not path.is_file():
-        raise MemeditError(f"rows file {path} does not exist")
+    path = limits.input_file(path, "rows file")
     if path.suffix == ".npy":
         import numpy as np
 
-        arr = np.load(path, allow_pickle=False)
+        try:
+            arr = np.load(path, allow_pickle=False)  # a pickled array is refused unread
+        except (ValueError, OSError, EOFError) as e:
+            raise MemeditError(f"cannot read {path} as a .npy array of row ids ({e})") from None
         if not np.issubdtype(arr.dtype, np.integer):
             raise MemeditError(f"{path} holds {arr.dtype} values; row ids must be integers")
-        return [int(x) for x in arr.ravel()]
-    return parse_rows(path.read_text().split())
+        if arr.size > MAX_ROWS:
+            raise MemeditError(f"{path} holds {arr.size:,} row ids; at most {MAX_ROWS:,} can be given at once")
+        return [limits.row_id(int(x)) for x in arr.ravel()]
+    return parse_rows(" ".join(limits.read_lines(path, "rows file")).split())

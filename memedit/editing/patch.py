@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .. import limits
 from ..errors import MemeditError
 from ..lm.model import MemoryModel
 from ..storage.checkpoint import atomic_path, fingerprint, native_state, state_dir
@@ -196,7 +197,7 @@ def parse_rows(spec: Sequence[str] | str) -> list[int]:
             try:
                 if "-" in part:
                     a, b = part.split("-", 1)
-                    lo, hi = int(a), int(b)
+                    lo, hi = limits.row_id(int(a)), limits.row_id(int(b))
                     if hi < lo:
                         raise ValueError
                     if hi - lo + 1 + len(out) > MAX_ROWS:  # bounded before it is expanded
@@ -204,7 +205,7 @@ def parse_rows(spec: Sequence[str] | str) -> list[int]:
                                            "can be given at once")
                     out.extend(range(lo, hi + 1))
                 else:
-                    out.append(int(part))
+                    out.append(limits.row_id(int(part)))
             except ValueError:
                 raise MemeditError(f"bad row spec {part!r}: use ids and inclusive ranges, e.g. 3,7,10-12") from None
     seen: set[int] = set()
@@ -216,10 +217,11 @@ def check_rows(model: MemoryModel, table: str, rows: Sequence[int]) -> torch.Ten
     t = model.table(table)
     if len(rows) == 0:
         raise MemeditError("no rows given: pass --rows, e.g. --rows 3,7,10-12")
-    ids = torch.as_tensor(list(rows), dtype=torch.long)
-    bad = ids[(ids < 0) | (ids >= t.n_rows)]
-    if bad.numel():
-        raise MemeditError(f"row {bad[0].item()} is out of range: table {t.name} has rows 0..{t.n_rows - 1}")
+    rows = rows.tolist() if isinstance(rows, torch.Tensor) else [int(r) for r in rows]
+    bad = [r for r in rows if not 0 <= r < t.n_rows]  # before a tensor: an id past int64 cannot become one
+    if bad:
+        raise MemeditError(f"row {bad[0]} is out of range: table {t.name} has rows 0..{t.n_rows - 1}")
+    ids = torch.as_tensor(rows, dtype=torch.long)
     if torch.unique(ids).numel() != ids.numel():
         raise MemeditError("a row is listed twice; give each row once")
     return ids
@@ -234,6 +236,7 @@ def make_patch(model: MemoryModel, updates: dict[str, tuple[Sequence[int] | torc
     ``base``: the model's fingerprint, when the caller took it before writing rows into the table and restoring
     them (an edit's training): a table written in place is otherwise hashed whole again (2 s at a million slots).
     """
+    limits.text(message, "the patch message (--message)", 10_000)
     changes = []
     frozen = frozen_rows(model)
     for name, (rows, new) in updates.items():
@@ -289,14 +292,10 @@ def load_values(path: str | Path) -> torch.Tensor:
         import numpy as np
 
         try:
-            arr = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
+            arr = np.load(path, allow_pickle=False)  # a pickled array is refused unread
+        except (ValueError, OSError, EOFError) as e:
             raise MemeditError(f"cannot read {path} as a numeric .npy array ({e})") from None
-        if not np.issubdtype(arr.dtype, np.number):
-            raise MemeditError(f"{path} holds {arr.dtype} values, not numbers")
-        if arr.dtype == np.float64:
-            return torch.from_numpy(arr.astype("float64")).float()
-        return torch.from_numpy(arr.copy())
+        return _real_values(torch.from_numpy(_plain_numbers(arr, path)), path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -306,11 +305,49 @@ def load_values(path: str | Path) -> torch.Tensor:
         except (SafetensorError, OSError) as e:
             raise MemeditError(f"cannot read {path} ({e})") from None
         if "values" in tensors:
-            return tensors["values"]
+            return _real_values(tensors["values"], path)
         if len(tensors) != 1:
             raise MemeditError(f"{path} holds {len(tensors)} tensors; name the one to use \"values\"")
-        return next(iter(tensors.values()))
+        return _real_values(next(iter(tensors.values())), path)
     raise MemeditError(f"values must come from a .npy or .safetensors file, not {path.name}")
+
+
+def _plain_numbers(arr, path: Path):
+    """A .npy array as one torch can hold: real numbers only (complex, unsigned 64-bit, objects are refused)."""
+    import numpy as np
+
+    if np.iscomplexobj(arr):
+        raise MemeditError(f"{path} holds complex values ({arr.dtype}); value rows are real: give real numbers")
+    if arr.dtype == np.uint64:
+        raise MemeditError(f"{path} holds uint64 values; give float32 (or a signed integer type)")
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
+        raise MemeditError(f"{path} holds {arr.dtype} values, not numbers")
+    return arr.copy()  # a writable, contiguous copy that keeps a 0-d array 0-d (refused by _real_values)
+
+
+def _real_values(t: torch.Tensor, path: Path) -> torch.Tensor:
+    """``t`` as float32 after checking it is a vector or matrix of finite real numbers that float32 holds exactly
+    enough: integers must round-trip (|x| <= 2^24), floats must stay finite."""
+    if t.dim() not in (1, 2):
+        raise MemeditError(f"{path} holds a {t.dim()}-d array of shape {tuple(t.shape)}; give (n, V) rows or one (V,) "
+                           "row")
+    if t.is_complex():
+        raise MemeditError(f"{path} holds complex values ({t.dtype}); value rows are real: give real numbers")
+    if t.dtype == torch.bool or str(t.dtype).startswith("torch.uint") and t.dtype != torch.uint8:
+        raise MemeditError(f"{path} holds {t.dtype} values; give float32 (or a signed integer type)")
+    if not t.dtype.is_floating_point:
+        wide = t.to(torch.int64)
+        if t.numel() and int(wide.abs().max()) > 1 << 24:
+            raise MemeditError(f"{path} holds integers up to {int(wide.abs().max()):,}, which float32 does not hold "
+                               "exactly (at most 16,777,216); give float values")
+        return wide.float()
+    wide = t.double()
+    if not torch.isfinite(wide).all():
+        raise MemeditError(f"{path} holds NaN or inf values; nothing was written")
+    if t.numel() and float(wide.abs().max()) > torch.finfo(torch.float32).max:
+        raise MemeditError(f"{path} holds values beyond the range of float32 (|x| up to {float(wide.abs().max()):.3g})"
+                           "; nothing was written")
+    return t.float()
 
 
 def row_patch(model: MemoryModel, op: str, table: str, rows: Sequence[int], values: torch.Tensor | None = None,
@@ -333,6 +370,9 @@ def row_patch(model: MemoryModel, op: str, table: str, rows: Sequence[int], valu
     elif scalar is not None:
         if not math.isfinite(scalar):
             raise MemeditError("the scalar is NaN or inf; nothing was written")
+        if abs(scalar) > torch.finfo(t.weight.dtype).max or abs(scalar) > torch.finfo(torch.float32).max:
+            raise MemeditError(f"the scalar {scalar:g} is beyond the range of the table's dtype {t.weight.dtype} "
+                               f"(|x| <= {torch.finfo(t.weight.dtype).max:.4g}); nothing was written")
         src = torch.full_like(old, scalar)
     elif values is not None:
         src = values.float()

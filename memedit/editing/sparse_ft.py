@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import limits
 from ..errors import MemeditError
 from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
@@ -110,6 +111,17 @@ class EditConfig:
     repair_steps: int = 20  # at most this many steps per repair
     locality_tokens: int = 3000  # the locality sample's size (tokens), drawn from the background corpus
 
+    def check(self) -> EditConfig:
+        """This config, after refusing values that cannot be meant (a learning rate of -1 or 1e39, no steps)."""
+        if self.lr is not None:
+            limits.number(self.lr, "--lr", 0.0, limits.MAX_LR, lo_open=True)
+        limits.count(self.top_t, "--top-t", 1)
+        limits.count(self.steps, "--steps", 1)
+        limits.count(self.contrast, "--contrast", 0)
+        if self.optimizer not in ("sgd", "adamw"):
+            raise MemeditError(f"unknown optimizer {self.optimizer!r}: use sgd or adamw")
+        return self
+
     @property
     def learning_rate(self) -> float | None:
         """``lr``, or the optimizer's default when it is None (None: SGD's lr is set by ``step_size`` at the first
@@ -135,6 +147,23 @@ class EditRequest:
     # e.g. the subject's other facts, whose answers read the same subject-position rows (see keep_for)
     keep: list[tuple[str, str]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        """Refuse what a request cannot mean, naming the field: text that is not text (or not UTF-8), a list of
+        phrasings given as one string, an empty target, a "{}" with no subject."""
+        for name in ("prompt", "subject", "target_new", "target_true"):
+            limits.text(getattr(self, name), f"field {name!r}")
+        for name in ("paraphrases", "heldout_paraphrases", "neighborhood"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise MemeditError(f"field {name!r} must be a list of strings, not {_json_kind(value)} "
+                                   f"(e.g. [\"The birthplace of {{}} is\"])")
+            for i, x in enumerate(value):
+                limits.text(x, f"field {name!r}[{i}]")
+            setattr(self, name, list(value))
+        if not self.target_new.strip():
+            raise MemeditError("an edit request needs a non-empty target_new")
+        limits.subject_prompt(self.prompt, self.subject, require_placeholder=False)
+
     @property
     def rewrite_prompt(self) -> str:
         return self.prompt.replace("{}", self.subject)  # not str.format: user prompts may hold other braces
@@ -145,22 +174,35 @@ class EditRequest:
 
     @classmethod
     def from_dict(cls, d: dict) -> EditRequest:
+        if not isinstance(d, dict):
+            raise MemeditError(f"an edit request must be a JSON object {{\"prompt\": ..., \"subject\": ..., "
+                               f"\"target_new\": ...}}, not {_json_kind(d)}")
         try:
+            keep = d.get("keep", [])
+            if not isinstance(keep, list):
+                raise MemeditError(f"field 'keep' must be a list, not {_json_kind(keep)}")
             req = cls(prompt=d["prompt"], subject=d.get("subject", ""), target_new=d["target_new"],
-                      target_true=d.get("target_true", ""), paraphrases=list(d.get("paraphrases", [])),
-                      heldout_paraphrases=list(d.get("heldout_paraphrases", [])),
-                      neighborhood=list(d.get("neighborhood", [])), id=str(d.get("id", "")),
-                      keep=[_pair(k) for k in d.get("keep", [])])
+                      target_true=d.get("target_true", ""), paraphrases=d.get("paraphrases", []),
+                      heldout_paraphrases=d.get("heldout_paraphrases", []),
+                      neighborhood=d.get("neighborhood", []), id=str(d.get("id", "")),
+                      keep=[_pair(k) for k in keep])
         except KeyError as e:
             raise MemeditError(f"an edit request needs {e.args[0]!r} "
                                "(keys: prompt, subject, target_new, ...)") from None
-        if not req.target_new.strip():
-            raise MemeditError("an edit request needs a non-empty target_new")
         return req
 
     @classmethod
     def from_fact(cls, fact) -> EditRequest:
         return cls.from_dict(fact.to_json())
+
+
+def _json_kind(x) -> str:
+    """What a JSON value is, in words: 'a number (5)', 'null', 'a string ("The birthplace")'."""
+    if x is None:
+        return "null"
+    kind = {bool: "true/false", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(x), type(x).__name__)
+    return f"{kind} ({x!r:.40})" if isinstance(x, (int, float, str)) else kind
 
 
 def _pair(k) -> tuple[str, str]:
@@ -239,10 +281,7 @@ def read_requests(path: str | Path) -> list[EditRequest]:
     """The edit requests of a JSONL file, one JSON object a line (:meth:`EditRequest.from_dict`)."""
     import json
 
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise MemeditError(f"cannot read {path}: {e.strerror}") from None
+    lines = limits.read_lines(path, "requests file")  # a regular file of UTF-8 lines, within the caps
     out = []
     for n, line in enumerate(lines, 1):
         if line.strip():
@@ -868,6 +907,7 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
     them. ``subjects``: other subjects for ``cfg.contrast`` (default: those of ``keep_facts``)."""
     from .patch import write_rows
 
+    cfg.check()
     fact_items(model, requests)  # every target tokenizes, before anything is trained
     groups = [[r] for r in requests] if sequential else [list(requests)]
     results = []

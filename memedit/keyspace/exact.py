@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .. import limits
 from ..errors import MemeditError
 from ..lm.memory import Lookup, MemoryLayer
 from ..lm.model import MemoryModel
@@ -599,6 +600,7 @@ def verify(
         if progress is not None:
             progress(done, total)
 
+    limits.count(threads, "--threads", 1, limits.MAX_THREADS)
     with faiss_threads(threads):
         for dt in dtypes:
             checked = source(model, dt)
@@ -609,11 +611,14 @@ def verify(
 
 
 def corpus_source(texts: Sequence[str], limit: int = 0) -> Callable[[MemoryModel, torch.dtype], dict[int, Checked]]:
+    limits.count(limit, "--limit", 0, limits.MAX_VERIFY_LIMIT)
     return lambda m, dt: corpus_queries(in_dtype(m, dt), texts, limit)
 
 
 def random_source(n: int, layers: Sequence[int] | None = None, seed: int = 0):
     """Gaussian query vectors (n, H, K) per memory layer; no tokenizer needed."""
+    limits.count(n, "--random", 1, limits.MAX_RANDOM_QUERIES)
+    limits.seed(seed)
 
     def make(m: MemoryModel, dt: torch.dtype) -> dict[int, Checked]:
         g = torch.Generator().manual_seed(seed)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import limits
 from ..errors import MemeditError
 from ..lm.batching import text_batches
 from ..lm.model import MemoryModel
@@ -369,6 +370,9 @@ def adapt(
     from ..tracing.capture import capture_lookups
     from . import exact
 
+    limits.count(steps, "--steps", 1, limits.MAX_ADAPT_STEPS)
+    limits.count(batch_size, "--batch-size", 1, limits.MAX_BATCH_SIZE)
+    limits.number(lr, "--lr", 0.0, limits.MAX_LR)
     layers = list(layers or model.memory_layers)
     for L in layers:
         if L not in model.memory_layers:
@@ -546,7 +550,8 @@ def route(
     from ..tracing.targets import accuracy, tokenize_target
     from ..world.evaluate import last_logits
 
-    text = prompt.replace("{}", subject)
+    text = limits.subject_prompt(prompt, subject)
+    limits.number(margin, "--margin", 0.0, 1e6)
     tt = tokenize_target(model, text, target)
     if len(tt.ids) > 1:
         raise MemeditError(f"keys route writes one slot for one next token, and the target {tt.text!r} is "

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .. import limits
 from .memory import HookPoint, MemoryConfig, MemoryLayer
 
 if TYPE_CHECKING:
@@ -411,19 +412,20 @@ class MemoryModel(nn.Module):
             why = self.meta.get("tokenizer_missing")  # set by importers, e.g. "tokenizer file ... not found"
             raise MemeditError(f"this model has no tokenizer{f' ({why})' if why else ''}: pass --tokenizer PATH "
                                "(a SentencePiece .model, a tiktoken file or a tokenizer.json)")
-        ids = self.tokenizer.encode(text)
+        ids = self.tokenizer.encode(limits.text(text, "the prompt"))
         if not ids:
             raise MemeditError(f"the prompt {text!r} has no tokens")
         bos = self.tokenizer.bos_id
         return ([bos] if bos is not None else []) + ids
 
-    def check_context(self, ids: list[int], what: str = "the prompt") -> None:
-        """Refuse a token sequence longer than the model's context (max_seqlen), before any memory is spent on it."""
+    def check_context(self, ids: list[int] | int, what: str = "the prompt") -> None:
+        """Refuse a token sequence (or a length) longer than the model's context (max_seqlen), before any memory is
+        spent on it."""
         from ..errors import MemeditError
 
-        n = self.config.max_seqlen
-        if len(ids) > n:
-            raise MemeditError(f"{what} has {len(ids):,} tokens, more than the model's context of {n:,}; shorten it")
+        n, length = self.config.max_seqlen, ids if isinstance(ids, int) else len(ids)
+        if length > n:
+            raise MemeditError(f"{what} has {length:,} tokens, more than the model's context of {n:,}; shorten it")
 
     def param_counts(self) -> dict[str, int]:
         """Parameters split into memory (sub-keys, values, projections) and dense, each shared tensor once."""

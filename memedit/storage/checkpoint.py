@@ -212,6 +212,8 @@ def check_device(device: str) -> torch.device:
         raise MemeditError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA devices")
     if d.type not in ("cpu", "cuda"):
         raise MemeditError(f"device {device!r} is not supported (use cpu or cuda)")
+    if d.type == "cpu" and d.index not in (None, 0):
+        raise MemeditError(f"device {device!r}: there is one CPU device (cpu, or cpu:0)")
     return d
 
 
@@ -372,9 +374,7 @@ def save(model: MemoryModel, dst: str | Path, overwrite: bool = False) -> Path:
     from .. import __version__
     from .store import write_base
 
-    dst = Path(dst).expanduser()
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-        raise MemeditError(f"{dst} already exists and is not empty; choose a new folder")
+    dst = check_output_folder(model, dst, overwrite)
     if dst.exists() and BUNDLED.resolve() == dst.resolve():
         raise MemeditError("the bundled demo model is read-only")
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -438,14 +438,51 @@ def check_output(model: MemoryModel | None, out: str | Path) -> Path:
         own = {(src / f).resolve() for f in OWN_FILES} | ({src.resolve()} if src.is_file() else set())
         if out.resolve() in own or (src.is_dir() and out.resolve().parent == (src / STATE_DIR).resolve()):
             raise MemeditError(f"{out} is one of the model's own files; write the output somewhere else")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    parent = _existing_parent(out)
+    if not _can_create_in(parent):
         raise MemeditError(f"cannot write {out}: {parent} is not a writable folder")
     if out.exists() and not os.access(out, os.W_OK):
         raise MemeditError(f"cannot write {out}: the file is not writable")
     return out
+
+
+def check_output_folder(model: MemoryModel | None, dst: str | Path, overwrite: bool = False) -> Path:
+    """``dst`` if a model folder can be written there, checked before any work: a new path (or an empty folder) in
+    a folder memedit can write, and not inside ``model``'s own folder (a model inside another's state is lost).
+    ``overwrite``: ``dst`` may be a folder already (it is replaced whole)."""
+    dst = Path(dst).expanduser()
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+        raise MemeditError(f"{dst} already exists and is not empty; choose a new folder")
+    if not overwrite and model is not None and model.source is not None and Path(model.source).is_dir():
+        src, where = Path(model.source).resolve(), dst.resolve()
+        if where == src or src in where.parents:
+            raise MemeditError(f"{dst} is inside the model folder {model.source}; write the new model somewhere else")
+    parent = _existing_parent(dst)
+    if not _can_create_in(parent):
+        raise MemeditError(f"cannot write {dst}: {parent} is not a writable folder")
+    return dst
+
+
+def _existing_parent(path: Path) -> Path:
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder``, tried for real: permission bits do not tell (root passes every
+    access() check, yet cannot create a file in /proc)."""
+    if not folder.is_dir():
+        return False
+    try:
+        fd, name = tempfile.mkstemp(prefix=".memedit-probe-", suffix=".tmp", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(name)
+    return True
 
 
 def require_writable(model: MemoryModel) -> None:

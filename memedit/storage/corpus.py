@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import MemeditError
+from ..limits import MAX_TEXT_CHARS
 
 if TYPE_CHECKING:
     from ..lm.model import MemoryModel
@@ -62,7 +63,12 @@ class Corpus:
         done = 0
         try:
             with open(self.path, "rb") as f:
-                for n, raw in enumerate(f, 1):
+                n = 0
+                while raw := f.readline(4 * MAX_TEXT_CHARS + 1):  # a line is read only up to the cap
+                    n += 1
+                    if len(raw) > MAX_TEXT_CHARS and len(raw.decode("utf-8", "replace").rstrip("\r\n")) > MAX_TEXT_CHARS:
+                        raise MemeditError(f"{self.path}:{n}: the line has more than {MAX_TEXT_CHARS:,} characters "
+                                           "(memedit reads at most that a line); split it")
                     done += len(raw)
                     try:
                         line = raw.decode("utf-8").strip()

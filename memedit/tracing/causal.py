@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import limits
 from ..errors import MemeditError
 from ..lm.hooks import memory_path, run_with_cache, run_with_hooks
 from ..lm.model import MemoryModel
@@ -77,8 +78,10 @@ def subject_span(model: MemoryModel, ids: list[int], subject: str) -> list[int]:
 def causal_trace(model: MemoryModel, prompt: str, subject: str, target: str, samples: int = 10,
                  noise: float = 3.0, seed: int = 0, max_batch: int = 512) -> CausalTrace:
     """Indirect effects of restoring each memory layer's output at each position of a subject-corrupted prompt."""
-    if samples < 1:
-        raise MemeditError("--samples must be at least 1")
+    limits.count(samples, "--samples", 1, limits.MAX_CAUSAL_SAMPLES)
+    limits.number(noise, "--noise", 0.0, limits.MAX_NOISE)
+    limits.text(subject, "the subject")
+    limits.seed(seed)
     tt = tokenize_target(model, prompt, target)
     ids = list(tt.prompt_ids)
     span = subject_span(model, ids, subject)

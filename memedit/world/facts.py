@@ -269,18 +269,23 @@ class World:
 def load_facts(path: str | Path) -> list[Fact]:
     """Read a facts JSONL file (one edit request per line)."""
     from ..errors import MemeditError
+    from ..limits import read_lines, text
 
     path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise MemeditError(f"cannot read facts file {path}: {e.strerror}") from None
+    lines = read_lines(path, "facts file")  # a regular file of UTF-8 lines, within the caps
     facts = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             d = json.loads(line)
+            if not isinstance(d, dict):
+                raise TypeError(f"a fact record is a JSON object, not {type(d).__name__}")
+            for key in ("prompt", "subject", "target_true"):
+                text(d[key], f"field {key!r}")
+            for key in ("paraphrases", "heldout_paraphrases", "neighborhood", "unseen_paraphrases"):
+                if not isinstance(d.get(key, []), list) or not all(isinstance(x, str) for x in d.get(key, [])):
+                    raise TypeError(f"field {key!r} must be a list of strings")
             facts.append(Fact(
                 id=str(d.get("id", f"line{n}")), relation=d.get("relation", ""), prompt=d["prompt"],
                 subject=d["subject"], target_true=d["target_true"], target_new=d.get("target_new", ""),
@@ -289,7 +294,7 @@ def load_facts(path: str | Path) -> list[Fact]:
                 neighborhood=list(d.get("neighborhood", [])),
                 unseen_paraphrases=list(d.get("unseen_paraphrases", [])),
             ))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, MemeditError) as e:
             raise MemeditError(f"{path}:{n}: not a fact record ({type(e).__name__}: {e})") from None
     if not facts:
         raise MemeditError(f"{path} holds no facts")

@@ -256,8 +256,9 @@ def save_lingua(model: MemoryModel, dst: str | Path) -> Path:
 
     Every memory layer gets its own copy of a shared value table (the reference's layout); tensors keep their dtypes.
     """
-    from ..checkpoint import atomic_dir
+    from ..checkpoint import atomic_dir, check_output_folder
 
+    check_output_folder(model, dst)
     if model.config.standalone:
         raise MemeditError("a standalone memory module has no host LM to write in the reference layout; "
                            "use --format native")
