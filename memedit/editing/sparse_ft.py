@@ -62,10 +62,10 @@ class EditConfig:
     # from 128 rows in rounds of 10 steps, a median of 23.5 steps (74 at lr 5 from 64 rows with p >= 0.74) and
     # 1.2 s of CPU an edit, with the same forgetting over 150 sequential edits (benchmarks/bench_continual.py).
     top_t: int = 1024  # at most this many value rows trained per fact
-    # None: for SGD, the lr that makes the first step move the trained rows by ``step_size`` of their mean norm
-    # (scale-free: lr 10 on the demo, ~0.1-1 on a model whose value rows are 10x smaller); 1e-2 for AdamW
+    # None: for SGD, 10 x (median value-row norm / 11)^2 (:func:`default_lr`: lr 10 on the demo, whose rows have
+    # norm 11; a model that keeps its rows 10x smaller reads them through a 10x larger projection, so the same
+    # step moves its outputs 100x more); 1e-2 for AdamW
     lr: float | None = None
-    step_size: float = 0.0065  # the demo's first steps at lr 10 moved its rows by 0.5-0.8 % of their norm
     steps: int = 200  # at most this many optimizer steps in all (most edits stop early)
     # Stop early once every token of the new target, in every training phrasing, has a loss below this (p > 1/2:
     # the greedy continuation of every training phrasing is the whole new target) while every token of the keep
@@ -123,12 +123,23 @@ class EditConfig:
         return self
 
     @property
-    def learning_rate(self) -> float | None:
-        """``lr``, or the optimizer's default when it is None (None: SGD's lr is set by ``step_size`` at the first
-        step)."""
+    def learning_rate(self) -> float:
+        """``lr``, or the optimizer's default when it is None (SGD: :func:`default_lr`, filled in by :func:`edit`)."""
         if self.lr is not None:
             return self.lr
-        return None if self.optimizer == "sgd" else 1e-2
+        return 10.0 if self.optimizer == "sgd" else 1e-2
+
+
+LR_REF, NORM_REF = 10.0, 11.0  # the demo's lr, and its value rows' median norm
+
+
+def default_lr(model: MemoryModel, sample: int = 4096) -> float:
+    """SGD's learning rate for ``model``: LR_REF x (median norm of up to ``sample`` value rows / NORM_REF)^2."""
+    norms = []
+    for t in model.tables:
+        ids = torch.randperm(t.n_rows, generator=torch.Generator().manual_seed(0))[:sample].sort().values
+        norms.append(t.weight.detach()[ids].float().norm(dim=-1))
+    return LR_REF * (float(torch.cat(norms).median()) / NORM_REF) ** 2
 
 
 @dataclass
@@ -510,8 +521,8 @@ class _SGD:
     p -= lr * buf (buf = grad at the first step). Written out because constructing torch.optim.SGD first imports
     torch._dynamo (2.5 s of CPU, once per process: most of a single CLI edit on a small model)."""
 
-    def __init__(self, params: list[torch.Tensor], lr: float | None, momentum: float = 0.0, step_size: float = 0.0):
-        self.params, self.lr, self.momentum, self.step_size = params, lr, momentum, step_size
+    def __init__(self, params: list[torch.Tensor], lr: float, momentum: float = 0.0):
+        self.params, self.lr, self.momentum = params, lr, momentum
         self.bufs: list[torch.Tensor | None] = [None] * len(params)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -520,10 +531,6 @@ class _SGD:
 
     @torch.no_grad()
     def step(self) -> None:
-        if self.lr is None:  # the first step moves the rows by step_size of their mean norm
-            g = torch.cat([p.grad.float().norm(dim=-1) for p in self.params if p.grad is not None])
-            v = torch.cat([p.detach().float().norm(dim=-1) for p in self.params if p.grad is not None])
-            self.lr = self.step_size * float(v.mean()) / max(float(g.mean()), 1e-12)
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
@@ -630,7 +637,7 @@ def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[s
             logits = stack.enter_context(fixed_prefix(model, tokens))  # exact: only value rows are trained
             leaves = stack.enter_context(trainable_rows(model, rows))
             params = list(leaves.values())
-        opt = (_SGD(params, cfg.learning_rate, cfg.momentum, cfg.step_size) if cfg.optimizer == "sgd"
+        opt = (_SGD(params, cfg.learning_rate, cfg.momentum) if cfg.optimizer == "sgd"
                else torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0))
         for steps in range(1, cfg.steps + 1):
             with torch.enable_grad():
@@ -652,8 +659,6 @@ def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[s
             with torch.no_grad():
                 for name, leaf in leaves.items():
                     model.table(name).weight[rows[name]] = leaf.detach()
-    if cfg.optimizer == "sgd" and opt.lr is not None:
-        cfg.lr = opt.lr  # later rounds of the same edit keep the lr the first step chose
     return steps, loss_val, holds
 
 
@@ -728,7 +733,9 @@ def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | N
     ``subjects``: other subjects the model knows (e.g. the known facts'), for ``cfg.contrast``; ``preserve``: the
     locality sample kept during training (:class:`Preserve`).
     """
-    cfg = replace(cfg) if cfg is not None else EditConfig()  # a copy: the lr chosen by step_size is this edit's
+    cfg = replace(cfg) if cfg is not None else EditConfig()  # a copy: the lr filled in below is this model's
+    if cfg.lr is None and cfg.optimizer == "sgd" and not cfg.train_all:
+        cfg.lr = default_lr(model)
     if cfg.optimizer == "adamw" and not cfg.train_all:
         warnings.warn("AdamW forgets more than SGD in sparse memory finetuning (reference §6)", stacklevel=2)
     if cfg.ranking != "counts" and bg is None and not cfg.train_all:
@@ -785,7 +792,6 @@ def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | N
             budget = cfg.steps - steps if (not cfg.adaptive or full) else min(cfg.round_steps, cfg.steps - steps)
             rc = replace(cfg, steps=max(1, budget))
             n, loss, holds = train_rows(model, requests, rows, rc, preserve if cfg.preserve_always else None)
-            cfg.lr = rc.lr  # the lr the first step chose (step_size), for the later rounds
             steps += n
             if not cfg.adaptive or bool(holds.all()) or full or steps >= cfg.steps:
                 break
