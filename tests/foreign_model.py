@@ -410,37 +410,30 @@ def greedy(state, params, sp, prompt: str, max_tokens: int = 8) -> str:
 
 
 @torch.no_grad()
-def exact_matches(state, params, sp, pairs: Sequence[tuple[str, str]], batch_size: int = 512) -> list[bool]:
-    """Per (prompt, target): every target token is the greedy choice after the prompt and the target's earlier
-    tokens (greedy decoding reproduces the whole target)."""
+def _teacher_forced(state, params, sp, pairs: Sequence[tuple[str, str]], batch_size: int = 512):
+    """Per (prompt, target): (the logits (n, vocab) at the positions that predict the target's n tokens, their
+    ids), teacher forcing."""
     model = _model(state, params)
-    out = []
     for s in range(0, len(pairs), batch_size):
         part = pairs[s : s + batch_size]
         pids = [encode_prompt(sp, p) for p, _ in part]
         tids = [target_ids(sp, p, t) for p, t in part]
         logits = model(_pad([p + t[:-1] for p, t in zip(pids, tids, strict=True)]))
         for b, (p, t) in enumerate(zip(pids, tids, strict=True)):
-            pred = logits[b, len(p) - 1 : len(p) - 1 + len(t)].argmax(-1).tolist()
-            out.append(pred == t)
-    return out
+            yield logits[b, len(p) - 1 : len(p) - 1 + len(t)].float(), t
 
 
-@torch.no_grad()
+def exact_matches(state, params, sp, pairs: Sequence[tuple[str, str]], batch_size: int = 512) -> list[bool]:
+    """Per (prompt, target): every target token is the greedy choice after the prompt and the target's earlier
+    tokens (greedy decoding reproduces the whole target)."""
+    return [z.argmax(-1).tolist() == t for z, t in _teacher_forced(state, params, sp, pairs, batch_size)]
+
+
 def mean_logprobs(state, params, sp, pairs: Sequence[tuple[str, str]], batch_size: int = 512) -> list[float]:
     """Per (prompt, target): the mean over the target's tokens of their log-probability under teacher forcing
     (CounterFact's whole-target comparison)."""
-    model = _model(state, params)
-    out = []
-    for s in range(0, len(pairs), batch_size):
-        part = pairs[s : s + batch_size]
-        pids = [encode_prompt(sp, p) for p, _ in part]
-        tids = [target_ids(sp, p, t) for p, t in part]
-        logp = model(_pad([p + t[:-1] for p, t in zip(pids, tids, strict=True)])).float().log_softmax(-1)
-        for b, (p, t) in enumerate(zip(pids, tids, strict=True)):
-            lp = logp[b, len(p) - 1 : len(p) - 1 + len(t)].gather(-1, torch.tensor(t)[:, None])
-            out.append(float(lp.mean()))
-    return out
+    return [float(z.log_softmax(-1).gather(-1, torch.tensor(t)[:, None]).mean())
+            for z, t in _teacher_forced(state, params, sp, pairs, batch_size)]
 
 
 def accuracy(state, params, sp, pairs: Sequence[tuple[str, str]]) -> float:

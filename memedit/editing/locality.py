@@ -33,7 +33,7 @@ from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
 from ..tracing.capture import capture_lookups
 
-SAMPLE_TOKENS = 3000  # the stored locality sample's size, in tokens (sequences are whole sentences)
+SAMPLE_TOKENS = 5000  # the stored locality sample's size, in tokens (sequences are whole sentences)
 MAX_SEQ_TOKENS = 64  # a longer sentence is cut to its first tokens (a sample of text, not of lengths)
 FULL_VOCAB_ELEMENTS = 2**24  # keep the whole pre-edit distribution up to this many (positions x vocabulary) floats
 TOP_TOKENS = 64  # beyond that: the top tokens' probabilities and one bucket for the rest (a lower bound on the KL)

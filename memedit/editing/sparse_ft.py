@@ -109,7 +109,7 @@ class EditConfig:
     repairs: int = 2  # times an edit that holds is trained on, with the sequences whose greedy tokens it changed
     preserve_always: bool = False  # the preservation term in every step (False: only in repairs, when needed)
     repair_steps: int = 20  # at most this many steps per repair
-    locality_tokens: int = 3000  # the locality sample's size (tokens), drawn from the background corpus
+    locality_tokens: int = 5000  # the locality sample's size (tokens), drawn from the background corpus
 
     def check(self) -> EditConfig:
         """This config, after refusing values that cannot be meant (a learning rate of -1 or 1e39, no steps)."""
