@@ -1,0 +1,189 @@
+"""The editing field's formats (issue 23): CounterFact, ZsRE and EasyEdit requests in; their metrics and ROME's
+result files out. On the BPE fixture (tests/bpe_world.py: 300 facts, 4,096 slots); each CLI edit takes seconds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from memedit.editing.formats import read_cases
+from memedit.editing.sparse_ft import EditRequest, read_requests
+
+from .bpe_world import FIXTURE
+
+# one CounterFact record in the dataset's exact shape (counterfact.json: a pretty-printed array), about a fact of
+# the fixture's world (f00003: Koutein plays the drums)
+CF = {
+    "case_id": 3,
+    "pararel_idx": 2796,
+    "requested_rewrite": {
+        "prompt": "{} owns a well-worn",
+        "relation_id": "P1303",
+        "target_new": {"str": "harp", "id": "Q47369"},
+        "target_true": {"str": "drums", "id": "Q11404"},
+        "subject": "Koutein",
+    },
+    "paraphrase_prompts": ["Koutein practices the", "Koutein learned to play the"],
+    "neighborhood_prompts": ["Diabrafork owns a well-worn", "The instrument of Poumen is the", "Pumax practices the"],
+    "attribute_prompts": ["Diabrafork owns a well-worn"],
+    "generation_prompts": ["Koutein is known for"],
+}
+# ZsRE as MEND / EasyEdit ship it (zsre_mend_eval.json)
+ZSRE = {"subject": "Koutein", "src": "Koutein owns a well-worn", "pred": "drums", "rephrase": "Koutein practices the",
+        "alt": "harp", "answers": ["drums"], "loc": "nq question: The instrument of Poumen is the", "loc_ans": "drums",
+        "cond": "drums >> harp || Koutein owns a well-worn"}
+# EasyEdit's BaseEditor.edit(...) arguments as JSON: two edits
+EASY = {
+    "prompts": ["Koutein owns a well-worn", "The instrument of Pumax is the"],
+    "ground_truth": ["drums", "drums"],
+    "target_new": ["harp", "cello"],
+    "subject": ["Koutein", "Pumax"],
+    "rephrase_prompts": ["Koutein practices the", "Pumax practices the"],
+    "locality_inputs": {"neighborhood": {"prompt": ["The instrument of Poumen is the", "Diabrafork owns a well-worn"],
+                                         "ground_truth": ["drums", "drums"]}},
+}
+
+
+def folder_state(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(path.rglob("*")) if p.name != "lock"}
+
+
+@pytest.fixture(scope="module")
+def bpe_bg(tmp_path_factory):
+    """A copy of the BPE fixture with `memedit background` (its world's text)."""
+    from memedit_cli.app import app
+    from typer.testing import CliRunner
+
+    path = tmp_path_factory.mktemp("formats") / "bpe"
+    shutil.copytree(FIXTURE, path)
+    r = CliRunner().invoke(app, ["background", "-m", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    return path
+
+
+@pytest.fixture
+def folder(bpe_bg, tmp_path):
+    path = tmp_path / "m"
+    shutil.copytree(bpe_bg, path)
+    return path
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+def test_a_counterfact_record_reads_pretty_printed_on_one_line_and_as_jsonl(tmp_path):
+    for name, text in (("pretty.json", json.dumps([CF], indent=2)), ("line.json", json.dumps([CF])),
+                       ("obj.json", json.dumps(CF, indent=4)), ("cf.jsonl", json.dumps(CF) + "\n")):
+        (tmp_path / name).write_text(text)
+        (c,) = read_cases(tmp_path / name)
+        r = c.request
+        assert (c.format, c.case_id, c.subject_in_prompt) == ("counterfact", "3", True)
+        assert (r.prompt, r.subject, r.target_new, r.target_true) == ("{} owns a well-worn", "Koutein", "harp",
+                                                                      "drums")
+        assert r.paraphrases == [] and r.heldout_paraphrases == CF["paraphrase_prompts"]  # measured, not trained
+        assert r.neighborhood == CF["neighborhood_prompts"] and c.locality == []
+        assert c.requested_rewrite == CF["requested_rewrite"]
+        assert c.extra["generation_prompts"] == ["Koutein is known for"]
+
+
+def test_zsre_follows_easyedit_mapping_and_a_missing_subject_is_counted_not_refused(tmp_path):
+    away = ZSRE | {"subject": "Nobody", "src": "What does Koutein own?"}
+    (tmp_path / "z.json").write_text(json.dumps([ZSRE, away], indent=1))
+    a, b = read_cases(tmp_path / "z.json")
+    r = a.request
+    assert (a.format, r.prompt, r.subject, r.target_new, r.target_true) == ("zsre", "{} owns a well-worn", "Koutein",
+                                                                           "harp", "drums")
+    assert r.rewrite_prompt == ZSRE["src"] and r.heldout_paraphrases == [ZSRE["rephrase"]]
+    assert a.locality == [(ZSRE["loc"], "drums")] and a.subject_in_prompt
+    assert b.request.prompt == "What does Koutein own?" and not b.subject_in_prompt
+
+
+def test_easyedit_call_fields_give_one_case_per_prompt(tmp_path):
+    (tmp_path / "e.json").write_text(json.dumps(EASY, indent=2))
+    a, b = read_cases(tmp_path / "e.json")
+    assert [c.format for c in (a, b)] == ["easyedit", "easyedit"]
+    assert (a.request.prompt, a.request.target_new, a.request.target_true) == ("{} owns a well-worn", "harp", "drums")
+    assert (b.request.prompt, b.request.target_new) == ("The instrument of {} is the", "cello")
+    assert a.request.heldout_paraphrases == ["Koutein practices the"]
+    assert b.locality == [("Diabrafork owns a well-worn", "drums")]
+    # one edit as plain strings, no ground truth (EasyEdit's "<|endoftext|>": here the model's own answer)
+    one = {"prompts": "Koutein owns a well-worn", "target_new": "harp", "ground_truth": "<|endoftext|>"}
+    (tmp_path / "one.json").write_text(json.dumps(one))
+    (c,) = read_cases(tmp_path / "one.json")
+    assert c.request.target_true == "" and not c.subject_in_prompt
+
+
+def test_memedit_jsonl_is_read_as_before(tmp_path):
+    mine = {"id": "r1", "prompt": "{} owns a well-worn", "subject": "Koutein", "target_new": "harp",
+            "paraphrases": ["Koutein practices the"], "keep": [["Koutein was born in", "Sotim"]]}
+    (tmp_path / "r.jsonl").write_text(json.dumps(mine) + "\n\n" + json.dumps(mine | {"id": "r2"}) + "\n")
+    reqs = read_requests(tmp_path / "r.jsonl")
+    assert reqs == [EditRequest.from_dict(mine), EditRequest.from_dict(mine | {"id": "r2"})]
+    assert [c.format for c in read_cases(tmp_path / "r.jsonl")] == ["memedit", "memedit"]
+
+
+# ---- editing through the CLI -----------------------------------------------------------------------------
+def test_the_counterfact_record_edits_through_the_cli(cli, folder, tmp_path):
+    (tmp_path / "cf.json").write_text(json.dumps([CF], indent=2))
+    code, out, err = cli("edit", "-m", folder, "--requests", tmp_path / "cf.json", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    (e,) = res["edits"]
+    assert e["status"] == "committed" and e["format"] == "counterfact" and e["case_id"] == "3"
+    assert e["efficacy"] == 1.0 and e["counterfact"]["rewrite_success"] == 1.0
+    s = res["summary"]
+    assert s["formats"] == ["counterfact"] and s["subject_not_in_prompt"] == 0
+    assert s["counterfact"]["pre"]["rewrite_success"] == 0.0 and s["counterfact"]["post"]["rewrite_success"] == 1.0
+
+
+def test_zsre_and_easyedit_files_edit_through_the_cli_and_count_missing_subjects(cli, folder, tmp_path):
+    away = ZSRE | {"subject": "Nobody", "src": "The instrument of Pumax is the", "alt": "cello",
+                   "rephrase": "Pumax practices the"}
+    (tmp_path / "z.jsonl").write_text(json.dumps(ZSRE) + "\n" + json.dumps(away) + "\n")
+    code, out, err = cli("edit", "-m", folder, "--requests", tmp_path / "z.jsonl", "--sequential", "--dry-run",
+                         "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert [e["format"] for e in res["edits"]] == ["zsre", "zsre"]
+    assert res["summary"]["subject_not_in_prompt"] == 1 and res["summary"]["easyedit"]["post"]["loc"] is not None
+    code, out, err = cli("edit", "-m", folder, "--requests", tmp_path / "z.jsonl", "--sequential", "--dry-run")
+    assert code == 0 and "1 request(s) name a subject their prompt does not hold" in " ".join(out.split())
+    (tmp_path / "e.json").write_text(json.dumps(EASY, indent=2))
+    code, out, err = cli("edit", "-m", folder, "--requests", tmp_path / "e.json", "--dry-run", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert [e["format"] for e in res["edits"]] == ["easyedit", "easyedit"]
+    assert res["summary"]["easyedit"]["post"]["rel"] is not None
+
+
+MALFORMED = [  # (record, what the one-line error must name)
+    ({"case_id": 7, "requested_rewrite": {"prompt": "{} x", "subject": "A", "target_true": {"str": "b"}}},
+     "'requested_rewrite.target_new'"),
+    (CF | {"requested_rewrite": CF["requested_rewrite"] | {"target_new": "harp"}},
+     "'requested_rewrite.target_new' must be an object"),
+    (CF | {"requested_rewrite": CF["requested_rewrite"] | {"target_true": {"str": 5}}},
+     "'requested_rewrite.target_true.str'"),
+    (CF | {"paraphrase_prompts": 5}, "'paraphrase_prompts'"),
+    ({k: v for k, v in ZSRE.items() if k != "alt"}, "'alt'"),
+    (ZSRE | {"answers": []}, "'answers'"),
+    ({k: v for k, v in ZSRE.items() if k != "loc_ans"}, "'loc_ans'"),
+    ({k: v for k, v in EASY.items() if k != "target_new"}, "'target_new'"),
+    (EASY | {"target_new": ["harp"]}, "'target_new' has 1 entries for 2 prompts"),
+    ({"question": "Who?", "answer": "x"}, "lacks 'prompt' (memedit), 'requested_rewrite' (CounterFact)"),
+]
+
+
+@pytest.mark.parametrize("record,names", MALFORMED, ids=[f"bad{i}" for i in range(len(MALFORMED))])
+def test_a_malformed_record_is_one_line_naming_record_and_field_exit_2_folder_unchanged(cli, folder, tmp_path,
+                                                                                        record, names):
+    (tmp_path / "bad.json").write_text(json.dumps([CF, record], indent=2))
+    before = folder_state(folder)
+    code, out, err = cli("edit", "-m", folder, "--requests", tmp_path / "bad.json")  # a traceback raises here
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (code, err)
+    assert "record 2" in err and names in err, err
+    assert "Traceback" not in err + out
+    assert folder_state(folder) == before
