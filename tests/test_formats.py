@@ -187,3 +187,44 @@ def test_a_malformed_record_is_one_line_naming_record_and_field_exit_2_folder_un
     assert "record 2" in err and names in err, err
     assert "Traceback" not in err + out
     assert folder_state(folder) == before
+
+
+# ---- the demo world written in the field's formats, read back, edited --------------------------------------
+@pytest.mark.parametrize("fmt", ["counterfact", "zsre"])
+def test_facts_export_round_trips_and_edits_through_the_cli(cli, folder, tmp_path, fmt):
+    from memedit.storage.checkpoint import load
+    from memedit.world.facts import world_of
+
+    world = world_of(load(folder)).facts
+    out = tmp_path / f"{fmt}.json"
+    code, text, err = cli("facts", "-m", folder, "--format", fmt, "--out", out)
+    assert code == 0, err
+    cases = read_cases(out)
+    assert len(cases) == len(world) == 300 and {c.format for c in cases} == {fmt}
+    for c, f in zip(cases, world, strict=True):
+        r = c.request
+        assert (r.rewrite_prompt, r.subject, r.target_new, r.target_true) == (
+            f.prompt.replace("{}", f.subject), f.subject, f.target_new, f.target_true)
+        assert c.subject_in_prompt
+        if fmt == "counterfact":
+            assert r.prompt == f.prompt and c.case_id == str(world.index(f))
+            assert r.heldout_paraphrases == f.heldout_paraphrases and r.neighborhood == f.neighborhood
+        else:
+            assert r.heldout_paraphrases == f.heldout_paraphrases[:1] and len(c.locality) == 1
+            other_prompt, other_answer = c.locality[0]
+            assert any(g.subject != f.subject and g.prompt.replace("{}", g.subject) == other_prompt
+                       and g.target_true == other_answer for g in world)
+    # --facts FILE and --limit: the first facts of a facts JSONL
+    assert cli("facts", "-m", folder, "--out", tmp_path / "w")[0] == 0
+    assert cli("facts", "--facts", tmp_path / "w" / "facts.jsonl", "--format", fmt, "--limit", "3",
+               "--out", tmp_path / "three.json")[0] == 0
+    three = json.loads((tmp_path / "three.json").read_text())
+    assert len(three) == 3 and [c.request for c in read_cases(tmp_path / "three.json")] == [
+        c.request for c in cases[:3]]
+    # (--force: one of these edits changes 2.4 % of the fixture's small locality sample, over the guard's 2 %)
+    code, text, err = cli("edit", "-m", folder, "--requests", tmp_path / "three.json", "--sequential", "--force",
+                          "--json")
+    assert code == 0, err
+    res = json.loads(text)
+    assert {e["status"] for e in res["edits"]} <= {"committed", "forced"} and len(res["edits"]) == 3
+    assert res["summary"]["counterfact"]["post"]["rewrite_success"] == 1.0
