@@ -228,3 +228,136 @@ def test_facts_export_round_trips_and_edits_through_the_cli(cli, folder, tmp_pat
     res = json.loads(text)
     assert {e["status"] for e in res["edits"]} <= {"committed", "forced"} and len(res["edits"]) == 3
     assert res["summary"]["counterfact"]["post"]["rewrite_success"] == 1.0
+
+
+# ---- the field's metrics, checked against an independent computation from the folders' logits ----------------
+def _nll_argmax(model, prompt: str, target: str) -> tuple[list[float], list[int], list[int]]:
+    """(per-token NLL, argmax, target tokens) of ``target`` after ``prompt``, one unpadded forward, the target's
+    tokens those of encode(prompt + " " + target) past the prompt's (ROME's tok(f" {target}") after the prefix)."""
+    import torch
+
+    p = model.encode(prompt)
+    whole = model.encode(prompt + " " + target.strip())
+    assert whole[: len(p)] == p  # the fixture's prompts and targets join without a merge across the boundary
+    ids = whole[len(p):]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([whole[:-1]])).float()[0], -1)
+    rows = logp[len(p) - 1:]
+    return [-float(rows[i, t]) for i, t in enumerate(ids)], rows.argmax(-1).tolist(), ids
+
+
+def _rome_case(model, rr: dict, para: list[str], neigh: list[str]) -> dict:
+    """A case as ROME's compute_rewrite_quality_counterfact writes it (mean NLLs, argmax correctness)."""
+    new, old = rr["target_new"]["str"], rr["target_true"]["str"]
+    out = {}
+    for key, prompts in (("rewrite", [rr["prompt"].replace("{}", rr["subject"])]), ("paraphrase", para),
+                         ("neighborhood", neigh)):
+        probs, correct = [], []
+        for p in prompts:
+            a, am, aid = _nll_argmax(model, p, new)
+            b, bm, bid = _nll_argmax(model, p, old)
+            probs.append({"target_new": sum(a) / len(a), "target_true": sum(b) / len(b)})
+            correct.append(am == aid if key != "neighborhood" else bm == bid)
+        out[f"{key}_prompts_probs"], out[f"{key}_prompts_correct"] = probs, correct
+    return out
+
+
+def _rome_summarize(cases: list[dict]) -> dict:
+    """ROME's summarize.py, from its definitions: per case the mean of the comparisons, then the mean over cases
+    (x 100, 2 decimals), and the score as the harmonic mean of the three successes."""
+    import numpy as np
+
+    out = {}
+    for prefix in ("pre", "post"):
+        cur: dict[str, list] = {}
+        for data in cases:
+            for key in ("rewrite_prompts_probs", "paraphrase_prompts_probs"):
+                if data[prefix][key]:
+                    cur.setdefault(f"{prefix}_{key.split('_')[0]}_success", []).append(
+                        np.mean([x["target_true"] > x["target_new"] for x in data[prefix][key]]))
+                    cur.setdefault(f"{prefix}_{key.split('_')[0]}_diff", []).append(
+                        np.mean([np.exp(-x["target_new"]) - np.exp(-x["target_true"]) for x in data[prefix][key]]))
+            key = "neighborhood_prompts_probs"
+            if data[prefix][key]:
+                cur.setdefault(f"{prefix}_neighborhood_success", []).append(
+                    np.mean([x["target_true"] < x["target_new"] for x in data[prefix][key]]))
+                cur.setdefault(f"{prefix}_neighborhood_diff", []).append(
+                    np.mean([np.exp(-x["target_true"]) - np.exp(-x["target_new"]) for x in data[prefix][key]]))
+            for key in ("rewrite", "paraphrase", "neighborhood"):
+                if data[prefix][f"{key}_prompts_correct"]:
+                    cur.setdefault(f"{prefix}_{key}_acc", []).append(np.mean(data[prefix][f"{key}_prompts_correct"]))
+        summ = {k: round(float(np.mean(v)) * 100, 2) for k, v in cur.items()}
+        three = [summ[f"{prefix}_{k}_success"] for k in ("rewrite", "paraphrase", "neighborhood")]
+        summ[f"{prefix}_score"] = 0.0 if min(three) <= 0 else len(three) / sum(1 / x for x in three)
+        out.update(summ)
+    return out
+
+
+def test_metrics_equal_an_independent_computation_and_rome_summarize_reads_the_results(cli, bpe_bg, folder,
+                                                                                       tmp_path):
+    import numpy as np
+
+    from memedit.storage.checkpoint import load
+
+    assert cli("facts", "-m", folder, "--format", "counterfact", "--out", tmp_path / "cf.json", "--limit", "12")[0] == 0
+    # three of the world's facts as exported, and the hand-written record (its case_id 3 is taken: 1000)
+    world = json.loads((tmp_path / "cf.json").read_text())
+    records = [r for r in world if r["neighborhood_prompts"]][:3] + [CF | {"case_id": 1000}]
+    (tmp_path / "req.json").write_text(json.dumps(records))
+    zs = [ZSRE | {"src": "The instrument of Pumax is the", "subject": "Pumax", "alt": "cello",
+                  "rephrase": "Pumax practices the"}]
+    (tmp_path / "z.json").write_text(json.dumps(zs))
+    code, out, err = cli("edit", "-m", folder, "--requests", tmp_path / "req.json", "--sequential", "--force",
+                         "--results", tmp_path / "res", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    pre_model, post_model = load(bpe_bg), load(folder)  # the folder before the run and as the run left it
+
+    # ROME's per-case files: one per case, its layout, the figures of an independent forward of each folder
+    files = sorted((tmp_path / "res").glob("case_*.json"))
+    assert [f.name for f in files] == sorted(f"case_{r['case_id']}.json" for r in records)
+    cases = []
+    for r in records:
+        data = json.loads((tmp_path / "res" / f"case_{r['case_id']}.json").read_text())
+        assert set(data) >= {"case_id", "requested_rewrite", "time", "pre", "post"}
+        assert data["case_id"] == r["case_id"] and data["requested_rewrite"] == r["requested_rewrite"]
+        for prefix, model in (("pre", pre_model), ("post", post_model)):
+            want = _rome_case(model, r["requested_rewrite"], r["paraphrase_prompts"], r["neighborhood_prompts"])
+            for key, v in want.items():
+                got = data[prefix][key]
+                if key.endswith("_correct"):
+                    assert got == v, (prefix, key)
+                else:
+                    assert np.allclose([[x["target_new"], x["target_true"]] for x in got],
+                                       [[x["target_new"], x["target_true"]] for x in v], atol=1e-4), (prefix, key)
+        cases.append(data)
+    rome = _rome_summarize(cases)
+    s = res["summary"]["counterfact"]
+    for prefix in ("pre", "post"):
+        for k in ("rewrite_success", "paraphrase_success", "neighborhood_success", "rewrite_diff", "paraphrase_diff",
+                  "neighborhood_diff", "rewrite_acc", "paraphrase_acc", "neighborhood_acc"):
+            assert round(s[prefix][k] * 100, 2) == pytest.approx(rome[f"{prefix}_{k}"], abs=0.011), (prefix, k)
+        assert s[prefix]["score"] * 100 == pytest.approx(rome[f"{prefix}_score"], abs=0.02)
+    print("ROME summarize of memedit's files:", {k: v for k, v in rome.items() if k.startswith("post")})
+    # per edit, the same figures beside memedit's own
+    for e, c in zip(res["edits"], cases, strict=True):
+        assert e["counterfact"]["rewrite_success"] == np.mean(
+            [x["target_true"] > x["target_new"] for x in c["post"]["rewrite_prompts_probs"]])
+
+    # EasyEdit: rel / gen token accuracy, loc = post-edit argmax equal to pre-edit argmax on the locality pair
+    path2 = tmp_path / "m2"
+    shutil.copytree(bpe_bg, path2)
+    code, out, err = cli("edit", "-m", path2, "--requests", tmp_path / "z.json", "--force", "--json")
+    assert code == 0, err
+    ee = json.loads(out)["summary"]["easyedit"]
+    post2 = load(path2)
+    z = zs[0]
+    _, am, ids = _nll_argmax(post2, z["src"], z["alt"])
+    assert ee["post"]["rel"] == pytest.approx(np.mean(np.equal(am, ids)))
+    _, am, ids = _nll_argmax(post2, z["rephrase"], z["alt"])
+    assert ee["post"]["gen"] == pytest.approx(np.mean(np.equal(am, ids)))
+    _, pre_am, _ = _nll_argmax(pre_model, z["loc"], z["loc_ans"])
+    _, post_am, _ = _nll_argmax(post2, z["loc"], z["loc_ans"])
+    assert ee["post"]["loc"] == pytest.approx(np.mean(np.equal(pre_am, post_am)))
+    _, am, ids = _nll_argmax(pre_model, z["src"], z["alt"])
+    assert ee["pre"]["rel"] == pytest.approx(np.mean(np.equal(am, ids)))
