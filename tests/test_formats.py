@@ -361,3 +361,32 @@ def test_metrics_equal_an_independent_computation_and_rome_summarize_reads_the_r
     assert ee["post"]["loc"] == pytest.approx(np.mean(np.equal(pre_am, post_am)))
     _, am, ids = _nll_argmax(pre_model, z["src"], z["alt"])
     assert ee["pre"]["rel"] == pytest.approx(np.mean(np.equal(am, ids)))
+
+
+# ---- the Python call in EasyEdit's shape --------------------------------------------------------------------
+def test_memedit_edit_mirrors_easyedits_editor_and_commits_through_the_folder(folder, tmp_path):
+    import numpy as np
+
+    import memedit
+    from memedit.editing.sparse_ft import applied_edits
+
+    m = memedit.load(folder)
+    before = folder_state(folder)
+    dry = memedit.edit(m, **EASY, sequential_edit=True, dry_run=True, force=True)
+    assert folder_state(folder) == before and len(dry["edits"]) == 2
+    fresh = memedit.load(folder)
+    assert all(bool((a.weight == b.weight).all()) for a, b in zip(m.tables, fresh.tables, strict=True))  # put back
+
+    out = memedit.edit(m, **EASY, sequential_edit=True, force=True, results=tmp_path / "res")
+    assert [e["format"] for e in out["edits"]] == ["easyedit", "easyedit"]
+    assert all(e["applied"] for e in out["edits"] if e["status"] != "already")
+    assert [e["id"] for e in applied_edits(memedit.load(folder))] == [e["patch"] for e in out["edits"]]
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["case_0.json", "case_1.json"]
+    # the figures against an independent forward of the folder as the call left it
+    post = memedit.load(folder)
+    rel = [np.mean(np.equal(*_nll_argmax(post, p, t)[1:])) for p, t in zip(EASY["prompts"], EASY["target_new"],
+                                                                              strict=True)]
+    assert out["summary"]["easyedit"]["post"]["rel"] == pytest.approx(np.mean(rel))
+    assert [e["easyedit"]["rel"] for e in out["edits"]] == pytest.approx(rel)
+    with pytest.raises(memedit.MemeditError, match="'target_new' has 1 entries for 2 prompts"):
+        memedit.edit(m, prompts=EASY["prompts"], target_new=["harp"])
