@@ -428,7 +428,8 @@ def _field_post(m, field, rows, summary, results) -> None:
     figures = [FM.case_figures(a, b) for a, b in zip(pre, post, strict=True)]
     for row, c, f in zip(rows, cases, figures, strict=True):
         row["format"], row["case_id"] = c.format, c.case_id
-        row["counterfact"], row["easyedit"] = f["counterfact"]["post"], f["easyedit"]["post"]
+        row["counterfact"], row["easyedit"], row["wild"] = (f["counterfact"]["post"], f["easyedit"]["post"],
+                                                            f["wild"]["post"])
     summary["formats"] = sorted({c.format for c in cases})
     summary["subject_not_in_prompt"] = sum(not c.subject_in_prompt for c in cases)
     summary.update(FM.summarize(figures))
@@ -438,22 +439,25 @@ def _field_post(m, field, rows, summary, results) -> None:
 
 
 def _print_field(s) -> None:
-    pct = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
-    cf, ee = s["counterfact"], s["easyedit"]
+    pct = lambda x: "-" if x is None else f"{x:.0%}"  # noqa: E731
+    cf, ee, wd = s["counterfact"], s["easyedit"], s["wild"]
     t = Table(title=f"the field's metrics ({', '.join(s['formats'])} records; means over cases)")
-    for c in ("", "efficacy", "paraphrase", "neighborhood", "score", "rel", "gen", "loc"):
+    for c in ("", "eff", "para", "neigh", "score", "rel", "gen", "loc", "W-rel", "W-gen"):
         t.add_column(c, justify="right")
     for when in ("pre", "post"):
         d, e = cf[when], ee[when]
         t.add_row(when, pct(d["rewrite_success"]), pct(d["paraphrase_success"]), pct(d["neighborhood_success"]),
-                  pct(d["score"]), pct(e["rel"]), pct(e["gen"]), pct(e.get("loc")))
+                  pct(d["score"]), pct(e["rel"]), pct(e["gen"]), pct(e.get("loc")), pct(wd[when]["rel"]),
+                  pct(wd[when]["gen"]))
     d = cf["post"]
-    t.add_row("magnitude", pct(d["rewrite_diff"]), pct(d["paraphrase_diff"]), pct(d["neighborhood_diff"]), "", "", "",
-              "")
+    t.add_row("magn.", pct(d["rewrite_diff"]), pct(d["paraphrase_diff"]), pct(d["neighborhood_diff"]), "", "", "",
+              "", "", "")
     console.print(t)
-    console.print("efficacy / paraphrase / neighborhood: CounterFact successes (ROME: mean NLL of the new target below "
-                  "the old one's; neighbourhood reversed), magnitude: mean P(new) - P(old); rel / gen: EasyEdit's "
-                  "token accuracy; loc: post-edit argmax equal to pre-edit")
+    console.print("eff / para / neigh: CounterFact's efficacy, paraphrase, neighborhood successes (ROME: mean NLL "
+                  "of the new target below the old one's; neighbourhood reversed), magn.: mean P(new) - P(old); "
+                  "rel / gen: EasyEdit's "
+                  "token accuracy; loc: post-edit argmax equal to pre-edit; W-rel / W-gen: WILD, free greedy "
+                  "generation equal to the new target")
     if s["subject_not_in_prompt"]:
         console.print(f"{s['subject_not_in_prompt']} request(s) name a subject their prompt does not hold: edited on "
                       "the prompt as it is, without contrast with other subjects")

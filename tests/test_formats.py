@@ -339,6 +339,25 @@ def test_metrics_equal_an_independent_computation_and_rome_summarize_reads_the_r
             assert round(s[prefix][k] * 100, 2) == pytest.approx(rome[f"{prefix}_{k}"], abs=0.011), (prefix, k)
         assert s[prefix]["score"] * 100 == pytest.approx(rome[f"{prefix}_score"], abs=0.02)
     print("ROME summarize of memedit's files:", {k: v for k, v in rome.items() if k.startswith("post")})
+    # WILD: the library's own greedy generate (stops at EOS), cut at a newline and at the target's length + 4
+    from memedit.lm.generate import generate
+
+    def hit(model, prompt, target):
+        n = len(model.encode(prompt + " " + target)) - len(model.encode(prompt)) + 4
+        text = generate(model, prompt, n)["completion"].split("\n")[0]
+        norm = lambda x: " ".join(x.split()).casefold().rstrip(".,;:!?\"')] ")  # noqa: E731
+        return norm(text) == norm(target)
+
+    hits = []
+    for r, c in zip(records, cases, strict=True):
+        rr = r["requested_rewrite"]
+        want = [hit(post_model, rr["prompt"].replace("{}", rr["subject"]), rr["target_new"]["str"])]
+        assert [x["hit"] for x in c["post"]["wild_rewrite"]] == want
+        assert [x["hit"] for x in c["post"]["wild_rephrase"]] == [
+            hit(post_model, p, rr["target_new"]["str"]) for p in r["paraphrase_prompts"]]
+        hits += want
+    assert res["summary"]["wild"]["post"]["rel"] == pytest.approx(np.mean(hits))
+    print("WILD rel (post):", np.mean(hits), "teacher-forced rewrite acc:", rome["post_rewrite_acc"])
     # per edit, the same figures beside memedit's own
     for e, c in zip(res["edits"], cases, strict=True):
         assert e["counterfact"]["rewrite_success"] == np.mean(

@@ -89,7 +89,8 @@ def run_cases(model, cases: Sequence[Case], *, sequential: bool = False, dry_run
                          "applied": res.status in ("committed", "forced") and not dry_run,
                          "steps": res.steps, "seconds": res.seconds,
                          "holds": res.holding[n] if res.holding else True, **per,
-                         "counterfact": figures[k]["counterfact"]["post"], "easyedit": figures[k]["easyedit"]["post"]})
+                         "counterfact": figures[k]["counterfact"]["post"], "easyedit": figures[k]["easyedit"]["post"],
+                         "wild": figures[k]["wild"]["post"]})
             k += 1
     summary = {"edits": len(out), **{s: sum(r.status == s for r in out) for s in ("committed", "forced", "refused",
                                                                                     "already")},

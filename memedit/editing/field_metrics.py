@@ -25,12 +25,19 @@ as ROME's ``tok(f" {target}")``).
   pre-edit argmax (teacher forcing on the locality answer). The pairs are the record's own (ZsRE ``loc`` /
   ``loc_ans``, EasyEdit ``locality_inputs``), else its neighbourhood prompts with the true target;
 - over cases: the means of the per-case means.
+
+**WILD** (live decoding, as "The Mirage of Model Editing" (2025) argues for): free greedy generation from the prompt
+(and from each rephrasing), stopped at the end of sequence, a newline or the new target's length + 4 tokens; a hit
+when the generated text equals the new target as normalised text (case-folded, whitespace collapsed, trailing
+punctuation trimmed). Not teacher-forced: a target whose tokens all win under teacher forcing can still be missed
+when the model goes on past it. ``wild`` {"rel", "gen"}: the share of hits per case, then the mean over cases.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -116,7 +123,43 @@ def snapshot(model: MemoryModel, cases: Sequence[Case]) -> list[dict]:
         rec["rephrase_acc"] = [_acc(res[a]) for a, _ in idx["paraphrase"]]
         rec["locality_output"] = [res[i]["argmax"] for i in loc]
         out.append(rec)
+    for c, rec in zip(cases, out, strict=True):
+        r = c.request
+        rec["wild_rewrite"] = [live(model, p, r.target_new) for p in [r.rewrite_prompt]]
+        rec["wild_rephrase"] = [live(model, p, r.target_new) for p in r.heldout_paraphrases]
     return out
+
+
+_TRAILING = re.compile(r"[\s.,;:!?\"'`)\]]+$")
+
+
+def normalise(text: str) -> str:
+    """Text as WILD compares it: case-folded, whitespace collapsed, trailing punctuation and whitespace trimmed."""
+    return _TRAILING.sub("", " ".join(text.split()).casefold()).strip()
+
+
+@torch.no_grad()
+def live(model: MemoryModel, prompt: str, target: str) -> dict:
+    """WILD's live decoding of ``prompt``: {"text": the greedy generation (stopped at EOS, a newline, or the
+    target's length + 4 tokens), "hit": whether it equals ``target`` as normalised text}."""
+    n = len(tokenize_target(model, prompt, target).ids) + 4
+    tok = model.tokenizer
+    ids = model.encode(prompt)
+    dev = next(model.parameters()).device
+    new: list[int] = []
+    text = ""
+    for _ in range(n):
+        if len(ids) + len(new) >= model.config.max_seqlen:
+            break
+        nxt = int(model(torch.tensor([ids + new], device=dev))[0, -1].argmax())
+        if nxt == tok.eos_id:
+            break
+        new.append(nxt)
+        text = tok.decode(new)
+        if "\n" in text:
+            text = text.split("\n")[0]
+            break
+    return {"text": text, "hit": normalise(text) == normalise(target)}
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -147,7 +190,10 @@ def case_figures(pre: dict, post: dict) -> dict:
     same = [float(a == b) for p, q in zip(pre["locality_output"], post["locality_output"], strict=True)
             for a, b in zip(p, q, strict=True)]
     ee["post"]["loc"] = _mean(same)
-    return {"counterfact": cf, "easyedit": ee}
+    wild = {name: {"rel": _mean([float(x["hit"]) for x in rec["wild_rewrite"]]),
+                   "gen": _mean([float(x["hit"]) for x in rec["wild_rephrase"]])} for name, rec in (("pre", pre),
+                                                                                                 ("post", post))}
+    return {"counterfact": cf, "easyedit": ee, "wild": wild}
 
 
 def hmean(xs: Sequence[float]) -> float:
@@ -156,7 +202,7 @@ def hmean(xs: Sequence[float]) -> float:
 
 def summarize(figures: Sequence[dict]) -> dict:
     """Means over cases of :func:`case_figures` (a case without a figure left out of its mean), and ROME's score."""
-    out: dict = {"counterfact": {}, "easyedit": {}}
+    out: dict = {"counterfact": {}, "easyedit": {}, "wild": {}}
     for fam in out:
         for when in ("pre", "post"):
             keys = dict.fromkeys(k for f in figures for k in f[fam][when])
