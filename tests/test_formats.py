@@ -409,3 +409,13 @@ def test_memedit_edit_mirrors_easyedits_editor_and_commits_through_the_folder(fo
     assert [e["easyedit"]["rel"] for e in out["edits"]] == pytest.approx(rel)
     with pytest.raises(memedit.MemeditError, match="'target_new' has 1 entries for 2 prompts"):
         memedit.edit(m, prompts=EASY["prompts"], target_new=["harp"])
+
+
+def test_results_needs_requests_and_a_folder(cli, folder, tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "cf.json").write_text(json.dumps([CF]))
+    for args, says in ((["--fact", "f00003", "--results", tmp_path / "r"], "pass --requests"),
+                       (["--requests", tmp_path / "cf.json", "--results", tmp_path / "file"], "is a file")):
+        code, out, err = cli("edit", "-m", folder, *args)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
