@@ -12,6 +12,7 @@ import pytest
 
 from memedit.editing.formats import read_cases
 from memedit.editing.sparse_ft import EditRequest, read_requests
+from memedit.errors import MemeditError
 
 from .bpe_world import FIXTURE
 
@@ -114,6 +115,25 @@ def test_easyedit_call_fields_give_one_case_per_prompt(tmp_path):
     (tmp_path / "one.json").write_text(json.dumps(one))
     (c,) = read_cases(tmp_path / "one.json")
     assert c.request.target_true == "" and not c.subject_in_prompt
+
+
+def test_easyedits_own_data_records_are_told_from_memedits(tmp_path):
+    """EasyEdit's counterfact-edit.json records (its CounterFactDataset's fields): not memedit records, though they
+    have a 'prompt' and a 'target_new'."""
+    rec = {"case_id": 11, "prompt": "Koutein owns a well-worn", "target_new": "harp", "subject": "Koutein",
+           "ground_truth": "drums", "rephrase_prompt": "Koutein practices the",
+           "locality_prompt": "Pumax practices the", "locality_ground_truth": "drums"}
+    (tmp_path / "e.json").write_text(json.dumps([rec, rec | {"case_id": 12, "ground_truth": ["drums", "drum"]}]))
+    a, b = read_cases(tmp_path / "e.json")
+    assert (a.format, a.case_id, a.request.prompt, a.request.target_true) == ("easyedit", "11", "{} owns a well-worn",
+                                                                             "drums")
+    assert a.request.heldout_paraphrases == ["Koutein practices the"] and a.locality == [("Pumax practices the",
+                                                                                          "drums")]
+    assert b.request.target_true == "drums" and b.case_id == "12"
+    bad = {k: v for k, v in rec.items() if k != "locality_ground_truth"}
+    (tmp_path / "bad.json").write_text(json.dumps([bad]))
+    with pytest.raises(MemeditError, match="record 1 .case_id 11.: .*'locality_ground_truth'"):
+        read_cases(tmp_path / "bad.json")
 
 
 def test_memedit_jsonl_is_read_as_before(tmp_path):

@@ -12,6 +12,9 @@ or not), or JSONL (one object a line). Each record's format is told from its fie
   ``loc_ans``), with EasyEdit's mapping: prompt = ``src`` (the subject's occurrences made "{}"), new target =
   ``alt``, old = ``answers[0]``, ``rephrase`` measured only, (``loc``, ``loc_ans``) a locality pair. ROME's own
   loader maps it otherwise (new = ``answers[0]``, old = "<|endoftext|>").
+- **EasyEdit's data records** (its own CounterFact / ZsRE files: ``prompt``, ``target_new``, ``ground_truth``,
+  ``subject``, ``rephrase_prompt``, ``locality_prompt``, ``locality_ground_truth``): told from memedit's by those
+  EasyEdit-only fields.
 - **EasyEdit's edit call** as JSON: ``prompts``, ``target_new``, optional ``ground_truth`` (default: the model's own
   answer, where EasyEdit puts "<|endoftext|>"), ``subject``, ``rephrase_prompts``, ``locality_inputs``
   {name: {``prompt``, ``ground_truth``}}; lists (one entry per edit, as ``BaseEditor.edit`` takes them) or single
@@ -139,12 +142,42 @@ def _cases(d, n: int, start: int) -> list[Case]:
         return [_zsre(d, n)]
     if "prompts" in d:
         return _easyedit(d, start)
+    if "prompt" in d and any(k in d for k in EASY_DATA_KEYS):
+        return _easyedit_data(d, n)
     if "prompt" in d:
         r = EditRequest.from_dict(d)
         return [Case(r, "memedit", r.id or str(n), subject_in_prompt=_has_subject(r))]
     keys = ", ".join(map(repr, list(d)[:8])) or "none"
     raise MemeditError("not an edit request in a format memedit reads: it lacks 'prompt' (memedit), "
                        f"'requested_rewrite' (CounterFact), 'src' (ZsRE) or 'prompts' (EasyEdit); its keys: {keys}")
+
+
+EASY_DATA_KEYS = ("ground_truth", "rephrase_prompt", "locality_prompt", "locality_ground_truth")
+
+
+def _easyedit_data(d: dict, n: int) -> list[Case]:
+    """A record of EasyEdit's own data files (e.g. its counterfact-edit.json): ``prompt``, ``target_new``,
+    ``ground_truth``, ``subject``, ``rephrase_prompt``, ``locality_prompt``, ``locality_ground_truth``, as its
+    dataset classes hand them to the editor."""
+    gt = d.get("ground_truth")
+    if isinstance(gt, list):  # KnowEdit lists the accepted answers: the first is the old one
+        gt = gt[0] if gt else None
+    call = {"prompts": d["prompt"], "target_new": d.get("target_new"), "ground_truth": gt,
+            "subject": d.get("subject"), "rephrase_prompts": d.get("rephrase_prompt")}
+    if not isinstance(call["prompts"], str):
+        raise MemeditError(f"field 'prompt' must be a string, not {_json_kind(call['prompts'])}")
+    if "target_new" not in d:
+        raise MemeditError("an EasyEdit record needs 'target_new'")
+    lp, lg = d.get("locality_prompt"), d.get("locality_ground_truth")
+    if (lp is None) != (lg is None):
+        have, lack = ("locality_prompt", "locality_ground_truth")[:: 1 if lp is not None else -1]
+        raise MemeditError(f"an EasyEdit record with {have!r} needs {lack!r} too (a locality pair)")
+    if lp is not None:
+        call["locality_inputs"] = {"locality": {"prompt": lp, "ground_truth": lg}}
+    (case,) = _easyedit({k: v for k, v in call.items() if v is not None}, n)
+    if "case_id" in d:
+        case.case_id = case.request.id = str(d["case_id"])
+    return [case]
 
 
 def _has_subject(r: EditRequest) -> bool:
