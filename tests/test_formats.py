@@ -439,3 +439,14 @@ def test_results_needs_requests_and_a_folder(cli, folder, tmp_path):
         code, out, err = cli("edit", "-m", folder, *args)
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_exported_world_edits_through_the_python_call(cli, folder, tmp_path):
+    from memedit.editing.api import run_cases
+
+    assert cli("facts", "-m", folder, "--format", "zsre", "--limit", "2", "--out", tmp_path / "z.json")[0] == 0
+    before = folder_state(folder)
+    out = run_cases(folder, read_cases(tmp_path / "z.json"), sequential=True, dry_run=True, force=True)
+    assert folder_state(folder) == before
+    assert [e["format"] for e in out["edits"]] == ["zsre", "zsre"] and out["summary"]["subject_not_in_prompt"] == 0
+    assert out["summary"]["easyedit"]["post"]["rel"] == 1.0 and out["summary"]["easyedit"]["pre"]["rel"] < 1.0
