@@ -88,17 +88,54 @@ def generate(
 
 @command(app)
 def facts(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for facts.jsonl and corpus.txt.")] = Path("world"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for facts.jsonl and corpus.txt; with --format "
+                                      "counterfact or zsre, the JSON file to write.")] = Path("world"),
+    format: Annotated[str, typer.Option("--format", help="memedit (facts.jsonl and corpus.txt), or counterfact or "
+                                        "zsre: edit requests as those datasets ship them (one JSON array).")]
+    = "memedit",
+    facts_file: Annotated[Optional[Path], typer.Option("--facts", help="Facts JSONL to write (default: the model's "
+                                                       "own world).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N facts.")] = None,
     model: ModelOpt = None,
 ) -> None:
-    """Write the demo world's facts (JSONL edit requests) and its text corpus.
+    """Write the demo world's facts (JSONL edit requests) and its text corpus, or its facts as CounterFact or ZsRE
+    records that `memedit edit --requests` reads back.
 
     Example: memedit facts --out world/
+    Example: memedit facts --format counterfact --out counterfact.json
     """
-    from memedit.world.facts import world_of
+    from memedit.errors import MemeditError
+    from memedit.world.facts import load_facts, world_of
 
-    fpath, cpath = world_of(load_model(model)).write(out)
-    console.print(f"wrote {fpath} and {cpath}")
+    if format not in ("memedit", "counterfact", "zsre"):
+        raise MemeditError(f"unknown --format {format!r} (choose memedit, counterfact or zsre)")
+    if format == "memedit":
+        if facts_file is not None or limit is not None:
+            raise MemeditError("--facts and --limit go with --format counterfact or zsre")
+        fpath, cpath = world_of(load_model(model)).write(out)
+        console.print(f"wrote {fpath} and {cpath}")
+        return
+    from memedit.editing import formats as FM
+    from memedit.storage.checkpoint import atomic_write_text, check_output
+
+    if out == Path("world") or out.is_dir():
+        out = out / f"{format}.json"
+    if facts_file is not None:
+        items = load_facts(facts_file)
+        m = None
+    else:
+        m = load_model(model, header_only=True)
+        items = world_of(m).facts
+    check_output(m, out)
+    every = items
+    items = items[:limit] if limit is not None else items
+    for f in items:
+        if not f.target_new.strip():
+            raise MemeditError(f"fact {f.id} has no target_new: {format} records need a new target")
+    records = FM.to_counterfact(items) if format == "counterfact" else FM.to_zsre(items, every)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, FM.dumps(records))
+    console.print(f"wrote {len(records)} {format} records to {out}")
 
 
 @command(app)

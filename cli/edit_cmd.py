@@ -198,7 +198,10 @@ def edit(
                             typer.Option("--neighborhood", help="Prompt that must keep its answer.")] = None,
     fact: Annotated[Optional[list[str]],
                     typer.Option("--fact", help="Rewrite a world fact to its target_new (id).")] = None,
-    requests: Annotated[Optional[Path], typer.Option("--requests", help="Edit requests, JSONL.")] = None,
+    requests: Annotated[Optional[Path], typer.Option("--requests", help="Edit requests: memedit JSONL, or CounterFact, "
+                                                    "ZsRE or EasyEdit records (a JSON array or JSONL).")] = None,
+    results_dir: Annotated[Optional[Path], typer.Option("--results", help="Write one case_ID.json per request here, in "
+                                                    "ROME's result layout (pre and post metrics).")] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help="One edit per request, in order.")] = False,
     top_t: Annotated[Optional[int], typer.Option("--top-t", min=1, help="At most this many value rows trained per "
                                                                          "fact.")] = None,
@@ -271,8 +274,8 @@ def edit(
     m = load_model(model, device=device)
     if not dry_run:
         require_writable(m)
-    reqs = _requests(m, prompt, subject, target_new, target_true, paraphrase, heldout, neighborhood, fact, requests,
-                     facts)
+    reqs, cases = _requests(m, prompt, subject, target_new, target_true, paraphrase, heldout, neighborhood, fact,
+                            requests, facts)
     if out is not None and sequential and len(reqs) > 1:
         raise MemeditError("--out writes one patch; with --sequential every edit is logged in the model folder")
     if out is not None:
@@ -293,6 +296,7 @@ def edit(
         raise MemeditError("no locality sample to measure the edit's collateral on: run `memedit background CORPUS` "
                            "(it keeps a sample of CORPUS) or pass --locality FILE")
     loc = L.Locality(m, texts)
+    field = _field_pre(m, cases, results_dir)  # the field's metrics (CounterFact, EasyEdit) before the run
     forgetting = S.Forgetting(m, world, forgetting_sample) if forgetting_sample and world else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -326,10 +330,14 @@ def edit(
     summary = {"edits": len(results), **counts, "locality": {"sequences": len(loc.texts),
                                                              "positions": int(loc.valid.sum())},
                "max_collateral": cfg.max_collateral}
+    if field is not None:
+        _field_post(m, field, rows, summary, results_dir)
     if json:
         print_json({"edits": rows, "summary": summary})
     else:
         _print_edits(m, rows, summary, dry_run)
+        if field is not None:
+            _print_field(summary)
     if counts["refused"]:
         raise typer.Exit(1)
 
@@ -377,7 +385,8 @@ def _print_edits(m, rows, summary, dry_run) -> None:
 
 def _requests(m, prompt, subject, target_new, target_true, paraphrase, heldout, neighborhood, fact, requests, facts):
     """The edit requests from the options: one from --prompt, world facts from --fact, or a JSONL file."""
-    from memedit.editing.sparse_ft import EditRequest, read_requests
+    from memedit.editing.formats import read_cases
+    from memedit.editing.sparse_ft import EditRequest
     from memedit.errors import MemeditError
 
     given = [prompt is not None, bool(fact), requests is not None]
@@ -388,7 +397,69 @@ def _requests(m, prompt, subject, target_new, target_true, paraphrase, heldout, 
             raise MemeditError("--prompt needs --target-new")
         return [EditRequest(prompt=prompt, subject=subject, target_new=target_new, target_true=target_true,
                             paraphrases=list(paraphrase or []), heldout_paraphrases=list(heldout or []),
-                            neighborhood=list(neighborhood or []))]
+                            neighborhood=list(neighborhood or []))], None
     if fact:
-        return [EditRequest.from_fact(_fact(m, f, facts)) for f in fact]
-    return read_requests(requests)
+        return [EditRequest.from_fact(_fact(m, f, facts)) for f in fact], None
+    cases = read_cases(requests)
+    return [c.request for c in cases], cases
+
+
+def _field_pre(m, cases, results):
+    """(cases, pre-edit snapshots) of a --requests run (None otherwise); --results checked before any edit."""
+    from memedit.editing import field_metrics as FM
+    from memedit.errors import MemeditError
+
+    if cases is None:
+        if results is not None:
+            raise MemeditError("--results writes one file per case of --requests FILE: pass --requests")
+        return None
+    if results is not None:
+        FM.check_results_folder(results, cases)
+    FM.resolve_true(m, cases)
+    return cases, FM.snapshot(m, cases)
+
+
+def _field_post(m, field, rows, summary, results) -> None:
+    """CounterFact's and EasyEdit's figures of the run into the rows and the summary; --results files."""
+    from memedit.editing import field_metrics as FM
+
+    cases, pre = field
+    post = FM.snapshot(m, cases)
+    figures = [FM.case_figures(a, b) for a, b in zip(pre, post, strict=True)]
+    for row, c, f in zip(rows, cases, figures, strict=True):
+        row["format"], row["case_id"] = c.format, c.case_id
+        row["counterfact"], row["easyedit"], row["wild"] = (f["counterfact"]["post"], f["easyedit"]["post"],
+                                                            f["wild"]["post"])
+    summary["formats"] = sorted({c.format for c in cases})
+    summary["subject_not_in_prompt"] = sum(not c.subject_in_prompt for c in cases)
+    summary.update(FM.summarize(figures))
+    if results is not None:
+        FM.write_results(results, cases, pre, post, [r["seconds"] for r in rows])
+        summary["results"] = {"folder": str(results), "files": len(cases)}
+
+
+def _print_field(s) -> None:
+    pct = lambda x: "-" if x is None else f"{x:.0%}"  # noqa: E731
+    cf, ee, wd = s["counterfact"], s["easyedit"], s["wild"]
+    t = Table(title=f"the field's metrics ({', '.join(s['formats'])} records; means over cases)")
+    for c in ("", "eff", "para", "neigh", "score", "rel", "gen", "loc", "W-rel", "W-gen"):
+        t.add_column(c, justify="right")
+    for when in ("pre", "post"):
+        d, e = cf[when], ee[when]
+        t.add_row(when, pct(d["rewrite_success"]), pct(d["paraphrase_success"]), pct(d["neighborhood_success"]),
+                  pct(d["score"]), pct(e["rel"]), pct(e["gen"]), pct(e.get("loc")), pct(wd[when]["rel"]),
+                  pct(wd[when]["gen"]))
+    d = cf["post"]
+    t.add_row("magn.", pct(d["rewrite_diff"]), pct(d["paraphrase_diff"]), pct(d["neighborhood_diff"]), "", "", "",
+              "", "", "")
+    console.print(t)
+    console.print("eff / para / neigh: CounterFact's efficacy, paraphrase, neighborhood successes (ROME: mean NLL "
+                  "of the new target below the old one's; neighbourhood reversed), magn.: mean P(new) - P(old); "
+                  "rel / gen: EasyEdit's "
+                  "token accuracy; loc: post-edit argmax equal to pre-edit; W-rel / W-gen: WILD, free greedy "
+                  "generation equal to the new target")
+    if s["subject_not_in_prompt"]:
+        console.print(f"{s['subject_not_in_prompt']} request(s) name a subject their prompt does not hold: edited on "
+                      "the prompt as it is, without contrast with other subjects")
+    if "results" in s:
+        console.print(f"wrote {s['results']['files']} case files (ROME's layout) to {esc(s['results']['folder'])}")

@@ -18,7 +18,7 @@ import warnings
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load", "trace", "MemeditError"]
+__all__ = ["__version__", "load", "trace", "edit", "MemeditError"]
 
 from .errors import MemeditError
 
@@ -35,6 +35,17 @@ def trace(model, prompt: str, target: str | None = None):
     from .tracing.trace import trace as _trace
 
     return _trace(model, prompt, target)
+
+
+def edit(model, prompts, target_new, ground_truth=None, subject=None, rephrase_prompts=None, locality_inputs=None,
+         sequential_edit: bool = False, **options) -> dict:
+    """Rewrite facts, called as EasyEdit's ``editor.edit(prompts=..., target_new=..., ...)``: each committed edit is
+    applied to the model's folder as a patch; returns memedit's, CounterFact's and EasyEdit's metrics
+    (memedit.editing.api.edit)."""
+    from .editing.api import edit as _edit
+
+    return _edit(model, prompts, target_new, ground_truth, subject, rephrase_prompts, locality_inputs,
+                 sequential_edit, **options)
 
 
 # Deprecated for one release (0.1 -> 0.2): the flat module paths of memedit <= 0.1 (``memedit.sparse_ft``,

@@ -49,8 +49,9 @@ def world(tmp_path_factory):
     (f / "bad_utf8.txt").write_bytes(b"Reid\xffreir was born in\n")
     (f / "bigline.txt").write_text("the cat " * 700_000 + "\n")  # one 5.6 MB line
     lines = {
-        "array.jsonl": json.dumps([REQUEST]),
-        "array_lines.jsonl": "[\n" + json.dumps(REQUEST) + "\n]",
+        # a JSON array of requests is read (issue 23); one of wrong records is not
+        "array.jsonl": json.dumps([REQUEST, 5]),
+        "array_lines.jsonl": "[\n" + json.dumps(REQUEST) + ",\n" + json.dumps({"prompts": 5}) + "\n]",
         "number.jsonl": "42",
         "null.jsonl": "null",
         "target_number.jsonl": json.dumps(REQUEST | {"target_new": 5}),

@@ -289,22 +289,11 @@ def edited_answers(model: MemoryModel) -> dict[str, str]:
 
 
 def read_requests(path: str | Path) -> list[EditRequest]:
-    """The edit requests of a JSONL file, one JSON object a line (:meth:`EditRequest.from_dict`)."""
-    import json
+    """The edit requests of a file: memedit's JSONL, or CounterFact, ZsRE or EasyEdit records as a JSON array, one
+    JSON object or JSONL (memedit/editing/formats.py)."""
+    from .formats import read_cases
 
-    lines = limits.read_lines(path, "requests file")  # a regular file of UTF-8 lines, within the caps
-    out = []
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                out.append(EditRequest.from_dict(json.loads(line)))
-            except ValueError as e:
-                raise MemeditError(f"{path}:{n}: not JSON ({e})") from None
-            except MemeditError as e:
-                raise MemeditError(f"{path}:{n}: {e}") from None
-    if not out:
-        raise MemeditError(f"{path} holds no edit requests")
-    return out
+    return [c.request for c in read_cases(path)]
 
 
 @dataclass
