@@ -191,3 +191,22 @@ def test_a_batch_holds_and_keeps_siblings_at_the_answers_the_batch_gives_them(tm
     held = sum(x.mean_logprob > y.mean_logprob for x, y in zip(new, old, strict=True))
     print(f"batch of 10: {held} hold, {res.steps} steps, collateral {res.collateral.changed:.2%}")
     assert held == 10
+
+
+def test_a_later_command_keeps_the_answers_of_the_edits_the_folder_holds(foreign, cli, tmp_path):
+    """Edits made by an earlier `memedit edit` are kept by later ones (read from the folder's log)."""
+    import shutil
+
+    from memedit.editing.sparse_ft import _earlier_answers
+
+    src, facts = foreign
+    path = tmp_path / "m"
+    shutil.copytree(src, path)
+    (req,) = rewrites(facts, 1, seed=11)
+    (tmp_path / "req.jsonl").write_text(json.dumps(req) + "\n")
+    code, out, err = cli("edit", "-m", path, "--requests", tmp_path / "req.jsonl", "--json")
+    assert code == 0, err
+    kept = _earlier_answers(load(path))
+    assert [(k.prompt, k.text) for k in kept] == [(req["prompt"].replace("{}", req["subject"]), req["target_new"])]
+    code, out, err = cli("patch", "revert", json.loads(out)["edits"][0]["patch"], "-m", path)
+    assert code == 0 and _earlier_answers(load(path)) == []

@@ -883,6 +883,22 @@ class Forgetting:
             self._saved = None
 
 
+HISTORY_KEPT = 500  # at most this many of the folder's most recent edit answers are kept by a new edit
+
+
+def _earlier_answers(model: MemoryModel) -> list[TargetTokens]:
+    """The rewrite prompts of the fact edits the folder holds as applied, with their new answers (the most recent
+    HISTORY_KEPT): what later edits keep (:class:`Preserve`)."""
+    out = []
+    for prompt, answer in list(edited_answers(model).items())[-HISTORY_KEPT:]:
+        if " " in prompt.strip():  # a rewrite prompt (the other keys are fact ids)
+            try:
+                out.append(tokenize_target(model, prompt, answer))
+            except MemeditError:  # an answer this tokenizer cannot spell is not kept
+                pass
+    return out
+
+
 def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | None, cfg: EditConfig,
               sequential: bool = True, commit: Callable[[Patch], None] | None = None,
               forgetting: Forgetting | None = None, progress: Callable[[int, int], None] | None = None,
@@ -908,7 +924,7 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
     results = []
     made: dict[str, torch.Tensor] = {}  # rows trained by the edits of this run (a folder's log holds earlier ones)
     answers = edited_answers(model) if keep_facts is not None else {}
-    kept: list[TargetTokens] = []  # the answers of this run's committed edits, kept by later ones
+    kept = _earlier_answers(model) if locality is not None else []  # kept by later edits, with this run's
     for n, group in enumerate(groups, 1):
         if keep_facts is not None:
             mine = {**answers, **answers_of(group)}  # siblings inside the batch are kept at their new answers
