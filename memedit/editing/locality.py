@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..errors import MemeditError
 from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
-from ..tracing.capture import capture_lookups
+from ..tracing.capture import on_lookup
 
 SAMPLE_TOKENS = 5000  # the stored locality sample's size, in tokens (sequences are whole sentences)
 MAX_SEQ_TOKENS = 64  # a longer sentence is cut to its first tokens (a sample of text, not of lengths)
@@ -136,9 +136,14 @@ class Locality:
         """(logits (b, t, V), {layer: slot ids (b, t, H*k)}) for sample sequences ``rows``, cut to their longest
         (t = :meth:`width`)."""
         t = self.width(rows)
-        with capture_lookups(self.model) as rec:
+        slots: dict[int, torch.Tensor] = {}
+
+        def keep(L: int, lk) -> None:  # the slot ids only (capture_lookups would copy every field)
+            slots[L] = lk.indices.detach().reshape(len(rows), t, -1).cpu()
+
+        with on_lookup(self.model, keep):
             logits = self.model(self.batch_tokens(rows))
-        return logits.float(), {L: lk[0].indices.reshape(len(rows), t, -1).cpu() for L, lk in rec.items()}
+        return logits.float(), slots
 
     @property
     def _device(self) -> torch.device:
@@ -190,19 +195,17 @@ class Locality:
                 self.slots[L] = torch.full((B, T, s.shape[-1]), -1, dtype=torch.long)
             self.slots[L][rows, :t] = s
 
-    def table_layers(self) -> dict[str, list[int]]:
-        return {t.name: list(t.layers) for t in self.model.tables}
-
     def reads(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T) bool: positions whose lookup (in the reference model) selects one of ``rows`` {table: ids}."""
         hit = torch.zeros(self.tokens.shape, dtype=torch.bool)
-        for name, layers in self.table_layers().items():
-            ids = rows.get(name)
+        for t in self.model.tables:
+            ids = rows.get(t.name)
             if ids is None or not len(ids):
                 continue
-            ids = torch.as_tensor(ids, dtype=torch.long)
-            for L in layers:
-                hit |= torch.isin(self.slots[L], ids).any(-1)
+            mask = torch.zeros(t.n_rows + 1, dtype=torch.bool)  # the last entry: padding (slot id -1), never hit
+            mask[torch.as_tensor(ids, dtype=torch.long)] = True
+            for L in t.layers:
+                hit |= mask[self.slots[L]].any(-1)
         return hit & self.valid
 
     def sequences_reading(self, rows: dict[str, torch.Tensor], allowed: torch.Tensor | None = None) -> torch.Tensor:

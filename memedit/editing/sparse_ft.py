@@ -109,6 +109,7 @@ class EditConfig:
     repairs: int = 2  # times an edit that holds is trained on, with the sequences whose greedy tokens it changed
     preserve_always: bool = False  # the preservation term in every step (False: only in repairs, when needed)
     repair_steps: int = 20  # at most this many steps per repair
+    preserve_check: int = 32  # sequences (that read a trained row) checked for changed greedy tokens (0: all)
     locality_tokens: int = 5000  # the locality sample's size (tokens), drawn from the background corpus
 
     def check(self) -> EditConfig:
@@ -558,10 +559,15 @@ class Preserve:
 
     @torch.no_grad()
     def flipped(self, model: MemoryModel, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The allowed sequences that read one of ``rows`` and whose greedy tokens the model now changes."""
+        """Of ``cfg.preserve_check`` allowed sequences (a fixed draw) that read one of ``rows``, those whose firm
+        greedy tokens the model now changes."""
         loc = self.locality
+        cand = self.candidates(rows)
+        if self.cfg.preserve_check and len(cand) > self.cfg.preserve_check:
+            g = torch.Generator().manual_seed(self.seed)
+            cand = cand[torch.randperm(len(cand), generator=g)[: self.cfg.preserve_check]]
         out = []
-        for ids in loc._chunks(self.candidates(rows)):
+        for ids in loc._chunks(cand):
             out.append(ids[loc.flipped(ids, model(loc.batch_tokens(ids)), self.cfg.preserve_margin / 4)])
         return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
