@@ -109,7 +109,7 @@ class EditConfig:
     repairs: int = 2  # times an edit that holds is trained on, with the sequences whose greedy tokens it changed
     preserve_always: bool = False  # the preservation term in every step (False: only in repairs, when needed)
     repair_steps: int = 20  # at most this many steps per repair
-    preserve_check: int = 32  # sequences (that read a trained row) checked for changed greedy tokens (0: all)
+    preserve_check: int = 0  # sequences (that read a trained row) checked for changed greedy tokens (0: all)
     locality_tokens: int = 5000  # the locality sample's size (tokens), drawn from the background corpus
 
     def check(self) -> EditConfig:
