@@ -263,13 +263,11 @@ def edit(
     """
     import warnings
 
-    from memedit.editing import background as B
-    from memedit.editing import locality as L
     from memedit.editing import sparse_ft as S
+    from memedit.editing.api import setup
     from memedit.editing.patch import apply
     from memedit.errors import MemeditError
     from memedit.storage.checkpoint import require_writable
-    from memedit.world.facts import load_facts, world_of
 
     m = load_model(model, device=device)
     if not dry_run:
@@ -288,14 +286,7 @@ def edit(
         if v is not None:
             setattr(cfg, k, v)
     cfg.check()  # before the background statistics and the forgetting sample are read
-    bg = B.get(m) if ranking != "counts" else None
-    world = load_facts(facts) if facts is not None else (world_of(m).facts if m.meta.get("world") else None)
-    S.fact_items(m, reqs)  # every target tokenizes: said before anything else is asked of the folder
-    texts = L.sample_for(m, locality, bg.locality if bg is not None else B.stored_locality(m), cfg.locality_tokens)
-    if texts is None:
-        raise MemeditError("no locality sample to measure the edit's collateral on: run `memedit background CORPUS` "
-                           "(it keeps a sample of CORPUS) or pass --locality FILE")
-    loc = L.Locality(m, texts)
+    bg, world, loc = setup(m, reqs, cfg, locality, facts)
     field = _field_pre(m, cases, results_dir)  # the field's metrics (CounterFact, EasyEdit) before the run
     forgetting = S.Forgetting(m, world, forgetting_sample) if forgetting_sample and world else None
     with warnings.catch_warnings(record=True) as caught:

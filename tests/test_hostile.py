@@ -270,7 +270,7 @@ def test_library_functions_validate_their_arguments(demo):
         lambda: EditConfig(lr=-1.0).check(),
         lambda: limits.text("x" * (limits.MAX_TEXT_CHARS + 1), "a prompt"),
     ]
-    for n, call in enumerate(refused):
+    for call in refused:
         with pytest.raises(MemeditError):
             call()
     assert demo.table("shared").weight.dtype == torch.bfloat16  # the scalar case above met a bf16 table

@@ -36,6 +36,25 @@ def cases_of(prompts, target_new, ground_truth=None, subject=None, rephrase_prom
         raise MemeditError(f"memedit.edit: {e}") from None
 
 
+def setup(m, reqs, cfg, locality: str | Path | None = None, facts: str | Path | None = None):
+    """(background statistics or None, known facts or None, the Locality) for editing ``reqs`` on ``m``: what
+    `memedit edit` and :func:`run_cases` both need before :func:`memedit.editing.sparse_ft.run_edits`. Refuses, in
+    one line, a target the tokenizer cannot spell and a model without a locality sample."""
+    from ..world.facts import load_facts, world_of
+    from . import background as B
+    from . import locality as L
+    from . import sparse_ft as S
+
+    bg = B.get(m) if cfg.ranking != "counts" else None
+    world = load_facts(facts) if facts is not None else (world_of(m).facts if m.meta.get("world") else None)
+    S.fact_items(m, reqs)  # every target tokenizes: said before anything else is asked of the folder
+    texts = L.sample_for(m, locality, bg.locality if bg is not None else B.stored_locality(m), cfg.locality_tokens)
+    if texts is None:
+        raise MemeditError("no locality sample to measure the edit's collateral on: run `memedit background CORPUS` "
+                           "(it keeps a sample of CORPUS) or pass --locality FILE")
+    return bg, world, L.Locality(m, texts)
+
+
 def run_cases(model, cases: Sequence[Case], *, sequential: bool = False, dry_run: bool = False, force: bool = False,
               config=None, locality: str | Path | None = None, facts: str | Path | None = None,
               keep_subject: bool = True, results: str | Path | None = None) -> dict:
@@ -43,10 +62,7 @@ def run_cases(model, cases: Sequence[Case], *, sequential: bool = False, dry_run
     "summary": {...}} with memedit's, CounterFact's and EasyEdit's figures. ``dry_run``: nothing is written and the
     in-memory model is left as it was."""
     from ..storage.checkpoint import load, require_writable
-    from ..world.facts import load_facts, world_of
-    from . import background as B
     from . import field_metrics as FM
-    from . import locality as L
     from . import sparse_ft as S
     from .patch import apply, write_rows
 
@@ -60,14 +76,7 @@ def run_cases(model, cases: Sequence[Case], *, sequential: bool = False, dry_run
     cfg.check()
     if results is not None:
         FM.check_results_folder(results, cases)
-    bg = B.get(m) if cfg.ranking != "counts" else None
-    world = load_facts(facts) if facts is not None else (world_of(m).facts if m.meta.get("world") else None)
-    S.fact_items(m, reqs)
-    texts = L.sample_for(m, locality, bg.locality if bg is not None else B.stored_locality(m), cfg.locality_tokens)
-    if texts is None:
-        raise MemeditError("no locality sample to measure the edit's collateral on: run `memedit background CORPUS` "
-                           "or pass locality=FILE")
-    loc = L.Locality(m, texts)
+    bg, world, loc = setup(m, reqs, cfg, locality, facts)
     FM.resolve_true(m, cases)
     pre = FM.snapshot(m, cases)
     out = S.run_edits(m, reqs, bg, cfg, sequential=sequential, commit=None if dry_run else (lambda p: apply(m, p)),
