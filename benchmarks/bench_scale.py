@@ -211,10 +211,12 @@ def main() -> None:
         Row("export --out E.h5 --stats A.h5",
             ["export", "--out", str(work / "E.h5"), "--stats", str(work / "A.h5"), "--model", str(native)], 60, 2),
         Row("background TEXT", ["background", str(text), "--model", str(native)], 30, 2),
-        # a random model has no answer of its own to the prompt, so the old answer is given
-        Row('edit --prompt "The capital of {} is" --subject France --target-new " Rome" --target-true " Paris"',
+        # a random model has no answer of its own to the prompt, so the old answer is given; its edits change much of
+        # its text, so the guard refuses them: --force measures the whole path, commit included
+        Row('edit --prompt "The capital of {} is" --subject France --target-new " Rome" --target-true " Paris" '
+            '--force',
             ["edit", "--prompt", "The capital of {} is", "--subject", "France", "--target-new", " Rome",
-             "--target-true", " Paris", "--model", str(native)], 30, 2),
+             "--target-true", " Paris", "--force", "--model", str(native)], 30, 2),
         Row("keys adapt TEXT", ["keys", "adapt", str(text), "--model", str(native)], 60, 2),
         Row("verify --random 64 --json", ["verify", "--random", "64", "--json", "--model", str(native)], 40, 2),
     ]
