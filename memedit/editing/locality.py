@@ -99,7 +99,7 @@ class Collateral:
 class Locality:
     """The locality sample, tokenized once, with the current model's next-token distributions and lookups.
 
-    ``refresh()`` after a committed change makes the model as it is now the "before" of the next measurement.
+    :meth:`accept` after a committed change makes the model as it is now the "before" of the next measurement.
     """
 
     def __init__(self, model: MemoryModel, texts: Sequence[str], batch: int = 64,
@@ -160,19 +160,16 @@ class Locality:
             yield ids[s : s + self.batch]
 
     @torch.no_grad()
-    def refresh(self, sequences: torch.Tensor | None = None) -> None:
-        """Take the model as it is now as the reference (its greedy tokens, distributions and lookups): for every
-        sequence, or only ``sequences`` (after a change that only they read)."""
+    def refresh(self) -> None:
+        """Take the model as it is now as the reference: its greedy tokens, distributions and lookups."""
         B, T = self.tokens.shape
-        if sequences is None:
-            sequences = torch.arange(B)
-            self.greedy = torch.zeros(B, T, dtype=torch.long)
-            self.top_ids = None if self.exact else torch.zeros(B, T, self.k, dtype=torch.long)
-            self.top_logp = torch.zeros(B, T, self.k)
-            self.rest_logp = torch.full((B, T), -float("inf"))
-            self.margin = torch.zeros(B, T)  # logit of the greedy token minus the next best
-            self.slots: dict[int, torch.Tensor] = {}
-        for rows in self._chunks(sequences):
+        self.greedy = torch.zeros(B, T, dtype=torch.long)
+        self.top_ids = None if self.exact else torch.zeros(B, T, self.k, dtype=torch.long)
+        self.top_logp = torch.zeros(B, T, self.k)
+        self.rest_logp = torch.full((B, T), -float("inf"))
+        self.margin = torch.zeros(B, T)  # logit of the greedy token minus the next best
+        self.slots: dict[int, torch.Tensor] = {}
+        for rows in self._chunks(torch.arange(B)):
             self._store(rows, *self._forward(rows))
         self._pending = []
 

@@ -419,30 +419,67 @@ def protected_rows(model: MemoryModel, cfg: EditConfig, bg: Background | None,
     return out
 
 
+class _Rows:
+    """Every value table's rows as one flat index (the table's offset + the row id), for selecting over tables."""
+
+    def __init__(self, model: MemoryModel):
+        self.sizes = {t.name: t.n_rows for t in model.tables}
+        self.offsets, n = {}, 0
+        for name, k in self.sizes.items():
+            self.offsets[name], n = n, n + k
+        self.n = n
+
+    def mask(self, *parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(n,) bool: True at the rows ``parts`` ({table: row ids}) name."""
+        out = torch.zeros(self.n, dtype=torch.bool)
+        for d in parts:
+            for name, ids in d.items():
+                if name in self.offsets:
+                    out[torch.as_tensor(ids, dtype=torch.long) + self.offsets[name]] = True
+        return out
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{table: sorted unique row ids} of flat ids."""
+        out = {}
+        for name, off in self.offsets.items():
+            mine = flat[(flat >= off) & (flat < off + self.sizes[name])] - off
+            if mine.numel():
+                out[name] = mine.unique()
+        return out
+
+
+class _Candidates:
+    """One fact's rankable rows over every table, best first (flat ids, :class:`_Rows`), without the ``blocked``
+    rows (frozen, protected) and, unless they are all it reads, without the ``soft`` ones (contrast)."""
+
+    def __init__(self, scores: dict[str, torch.Tensor], space: _Rows, blocked: torch.Tensor,
+                 soft: torch.Tensor | None = None):
+        ids, vals = [], []
+        for name, sc in scores.items():
+            r = torch.isfinite(sc).nonzero().flatten()
+            ids.append(r + space.offsets[name])
+            vals.append(sc[r])
+        ids, vals = torch.cat(ids), torch.cat(vals)
+        ok = ~blocked[ids]
+        ids, vals = ids[ok], vals[ok]
+        if soft is not None:
+            strict = ~soft[ids]
+            if bool(strict.any()):
+                ids, vals = ids[strict], vals[strict]
+        self.ids = ids[vals.argsort(descending=True, stable=True)]
+
+    def top(self, t: int) -> torch.Tensor:
+        return self.ids[:t]
+
+
 def select(model: MemoryModel, scores: dict[str, torch.Tensor], top_t: int,
            protected: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The top-t rows over all tables by score (rows the fact read, not frozen, not protected): {table: row ids}."""
-    frozen = frozen_rows(model)
-    names, flat = [], []
-    for name, s in scores.items():
-        s = s.clone()
-        for off in (frozen.get(name), (protected or {}).get(name)):
-            if off is not None and off.numel():
-                s[off] = -math.inf
-        names.append(name)
-        flat.append(s)
-    allscores = torch.cat(flat)
-    k = min(top_t, int(torch.isfinite(allscores).sum()))
-    if k == 0:
+    space = _Rows(model)
+    c = _Candidates(scores, space, space.mask(frozen_rows(model), protected or {}))
+    if not len(c.ids):
         raise MemeditError("every slot this fact reads is frozen or protected: nothing can be trained")
-    top = allscores.topk(k).indices
-    out, start = {}, 0
-    for name, s in zip(names, flat, strict=True):
-        mine = top[(top >= start) & (top < start + s.numel())] - start
-        if mine.numel():
-            out[name] = mine.sort().values
-        start += s.numel()
-    return out
+    return space.split(c.top(top_t))
 
 
 # ---- 3. training ------------------------------------------------------------------------------------------
@@ -681,39 +718,6 @@ def contrast_rows(model: MemoryModel, requests: Sequence[EditRequest], n: int,
     return {name: (c > 0).nonzero().flatten() for name, c in fact_counts(model, items, "answer").items()}
 
 
-class _Candidates:
-    """One request's rankable rows over every table: flat ids (table offset + row) and their scores, best first,
-    with the rows an edit may not train (frozen, protected, contrast) taken out."""
-
-    def __init__(self, model: MemoryModel, scores: dict[str, torch.Tensor], blocked: torch.Tensor,
-                 soft_blocked: torch.Tensor, offsets: dict[str, int]):
-        ids, vals = [], []
-        for name, s in scores.items():
-            r = torch.isfinite(s).nonzero().flatten()
-            ids.append(r + offsets[name])
-            vals.append(s[r])
-        ids, vals = torch.cat(ids), torch.cat(vals)
-        ok = ~blocked[ids]
-        ids, vals = ids[ok], vals[ok]
-        strict = ~soft_blocked[ids]
-        if bool(strict.any()):  # contrast rows are left alone unless they are all the fact reads
-            ids, vals = ids[strict], vals[strict]
-        order = vals.argsort(descending=True, stable=True)
-        self.ids = ids[order]
-
-    def top(self, t: int) -> torch.Tensor:
-        return self.ids[:t]
-
-
-def _split(flat: torch.Tensor, offsets: dict[str, int], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, off in offsets.items():
-        mine = flat[(flat >= off) & (flat < off + sizes[name])] - off
-        if mine.numel():
-            out[name] = mine.unique()  # sorted
-    return out
-
-
 def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | None, cfg: EditConfig | None = None,
          message: str = "", protect: dict[str, torch.Tensor] | None = None,
          subjects: Sequence[str] | None = None, preserve: Preserve | None = None) -> EditResult:
@@ -747,25 +751,13 @@ def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | N
 
     base_fp = fingerprint(model)  # before training writes rows into the table (and restores them), which would
     # make the table be hashed whole again
-    sizes = {t.name: t.n_rows for t in model.tables}
-    offsets, o = {}, 0
-    for name, n in sizes.items():
-        offsets[name], o = o, o + n
-    blocked = torch.zeros(o, dtype=torch.bool)
-    for name, ids in frozen_rows(model).items():
-        if name in offsets:
-            blocked[ids + offsets[name]] = True
-    for name, ids in protected_rows(model, cfg, bg, protect).items():
-        blocked[ids + offsets[name]] = True
-    soft = torch.zeros(o, dtype=torch.bool)
+    space = _Rows(model)
+    blocked = space.mask(frozen_rows(model), protected_rows(model, cfg, bg, protect))
     cands = []
     for r in requests:
-        if cfg.contrast:
-            soft.zero_()
-            for name, ids in contrast_rows(model, [r], cfg.contrast, subjects).items():
-                soft[ids + offsets[name]] = True
+        soft = space.mask(contrast_rows(model, [r], cfg.contrast, subjects)) if cfg.contrast else None
         scores = rank(fact_counts(model, fact_items(model, [r]), cfg.positions), bg, cfg.ranking)
-        c = _Candidates(model, scores, blocked, soft, offsets)
+        c = _Candidates(scores, space, blocked, soft)
         if not len(c.ids):
             raise MemeditError(f"every slot the fact {r.rewrite_prompt!r} reads is frozen or protected: nothing can "
                                "be trained")
@@ -777,7 +769,7 @@ def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | N
     holds = torch.zeros(len(requests), dtype=torch.bool)
     try:
         while True:
-            rows = _split(torch.cat([c.top(ti) for c, ti in zip(cands, t, strict=True)]), offsets, sizes)
+            rows = space.split(torch.cat([c.top(ti) for c, ti in zip(cands, t, strict=True)]))
             for name, ids in rows.items():  # remember the originals of the rows this round adds
                 seen = base.setdefault(name, {})
                 new = [i for i in ids.tolist() if i not in seen]
