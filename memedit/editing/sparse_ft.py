@@ -39,7 +39,7 @@ from ..storage.state import frozen_rows
 from ..tracing.capture import SlotCounter, on_lookup
 from ..tracing.targets import TargetTokens, answer_or_given, score, tokenize_target
 from .background import Background
-from .locality import Collateral, Locality
+from .locality import Answers, Collateral, Locality
 from .patch import Patch, make_patch
 
 RANKINGS = ("tfidf", "kl", "counts")
@@ -578,7 +578,7 @@ class Preserve:
     cfg: EditConfig
     seed: int = 0
     pinned: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # always in the step
-    history: Locality | None = None  # the answers of earlier edits (Locality.of_answers): kept, like pinned ones
+    history: Answers | None = None  # the answers of earlier edits: kept, like pinned ones
     history_rows: torch.Tensor | None = None  # those of them that read the rows being trained
 
     @torch.no_grad()
@@ -587,8 +587,8 @@ class Preserve:
         hist = self.history
         if hist is None:
             return False
-        ids = hist.sequences_reading(rows)
-        return any(bool(hist.flipped(c, model(hist.batch_tokens(c))).any()) for c in hist._chunks(ids))
+        ids = hist.sequences_reading(rows)[-HISTORY_CHECKED:]  # the most recent that read them
+        return any(bool(hist.flipped(c, hist.logits(c)).any()) for c in hist._chunks(ids))
 
     def candidates(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """The allowed sequences that read one of ``rows`` (the only ones training them can move)."""
@@ -605,7 +605,7 @@ class Preserve:
             cand = cand[torch.randperm(len(cand), generator=g)[: self.cfg.preserve_check]]
         out = []
         for ids in loc._chunks(cand):
-            out.append(ids[loc.flipped(ids, model(loc.batch_tokens(ids)), self.cfg.preserve_margin / 4)])
+            out.append(ids[loc.flipped(ids, loc.logits(ids), self.cfg.preserve_margin / 4)])
         return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
@@ -619,7 +619,7 @@ def _preservation(model: MemoryModel, preserve: Preserve, candidates: torch.Tens
     pick = torch.cat([preserve.pinned, extra[~torch.isin(extra, preserve.pinned)]])
     term, ok = 0.0, True
     if len(pick):
-        logits = model(loc.batch_tokens(pick))
+        logits = loc.logits(pick)
         k = len(preserve.pinned)
         ok = not bool(loc.flipped(pick[:k], logits[:k].detach(), cfg.preserve_margin / 4).any()) if k else True
         term = cfg.preserve * loc.margin_term(logits, pick, cfg.preserve_margin)
@@ -628,7 +628,7 @@ def _preservation(model: MemoryModel, preserve: Preserve, candidates: torch.Tens
     hist = preserve.history
     if hist is not None and preserve.history_rows is not None and len(preserve.history_rows):
         h = preserve.history_rows
-        logits = model(hist.batch_tokens(h))
+        logits = hist.logits(h)
         ok = ok and not bool(hist.flipped(h, logits.detach()).any())
         term = term + cfg.preserve * hist.margin_term(logits, h, cfg.preserve_margin)
     return max(n_active, 1) * term, ok
@@ -656,7 +656,7 @@ def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[s
     on = preserve is not None and rows is not None and (cfg.preserve > 0 or cfg.preserve_kl > 0)
     candidates = preserve.candidates(rows) if on else None
     if on and preserve.history is not None:  # earlier edits whose answers read a trained row (at most 32)
-        preserve.history_rows = preserve.history.sequences_reading(rows)[-32:]
+        preserve.history_rows = preserve.history.sequences_reading(rows)[-HISTORY_PINNED:]
     gen = torch.Generator().manual_seed(preserve.seed if preserve is not None else 0)
     with contextlib.ExitStack() as stack:
         if cfg.train_all:  # the baseline: dense, every parameter
@@ -882,6 +882,8 @@ class Forgetting:
 
 
 HISTORY_KEPT = 500  # at most this many of the folder's most recent edit answers are kept by a new edit
+HISTORY_PINNED = 32  # of them, the most recent that read the trained rows are in every preservation step
+HISTORY_CHECKED = 64  # and these are checked for a changed answer before committing (a repair follows)
 
 
 def _earlier_answers(model: MemoryModel) -> list[TargetTokens]:
@@ -901,7 +903,8 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
               sequential: bool = True, commit: Callable[[Patch], None] | None = None,
               forgetting: Forgetting | None = None, progress: Callable[[int, int], None] | None = None,
               keep_facts: Sequence | None = None, subjects: Sequence[str] | None = None,
-              locality: Locality | None = None, force: bool = False) -> list[EditResult]:
+              locality: Locality | None = None, force: bool = False,
+              on_result: Callable[[Sequence[EditRequest], EditResult], None] | None = None) -> list[EditResult]:
     """Make the edits (one by one if ``sequential``, else one batch), each measured right after it and, if the
     guard lets it through, applied (in memory, then by ``commit`` if given) before the next.
 
@@ -913,7 +916,8 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
 
     With ``keep_facts``, a request without keep pairs of its own keeps its subject's other facts
     (:func:`keep_for`) at the answers earlier edits (the folder's log, then this run's) and the batch itself give
-    them. ``subjects``: other subjects for ``cfg.contrast`` (default: those of ``keep_facts``)."""
+    them. ``subjects``: other subjects for ``cfg.contrast`` (default: those of ``keep_facts``). ``on_result(group,
+    result)`` is called after each group."""
     from .patch import write_rows
 
     cfg.check()
@@ -922,7 +926,8 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
     results = []
     made: dict[str, torch.Tensor] = {}  # rows trained by the edits of this run (a folder's log holds earlier ones)
     answers = edited_answers(model) if keep_facts is not None else {}
-    kept = _earlier_answers(model) if locality is not None else []  # kept by later edits, with this run's
+    kept = Answers(model, _earlier_answers(model), HISTORY_KEPT) if locality is not None else None  # kept by later
+    # edits, with this run's
     for n, group in enumerate(groups, 1):
         if keep_facts is not None:
             mine = {**answers, **answers_of(group)}  # siblings inside the batch are kept at their new answers
@@ -933,7 +938,7 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
         preserve = None
         if locality is not None and (cfg.preserve > 0 or cfg.preserve_kl > 0 or cfg.repairs > 0):
             preserve = Preserve(locality, locality.allowed(edited_subjects) & ~locality.held_out, cfg, n,
-                                history=Locality.of_answers(model, kept) if kept else None)
+                                history=kept if kept is not None and len(kept) else None)
         res = edit(model, group, bg, cfg, protect=made if cfg.protect != "none" else None,
                    subjects=subjects if subjects is not None else [f.subject for f in keep_facts or ()],
                    preserve=preserve)
@@ -971,11 +976,11 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
                     made[name] = torch.cat([made.get(name, torch.empty(0, dtype=torch.long)), torch.tensor(ids)])
                 answers.update(answers_of(group))
                 if locality is not None:
-                    locality.accept()
-                    mine = {r.rewrite_prompt for r in group}
-                    kept = [it for it in kept if it.prompt not in mine] + [
-                        tokenize_target(model, r.rewrite_prompt, r.target_new) for r in group]
+                    locality.accept({k: torch.tensor(v) for k, v in res.slots.items()}, edited_subjects)
+                    kept.add([tokenize_target(model, r.rewrite_prompt, r.target_new) for r in group])
         results.append(res)
+        if on_result is not None:
+            on_result(group, res)
         if progress is not None:
             progress(n, len(groups))
     return results
