@@ -30,14 +30,19 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import limits
 from ..errors import MemeditError
+from ..lm.batching import pad_batch, pad_id
+from ..lm.hooks import hooks, memory_path
 from ..lm.memory import Lookup, MemoryLayer
 from ..lm.model import MemoryModel
+from ..storage.checkpoint import atomic_path, dtype_name
+from ..tracing.capture import capture_lookups
 
 BLOCK_BYTES = 64 << 20  # slot keys materialised per FAISS block (knn_ground_truth holds one more copy)
 MAX_EXAMPLES = 5  # mismatches kept in full per (layer, head)
@@ -426,10 +431,6 @@ def corpus_queries(model: MemoryModel, texts: Sequence[str], limit: int = 0,
 
     Duplicate queries (same prefix) are checked once; ``limit`` > 0 stops after that many distinct lookups.
     """
-    from ..lm.batching import pad_batch, pad_id
-    from ..lm.hooks import hooks, memory_path
-    from ..tracing.capture import capture_lookups
-
     seqs = [model.encode(t) for t in texts if t.strip()]
     if not seqs:
         raise MemeditError("the corpus tokenizes to nothing: give a file with text lines")
@@ -590,8 +591,6 @@ def verify(
     ``source(model, dtype)`` computes in ``dtype`` itself: query vectors only need the sub-keys cast, text needs a
     copy of the model in that dtype (:func:`in_dtype`). ``progress(heads compared, heads in all passes)`` is called
     after each head."""
-    from ..storage.checkpoint import dtype_name
-
     passes, done, total = [], 0, 0
 
     def head_done() -> None:
@@ -639,8 +638,6 @@ def saved_source(queries: dict[int, torch.Tensor]):
 def load_queries(path: str, model: MemoryModel, layer: int | None = None) -> dict[int, torch.Tensor]:
     """Saved query vectors: a .npy array (n, H, K) for one layer (``layer``, or the only memory layer), or an
     .npz with one array per layer named "layer{L}"."""
-    from pathlib import Path
-
     p = Path(path)
     try:
         data = np.load(p, allow_pickle=False)
@@ -666,8 +663,6 @@ def load_queries(path: str, model: MemoryModel, layer: int | None = None) -> dic
 
 def save_queries(path: str, checked: dict[int, Checked]) -> None:
     """Write captured queries as an .npz with one float32 array (n, H, K) per layer, named "layer{L}"."""
-    from ..storage.checkpoint import atomic_path
-
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **{f"layer{L}": c.queries.float().cpu().numpy() for L, c in checked.items()})

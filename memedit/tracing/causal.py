@@ -25,6 +25,7 @@ from ..errors import MemeditError
 from ..lm.hooks import memory_path, run_with_cache, run_with_hooks
 from ..lm.model import MemoryModel
 from ..lm.tokenizer import token_text
+from ..storage.checkpoint import atomic_path
 from .targets import tokenize_target
 from .trace import Target, as_target
 
@@ -150,7 +151,6 @@ def plot(ct: CausalTrace, path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise MemeditError("--plot needs matplotlib: pip install 'memedit[plot]'") from None
-    from ..storage.checkpoint import atomic_path
 
     ie = ct.indirect_effect.numpy()
     fig, ax = plt.subplots(figsize=(2.4 + 1.2 * len(ct.layers), 1.2 + 0.35 * len(ct.tokens)))
