@@ -15,12 +15,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from memedit.keyspace.keys import KeyPatch, RowChange, keys_name
+from memedit.lm.hooks import keys_name
 from memedit.storage.checkpoint import fingerprint, load, save
 from memedit.storage.state import background
 from memedit.storage.store import LOG, LOG_MAGIC, MARK, REC_HEAD, Change, Store, encode_record, inspect_log, read_header
 
 from .conftest import tiny_model
+from .legacy_patches import write_key_patch
 from .test_store import folder_hash, memedit_cmd
 
 N_RECORDS = 4
@@ -46,8 +47,10 @@ def folder(tmp_path_factory):
     cli("patch", "set", "-m", path, "-t", "shared", "-r", "1,2", "--scalar", "0.5", "--apply")
     fps.append(fingerprint(load(path)))
     k = load(path).memory_layers[0].keys.detach()
-    kp = KeyPatch({keys_name(0): RowChange(torch.tensor([4]), k[[4]].clone(), k[[4]] + 1)})
-    cli("keys", "apply", kp.save(path / "memedit" / "patches" / "k.safetensors"), "-m", path)
+    (path / "memedit" / "patches").mkdir(exist_ok=True)  # a key patch as memedit 0.1 wrote it
+    kp = write_key_patch(path / "memedit" / "patches" / "k.safetensors",
+                         {keys_name(0): (torch.tensor([4]), k[[4]].clone(), k[[4]] + 1)})
+    cli("keys", "apply", kp, "-m", path)
     fps.append(fingerprint(load(path)))
     cli("patch", "set", "-m", path, "-t", "shared", "-r", "3", "--scalar", "2", "--apply")
     fps.append(fingerprint(load(path)))

@@ -224,10 +224,10 @@ def _slot_records(model: MemoryModel, stats: SlotStats | None, extra: dict[str, 
 def _figures(stats: SlotStats, out: Path) -> list[dict[str, str]]:
     """Four SVG figures of the audit: usage histogram, Lorenz curve, per-head use, dead slots."""
     try:
-        import matplotlib
+        import matplotlib  # lazy: optional ([plot] extra) and slow to import
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazy: optional ([plot] extra) and slow to import
     except ImportError:
         raise MemeditError("the report's figures need matplotlib: pip install 'memedit[plot]'") from None
 

@@ -93,7 +93,7 @@ def adapt(
     probe_batches = text_batches(model, probe_texts, 64)
     # without a probe of its own (the CLI's fallback) the probe sample is the text sample: measure it once
     same = probe_texts == text_texts
-    base = fingerprint(model)
+    base_fp = fingerprint(model)
     before = {keys_name(L): m.keys.detach().clone() for L, m in mem.items()}
     probe_loss_before, probe_slots = loss_and_slots(model, probe_batches)
     loss_before = probe_loss_before if same else text_loss(model, text_measured)
@@ -143,7 +143,8 @@ def adapt(
         checked = exact.corpus_queries(model, probe_texts, limit=2048)
         heads = exact.compare({L: checked[L] for L in mem}, exact.rtol_for(model.dtype), indexes=indexes)
         n_exact, n_bad = sum(h.lookups for h in heads), sum(h.mismatches for h in heads)
-    patch = from_tensors(model, before, base=base, kind="keys", info={"command": "keys adapt", "steps": steps, "lr": lr})
+    patch = from_tensors(model, before, base=base_fp, kind="keys",
+                         info={"command": "keys adapt", "steps": steps, "lr": lr})
     patch.message = f"keys adapt ({patch.n_rows} rows)"
     return AdaptResult(
         history, loss_before, probe_loss_after if same else text_loss(model, text_measured), probe_loss_before,

@@ -83,7 +83,7 @@ def _jsonl_text(line: str, path: Path, n: int) -> str:
 
 def read_texts(source: str | Path, what: str = "corpus") -> list[str]:
     """The non-empty documents of a text file (one a line, stripped) or a JSONL file (its "text" fields)."""
-    texts = [text for text, _ in Corpus.open(source, None).documents()]
+    texts = [text for text, _ in Corpus.open(source).documents()]
     if not texts:
         raise MemeditError(f"the {what} {source} tokenizes to nothing: it has no text lines")
     return texts

@@ -145,10 +145,10 @@ def causal_trace(model: MemoryModel, prompt: str, subject: str, target: str, sam
 def plot(ct: CausalTrace, path) -> None:
     """Save the indirect-effect grid as a PNG heat map (needs matplotlib: pip install 'memedit[plot]')."""
     try:
-        import matplotlib
+        import matplotlib  # lazy: optional ([plot] extra) and slow to import
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazy: optional ([plot] extra) and slow to import
     except ImportError:
         raise MemeditError("--plot needs matplotlib: pip install 'memedit[plot]'") from None
 

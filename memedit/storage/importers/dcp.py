@@ -60,7 +60,7 @@ class DcpState(Mapping):
         """Fill ``tensors`` ({name: preallocated tensor}) from the shards."""
         # torch.distributed.checkpoint takes ~1 s to import: only a DCP folder pays it
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.api import CheckpointException  # lazy: ~1 s to import (see above)
 
         meta = self.metadata
 
