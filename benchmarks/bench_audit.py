@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import torch
 
-from memedit.auditing.audit import Corpus, audit, corpus_batches, open_corpus
+from memedit.auditing.audit import audit, corpus_batches, open_corpus
 from memedit.auditing.hdf5 import FILTERS, _chunks, write_audit
 from memedit.auditing.stats import AuditCounter, SlotStats, report
 from memedit.lm.batching import pad_batch, pad_id

@@ -35,7 +35,7 @@ def timed(fn, *a, **k):
 
 def demo_figures(n_facts: int, out_dir: Path, max_tokens: int | None = None) -> None:
     import memedit
-    from memedit.auditing.audit import Corpus, audit, open_corpus
+    from memedit.auditing.audit import audit, open_corpus
     from memedit.auditing.hdf5 import write_audit
     from memedit.auditing.report import build_report, pages_to_trace, traced_page
     from memedit.world.facts import world_of

@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import memedit  # noqa: E402
-from memedit.storage.checkpoint import save  # noqa: E402
 from memedit.storage.check import check_folder  # noqa: E402
+from memedit.storage.checkpoint import save  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 

@@ -31,7 +31,8 @@ def adapt_cmd(
                                        help="Update steps (one batch each, cycling through the text; at most "
                                             f"{limits.MAX_ADAPT_STEPS:,}).")] = KEYS.steps,
     batch_size: Annotated[int, typer.Option(min=1, max=limits.MAX_BATCH_SIZE,
-                                            help=f"Passages per step (at most {limits.MAX_BATCH_SIZE:,}).")] = KEYS.batch_size,
+                                            help=f"Passages per step (at most {limits.MAX_BATCH_SIZE:,}).")
+                          ] = KEYS.batch_size,
     lr: Annotated[float, typer.Option(callback=finite(0.0, limits.MAX_LR),
                                       help=f"SGD learning rate for the sub-keys (0 to {limits.MAX_LR:g}).")] = KEYS.lr,
     layer: Annotated[Optional[list[int]], typer.Option(help="Only these memory layers (repeatable).")] = None,

@@ -6,10 +6,10 @@ import json
 
 import torch
 
-from memedit.lm.hooks import keys_name
-from memedit.storage.patch import Patch
 from memedit.lm.batching import text_batches
+from memedit.lm.hooks import keys_name
 from memedit.storage.checkpoint import fingerprint, load
+from memedit.storage.patch import Patch
 from memedit.storage.state import write_frozen_rows
 from memedit.tracing.capture import capture_lookups
 

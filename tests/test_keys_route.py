@@ -8,8 +8,8 @@ import torch
 
 from memedit.keyspace.route import route
 from memedit.lm.hooks import keys_name
-from memedit.storage.patch import Patch
 from memedit.storage.checkpoint import fingerprint, load
+from memedit.storage.patch import Patch
 from memedit.storage.state import write_frozen_rows
 from memedit.tracing.capture import answer_lookups
 from memedit.world.evaluate import last_logits

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import tomllib
 
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"memedit": ROOT / "memedit", "memedit_cli": ROOT / "cli"}
 
@@ -244,7 +243,8 @@ def test_imports_inside_functions_are_lazy_on_purpose():
             continue
         for node, around in function_level_imports(f):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            lazy = not getattr(node, "level", 0) and all(any(n == z or n.startswith(z + ".") for z in LAZY) for n in names)
+            lazy = not getattr(node, "level", 0) and all(any(n == z or n.startswith(z + ".") for z in LAZY)
+                                                         for n in names)
             if not (lazy and "#" in around):
                 bad.append(f"{f.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
     assert not bad, bad
@@ -338,7 +338,8 @@ def cli_defaults(fn) -> dict:
     """{parameter: default} of a typer command function (options declared in its signature)."""
     import inspect
 
-    return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.default is not inspect.Parameter.empty}
+    params = inspect.signature(fn).parameters.items()
+    return {n: p.default for n, p in params if p.default is not inspect.Parameter.empty}
 
 
 def default_mismatches(fn, config, names: dict[str, str] | None = None) -> list[str]:
@@ -356,8 +357,9 @@ def default_mismatches(fn, config, names: dict[str, str] | None = None) -> list[
 
 
 def test_cli_defaults_are_read_from_the_config_classes():
-    from memedit.keyspace.config import KEYS
     from memedit_cli import keys
+
+    from memedit.keyspace.config import KEYS
 
     compared = set(cli_defaults(keys.adapt_cmd)) | set(cli_defaults(keys.route_cmd))
     assert {"steps", "batch_size", "lr", "margin", "eval_facts"} <= compared

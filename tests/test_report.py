@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from memedit.auditing.audit import Corpus, audit, open_corpus
+from memedit.auditing.audit import audit, open_corpus
 from memedit.auditing.report import SHARD, build_report
 from memedit.auditing.slot import slot_info
 from memedit.errors import MemeditError

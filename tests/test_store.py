@@ -15,9 +15,9 @@ import torch
 
 from memedit.editing.patch import make_patch
 from memedit.lm.hooks import keys_name
+from memedit.storage.check import check_folder
 from memedit.storage.checkpoint import fingerprint, load, save
 from memedit.storage.state import write_frozen_rows
-from memedit.storage.check import check_folder
 from memedit.storage.store import LOG, Store, compact
 
 from .conftest import tiny_model
@@ -139,7 +139,8 @@ def test_frozen_rows_and_subkeys_refuse_every_write_path(cli, tiny, tmp_path):
     # patches made before the freeze, applied after
     value_patch = make_patch(model, {"shared": ([1, 2], torch.ones(2, 32))}).save(tmp_path / "v.safetensors")
     k = model.memory_layers[0].keys.detach()
-    key_patch = write_key_patch(tmp_path / "k.safetensors", {keys_name(0): (torch.tensor([4]), k[[4]].clone(), k[[4]] + 1)})
+    key_patch = write_key_patch(tmp_path / "k.safetensors",
+                                {keys_name(0): (torch.tensor([4]), k[[4]].clone(), k[[4]] + 1)})
     norm = model.norm.weight.detach()
     out_patch = write_key_patch(tmp_path / "o.safetensors", {"output.weight": (
         torch.tensor([0]), model.output.weight.detach()[[0]].clone(), torch.zeros(1, 32))})

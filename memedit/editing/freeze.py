@@ -1,7 +1,7 @@
 """Frozen value rows: rows that no patch, fact edit or key update may change.
 
 Stored per table in the model folder's ``memedit/frozen.safetensors`` (see state.py). The same file also holds
-frozen sub-keys ("keys.layer{L}", written by keys.py); this module only touches value-table entries and keeps
+frozen sub-keys ("keys.layer{L}", which keyspace honours); this module only touches value-table entries and keeps
 every other entry as it found it.
 """
 
