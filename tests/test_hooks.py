@@ -48,7 +48,7 @@ def test_names_are_module_paths_and_nothing_else():
     assert "hook_resid_final" in t and "final.resid" not in t
     # the tensors a patch changes are named in lm too, and are the model's own state-dict names
     state = model.state_dict()
-    assert state[keys_name(L)] is model.memory_layers[L].keys
+    assert torch.equal(state[keys_name(L)], model.memory_layers[L].keys)
     assert torch.equal(state[values_name(L)], model.memory_layers[L].values.weight)
 
 

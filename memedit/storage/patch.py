@@ -326,7 +326,8 @@ def apply(model: MemoryModel, patch: Patch, force: bool = False, message: str | 
         if file is not None or not path.is_file():  # a stored patch of this id holds exactly these rows
             Patch(changes, patch.base, patch.message, patch.kind, patch.time, patch.info, patch.id).save(path)
             crash_point("patch-saved")
-        rel = path.resolve().relative_to(d.resolve()) if path.resolve().is_relative_to(d.resolve()) else path
+        where = path.resolve()
+        rel = where.relative_to(d.resolve()) if where.is_relative_to(d.resolve()) else where
         commit(model, changes, {"op": "apply", "id": patch.id, "file": str(rel), "kind": patch.kind,
                                 "message": message if message is not None else patch.message, "forced": bool(warnings),
                                 **(head or {})})
