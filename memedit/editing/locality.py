@@ -32,7 +32,9 @@ from ..errors import MemeditError
 from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
 from ..lm.memory import Lookup
+from ..storage.corpus import read_texts
 from ..tracing.capture import on_lookup, prefix_of, run_from
+from ..world.facts import world_of
 
 SAMPLE_TOKENS = 5000  # the stored locality sample's size, in tokens (sequences are whole sentences)
 MAX_SEQ_TOKENS = 64  # a longer sentence is cut to its first tokens (a sample of text, not of lengths)
@@ -326,8 +328,6 @@ class Locality:
 
 def read_locality(path) -> list[str]:
     """The texts of a ``--locality`` file (one per line, or JSONL with a "text" field)."""
-    from ..storage.corpus import read_texts
-
     return read_texts(path, "locality sample")
 
 
@@ -341,8 +341,6 @@ def sample_for(model: MemoryModel, path=None, stored: Sequence[str] | None = Non
     if stored:
         return list(stored)
     if getattr(model, "meta", {}).get("world"):
-        from ..world.facts import world_of
-
         return draw_sample(model, world_of(model).training_sentences(), max_tokens)
     return None
 

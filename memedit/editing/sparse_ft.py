@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -35,12 +36,13 @@ from .. import limits
 from ..errors import MemeditError
 from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
-from ..storage.state import frozen_rows
-from ..tracing.capture import SlotCounter, on_lookup
+from ..storage.checkpoint import fingerprint
+from ..storage.state import edit_log, frozen_rows
+from ..tracing.capture import SlotCounter, fixed_prefix, on_lookup, trainable_rows
 from ..tracing.targets import TargetTokens, answer_or_given, score, tokenize_target
 from .background import Background
 from .locality import Answers, Collateral, Locality
-from .patch import Patch, make_patch
+from .patch import Patch, make_patch, write_rows
 
 RANKINGS = ("tfidf", "kl", "counts")
 PROTECT = ("none", "edits", "hot")
@@ -268,8 +270,6 @@ def answers_of(requests: Sequence[EditRequest]) -> dict[str, str]:
 
 def applied_edits(model: MemoryModel) -> list[dict]:
     """The edit-log entries of the fact edits the model folder holds as applied (not reverted), oldest first."""
-    from ..storage.state import edit_log
-
     applied: dict[str, dict] = {}
     for e in edit_log(model):
         if e.get("kind") != "edit" or "id" not in e:
@@ -645,8 +645,6 @@ def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[s
     step adds :func:`_preservation` on locality sequences that read a trained row, and training goes on until the
     pinned sequences keep their greedy tokens too.
     """
-    from ..tracing.capture import fixed_prefix, trainable_rows
-
     b = _batch(model, requests)
     tokens = b.tokens.to(next(model.parameters()).device)
     if cfg.optimizer not in ("sgd", "adamw"):
@@ -699,8 +697,6 @@ def contrast_rows(model: MemoryModel, requests: Sequence[EditRequest], n: int,
     """{table: row ids} read at the new target's positions when each request's prompt is about ``n`` other
     subjects (a fixed draw from ``subjects`` per request), or, without subjects, after the request's neighborhood
     prompts (``EditConfig.contrast``). Empty when there is nothing to contrast with."""
-    import random
-
     items = []
     pool = sorted(set(subjects or ()))
     for r in requests:
@@ -747,7 +743,6 @@ def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | N
     if cfg.train_all:  # baseline: every parameter moves, which a value patch cannot hold; the model stays edited
         steps, loss, holds = train_rows(model, requests, None, cfg)
         return EditResult(None, {}, steps, loss, time.perf_counter() - t0, done=bool(holds.all()))
-    from ..storage.checkpoint import fingerprint
 
     base_fp = fingerprint(model)  # before training writes rows into the table (and restores them), which would
     # make the table be hashed whole again
@@ -842,8 +837,6 @@ class Forgetting:
     """
 
     def __init__(self, model: MemoryModel, facts, sample: int = 1000, seed: int = 0):
-        import random
-
         pairs = [(f.id, p, f.target_true) for f in facts for p in f.training_prompts]
         random.Random(seed).shuffle(pairs)
         self.pairs = pairs[:sample]
@@ -918,8 +911,6 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
     (:func:`keep_for`) at the answers earlier edits (the folder's log, then this run's) and the batch itself give
     them. ``subjects``: other subjects for ``cfg.contrast`` (default: those of ``keep_facts``). ``on_result(group,
     result)`` is called after each group."""
-    from .patch import write_rows
-
     cfg.check()
     fact_items(model, requests)  # every target tokenizes, before anything is trained
     groups = [[r] for r in requests] if sequential else [list(requests)]

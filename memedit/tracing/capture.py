@@ -10,7 +10,9 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from torch.nn import functional as F
 
+from ..lm.batching import pad_batch, pad_id
 from ..lm.hooks import hooks, memory_path
 from ..lm.memory import Lookup
 from ..lm.model import MemoryModel
@@ -136,8 +138,6 @@ def trainable_rows(model: MemoryModel, rows: dict[str, torch.Tensor]) -> Iterato
     no gradient or optimizer state the size of the table (sparse memory finetuning, Lin et al. 2025). The table
     is left unchanged; write the trained leaves back with ``table.weight[ids] = leaf``.
     """
-    from torch.nn import functional as F
-
     tables = {t.name: t for t in model.tables}
     leaves, base = {}, {}
     for name, ids in rows.items():
@@ -231,8 +231,6 @@ def fixed_prefix(model: MemoryModel, tokens: torch.Tensor) -> Iterator[Callable[
 @torch.no_grad()
 def answer_lookups(model: MemoryModel, prompts: Sequence[str]) -> dict[int, Lookup]:
     """The lookups at the last position of each prompt: {layer: Lookup with n_tokens = len(prompts)}."""
-    from ..lm.batching import pad_batch, pad_id
-
     seqs = [model.encode(p) for p in prompts]
     pad = pad_id(model)
     tokens, lengths = pad_batch(seqs, pad)

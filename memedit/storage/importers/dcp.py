@@ -26,6 +26,7 @@ class DcpState(Mapping):
     """
 
     def __init__(self, path: Path, prefix: str = "model."):
+        # torch.distributed.checkpoint takes ~1 s to import: only a DCP folder pays it
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.path, self.prefix = Path(path), prefix
@@ -57,8 +58,9 @@ class DcpState(Mapping):
 
     def read(self, tensors: dict[str, torch.Tensor]) -> None:
         """Fill ``tensors`` ({name: preallocated tensor}) from the shards."""
+        # torch.distributed.checkpoint takes ~1 s to import: only a DCP folder pays it
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.api import CheckpointException  # lazy: ~1 s to import (see above)
 
         meta = self.metadata
 
