@@ -23,11 +23,11 @@ from ..storage.checkpoint import load
 from ..storage.state import background, write_background
 from ..tracing.capture import SlotCounter, on_lookup
 from ..world.facts import world_of
+from .config import BACKGROUND_BATCH, BACKGROUND_MAX_BATCHES
 from .locality import META_KEY as LOCALITY_KEY
 from .locality import SAMPLE_TOKENS, decode_sample, draw_sample, encode_sample
 
-DEFAULT_BATCH = 32  # sentences per background batch (a "document" for document frequency)
-DEFAULT_MAX_BATCHES = 1000  # the reference uses 1000 batches of general text
+DEFAULT_BATCH, DEFAULT_MAX_BATCHES = BACKGROUND_BATCH, BACKGROUND_MAX_BATCHES  # (config.py)
 IN_MEMORY_BATCHES = 250  # for a model without stored statistics: a quarter, so a command waits seconds, not a minute
 
 

@@ -41,96 +41,12 @@ from ..storage.state import edit_log, frozen_rows
 from ..tracing.capture import SlotCounter, fixed_prefix, on_lookup, trainable_rows
 from ..tracing.targets import TargetTokens, answer_or_given, score, tokenize_target
 from .background import Background
+from .config import FORGETTING_SAMPLE, EditConfig
 from .locality import Answers, Collateral, Locality
 from .patch import Patch, make_patch, write_rows
 
 RANKINGS = ("tfidf", "kl", "counts")
 PROTECT = ("none", "edits", "hot")
-
-
-@dataclass
-class EditConfig:
-    # §6 trains t = 500 rows per fact in a 1M-slot memory. memedit trains as few rows as the edit needs: min_t first,
-    # doubled every round_steps steps while the edit does not hold, up to top_t (adaptive). On the old
-    # word-level demo, a fixed t = 128 (lr 5, <= 100 steps) had been the best of t in {32..500} x lr in {2, 3, 5}
-    # for single edits, but 100 sequential edits then cost 1.1 points on untouched facts against 0.2 for adaptive
-    # (benchmarks/bench_continual.py); on a BPE model with 2-4-token targets, a fixed 128 rows / 100 steps made 85 %
-    # of single edits and adaptive up to 256 rows / 200 steps 100 % (tests/test_real_models.py). On the bundled
-    # BPE demo (65,536 slots, 6 trained wordings per fact), up to 256 rows at lr 5 made 2 of 8 sampled edits, up to
-    # 1,024 rows at lr 10 all 8 (a fact reads ~600-800 distinct slots at its answer positions there). On the
-    # current demo (9 wordings per fact, the subject's other facts kept), plain SGD at lr 10 from 16 rows took a
-    # median of ~145 steps an edit (most ran to the cap); SGD with momentum 0.9 at lr 5 from 64 rows, rounds of
-    # 15 steps, ~38 steps, with the same edits holding over 40 sequential edits; with the stop rule below, lr 10
-    # from 128 rows in rounds of 10 steps, a median of 23.5 steps (74 at lr 5 from 64 rows with p >= 0.74) and
-    # 1.2 s of CPU an edit, with the same forgetting over 150 sequential edits (benchmarks/bench_continual.py).
-    top_t: int = 1024  # at most this many value rows trained per fact
-    # None: for SGD, 10 x (median value-row norm / 11)^2 (:func:`default_lr`: lr 10 on the demo, whose rows have
-    # norm 11; a model that keeps its rows 10x smaller reads them through a 10x larger projection, so the same
-    # step moves its outputs 100x more); 1e-2 for AdamW
-    lr: float | None = None
-    steps: int = 200  # at most this many optimizer steps in all (most edits stop early)
-    # Stop early once every token of the new target, in every training phrasing, has a loss below this (p > 1/2:
-    # the greedy continuation of every training phrasing is the whole new target) while every token of the keep
-    # pairs still has p > 1/2; 0 never stops early. It replaced a mean loss below 0.05 over every target token,
-    # which (on the demo, 100 random single edits) let 4 edits stop with their rewrite prompt still preferring the
-    # old answer (one phrasing's tokens are a small part of the mean). A margin (0.3, p >= 0.74) cost 3x the
-    # steps for the same holding and forgetting over 150 sequential edits (2.2 against 2.27 points, both 99.3 %
-    # holding; benchmarks/bench_continual.py).
-    stop_token_loss: float = math.log(2)
-    optimizer: str = "sgd"  # "sgd" (default) or "adamw" (forgets more, §6)
-    momentum: float = 0.9  # SGD's momentum (0: plain SGD, as §6)
-    ranking: str = "tfidf"  # "tfidf", "kl" or "counts" (no IDF, a baseline)
-    # Count slot reads at "all" positions of each phrasing (the default) or at the "answer" positions only. On the
-    # bundled demo (10 random rewrites, benchmarks in the README): answer positions made 90 % of edits and 80 % of
-    # held-out wordings; all positions 100 % and 100 %, because the rows read at the subject's tokens carry the fact to
-    # every wording. They also carry the subject's other facts: 50 sequential edits cost those 15 points unless the
-    # request keeps them (EditRequest.keep, keep_for; `memedit edit --keep-subject`): then 2.9, and 0.0 on others.
-    positions: str = "all"
-    train_all: bool = False  # baseline only: finetune every parameter instead of the selected value rows
-    # continual editing: keep other knowledge's rows out of an edit
-    protect: str = "none"  # "none"; "edits": rows earlier edits trained; "hot": also the background's most-read rows
-    hot_fraction: float = 0.02  # with protect="hot": this fraction of each table's rows, by background df
-    # Leave alone the rows that the same prompt reads at the new target's positions when it is about this many OTHER
-    # subjects (drawn from the known facts' subjects, else the request's neighborhood prompts; 0: off). Those rows
-    # carry the relation and the spelling of the answer for every subject: on the demo, after 150 sequential edits
-    # without it, most untouched facts that broke had taken an edited object that shares their answer's first token
-    # ("Leirailish" -> "Leithish", "clarinet" -> "cello"), for many subjects at once. With 8 subjects the drop on
-    # untouched facts was 0.8 / 2.3 / 5.0 points after 100 / 300 / 500 edits, against 1.2 / 2.7 / 7.3 without
-    # (benchmarks/bench_continual.py, the same 1,000 requests); 32 subjects did no better than 8.
-    contrast: int = 8
-    adaptive: bool = True  # train min_t rows first, and double them (up to top_t) only while the edit does not hold
-    min_t: int = 128  # with adaptive: the rows tried first
-    round_steps: int = 10  # with adaptive: steps per round before the rows are doubled (the last round: the rest)
-    # An edit's reach on text (memedit/editing/locality.py): the guard and the preservation term (docs/decisions.md).
-    # refuse an edit that changes more than this share of the sample's greedy tokens (a batch: n times this)
-    max_collateral: float = 0.02
-    preserve: float = 1.0  # weight of the margin term on the locality sample's training half (0: off)
-    preserve_margin: float = 2.0  # the margin term keeps half of each greedy token's logit margin, up to this
-    preserve_kl: float = 0.0  # weight of KL(pre-edit || now) on the same positions (0: off)
-    preserve_sample: int = 8  # locality sequences per step (drawn among those that read a trained row)
-    repairs: int = 2  # times an edit that holds is trained on, with the sequences whose greedy tokens it changed
-    preserve_always: bool = False  # the preservation term in every step (False: only in repairs, when needed)
-    repair_steps: int = 20  # at most this many steps per repair
-    preserve_check: int = 0  # sequences (that read a trained row) checked for changed greedy tokens (0: all)
-    locality_tokens: int = 5000  # the locality sample's size (tokens), drawn from the background corpus
-
-    def check(self) -> EditConfig:
-        """This config, after refusing values that cannot be meant (a learning rate of -1 or 1e39, no steps)."""
-        if self.lr is not None:
-            limits.number(self.lr, "--lr", 0.0, limits.MAX_LR, lo_open=True)
-        limits.count(self.top_t, "--top-t", 1)
-        limits.count(self.steps, "--steps", 1)
-        limits.count(self.contrast, "--contrast", 0)
-        if self.optimizer not in ("sgd", "adamw"):
-            raise MemeditError(f"unknown optimizer {self.optimizer!r}: use sgd or adamw")
-        return self
-
-    @property
-    def learning_rate(self) -> float:
-        """``lr``, or the optimizer's default when it is None (SGD: :func:`default_lr`, filled in by :func:`edit`)."""
-        if self.lr is not None:
-            return self.lr
-        return 10.0 if self.optimizer == "sgd" else 1e-2
 
 
 LR_REF, NORM_REF = 10.0, 11.0  # the demo's lr, and its value rows' median norm
@@ -287,14 +203,6 @@ def edited_answers(model: MemoryModel) -> dict[str, str]:
     for e in applied_edits(model):
         out.update(e.get("answers") or {})
     return out
-
-
-def read_requests(path: str | Path) -> list[EditRequest]:
-    """The edit requests of a file: memedit's JSONL, or CounterFact, ZsRE or EasyEdit records as a JSON array, one
-    JSON object or JSONL (memedit/editing/formats.py)."""
-    from .formats import read_cases
-
-    return [c.request for c in read_cases(path)]
 
 
 @dataclass
@@ -836,7 +744,7 @@ class Forgetting:
     Uses up to ``sample`` prompts of facts other than the edited ones (a fixed random sample, for speed).
     """
 
-    def __init__(self, model: MemoryModel, facts, sample: int = 1000, seed: int = 0):
+    def __init__(self, model: MemoryModel, facts, sample: int = FORGETTING_SAMPLE, seed: int = 0):
         pairs = [(f.id, p, f.target_true) for f in facts for p in f.training_prompts]
         random.Random(seed).shuffle(pairs)
         self.pairs = pairs[:sample]
