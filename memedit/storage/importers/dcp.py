@@ -19,16 +19,20 @@ def is_dcp(path: Path) -> bool:
 class DcpState(Mapping):
     """The tensors under ``model`` of a DCP folder as a lazy mapping: {name without prefix: tensor}.
 
-    Names, shapes and dtypes come from the metadata; a tensor is read from the shards (in its stored dtype) when
-    it is asked for, and not kept, so a caller that handles one tensor at a time holds one at a time. Only the
+    Names, shapes and dtypes come from the metadata; a tensor is mapped from the shards (``mapped``: its bytes inside
+    the ``.distcp`` file, copy-on-write; a value table saved in row chunks as a ``ShardedRows``) or else read (in its
+    stored dtype) when it is asked for, and not kept, so a caller that handles one tensor at a time holds one at a
+    time. Only the
     model part is read (the optimizer state is left on disk). The metadata pickle is read with an allow-list; the
     shards are tensors read by DCP with ``torch.load(weights_only=True)``.
     """
 
-    def __init__(self, path: Path, prefix: str = "model."):
+    mapped = True  # tensors are mapped from the shards where they can be (memedit.storage.shards)
+
+    def __init__(self, path: Path, prefix: str = "model.", mapped: bool = True):
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        self.path, self.prefix = Path(path), prefix
+        self.path, self.prefix, self.mapped = Path(path), prefix, mapped
         self.metadata = read_dcp_metadata(self.path)
         try:
             entries = self.metadata.state_dict_metadata.items()
@@ -50,6 +54,12 @@ class DcpState(Mapping):
         return {k: torch.empty(shape, dtype=dt, device="meta") for k, (shape, dt) in self.specs.items()}
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if self.mapped:  # the tensor bytes mapped inside the shards, no copy (value tables by rows)
+            from ..shards import map_tensor
+
+            t = map_tensor(self.path, self.metadata, self.prefix + name, rows_table=name.endswith("values.weight"))
+            if t is not None:
+                return t
         shape, dtype = self.specs[name]
         out = torch.empty(shape, dtype=dtype)
         self.read({name: out})
