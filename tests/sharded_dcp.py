@@ -136,3 +136,23 @@ def write_sharded_step(step: Path, p: dict, seed: int = 0, chunks_per_rank: int 
 
 if __name__ == "__main__":
     _rank_main(sys.argv[1])
+
+
+def _fixture_params() -> dict:
+    sys.path.insert(0, str(ROOT))
+    from tests.reference_layout import params
+
+    return params(mem_n_keys=64)  # 4,096 slots x 64 bf16 (512 KiB), shared by layers 1 and 3
+
+
+try:
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def sharded_step(tmp_path_factory) -> Path:
+        """A step folder written by two gloo ranks, each table copy in 5 row chunks per rank (409-410 rows: chunk
+        edges fall inside blocks of 64 rows); a session-wide original that tests copy before changing."""
+        return write_sharded_step(tmp_path_factory.mktemp("sharded") / "step", _fixture_params(), seed=3,
+                                  chunks_per_rank=5)
+except ImportError:  # a rank process or the benchmark without pytest
+    pass

@@ -233,6 +233,7 @@ def load_native(path: str | Path, log: bool = True) -> MemoryModel:
     """Load a native model folder, validating config, names and shapes (with ``log=False``: its base only, without
     the row log's records or the tokenizer, for `memedit check`)."""
     from ..lm.tokenizer import load_tokenizer
+    from .linked import LINK, is_linked, open_link
     from .store import map_tensors, open_folder
 
     path = Path(path)
@@ -250,13 +251,14 @@ def load_native(path: str | Path, log: bool = True) -> MemoryModel:
     except ValueError as e:
         raise MemeditError(f"{path / 'config.json'}: {e}") from None
     weights = path / "model.safetensors"
-    if not weights.is_file():
+    linked = is_linked(path)  # the base is a checkpoint elsewhere, mapped where it is (storage.linked)
+    if not weights.is_file() and not linked:
         raise MemeditError(f"{path} has no model.safetensors")
     if not isinstance(meta.get("dtype", "float32"), str) or meta.get("dtype", "float32") not in DTYPES:
         raise MemeditError(f"{path / 'config.json'}: unknown dtype {meta.get('dtype')!r}")
     try:
-        state, base_meta = map_tensors(weights)
-        load_state(model, state, str(weights), copy=False)
+        state, base_meta = open_link(path, model) if linked else map_tensors(weights)
+        load_state(model, state, str(path / LINK if linked else weights), copy=False)
     except MemeditError as e:  # a damaged base: say where to go next
         raise MemeditError(f"{e}; run `memedit check --model {path}`") from None
     model.source = str(path)
@@ -369,8 +371,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise MemeditError(f"unsupported dtype {dtype}")
 
 
-def save(model: MemoryModel, dst: str | Path, overwrite: bool = False) -> Path:
-    """Write ``model`` as a native folder at ``dst``, atomically: the folder appears whole or not at all."""
+def save(model: MemoryModel, dst: str | Path, overwrite: bool = False, link: bool = False, progress=None) -> Path:
+    """Write ``model`` as a native folder at ``dst``, atomically: the folder appears whole or not at all.
+
+    ``link``: the folder's base is the checkpoint the model was loaded from (a DCP step folder), left where it is
+    and never written (storage.linked); ``progress(done, total)`` follows the bytes hashed."""
     from .. import __version__
     from .store import write_base
 
@@ -402,7 +407,12 @@ def save(model: MemoryModel, dst: str | Path, overwrite: bool = False) -> Path:
             shutil.copytree(src_state, tmp / STATE_DIR, ignore=shutil.ignore_patterns(LOCK, ".*.tmp", ".tmp??????"))
             upgrade_dir(tmp / STATE_DIR)
             records = scan_log(tmp / STATE_DIR / "rows.log", with_rows=False)[0]
-        write_base(model, tmp / "model.safetensors", records)  # the model as it is holds every record
+        if link:
+            from .linked import write_link
+
+            write_link(model, tmp, progress)
+        else:
+            write_base(model, tmp / "model.safetensors", records)  # the model as it is holds every record
         _publish_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -422,7 +432,8 @@ def state_dir(model: MemoryModel, create: bool = False) -> Path:
     return d
 
 
-OWN_FILES = ("config.json", "model.safetensors", "tokenizer.json", "memedit/rows.log", "memedit/lock",
+OWN_FILES = ("config.json", "model.safetensors", "link.json", "link.blocks", "tokenizer.json", "memedit/rows.log",
+             "memedit/lock",
              "memedit/frozen.safetensors", "memedit/background.safetensors", "memedit/edits.jsonl")
 
 

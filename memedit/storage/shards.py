@@ -290,8 +290,9 @@ class ShardedRows(torch.Tensor):
         t.row_bytes = t.element_size() * int(shape[1])
         t.chunks = list(chunks)
         t._bounds = torch.tensor(list(starts)[1:], dtype=torch.long)
-        t.digests = None  # per-block fingerprint digests, when a linked folder provides them (memedit.storage.linked)
-        t.dirty = set()  # blocks written since the digests were last brought up to date
+        # the fingerprint kept per block: digests (blocks, 16) uint8 once computed or given (a linked folder stores
+        # them), and the blocks written since; shared by every alias of the table
+        t.fp = {"digests": None, "dirty": set()}
         return t
 
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -301,7 +302,7 @@ class ShardedRows(torch.Tensor):
 
     def _alias(self) -> ShardedRows:
         t = ShardedRows(self.starts, self.chunks, self.shape, self.dtype)
-        t.digests, t.dirty = self.digests, self.dirty  # one table: aliases share what was written
+        t.fp = self.fp  # one table: aliases share what was written
         return t
 
     # rows --------------------------------------------------------------------------------------------------
@@ -331,9 +332,16 @@ class ShardedRows(torch.Tensor):
 
     def rows(self, a: int, b: int) -> torch.Tensor:
         """Rows a..b-1: a view of the mapped chunk when one chunk holds them, else a copy."""
+        out = self.row_bytes_of(a, b)
+        if out.storage_offset() % self.element_size():
+            out = out.clone()  # a view at an odd byte cannot be read as wider elements
+        return out.view(self.dtype)
+
+    def row_bytes_of(self, a: int, b: int) -> torch.Tensor:
+        """The bytes of rows a..b-1, (rows, bytes per row) uint8: a view when one chunk holds them."""
         a, b = max(0, a), min(self.shape[0], b)
         if b <= a:
-            return torch.empty((0, *self.shape[1:]), dtype=self.dtype)
+            return torch.empty((0, self.row_bytes), dtype=torch.uint8)
         parts = []
         c = int(torch.bucketize(torch.tensor(a), self._bounds, right=True))
         while a < b:
@@ -341,10 +349,7 @@ class ShardedRows(torch.Tensor):
             e = s + self.chunks[c].shape[0]
             parts.append(self.chunks[c][a - s: min(b, e) - s])
             a, c = min(b, e), c + 1
-        out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        if out.storage_offset() % self.element_size():
-            out = out.clone()  # a view at an odd byte cannot be read as wider elements
-        return out.view(self.dtype)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def put(self, ids: torch.Tensor, values: torch.Tensor) -> None:
         """Write rows ``ids`` (in memory: the chunks are copy-on-write maps) and note their blocks as changed."""
@@ -356,7 +361,25 @@ class ShardedRows(torch.Tensor):
         for c, pos, local in self._split(flat):
             self.chunks[c][local] = values[pos]
         n = self.shape[0]
-        self.dirty.update(torch.unique(torch.where(flat < 0, flat + n, flat) // BLOCK).tolist())
+        self.fp["dirty"].update(torch.unique(torch.where(flat < 0, flat + n, flat) // BLOCK).tolist())
+
+    def fingerprint_sum(self, name: str) -> int:
+        """The table's fingerprint sum (store.block_hash_sum's value) from its per-block digests: every block hashed
+        the first time (threads, at disk speed), then only the blocks written since."""
+        import numpy as np
+
+        from .store import FP_MOD, hash_prefix
+
+        fp = self.fp
+        if fp["digests"] is None:
+            fp["digests"], fp["dirty"] = block_digests(name, self), set()
+        elif fp["dirty"]:
+            blocks = sorted(fp["dirty"])
+            fp["dirty"] = set()
+            prefix = hash_prefix(name, self)
+            for b, d in zip(blocks, _digest_blocks(prefix, self, blocks), strict=True):
+                fp["digests"][b] = np.frombuffer(d, dtype=np.uint8)
+        return digest_sum(fp["digests"]) % FP_MOD
 
     def materialize(self, what: str = "this operation") -> torch.Tensor:
         nbytes = self.numel() * self.element_size()
@@ -425,3 +448,60 @@ def file_identity(path: Path) -> dict:
     """What tells a file apart cheaply: size, modification time (ns), inode."""
     st = os.stat(path)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+# ---- per-block digests (the fingerprint of memedit.storage.store, computed at disk speed) ---------------------------
+def _block_bytes(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Rows a..b-1 of ``t`` as (rows, bytes) uint8, as store.block_hash_sum reads them."""
+    from .store import _rows2d
+
+    if isinstance(t, ShardedRows):
+        return t.row_bytes_of(a, b)
+    m = _rows2d(t)[a:b].contiguous()
+    return m.view(torch.uint8).reshape(m.shape[0], -1)
+
+
+def _digest_blocks(prefix: bytes, t: torch.Tensor, blocks: list[int]) -> list[bytes]:
+    from .store import BLOCK, block_digest
+
+    n = t.shape[0] if t.dim() >= 2 else 1
+    out = []
+    for b in blocks:
+        data = _block_bytes(t, b * BLOCK, min(n, (b + 1) * BLOCK)).numpy()
+        out.append(block_digest(prefix, b, data).to_bytes(16, "little"))
+    return out
+
+
+def block_digests(name: str, t: torch.Tensor, progress=None) -> "numpy.ndarray":  # noqa: F821
+    """Every block's digest of ``t`` under ``name``, (blocks, 16) uint8, hashed by all cores (sha256 releases the
+    GIL), a span of blocks per task, so the sum equals store.block_hash_sum(name, t). ``progress(done, total)``."""
+    import numpy as np
+
+    from .store import BLOCK, hash_prefix
+
+    n = t.shape[0] if t.dim() >= 2 else 1
+    nblocks = max(1, (n + BLOCK - 1) // BLOCK) if t.dim() >= 2 else 1
+    prefix = hash_prefix(name, t)
+    span = 64  # blocks per task: 8 MiB of 2 KiB rows
+    starts = list(range(0, nblocks, span))
+    out = np.empty((nblocks, 16), dtype=np.uint8)
+
+    def task(s: int) -> tuple[int, list[bytes]]:
+        return s, _digest_blocks(prefix, t, list(range(s, min(nblocks, s + span))))
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as ex:
+        for done, (s, ds) in enumerate(ex.map(task, starts), 1):
+            out[s: s + len(ds)] = np.frombuffer(b"".join(ds), dtype=np.uint8).reshape(-1, 16)
+            if progress is not None:
+                progress(done, len(starts))
+    return out
+
+
+def digest_sum(digests) -> int:
+    """The sum of (blocks, 16) little-endian 128-bit digests, as an integer (not reduced)."""
+    import numpy as np
+
+    words = np.ascontiguousarray(digests).view("<u8").reshape(-1, 2).astype(object)
+    return int(words[:, 0].sum()) + (int(words[:, 1].sum()) << 64) if len(words) else 0

@@ -163,7 +163,7 @@ def block_hash_sum(name: str, t: torch.Tensor, blocks: list[int] | None = None,
     fingerprint at the cost of the blocks it touched, and reverting restores it exactly."""
     m = _rows2d(t)
     n = m.shape[0]
-    prefix = f"{name}:{t.dtype}:{tuple(t.shape)}:".encode()
+    prefix = hash_prefix(name, t)
     if blocks is None:
         blocks = range((n + BLOCK - 1) // BLOCK)
     total = 0
@@ -175,11 +175,20 @@ def block_hash_sum(name: str, t: torch.Tensor, blocks: list[int] | None = None,
             if inside.any():
                 chunk = chunk.clone()
                 chunk[ids[inside] - b * BLOCK] = rows[inside].reshape(int(inside.sum()), -1).to(chunk.dtype)
-        h = hashlib.sha256(prefix)
-        h.update(f"{b}:".encode())
-        h.update(chunk.contiguous().view(torch.uint8).numpy())
-        total += int.from_bytes(h.digest()[:16], "little")
+        total += block_digest(prefix, b, chunk.contiguous().view(torch.uint8).numpy())
     return total % FP_MOD
+
+
+def hash_prefix(name: str, t: torch.Tensor) -> bytes:
+    return f"{name}:{t.dtype}:{tuple(t.shape)}:".encode()
+
+
+def block_digest(prefix: bytes, b: int, data) -> int:
+    """The hash of block ``b`` (its bytes ``data``) of the tensor that ``prefix`` names, as an integer < 2**128."""
+    h = hashlib.sha256(prefix)
+    h.update(f"{b}:".encode())
+    h.update(data)
+    return int.from_bytes(h.digest()[:16], "little")
 
 
 def _blocks(rows: torch.Tensor, t: torch.Tensor) -> list[int]:
@@ -201,6 +210,9 @@ def tensor_sums(model) -> dict[str, int]:
     cache: dict = model.__dict__.setdefault("_fp_cache", {})
     out = {}
     for name, t in native_state(model, contiguous=False).items():
+        if hasattr(t, "fingerprint_sum"):  # a table mapped from shards keeps a digest per block (storage.shards)
+            out[name] = t.fingerprint_sum(name)
+            continue
         key = (t._version, t.data_ptr(), tuple(t.shape), t.dtype)
         hit = cache.get(name)
         if hit is None or hit[0] != key:
@@ -574,7 +586,13 @@ class Store:
         self.folder = Path(folder)
         self.dir = self.folder / STATE_DIR
         self.base = self.folder / "model.safetensors"
+        if not self.base.exists() and (self.folder / "link.json").is_file():
+            self.base = self.folder / "link.json"  # a linked folder's base (storage.linked): never written
         self.log = self.dir / LOG
+
+    @property
+    def linked(self) -> bool:
+        return self.base.name == "link.json"
 
     # ---- the lock ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -682,6 +700,10 @@ class Store:
         return scan_log(self.log, with_rows)[0]
 
     def base_meta(self) -> dict[str, str]:
+        if self.linked:
+            from .linked import link_meta
+
+            return link_meta(self.folder)
         return read_header(self.base)[1]
 
     def folded(self, meta: dict[str, str] | None = None) -> int:
@@ -1020,22 +1042,40 @@ def write_base(model, path: Path, records: list[Record]) -> None:
     from safetensors.torch import save_file
 
     from .checkpoint import native_state
+    from .shards import is_sharded
 
+    state = native_state(model, contiguous=False)
+    if any(is_sharded(t) for t in state.values()):  # a table mapped from shards is written a block at a time
+        from .linked import write_native_base
+
+        return write_native_base(model, path, base_metadata(model, records))
     save_file(native_state(model), str(path), metadata=base_metadata(model, records))
 
 
-def compact(model) -> dict:
-    """Fold the row log into a new base (atomic rename; a process holding the old map keeps its snapshot)."""
+def compact(model, native: bool = False) -> dict:
+    """Fold the row log into a new base (atomic rename; a process holding the old map keeps its snapshot).
+
+    A linked folder's base is a checkpoint memedit never writes: only with ``native`` does compact write a native
+    ``model.safetensors`` (then the link is dropped and the folder stands alone)."""
     from .checkpoint import atomic_path
 
     st = store_of(model)
+    if st.linked and not native:
+        size = sum(t.numel() * t.element_size() for t in writable_tensors(model).values())
+        raise MemeditError(f"{st.folder} links to its checkpoint (read-only), so there is no base to fold the log into; "
+                           f"`memedit compact --native` writes a native model.safetensors (about {size / 1e9:.1f} GB "
+                           "for the tables alone) and drops the link")
     with st.locked():
         refresh(model)
         records = st.records(with_rows=False)
         before = st.base.stat().st_size
+        linked, st.base = st.linked, st.folder / "model.safetensors"
         with atomic_path(st.base, crash="compact") as tmp:
             write_base(model, tmp, records)
         crash_point("compact-renamed")
+        if linked:  # the native base now takes precedence; the link files are left-overs
+            for name in ("link.json", "link.blocks"):
+                (st.folder / name).unlink(missing_ok=True)
     return {"records": len(records), "folded_before": 0, "bytes_before": before, "bytes": st.base.stat().st_size}
 
 
@@ -1192,6 +1232,10 @@ def _check_base(st: Store, model, problems: list[str]) -> None:
     true (the sums are compared with the base's own tensors, whatever the log holds)."""
     from .checkpoint import native_state
 
+    if st.linked:  # a checkpoint elsewhere: compared block by block with the digests taken when it was linked
+        from .linked import check_base
+
+        return check_base(st.folder, model, problems)
     state = native_state(model, contiguous=False)
     for name, t in state.items():
         if t.is_floating_point():
