@@ -207,37 +207,34 @@ def locate(folder: Path, metadata, fqn: str) -> list[ItemBytes]:
     return out
 
 
-_FILES: dict[tuple, torch.UntypedStorage] = {}
-
-
-def _file_storage(path: Path) -> torch.UntypedStorage:
-    """The whole file mapped copy-on-write, once per process (a map costs address space, not memory)."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _FILES:
+def _file_storage(path: Path, files: dict) -> torch.UntypedStorage:
+    """The whole file mapped copy-on-write, once per ``files`` (one per load: rows a model writes in its private
+    pages must not show in another model of the same process; a map costs address space, not memory)."""
+    key = str(path.resolve())
+    if key not in files:
         try:
-            _FILES[key] = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=st.st_size)
+            files[key] = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
         except (OSError, RuntimeError) as e:
             raise MemeditError(f"cannot map {path}: {e}") from None
-    return _FILES[key]
+    return files[key]
 
 
-def map_bytes(item: ItemBytes) -> torch.Tensor:
+def map_bytes(item: ItemBytes, files: dict) -> torch.Tensor:
     """The chunk's bytes over the mapped file, (rows, bytes per row) uint8 (no copy)."""
     t = torch.empty(0, dtype=torch.uint8)
     if item.nbytes:
-        t = t.set_(_file_storage(item.file), item.start, (item.nbytes,))
+        t = t.set_(_file_storage(item.file, files), item.start, (item.nbytes,))
     return t.reshape(item.sizes[0], -1) if item.sizes and item.sizes[0] else t.reshape(0, 0)
 
 
-def map_item(item: ItemBytes, dtype: torch.dtype) -> torch.Tensor | None:
+def map_item(item: ItemBytes, dtype: torch.dtype, files: dict) -> torch.Tensor | None:
     """The chunk's tensor over the mapped file (no copy), or None when its bytes are not aligned for ``dtype``
     (torch.save aligns data within its archive, but DCP places archives at any byte of the file)."""
     if item.start % torch.empty(0, dtype=dtype).element_size():
         return None
     t = torch.empty(0, dtype=torch.uint8)
     if item.nbytes:
-        t = t.set_(_file_storage(item.file), item.start, (item.nbytes,))
+        t = t.set_(_file_storage(item.file, files), item.start, (item.nbytes,))
     return t.view(dtype).reshape(item.sizes)
 
 
@@ -257,20 +254,23 @@ def row_chunks(items: list[ItemBytes], shape: tuple[int, ...]) -> bool:
     return at == shape[0]
 
 
-def map_tensor(folder: Path, metadata, fqn: str, rows_table: bool = False) -> torch.Tensor | None:
+def map_tensor(folder: Path, metadata, fqn: str, rows_table: bool = False, files: dict | None = None
+               ) -> torch.Tensor | None:
     """``fqn`` mapped from the shards: a plain mapped tensor when one chunk holds it, a :class:`ShardedRows` when
     several row chunks hold it and ``rows_table`` (a value table, read by rows); None when it must be read and
-    assembled instead (chunks of columns, or several row chunks of a tensor that is not a value table)."""
+    assembled instead (chunks of columns, or several row chunks of a tensor that is not a value table). ``files``:
+    the maps of this load (tensors mapped with the same dict share them)."""
+    files = {} if files is None else files
     md = metadata.state_dict_metadata[fqn]
     shape, dtype = tuple(int(x) for x in md.size), md.properties.dtype
     items = locate(folder, metadata, fqn)
     if len(items) == 1 and items[0].offsets == (0,) * len(shape) and items[0].sizes == shape:
-        t = map_item(items[0], dtype)
+        t = map_item(items[0], dtype, files)
         if t is not None:
             return t
     if rows_table and len(shape) == 2 and row_chunks(items, shape):
         items = sorted(items, key=lambda i: i.offsets[0])
-        return ShardedRows([i.offsets[0] for i in items], [map_bytes(i) for i in items], shape, dtype)
+        return ShardedRows([i.offsets[0] for i in items], [map_bytes(i, files) for i in items], shape, dtype)
     return None
 
 

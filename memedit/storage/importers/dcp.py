@@ -33,6 +33,7 @@ class DcpState(Mapping):
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.path, self.prefix, self.mapped = Path(path), prefix, mapped
+        self._files: dict = {}  # the shard files mapped for this state (memedit.storage.shards)
         self.metadata = read_dcp_metadata(self.path)
         try:
             entries = self.metadata.state_dict_metadata.items()
@@ -57,7 +58,8 @@ class DcpState(Mapping):
         if self.mapped:  # the tensor bytes mapped inside the shards, no copy (value tables by rows)
             from ..shards import map_tensor
 
-            t = map_tensor(self.path, self.metadata, self.prefix + name, rows_table=name.endswith("values.weight"))
+            t = map_tensor(self.path, self.metadata, self.prefix + name, rows_table=name.endswith("values.weight"),
+                           files=self._files)
             if t is not None:
                 return t
         shape, dtype = self.specs[name]
