@@ -141,7 +141,7 @@ def main() -> None:
         ("generate -n 3", ["generate", PROMPT, "-n", "3", "--model", s(linked)], 10, 1.5, None, True),
         ("inspect --target", ["inspect", PROMPT, "--target", " Paris", "--json", "--model", s(linked)], 15, 1.5,
          None, True),
-        ("patch set 2 rows --apply", ["patch", "set", "-t", "shared", "-r", "5,9", "--scalar", "0", "--apply",
+        ("patch set 2 rows --apply", ["patch", "set", "-t", "layer3", "-r", "5,9", "--scalar", "0", "--apply",
                                       "--model", s(linked)], 3, 1.0, 1, False),
         ("background TEXT", ["background", s(text), "--model", s(linked)], None, 2.0, None, False),
         ("edit", ["edit", "--prompt", "The capital of {} is", "--subject", "France", "--target-new", " Rome",
@@ -217,8 +217,13 @@ def cli_out(cmd: list[str]) -> str:
 
 
 def fingerprint(folder: Path) -> str:
-    return json.loads(cli_out(["info", "--json", "--model", str(folder)])).get("fingerprint") or \
-        cli_out(["check", "--json", "--model", str(folder)])
+    """The folder's fingerprint (a hash of every block of every tensor, kept per block: nothing is re-read)."""
+    import subprocess
+
+    code = "import sys, memedit; from memedit.storage.checkpoint import fingerprint; " \
+           "print(fingerprint(memedit.load(sys.argv[1])))"
+    return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 if __name__ == "__main__":

@@ -192,12 +192,24 @@ def load(path: str | Path | None = None, dtype: str | None = None, device: str |
     if dtype is not None:
         if dtype not in DTYPES:
             raise MemeditError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+        plain_tables(model, f"--dtype {dtype}")
         model.to(DTYPES[dtype])
     if device is not None and check_device(device).type != "cpu":
+        plain_tables(model, f"--device {device}")
         model.to(check_device(device))
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def plain_tables(model: MemoryModel, why: str) -> None:
+    """Replace value tables mapped from shards (storage.shards.ShardedRows) by ordinary tensors before the model is
+    converted as a whole: a copy of a small table; a table too large to copy is refused in one line."""
+    from .shards import is_sharded
+
+    for t in model.tables:
+        if is_sharded(t.weight):
+            t.module.weight = torch.nn.Parameter(t.weight.materialize(why), requires_grad=False)
 
 
 def check_device(device: str) -> torch.device:

@@ -54,9 +54,9 @@ def source_files(src: Path) -> list[str]:
     """The files of a DCP step folder that its model tensors are read from (relative names)."""
     from .importers.safe import read_dcp_metadata
 
-    md = read_dcp_metadata(src)
+    md = read_dcp_metadata(src, light=True)
     shards = sorted({str(info.relative_path) for info in (getattr(md, "storage_data", None) or {}).values()
-                     if hasattr(info, "relative_path")})
+                     if getattr(info, "relative_path", None)})
     return [".metadata", "params.json", *shards]
 
 

@@ -140,18 +140,17 @@ def locate(folder: Path, metadata, fqn: str) -> list[ItemBytes]:
 
     Refused in one line: an item saved with transforms (compression, encryption) or in another serialization format
     (DCP's safetensors files), a compressed record, a record that is not the chunk's plain contiguous bytes."""
-    from torch.distributed.checkpoint.metadata import MetadataIndex
-
     md = metadata.state_dict_metadata[fqn]
     dtype = md.properties.dtype
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    storage = getattr(metadata, "storage_data", None) or {}
+    storage = {(idx.fqn, tuple(int(x) for x in (idx.offset or ()))): info
+               for idx, info in (getattr(metadata, "storage_data", None) or {}).items() if idx.fqn == fqn}
     out = []
     for chunk in md.chunks:
         offsets, sizes = tuple(int(x) for x in chunk.offsets), tuple(int(x) for x in chunk.sizes)
-        info = storage.get(MetadataIndex(fqn, offsets))
+        info = storage.get((fqn, offsets))
         where = f"{folder}: {fqn} (chunk at {list(offsets)})"
-        if info is None or not hasattr(info, "relative_path"):
+        if info is None or getattr(info, "relative_path", None) is None:
             raise MemeditError(f"{where} has no storage entry in .metadata")
         if getattr(info, "transform_descriptors", None):
             raise MemeditError(f"{where} was saved with transforms ({', '.join(map(str, info.transform_descriptors))}"
@@ -193,7 +192,7 @@ def locate(folder: Path, metadata, fqn: str) -> list[ItemBytes]:
         except MemeditError:
             raise
         except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
-            raise MemeditError(f"{where}: cannot map it ({e})") from None
+            raise MemeditError(f"{folder}: cannot read the DCP shards ({fqn}, chunk at {list(offsets)}: {e})") from None
         want = f"torch.{STORAGE_NAMES.get(dtype, '?')}"
         contiguous = [1] * len(sizes)
         for i in range(len(sizes) - 2, -1, -1):
@@ -254,12 +253,26 @@ def row_chunks(items: list[ItemBytes], shape: tuple[int, ...]) -> bool:
     return at == shape[0]
 
 
+def read_items(items: list[ItemBytes], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The tensor assembled from its chunks' bytes, read (a copy: for tensors that are small, or whose bytes are
+    not aligned for their dtype)."""
+    out = torch.empty(shape, dtype=dtype)
+    for i in items:
+        buf = torch.empty(i.nbytes, dtype=torch.uint8)
+        with open(i.file, "rb") as f:
+            f.seek(i.start)
+            if i.nbytes and f.readinto(buf.numpy()) != i.nbytes:
+                raise MemeditError(f"{i.file} is truncated (a tensor's bytes run past its end)")
+        out[tuple(slice(o, o + s) for o, s in zip(i.offsets, i.sizes, strict=True))] = buf.view(dtype).reshape(i.sizes)
+    return out
+
+
 def map_tensor(folder: Path, metadata, fqn: str, rows_table: bool = False, files: dict | None = None
-               ) -> torch.Tensor | None:
-    """``fqn`` mapped from the shards: a plain mapped tensor when one chunk holds it, a :class:`ShardedRows` when
-    several row chunks hold it and ``rows_table`` (a value table, read by rows); None when it must be read and
-    assembled instead (chunks of columns, or several row chunks of a tensor that is not a value table). ``files``:
-    the maps of this load (tensors mapped with the same dict share them)."""
+               ) -> torch.Tensor:
+    """``fqn`` from the shards: a plain mapped tensor when one chunk holds it (and its bytes are aligned), a
+    :class:`ShardedRows` when several row chunks hold it and ``rows_table`` (a value table, read by rows), else
+    read and assembled from its chunks (:func:`read_items`). ``files``: the maps of this load (tensors mapped
+    with the same dict share them)."""
     files = {} if files is None else files
     md = metadata.state_dict_metadata[fqn]
     shape, dtype = tuple(int(x) for x in md.size), md.properties.dtype
@@ -271,11 +284,13 @@ def map_tensor(folder: Path, metadata, fqn: str, rows_table: bool = False, files
     if rows_table and len(shape) == 2 and row_chunks(items, shape):
         items = sorted(items, key=lambda i: i.offsets[0])
         return ShardedRows([i.offsets[0] for i in items], [map_bytes(i, files) for i in items], shape, dtype)
-    return None
+    return read_items(items, shape, dtype)
 
 
 # ---- a table over several mapped row chunks ----------------------------------------------------------------
 _aten = torch.ops.aten
+_NEW = (_aten.new_empty.default, _aten.new_zeros.default, _aten.new_ones.default, _aten.new_full.default,
+        _aten.new_empty_strided.default)
 
 
 class ShardedRows(torch.Tensor):
@@ -403,6 +418,11 @@ class ShardedRows(torch.Tensor):
                 return self.gather(args[1][0])
             if func is _aten.index_select.default and args[1] == 0:
                 return self.gather(args[2])
+            if func is _aten.index_select.out and args[1] == 0:
+                rows, out = self.gather(args[2]), kwargs["out"]
+                return out.resize_(rows.shape).copy_(rows)
+            if func in _NEW:  # a new tensor of the table's dtype, not the table
+                return func(torch.empty(0, dtype=self.dtype), *args[1:], **kwargs)
             if func is _aten.select.int and args[1] == 0:
                 i = args[2] + self.shape[0] if args[2] < 0 else args[2]
                 return self.rows(i, i + 1)[0].clone()

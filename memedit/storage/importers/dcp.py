@@ -30,17 +30,17 @@ class DcpState(Mapping):
     mapped = True  # tensors are mapped from the shards where they can be (memedit.storage.shards)
 
     def __init__(self, path: Path, prefix: str = "model.", mapped: bool = True):
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
         self.path, self.prefix, self.mapped = Path(path), prefix, mapped
         self._files: dict = {}  # the shard files mapped for this state (memedit.storage.shards)
-        self.metadata = read_dcp_metadata(self.path)
+        self.metadata = read_dcp_metadata(self.path, light=mapped)  # mapping needs no import of DCP itself
         try:
             entries = self.metadata.state_dict_metadata.items()
-        except AttributeError:
+            self.specs = {fqn[len(prefix):]: (tuple(md.size), md.properties.dtype) for fqn, md in entries
+                          if fqn.startswith(prefix) and type(md).__name__ == "TensorStorageMetadata"}
+        except (AttributeError, TypeError):
             raise MemeditError(f"{self.path / '.metadata'} is not DCP metadata") from None
-        self.specs = {fqn[len(prefix):]: (tuple(md.size), md.properties.dtype) for fqn, md in entries
-                      if fqn.startswith(prefix) and isinstance(md, TensorStorageMetadata)}
+        if not all(isinstance(dt, torch.dtype) for _, dt in self.specs.values()):
+            raise MemeditError(f"{self.path / '.metadata'} is not DCP metadata (a tensor without a dtype)")
         if not self.specs:
             raise MemeditError(f"{self.path} is a DCP checkpoint without model tensors (no names under {prefix!r})")
 
@@ -58,10 +58,8 @@ class DcpState(Mapping):
         if self.mapped:  # the tensor bytes mapped inside the shards, no copy (value tables by rows)
             from ..shards import map_tensor
 
-            t = map_tensor(self.path, self.metadata, self.prefix + name, rows_table=name.endswith("values.weight"),
-                           files=self._files)
-            if t is not None:
-                return t
+            return map_tensor(self.path, self.metadata, self.prefix + name, rows_table=name.endswith("values.weight"),
+                              files=self._files)
         shape, dtype = self.specs[name]
         out = torch.empty(shape, dtype=dtype)
         self.read({name: out})
@@ -72,7 +70,7 @@ class DcpState(Mapping):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
 
-        meta = self.metadata
+        meta = self.metadata if not self.mapped else read_dcp_metadata(self.path)  # DCP needs its own classes
 
         class SafeReader(dcp.FileSystemReader):
             def read_metadata(self, *args, **kwargs):  # noqa: ANN201 - DCP's own signature
