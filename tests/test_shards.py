@@ -87,6 +87,20 @@ def test_row_writes_stay_in_memory_and_keep_the_fingerprint(sharded_step):
     assert shard_hashes(sharded_step) == before  # copy-on-write: the files never see a write
 
 
+def test_ranges_read_from_the_files_show_the_rows_written_in_memory(sharded_step, monkeypatch):
+    monkeypatch.setattr(shards, "READ_BYTES", 0)  # every range of rows read with pread, as on a big table
+    t = DcpState(sharded_step)[TABLE]
+    plain = DcpState(sharded_step, mapped=False)[TABLE]
+    assert torch.equal(t[0:4096], plain) and torch.equal(t[400:420], plain[400:420])
+    ids = torch.tensor([3, 410, 2100])
+    with torch.no_grad():
+        t[ids] = torch.ones(3, 64, dtype=torch.bfloat16)
+        plain[ids] = torch.ones(3, 64, dtype=torch.bfloat16)
+    assert torch.equal(t[0:4096], plain) and torch.equal(t[405:415], plain[405:415])
+    assert t.fingerprint_sum("x") == block_hash_sum("x", plain)
+    assert (shards.block_digests("x", t) == shards.block_digests("x", plain)).all()
+
+
 def test_whole_table_operations_are_done_on_a_copy_or_refused(sharded_step, monkeypatch):
     t = DcpState(sharded_step)[TABLE]
     full = t.gather(torch.arange(4096))

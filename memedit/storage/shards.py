@@ -29,6 +29,7 @@ import torch
 from ..errors import MemeditError
 
 MATERIALIZE_BYTES = 256 << 20  # a ShardedRows table at most this large may be copied whole for other operations
+READ_BYTES = 1 << 20  # ranges of rows this large or larger are read from the files rather than paged in
 
 _LOCAL = struct.Struct("<IHHHHHIIIHH")  # zip local file header (30 bytes)
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")  # central directory header (46 bytes)
@@ -215,7 +216,24 @@ def _file_storage(path: Path, files: dict) -> torch.UntypedStorage:
             files[key] = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
         except (OSError, RuntimeError) as e:
             raise MemeditError(f"cannot map {path}: {e}") from None
+        _advise_random(files[key])
     return files[key]
+
+
+def _advise_random(storage: torch.UntypedStorage) -> None:
+    """madvise(MADV_RANDOM) on a mapped file: a page fault reads its page, not the ~128 KiB around it. Lookups read
+    rows scattered over the table (2 KiB each); with the kernel's read-around every row cost 64 times its size from
+    disk. Whole ranges are read with pread instead (:meth:`ShardedRows.row_bytes_of`), which keeps readahead."""
+    import ctypes
+    import ctypes.util
+    import mmap
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.madvise(ctypes.c_void_p(storage.data_ptr()), ctypes.c_size_t(storage.nbytes()),
+                     getattr(mmap, "MADV_RANDOM", 1))
+    except (OSError, AttributeError):  # no libc (not Linux): the default advice, slower but correct
+        pass
 
 
 def map_bytes(item: ItemBytes, files: dict) -> torch.Tensor:
@@ -283,7 +301,8 @@ def map_tensor(folder: Path, metadata, fqn: str, rows_table: bool = False, files
             return t
     if rows_table and len(shape) == 2 and row_chunks(items, shape):
         items = sorted(items, key=lambda i: i.offsets[0])
-        return ShardedRows([i.offsets[0] for i in items], [map_bytes(i, files) for i in items], shape, dtype)
+        return ShardedRows([i.offsets[0] for i in items], [map_bytes(i, files) for i in items], shape, dtype,
+                           [(i.file, i.start) for i in items])
     return read_items(items, shape, dtype)
 
 
@@ -299,15 +318,17 @@ class ShardedRows(torch.Tensor):
     MATERIALIZE_BYTES, and is refused in one line when it is larger (it would read the whole table into memory)."""
 
     @staticmethod
-    def __new__(cls, starts: list[int], chunks: list[torch.Tensor], shape, dtype):
+    def __new__(cls, starts: list[int], chunks: list[torch.Tensor], shape, dtype, sources=None):
         t = torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=dtype, device="cpu", requires_grad=False)
         t.starts = list(starts)
+        t.sources = sources  # (file, byte offset) of each chunk: ranges of rows are read from there
         t.row_bytes = t.element_size() * int(shape[1])
         t.chunks = list(chunks)
         t._bounds = torch.tensor(list(starts)[1:], dtype=torch.long)
         # the fingerprint kept per block: digests (blocks, 16) uint8 once computed or given (a linked folder stores
-        # them), and the blocks written since; shared by every alias of the table
-        t.fp = {"digests": None, "dirty": set()}
+        # them), the blocks written since, and every block ever written in this process (those rows live in private
+        # pages of the map, not in the file); shared by every alias of the table
+        t.fp = {"digests": None, "dirty": set(), "written": set()}
         return t
 
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -316,7 +337,7 @@ class ShardedRows(torch.Tensor):
         return f"ShardedRows(shape={tuple(self.shape)}, dtype={self.dtype}, chunks={len(self.chunks)})"
 
     def _alias(self) -> ShardedRows:
-        t = ShardedRows(self.starts, self.chunks, self.shape, self.dtype)
+        t = ShardedRows(self.starts, self.chunks, self.shape, self.dtype, self.sources)
         t.fp = self.fp  # one table: aliases share what was written
         return t
 
@@ -353,10 +374,41 @@ class ShardedRows(torch.Tensor):
         return out.view(self.dtype)
 
     def row_bytes_of(self, a: int, b: int) -> torch.Tensor:
-        """The bytes of rows a..b-1, (rows, bytes per row) uint8: a view when one chunk holds them."""
+        """The bytes of rows a..b-1, (rows, bytes per row) uint8: a view of the map when one chunk holds a few
+        rows; a range of READ_BYTES or more is read from the files (sequential, with readahead) and the blocks
+        written in memory are laid over it from the map."""
+        from .store import BLOCK
+
         a, b = max(0, a), min(self.shape[0], b)
         if b <= a:
             return torch.empty((0, self.row_bytes), dtype=torch.uint8)
+        if self.sources is None or (b - a) * self.row_bytes < READ_BYTES:
+            return self._mapped_bytes(a, b)
+        out = torch.empty((b - a, self.row_bytes), dtype=torch.uint8)
+        at, c = a, int(torch.bucketize(torch.tensor(a), self._bounds, right=True))
+        while at < b:
+            s, e = self.starts[c], self.starts[c] + self.chunks[c].shape[0]
+            hi = min(b, e)
+            path, start = self.sources[c]
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                view = memoryview(out[at - a: hi - a].numpy()).cast("B")
+                got, want, pos = 0, (hi - at) * self.row_bytes, start + (at - s) * self.row_bytes
+                while got < want:
+                    n = os.preadv(fd, [view[got:]], pos + got)
+                    if n <= 0:
+                        raise MemeditError(f"{path} is truncated (rows {at:,}..{hi - 1:,} run past its end)")
+                    got += n
+            finally:
+                os.close(fd)
+            at, c = hi, c + 1
+        for blk in sorted(self.fp["written"]):
+            lo, hi = max(a, blk * BLOCK), min(b, (blk + 1) * BLOCK)
+            if lo < hi:
+                out[lo - a: hi - a] = self._mapped_bytes(lo, hi)
+        return out
+
+    def _mapped_bytes(self, a: int, b: int) -> torch.Tensor:
         parts = []
         c = int(torch.bucketize(torch.tensor(a), self._bounds, right=True))
         while a < b:
@@ -376,7 +428,9 @@ class ShardedRows(torch.Tensor):
         for c, pos, local in self._split(flat):
             self.chunks[c][local] = values[pos]
         n = self.shape[0]
-        self.fp["dirty"].update(torch.unique(torch.where(flat < 0, flat + n, flat) // BLOCK).tolist())
+        blocks = torch.unique(torch.where(flat < 0, flat + n, flat) // BLOCK).tolist()
+        self.fp["dirty"].update(blocks)
+        self.fp["written"].update(blocks)
 
     def fingerprint_sum(self, name: str) -> int:
         """The table's fingerprint sum (store.block_hash_sum's value) from its per-block digests: every block hashed
@@ -507,7 +561,14 @@ def block_digests(name: str, t: torch.Tensor, progress=None) -> "numpy.ndarray":
     out = np.empty((nblocks, 16), dtype=np.uint8)
 
     def task(s: int) -> tuple[int, list[bytes]]:
-        return s, _digest_blocks(prefix, t, list(range(s, min(nblocks, s + span))))
+        from .store import block_digest
+
+        e = min(nblocks, s + span)
+        data = _block_bytes(t, s * BLOCK, min(n, e * BLOCK)).numpy()  # the span read once (pread for a big table)
+        step = BLOCK * (data.shape[1] if data.ndim == 2 else 0)
+        flat = data.reshape(-1)
+        return s, [block_digest(prefix, b, flat[(b - s) * step: (b - s + 1) * step] if step else flat)
+                   .to_bytes(16, "little") for b in range(s, e)]
 
     from concurrent.futures import ThreadPoolExecutor
 
