@@ -361,32 +361,30 @@ class ShardedRows(torch.Tensor):
                 yield c, pos, flat[pos] - self.starts[c]
             at += k
 
-    def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows ``ids`` (any shape of int64) as a new tensor of shape ids.shape + (width,)."""
+    def gather(self, ids: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``ids`` (any shape of int64) as a new tensor of shape ids.shape + (width,) (or written into
+        ``into``, contiguous (n, width) of the table's dtype)."""
         flat = ids.reshape(-1).long()
-        out = torch.empty((flat.numel(), self.row_bytes), dtype=torch.uint8)
+        out = torch.empty((flat.numel(), self.row_bytes), dtype=torch.uint8) if into is None else \
+            into.view(torch.uint8).view(flat.numel(), self.row_bytes)
         parts = list(self._split(flat))
         if len(parts) == 1:  # one chunk: straight into the result
             c, _, local = parts[0]
             w = self._wide[c]
             torch.index_select(w, 0, local, out=out.view(w.dtype))
         elif parts:
-            # each chunk's rows into a buffer in chunk order, one thread (up to 128 small selects: torch's thread
-            # pool made them 4-10x slower on a busy machine), then one scatter into the asked order
-            buf, order, at = torch.empty_like(out), [], 0
+            # chunk by chunk on one thread (up to 128 small selects and copies: torch's thread pool made them
+            # 4-50x slower on a busy machine); memory: the result and one chunk's share of it
+            wide = _widest(out)
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
                 for c, pos, local in parts:
-                    w = self._wide[c]
-                    torch.index_select(w, 0, local, out=buf[at: at + len(local)].view(w.dtype))
-                    order.append(pos)
-                    at += len(local)
+                    sel = torch.index_select(self._wide[c], 0, local)
+                    wide.index_copy_(0, pos, sel.view(torch.uint8).view(wide.dtype))
             finally:
                 torch.set_num_threads(threads)
-            wide = _widest(out)
-            wide.index_copy_(0, torch.cat(order), _widest(buf))
-        return out.view(self.dtype).reshape(*ids.shape, *self.shape[1:])
+        return into if into is not None else out.view(self.dtype).reshape(*ids.shape, *self.shape[1:])
 
     def rows(self, a: int, b: int) -> torch.Tensor:
         """Rows a..b-1: a view of the mapped chunk when one chunk holds them, else a copy."""
@@ -495,8 +493,11 @@ class ShardedRows(torch.Tensor):
             if func is _aten.index_select.default and args[1] == 0:
                 return self.gather(args[2])
             if func is _aten.index_select.out and args[1] == 0:
-                rows, out = self.gather(args[2]), kwargs["out"]
-                return out.resize_(rows.shape).copy_(rows)
+                out, shape = kwargs["out"], (args[2].numel(), *self.shape[1:])
+                if out.dtype == self.dtype and out.is_contiguous() and tuple(out.shape) == shape and \
+                        out.storage_offset() % 8 == 0:
+                    return self.gather(args[2], into=out)
+                return out.resize_(shape).copy_(self.gather(args[2]))
             if func in _NEW:  # a new tensor of the table's dtype, not the table
                 return func(torch.empty(0, dtype=self.dtype), *args[1:], **kwargs)
             if func is _aten.select.int and args[1] == 0:
