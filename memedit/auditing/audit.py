@@ -72,11 +72,11 @@ def corpus_batches(model: MemoryModel, corpus: Corpus, batch_size: int = 64, max
         yield out(frac)
 
 
-LOOKUP_BYTES = 256 << 20  # stage-1 sub-key scores of one forward: (positions, H, 2, N) float32
+LOOKUP_BYTES = 128 << 20  # stage-1 sub-key scores of one forward: (positions, H, 2, N) float32
 
 
 def lookup_tokens(model: MemoryModel) -> int:
-    """Positions per forward that keep the lookup's sub-key scores within LOOKUP_BYTES: 2,048 at N 4096 and 4 heads
+    """Positions per forward that keep the lookup's sub-key scores within LOOKUP_BYTES: 1,024 at N 4096 and 4 heads
     (a batch of 64 lines of 72 tokens would need 604 MB there), more than a batch at N 1024."""
     mem = model.config.memory
     return max(1, LOOKUP_BYTES // max(1, mem.heads * 2 * mem.n_keys * 4))
