@@ -250,9 +250,9 @@ def write_audit(path: str | Path, stats: SlotStats, metrics: list[dict] | None =
     return path
 
 
-def _row_norms(rows: torch.Tensor, block: int = CHUNK) -> np.ndarray:
-    """(n,) float32: the L2 norm of each row of a (mapped) table, upcast a block of rows at a time so a
-    1M-row bfloat16 table never becomes a 4 GiB float32 copy."""
+def _row_norms(rows: torch.Tensor, block: int = 1 << 14) -> np.ndarray:
+    """(n,) float32: the L2 norm of each row of a (mapped) table, upcast a block of rows at a time (64 MiB of
+    float32 at V 1024) so a 1M-row bfloat16 table never becomes a 4 GiB float32 copy."""
     out = np.empty(rows.shape[0], dtype=np.float32)
     up = torch.empty(min(block, rows.shape[0]), rows.shape[1], device=rows.device)  # one buffer: see top_written_tokens
     for start in range(0, rows.shape[0], block):
@@ -420,19 +420,26 @@ def read_audit(path: str | Path) -> SlotStats:
             raise MemeditError(f"{path} holds no slot statistics (an export without --stats); "
                                "give a file written by `memedit audit --out`")
         try:
-            weights = f["weights"][()]
+            # a (layer, head) row at a time: at 16.8M slots a whole array is 0.5 GB, and converting it whole took
+            # three more of them at once
+            counts = torch.empty(f["counts"].shape, dtype=torch.int64)
+            units = torch.empty(f["weights"].shape, dtype=torch.int64)
+            for li in range(counts.shape[0]):
+                for h in range(counts.shape[1]):
+                    counts[li, h] = torch.from_numpy(f["counts"][li, h].astype(np.int64, copy=False))
+                    units[li, h] = torch.from_numpy(np.rint(f["weights"][li, h] * WEIGHT_SCALE).astype(np.int64))
             return SlotStats(
                 layers=[int(x) for x in f["layer"][()]], tables=json.loads(f.attrs["tables"]),
                 n_keys=int(f.attrs["n_keys"]), heads=int(f.attrs["heads"]), knn=int(f.attrs["knn"]),
-                counts=torch.from_numpy(f["counts"][()].astype(np.int64)),
-                weight_units=torch.from_numpy(np.rint(weights * WEIGHT_SCALE).astype(np.int64)),
+                counts=counts,
+                weight_units=units,
                 subkey_counts=torch.from_numpy(f["subkey_counts"][()].astype(np.int64)),
                 tokens=int(f.attrs["tokens"]), corpus=str(f.attrs.get("corpus", "")),
                 fingerprint=str(f.attrs.get("fingerprint", "")), config=json.loads(f.attrs["model_config"]),
                 contexts=_read_contexts(f, [int(x) for x in f["layer"][()]], json.loads(f.attrs["tables"])),
             )
-        except (KeyError, ValueError, TypeError, OSError) as e:
-            raise MemeditError(f"{path} is a damaged memedit audit ({type(e).__name__}: {e})") from None
+        except (KeyError, ValueError, TypeError, OSError, IndexError, RuntimeError) as e:
+            raise MemeditError(f"{path} is a damaged memedit audit ({type(e).__name__}: {str(e)[:160]})") from None
 
 
 def check_same_model(stats: SlotStats, model: Any, fp: str | None = None) -> None:
