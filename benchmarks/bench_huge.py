@@ -165,10 +165,11 @@ def main() -> None:
         ok_w = wall_f is None or r["wall"] <= wall_f
         ok_p = r["private"] / GB <= priv_f
         ok_b = written_f is None or r["written"] / 1e6 <= written_f
-        print(f"| `{name}` ({kind}) | {r['wall']:.1f} s | {'≤ %g s' % wall_f if wall_f else '—'} "
+        cap = "" if written_f is None else f" (≤ {written_f:g} MB: {'ok' if ok_b else 'MISSED'})"
+        print(f"| `{name}` ({kind}) | {r['wall']:.1f} s | {f'≤ {wall_f:g} s' if wall_f else '—'} "
               f"({'ok' if ok_w else 'MISSED'}) | {r['private'] / GB:.2f} GB | ≤ {priv_f:g} GB "
               f"({'ok' if ok_p else 'MISSED'}) | {r['rss'] / GB:.2f} GB | {r['written'] / 1e6:,.1f} MB"
-              f"{'' if written_f is None else ' (≤ %g MB: %s)' % (written_f, 'ok' if ok_b else 'MISSED')} | "
+              f"{cap} | "
               f"{r['rc']} | {la0} → {load()} |{(' ' + r['error']) if r['error'] else ''}", flush=True)
         results.append(dict(r, name=name, kind=kind, load_before=la0, load_after=load(),
                             ok=bool(ok_w and ok_p and ok_b and r["rc"] == 0)))
@@ -206,7 +207,8 @@ def main() -> None:
               f"({', '.join(f'{k} {v[:12]}' for k, v in after.items())})")
     print(f"load average after: {load()}", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "revert_exact": exact, "shards_identical": same}, indent=1))
+        args.json.write_text(json.dumps({"results": results, "revert_exact": exact, "shards_identical": same},
+                                        indent=1))
     failed = [r["name"] for r in results if r["rc"] != 0]
     if args.smoke and (failed or not exact or not same):
         sys.exit(f"smoke run failed: {', '.join(failed) or 'revert/sha'}")

@@ -64,8 +64,7 @@ def small_state(p: dict, seed: int) -> dict[str, torch.Tensor]:
 def table_names(p: dict) -> list[str]:
     pk = p["model"]["productkey_args"]
     layers = [int(x) for x in str(pk["layers"]).split(",") if x]
-    return [f"layers.{L}.feed_forward.values.weight" for L in (layers if pk.get("mem_share_values", True) is not False
-                                                                else layers)]
+    return [f"layers.{L}.feed_forward.values.weight" for L in layers]  # a shared table is saved under every layer
 
 
 def _rank_main(spec_path: str) -> None:
@@ -93,9 +92,10 @@ def _rank_main(spec_path: str) -> None:
             plan = super().create_local_plan()
             extra = [WriteItem(index=MetadataIndex(fqn, [a, 0]), type=WriteItemType.SHARD,
                                tensor_data=TensorWriteData(
-                                   chunk=ChunkStorageMetadata(offsets=torch.Size([a, 0]), sizes=torch.Size([b - a, width])),
+                                   chunk=ChunkStorageMetadata(offsets=torch.Size([a, 0]),
+                                                              sizes=torch.Size([b - a, width])),
                                    properties=TensorProperties(dtype=torch.bfloat16), size=torch.Size([rows, width])))
-                     for fqn in tables for a, b in zip(bounds, bounds[1:]) if b > a]
+                     for fqn in tables for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
             self.plan = dataclasses.replace(plan, items=plan.items + extra)
             return self.plan
 
@@ -145,14 +145,13 @@ def _fixture_params() -> dict:
     return params(mem_n_keys=64)  # 4,096 slots x 64 bf16 (512 KiB), shared by layers 1 and 3
 
 
-try:
-    import pytest
+_SESSION: dict[str, Path] = {}
 
-    @pytest.fixture(scope="session")
-    def sharded_step(tmp_path_factory) -> Path:
-        """A step folder written by two gloo ranks, each table copy in 5 row chunks per rank (409-410 rows: chunk
-        edges fall inside blocks of 64 rows); a session-wide original that tests copy before changing."""
-        return write_sharded_step(tmp_path_factory.mktemp("sharded") / "step", _fixture_params(), seed=3,
-                                  chunks_per_rank=5)
-except ImportError:  # a rank process or the benchmark without pytest
-    pass
+
+def session_step(tmp_path_factory) -> Path:
+    """A step folder written by two gloo ranks, each table copy in 5 row chunks per rank (409-410 rows: chunk
+    edges fall inside blocks of 64 rows), written once per test session; tests copy it before changing it."""
+    if "step" not in _SESSION:
+        _SESSION["step"] = write_sharded_step(tmp_path_factory.mktemp("sharded") / "step", _fixture_params(), seed=3,
+                                              chunks_per_rank=5)
+    return _SESSION["step"]

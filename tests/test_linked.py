@@ -19,10 +19,16 @@ from memedit.storage import linked, store
 from memedit.storage.checkpoint import fingerprint
 from memedit.storage.importers.dcp import DcpState
 
-from .sharded_dcp import sharded_step  # noqa: F401 - the session fixture
+from .sharded_dcp import session_step
 from .test_store import memedit_cmd, temp_files
 
 TABLE = "layers.1.feed_forward.values.weight"
+
+
+@pytest.fixture
+def sharded_step(tmp_path_factory):
+    """The two-rank step folder (tests/sharded_dcp.py), written once per session."""
+    return session_step(tmp_path_factory)
 
 
 @pytest.fixture(autouse=True)

@@ -19,9 +19,15 @@ from memedit.storage.importers.lingua import load_lingua
 from memedit.storage.importers.safe import read_dcp_metadata
 from memedit.storage.store import block_hash_sum
 
-from .sharded_dcp import sharded_step, table_rows  # noqa: F401 - the session fixture
+from .sharded_dcp import session_step, table_rows
 
 TABLE = "layers.1.feed_forward.values.weight"
+
+
+@pytest.fixture
+def sharded_step(tmp_path_factory):
+    """The two-rank step folder (tests/sharded_dcp.py), written once per session."""
+    return session_step(tmp_path_factory)
 
 
 @pytest.fixture(autouse=True)

@@ -445,8 +445,7 @@ def state_dir(model: MemoryModel, create: bool = False) -> Path:
 
 
 OWN_FILES = ("config.json", "model.safetensors", "link.json", "link.blocks", "tokenizer.json", "memedit/rows.log",
-             "memedit/lock",
-             "memedit/frozen.safetensors", "memedit/background.safetensors", "memedit/edits.jsonl")
+             "memedit/lock", "memedit/frozen.safetensors", "memedit/background.safetensors", "memedit/edits.jsonl")
 
 
 def check_output(model: MemoryModel | None, out: str | Path) -> Path:

@@ -79,8 +79,8 @@ def write_link(model, tmp: Path, progress=None) -> None:
 
     src = Path(model.source or "").resolve()
     if not model.source or not is_dcp(src):
-        raise MemeditError(f"--link links a DCP training step folder (.metadata, *.distcp, params.json); {model.source} "
-                           "is not one: convert it without --link (a copy)")
+        raise MemeditError(f"--link links a DCP training step folder (.metadata, *.distcp, params.json); "
+                           f"{model.source} is not one: convert it without --link (a copy)")
     names = source_files(src)
     files = identify(src, names)
     state = native_state(model, contiguous=False)

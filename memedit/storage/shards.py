@@ -314,7 +314,8 @@ _NEW = (_aten.new_empty.default, _aten.new_zeros.default, _aten.new_ones.default
 
 class ShardedRows(torch.Tensor):
     """A (rows, width) table whose rows lie in several tensors (mapped chunks of bytes, (rows, bytes per row) uint8,
-    at any alignment): gathers and row writes go to the chunk holding each row; every other operation runs on a materialised copy when the table is at most
+    at any alignment): gathers and row writes go to the chunk holding each row; every other operation runs on a
+    materialised copy when the table is at most
     MATERIALIZE_BYTES, and is refused in one line when it is larger (it would read the whole table into memory)."""
 
     @staticmethod
@@ -577,7 +578,7 @@ def _digest_blocks(prefix: bytes, t: torch.Tensor, blocks: list[int]) -> list[by
     return out
 
 
-def block_digests(name: str, t: torch.Tensor, progress=None) -> "numpy.ndarray":  # noqa: F821
+def block_digests(name: str, t: torch.Tensor, progress=None):
     """Every block's digest of ``t`` under ``name``, (blocks, 16) uint8, hashed by all cores (sha256 releases the
     GIL), a span of blocks per task, so the sum equals store.block_hash_sum(name, t). ``progress(done, total)``."""
     import numpy as np

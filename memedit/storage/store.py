@@ -1062,9 +1062,9 @@ def compact(model, native: bool = False) -> dict:
     st = store_of(model)
     if st.linked and not native:
         size = sum(t.numel() * t.element_size() for t in writable_tensors(model).values())
-        raise MemeditError(f"{st.folder} links to its checkpoint (read-only), so there is no base to fold the log into; "
-                           f"`memedit compact --native` writes a native model.safetensors (about {size / 1e9:.1f} GB "
-                           "for the tables alone) and drops the link")
+        raise MemeditError(f"{st.folder} links to its checkpoint (read-only), so there is no base to fold the log "
+                           f"into; `memedit compact --native` writes a native model.safetensors (about "
+                           f"{size / 1e9:.1f} GB for the tables alone) and drops the link")
     with st.locked():
         refresh(model)
         records = st.records(with_rows=False)

@@ -76,7 +76,7 @@ class _Light:
 
     def __setstate__(self, state: Any) -> None:
         if type(self).__name__ == "TensorProperties" and isinstance(state, tuple):
-            state = dict(zip(("dtype", "layout", "requires_grad", "memory_format", "pin_memory"), state))
+            state = dict(zip(("dtype", "layout", "requires_grad", "memory_format", "pin_memory"), state, strict=False))
         elif isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
             state = {**(state[0] or {}), **(state[1] or {})}
         if isinstance(state, dict):
