@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import torch
 
-from memedit.auditing.audit import Corpus, audit, corpus_batches
+from memedit.auditing.audit import audit, corpus_batches, open_corpus
 from memedit.auditing.hdf5 import FILTERS, _chunks, write_audit
 from memedit.auditing.stats import AuditCounter, SlotStats, report
 from memedit.lm.batching import pad_batch, pad_id
@@ -63,7 +63,7 @@ def million_slot_model(demo):
 
 @torch.no_grad()
 def bench_counting(model, max_tokens: int, batch_size: int, rounds: int) -> None:
-    corpus = Corpus.open(None, model)
+    corpus = open_corpus(None, model)
     pad = pad_id(model)
     prepared = []
     for seqs, _ in corpus_batches(model, corpus, batch_size, max_tokens):

@@ -47,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memedit  # noqa: E402
 from memedit.editing import background as B  # noqa: E402
 from memedit.editing.patch import write_rows  # noqa: E402
-from memedit.editing.sparse_ft import EditConfig, EditRequest, answers_of, edit, keep_for  # noqa: E402
+from memedit.editing.locality import Locality, mentions, sample_for  # noqa: E402
+from memedit.editing.sparse_ft import EditConfig, EditRequest, answers_of, edit, keep_for, run_edits  # noqa: E402
 from memedit.tracing.targets import score  # noqa: E402
 from memedit.world.facts import world_of  # noqa: E402
 
@@ -64,18 +65,22 @@ STRATEGIES = {
     "counts": {**FIXED, "ranking": "counts"},
     "full-ft": {"adaptive": False, "steps": 100, "train_all": True, "optimizer": "adamw", "lr": 3e-5},
 }
-METHODS = list(STRATEGIES) + ["rome"]
+METHODS = list(STRATEGIES) + ["rome", "grace"]
 
 
 def requests(world, n: int, seed: int) -> list[EditRequest]:
-    """n facts at random, each rewritten to a random other object of its relation."""
+    """n edits drawn with replacement from the world's facts (a fact drawn again is edited again), each to a random
+    object of its relation other than the fact's answer at that point (its true object, or its last edit's)."""
     rng = random.Random(seed)
     objects = {r.name: r.objects for r in world.relations}
+    current: dict[str, str] = {}
     out = []
-    for f in rng.sample(world.facts, n):
+    for _ in range(n):
+        f = rng.choice(world.facts)
         req = EditRequest.from_fact(f)
-        req.target_new = rng.choice([o for o in objects[f.relation] if o != f.target_true])
-        req.target_true = f.target_true
+        req.target_true = current.get(f.id, f.target_true)
+        req.target_new = rng.choice([o for o in objects[f.relation] if o != req.target_true])
+        current[f.id] = req.target_new
         out.append(req)
     return out
 
@@ -89,19 +94,26 @@ def prefers(model, prompts: list[str], first: list[str], second: list[str]) -> l
     return [a.mean_logprob > b.mean_logprob for a, b in zip(sc[:n], sc[n:], strict=True)]
 
 
-def checkpoint(model, made: list[EditRequest], untouched: tuple[list[str], list[str]]) -> dict:
-    """The metrics of the module docstring on the model as it stands."""
-    rw = [r.rewrite_prompt for r in made]
-    hold = prefers(model, rw, [r.target_new for r in made], [r.target_true for r in made])
-    exact = [s.greedy for s in score(model, rw, [r.target_new for r in made])]
-    pp = [(p, r) for r in made for p in r.paraphrases + r.heldout_paraphrases]
-    para = prefers(model, [p for p, _ in pp], [r.target_new for _, r in pp], [r.target_true for _, r in pp])
-    nb = [(p, r) for r in made for p in r.neighborhood]
-    neigh = prefers(model, [p for p, _ in nb], [r.target_true for _, r in nb], [r.target_new for _, r in nb])
-    acc = statistics.mean(s.greedy for s in score(model, *untouched))
+def checkpoint(model, made: list[EditRequest], untouched: tuple[list[str], list[str]], facts) -> dict:
+    """The metrics of the module docstring on the model as it stands; a fact edited more than once is judged by its
+    latest edit (new answer against the answer it replaced)."""
+    latest = list({r.id: r for r in made}.values())
+    rw = [r.rewrite_prompt for r in latest]
+    hold = prefers(model, rw, [r.target_new for r in latest], [r.target_true for r in latest])
+    exact = [s.greedy for s in score(model, rw, [r.target_new for r in latest])]
+    tp = [(p, r) for r in latest for p in r.paraphrases]
+    para = prefers(model, [p for p, _ in tp], [r.target_new for _, r in tp], [r.target_true for _, r in tp])
+    hp = [(p, r) for r in latest for p in r.heldout_paraphrases]
+    held = prefers(model, [p for p, _ in hp], [r.target_new for _, r in hp], [r.target_true for _, r in hp])
+    true = {f.id: f.target_true for f in facts}
+    edited = sorted({r.subject for r in latest if r.subject})
+    nb = [(p, r) for r in latest for p in r.neighborhood if not mentions(p, edited)]  # other subjects, never edited
+    neigh = prefers(model, [p for p, _ in nb], [true[r.id] for _, r in nb], [r.target_new for _, r in nb])
+    acc = statistics.mean(s.greedy for s in score(model, *untouched)) if untouched[0] else float("nan")
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    return {"edits": len(made), "holding": mean(hold), "exact": mean(exact), "paraphrase": mean(para),
-            "neighborhood": mean(neigh), "untouched": acc}
+    return {"edits": len(made), "facts_edited": len(latest), "holding": mean(hold), "exact": mean(exact),
+            "paraphrase": mean(para), "paraphrase_heldout": mean(held), "neighborhood": mean(neigh),
+            "neighborhood_n": len(nb), "untouched": acc, "untouched_n": len(untouched[0])}
 
 
 def run(method: str, base_state: dict, model, reqs, bg, every: int, untouched_of, c_inv, facts,
@@ -110,46 +122,83 @@ def run(method: str, base_state: dict, model, reqs, bg, every: int, untouched_of
         for k, v in model.state_dict().items():
             v.copy_(base_state[k])
     made: list[EditRequest] = []
+    curve, secs, cpu, rows, status = [], [], [], [], {}
+    start = checkpoint(model, [], untouched_of(set()), facts)
+    curve.append(start)
+    clock = [time.perf_counter(), time.process_time()]
+
+    def after_edit(req: EditRequest, n_rows: int) -> None:
+        """Book-keeping after each edit: its cost (the checkpoints are not counted) and, every ``every`` edits,
+        the metrics."""
+        secs.append(time.perf_counter() - clock[0])
+        cpu.append(time.process_time() - clock[1])  # CPU seconds of this process: what load inflates less
+        rows.append(n_rows)
+        made.append(req)
+        n = len(made)
+        if n % every == 0 or n == len(reqs):
+            c = checkpoint(model, made, untouched_of({r.id for r in made}), facts)
+            c["untouched_drop_pts"] = 100 * (start["untouched"] - c["untouched"])
+            c["seconds_per_edit_median"] = statistics.median(secs)
+            c["cpu_seconds_per_edit_median"] = statistics.median(cpu)
+            c["status"] = dict(status)
+            curve.append(c)
+            print(f"  {method:17s} {n:5d} edits: holding {c['holding']:.1%}, exact {c['exact']:.1%}, paraphrase "
+                  f"{c['paraphrase']:.1%} (held-out {c['paraphrase_heldout']:.1%}), neighborhood "
+                  f"{c['neighborhood']:.1%}, untouched {c['untouched']:.1%} (-{c['untouched_drop_pts']:.1f} pts), "
+                  f"{statistics.median(secs):.2f} s/edit ({statistics.median(cpu):.2f} s CPU) {status}", flush=True)
+            saved({"curve": curve, "seconds_median": statistics.median(secs),  # a killed run keeps its curve
+                   "cpu_seconds_median": statistics.median(cpu)})
+        clock[:] = [time.perf_counter(), time.process_time()]
+
+    if method == "memedit":  # what `memedit edit --sequential` does: guard, locality sample, earlier answers kept
+        loc = Locality(model, sample_for(model, stored=bg.locality))
+        clock[:] = [time.perf_counter(), time.process_time()]
+
+        def booked(group, res) -> None:
+            status[res.status] = status.get(res.status, 0) + 1
+            after_edit(group[0], res.patch.n_rows if res.patch is not None else 0)
+
+        run_edits(model, reqs, bg, EditConfig(), keep_facts=facts, subjects=[f.subject for f in facts], locality=loc,
+                  on_result=booked)
+        return _summary(curve, secs, cpu, rows)
+    if method == "grace":
+        from baselines import Grace
+
+        grace = Grace(model, max(model.memory_layers))
+        clock[:] = [time.perf_counter(), time.process_time()]
+        try:
+            for req in reqs:
+                grace.edit(req)
+                after_edit(req, 0)
+        finally:
+            grace.remove()
+        return _summary(curve, secs, cpu, rows)
     protect: dict[str, torch.Tensor] = {}
     answers: dict[str, str] = {}  # the answers earlier edits gave: kept facts are kept at those (keep_for)
     opts = dict(STRATEGIES.get(method, {}))
     keep = opts.pop("keep", False)
     cfg = EditConfig(**opts)
-    curve, secs, cpu, rows = [], [], [], []
-    start = checkpoint(model, [], untouched_of(set()))
-    curve.append(start)
-    for n, req in enumerate(reqs, 1):
-        t0, c0 = time.perf_counter(), time.process_time()
+    for req in reqs:
+        n_rows = 0
         if method == "rome":
             from baselines import rome_edit
 
             rome_edit(model, req, max(model.memory_layers), c_inv)
-            rows.append(0)
         else:
             req.keep = keep_for(req, facts, answers=answers) if keep else []
             res = edit(model, [req], bg, cfg, protect=protect if cfg.protect != "none" else None,
                        subjects=[f.subject for f in facts])
             if res.patch is not None:
                 write_rows(model, res.patch, new=True)
-                rows.append(res.patch.n_rows)
+                n_rows = res.patch.n_rows
             for name, ids in res.slots.items():
                 protect[name] = torch.cat([protect.get(name, torch.empty(0, dtype=torch.long)), torch.tensor(ids)])
-        secs.append(time.perf_counter() - t0)
         answers.update(answers_of([req]))
-        cpu.append(time.process_time() - c0)  # CPU seconds of this process: what load on a shared machine inflates less
-        made.append(req)
-        if n % every == 0 or n == len(reqs):
-            c = checkpoint(model, made, untouched_of({r.id for r in made}))
-            c["untouched_drop_pts"] = 100 * (start["untouched"] - c["untouched"])
-            c["seconds_per_edit_median"] = statistics.median(secs)
-            c["cpu_seconds_per_edit_median"] = statistics.median(cpu)
-            curve.append(c)
-            print(f"  {method:17s} {n:5d} edits: holding {c['holding']:.1%}, exact {c['exact']:.1%}, paraphrase "
-                  f"{c['paraphrase']:.1%}, neighborhood {c['neighborhood']:.1%}, untouched {c['untouched']:.1%} "
-                  f"(-{c['untouched_drop_pts']:.1f} pts), {statistics.median(secs):.2f} s/edit "
-                  f"({statistics.median(cpu):.2f} s CPU)", flush=True)
-            saved({"curve": curve, "seconds_median": statistics.median(secs),  # a killed run keeps its curve
-                   "cpu_seconds_median": statistics.median(cpu)})
+        after_edit(req, n_rows)
+    return _summary(curve, secs, cpu, rows)
+
+
+def _summary(curve, secs, cpu, rows) -> dict:
     return {"curve": curve, "seconds_median": statistics.median(secs), "cpu_seconds_median": statistics.median(cpu),
             "rows_mean": statistics.mean(rows) if rows else 0}
 

@@ -35,13 +35,13 @@ def timed(fn, *a, **k):
 
 def demo_figures(n_facts: int, out_dir: Path, max_tokens: int | None = None) -> None:
     import memedit
-    from memedit.auditing.audit import Corpus, audit
+    from memedit.auditing.audit import audit, open_corpus
     from memedit.auditing.hdf5 import write_audit
     from memedit.auditing.report import build_report, pages_to_trace, traced_page
     from memedit.world.facts import world_of
 
     demo = memedit.load()
-    corpus = Corpus.open(None, demo)
+    corpus = open_corpus(None, demo)
     plain, t_plain = timed(audit, demo, corpus, max_tokens)
     stats, t_ctx = timed(audit, demo, corpus, max_tokens, contexts=8)
     print(f"demo audit of {stats.tokens:,} tokens: {t_plain:.1f} s plain, {t_ctx:.1f} s with --contexts 8 "
@@ -87,12 +87,12 @@ def million_slot_folder(n_keys: int = 1024) -> Path:
 
 def million_figures(out_dir: Path, n_keys: int = 1024, n_texts: int = 2000, repeats: int = 3) -> None:
     import memedit
-    from memedit.auditing.audit import Corpus, audit
+    from memedit.auditing.audit import Corpus, audit, open_corpus
     from memedit.auditing.hdf5 import write_audit
 
     folder = million_slot_folder(n_keys)
     model, t_load = timed(memedit.load, folder)
-    texts = Corpus.open(None, model).texts[:n_texts]
+    texts = open_corpus(None, model).texts[:n_texts]
     stats, t_audit = timed(audit, model, Corpus(f"{n_texts:,} demo sentences", texts=texts), contexts=8)
     c = stats.contexts
     nbytes = sum(t.numel() * t.element_size() for d in (c.weight, c.key, c.where, c.tokens) for t in d.values())

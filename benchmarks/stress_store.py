@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import memedit  # noqa: E402
+from memedit.storage.check import check_folder  # noqa: E402
 from memedit.storage.checkpoint import save  # noqa: E402
-from memedit.storage.store import check_folder  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
@@ -119,7 +119,9 @@ def kills(base: Path, n: int, seed: int = 0) -> dict:
 def mixed(base: Path, n: int, seed: int = 0) -> dict:
     from memedit.editing import freeze as F
     from memedit.editing import patch as P
-    from memedit.keyspace.keys import KeyPatch, RowChange, apply_file, keys_name
+    from memedit.lm.hooks import keys_name
+    from memedit.storage.patch import Patch
+    from memedit.storage.store import Change
 
     rng = random.Random(seed)
     path = base / "mixed"
@@ -142,11 +144,10 @@ def mixed(base: Path, n: int, seed: int = 0) -> dict:
                 L = rng.choice(layers)
                 k = m.memory_layers[L].keys
                 rows = torch.tensor(sorted(rng.sample(range(k.shape[0]), 2)))
-                kp = KeyPatch({keys_name(L): RowChange(rows, k.detach()[rows].clone(),
-                                                       k.detach()[rows] + 0.01 * torch.randn(2, k.shape[1]))})
-                f = kp.save(base / f"k{i}.safetensors")
-                apply_file(m, f)
-                applied_keys.append(f)
+                kp = Patch([Change(keys_name(L), keys_name(L), rows, k.detach()[rows].clone(),
+                                   k.detach()[rows] + 0.01 * torch.randn(2, k.shape[1]))], kind="keys")
+                P.apply(m, kp)
+                applied_keys.append(kp.id)
             elif op < 0.85:
                 F.freeze(m, {"shared": rng.sample(range(t.n_rows), 3)})
             else:

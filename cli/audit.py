@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -108,15 +107,15 @@ def audit(
 
     Example: memedit audit corpus.txt --tokens 100000 --out audit.h5 --plot usage.png --contexts 8
     """
-    from memedit.auditing.audit import Corpus, audit_distributed
     from memedit.auditing.audit import audit as run
+    from memedit.auditing.audit import audit_distributed, open_corpus
     from memedit.auditing.stats import report
     from memedit.storage.checkpoint import check_output
 
     m = load_model(model, dtype, device=device)
     if out is not None:
         check_output(m, out)
-    src = Corpus.open(corpus, m)
+    src = open_corpus(corpus, m)
     import os
 
     with TokenProgress(disable=json or os.environ.get("RANK", "0") != "0") as progress:
@@ -224,22 +223,6 @@ def diff(
                  for m in ("used", "gini", "kl_uniform", "top50", "top1pct_share", "dead")]
         tb.add_row(r["scope"], r["basis"], *cells)
     console.print(tb)
-
-
-def distributed_main() -> None:
-    """`python -m memedit.audit ARGS` (deprecated): `memedit audit ARGS`, joining the torchrun job it runs in."""
-    from memedit.auditing.audit import launched_by_torchrun
-
-    args = ["audit", *sys.argv[1:]]
-    if launched_by_torchrun() and "--distributed" not in args:
-        args.append("--distributed")
-    try:
-        app(args, prog_name="python -m memedit.audit")
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @command(app)

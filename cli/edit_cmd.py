@@ -9,10 +9,13 @@ import typer
 from rich.table import Table
 
 from memedit import limits
+from memedit.editing.config import BACKGROUND_BATCH, BACKGROUND_MAX_BATCHES, FORGETTING_SAMPLE, EditConfig
 
 from . import patch_cmd  # noqa: F401  (registers the `patch` group)
 from .common import DeviceOpt, JsonOpt, ModelOpt, StepProgress, app, command, console, esc, load_model, print_json
 from .validate import finite
+
+EDIT = EditConfig()  # the library's defaults, read by the options below
 
 FactsOpt = Annotated[Optional[Path], typer.Option("--facts", help="Facts JSONL (default: the model's own world).")]
 
@@ -149,9 +152,9 @@ def background(
                                                           "world's filler and facts).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=limits.MAX_BATCH_SIZE,
                                             help="Sentences per background batch (at most "
-                                                 f"{limits.MAX_BATCH_SIZE:,}).")] = 32,
+                                                 f"{limits.MAX_BATCH_SIZE:,}).")] = BACKGROUND_BATCH,
     max_batches: Annotated[int, typer.Option("--max-batches", min=1, max=limits.MAX_BATCHES,
-                                             help="Use at most this many batches.")] = 1000,
+                                             help="Use at most this many batches.")] = BACKGROUND_MAX_BATCHES,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     json: JsonOpt = False,
@@ -206,20 +209,20 @@ def edit(
     top_t: Annotated[Optional[int], typer.Option("--top-t", min=1, help="At most this many value rows trained per "
                                                                          "fact.")] = None,
     adaptive: Annotated[bool, typer.Option("--adaptive/--fixed",
-                                           help="Train as few rows as the edit needs (16, doubled while it does not "
-                                                "hold, up to --top-t), or always --top-t.")] = True,
+                                           help=f"Train as few rows as the edit needs ({EDIT.min_t}, doubled while it "
+                                                "does not hold, up to --top-t), or always --top-t.")] = EDIT.adaptive,
     protect: Annotated[str, typer.Option("--protect", help="Rows left alone: none; edits (rows earlier edits "
                                                            "trained); hot (also the background's most-read).")]
-    = "none",
+    = EDIT.protect,
     contrast: Annotated[Optional[int], typer.Option("--contrast", min=0, help="Leave alone the rows the prompt reads "
                                                     "at the new target about this many other subjects (of the known "
-                                                    "facts, else the request's neighborhood prompts; default 8). 0: "
-                                                    "off.")] = None,
+                                                    f"facts, else the request's neighborhood prompts; default "
+                                                    f"{EDIT.contrast}). 0: off.")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", callback=finite(0.0, limits.MAX_LR, lo_open=True),
                                                 help=f"Learning rate (above 0, at most {limits.MAX_LR:g}).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="At most this many steps.")] = None,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd, or adamw (forgets more).")] = "sgd",
-    ranking: Annotated[str, typer.Option("--ranking", help="tfidf, kl, or counts.")] = "tfidf",
+    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd, or adamw (forgets more).")] = EDIT.optimizer,
+    ranking: Annotated[str, typer.Option("--ranking", help="tfidf, kl, or counts.")] = EDIT.ranking,
     positions: Annotated[Optional[str],
                          typer.Option("--positions",
                                       help="Rank the rows read at every prompt position (all, the default: the "
@@ -232,7 +235,7 @@ def edit(
                                               "subject's tokens change only what those facts do not need.")] = True,
     forgetting_sample: Annotated[int, typer.Option("--forgetting-sample", min=0,
                                                    help="Other facts' prompts to measure forgetting on "
-                                                        "(0: skip).")] = 1000,
+                                                        "(0: skip).")] = FORGETTING_SAMPLE,
     facts: FactsOpt = None,
     locality: Annotated[Optional[Path],
                         typer.Option("--locality", help="Text (one passage a line, or JSONL \"text\") whose "
@@ -241,7 +244,7 @@ def edit(
     max_collateral: Annotated[Optional[float],
                               typer.Option("--max-collateral", min=0.0, max=1.0,
                                            help="Refuse an edit that changes the greedy next token at more than "
-                                                "this share of the locality sample's positions (default 0.02; a "
+                                                f"this share of the locality sample's positions (default {EDIT.max_collateral}; a "
                                                 "batch of n requests: n times it).")]
     = None,
     force: Annotated[bool, typer.Option("--force", help="Commit edits the guard refuses (too much collateral, or "

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from memedit import limits
+from memedit.keyspace.config import KEYS
 
 from .common import DeviceOpt, JsonOpt, ModelOpt, app, command, console, esc, load_model, print_json
 from .validate import finite
@@ -19,7 +20,7 @@ app.add_typer(keys_app, name="keys")
 
 OutOpt = Annotated[Optional[Path],
                    typer.Option("--out", "-o", help="Patch file to write (default: "
-                                                    "MODEL/memedit/patches/keys-*.safetensors).")]
+                                                    "MODEL/memedit/patches/ID.safetensors).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Measure only; write nothing.")]
 
 
@@ -28,11 +29,12 @@ def adapt_cmd(
     corpus: Annotated[Path, typer.Argument(help="Text to adapt to, one passage per line.")],
     steps: Annotated[int, typer.Option(min=1, max=limits.MAX_ADAPT_STEPS,
                                        help="Update steps (one batch each, cycling through the text; at most "
-                                            f"{limits.MAX_ADAPT_STEPS:,}).")] = 20,
+                                            f"{limits.MAX_ADAPT_STEPS:,}).")] = KEYS.steps,
     batch_size: Annotated[int, typer.Option(min=1, max=limits.MAX_BATCH_SIZE,
-                                            help=f"Passages per step (at most {limits.MAX_BATCH_SIZE:,}).")] = 16,
+                                            help=f"Passages per step (at most {limits.MAX_BATCH_SIZE:,}).")
+                          ] = KEYS.batch_size,
     lr: Annotated[float, typer.Option(callback=finite(0.0, limits.MAX_LR),
-                                      help=f"SGD learning rate for the sub-keys (0 to {limits.MAX_LR:g}).")] = 0.3,
+                                      help=f"SGD learning rate for the sub-keys (0 to {limits.MAX_LR:g}).")] = KEYS.lr,
     layer: Annotated[Optional[list[int]], typer.Option(help="Only these memory layers (repeatable).")] = None,
     probe: Annotated[Optional[Path],
                      typer.Option(help="Background text whose lookups measure collateral (default: a sample of the "
@@ -54,9 +56,11 @@ def adapt_cmd(
 
     Example: memedit keys adapt heldout.txt --model ./my-model --steps 30
     """
-    from memedit.keyspace.keys import adapt, probe_texts_for, save_and_apply
+    from memedit.keyspace.adapt import adapt
+    from memedit.keyspace.subkeys import probe_texts_for
     from memedit.storage.checkpoint import require_writable
     from memedit.storage.corpus import read_texts
+    from memedit.storage.patch import apply_held
 
     m = load_model(model, device=device)
     if not dry_run:
@@ -76,8 +80,8 @@ def adapt_cmd(
                 check_exact=exact_index, progress=show)
     path = None
     if not dry_run and res.patch.changes:
-        res.patch.meta["corpus"] = str(corpus)
-        path = save_and_apply(m, res.patch, out, "adapt")
+        res.patch.info["corpus"] = str(corpus)
+        path = apply_held(m, res.patch, out)
     d = res.to_json() | {"patch": str(path) if path else None, "patch_rows": res.patch.n_rows}
     if json:
         return print_json(d)
@@ -98,13 +102,13 @@ def revert_cmd(
     patch: Annotated[Path, typer.Argument(help="A key patch written by `keys adapt` or `keys route`.")],
     model: ModelOpt = None,
 ) -> None:
-    """Put back the rows a key patch replaced (refused if they changed since).
+    """Put back the rows a key patch replaced (refused if they changed since), as `memedit patch revert` does.
 
-    Example: memedit keys revert my-model/memedit/patches/keys-adapt-20260101-120000.safetensors --model ./my-model
+    Example: memedit keys revert my-model/memedit/patches/1a2b3c4d5e6f.safetensors --model ./my-model
     """
-    from memedit.keyspace.keys import apply_file
+    from memedit.storage.patch import revert
 
-    p = apply_file(load_model(model), patch, revert=True)
+    p, _ = revert(load_model(model), patch)
     console.print(f"reverted {p.n_rows} rows from {patch}")
 
 
@@ -117,9 +121,10 @@ def apply_cmd(
 
     Example: memedit keys apply patch.safetensors --model ./my-model
     """
-    from memedit.keyspace.keys import apply_file
+    from memedit.storage.patch import Patch, apply
 
-    p = apply_file(load_model(model), patch, revert=False)
+    p = Patch.load(patch)
+    apply(load_model(model), p)
     console.print(f"applied {p.n_rows} rows from {patch}")
 
 
@@ -134,10 +139,10 @@ def route_cmd(
     margin: Annotated[float,
                       typer.Option(callback=finite(0.0, 1e6),
                                    help="How far above the k-th score to place the slot, as a share of its head's "
-                                        "score spread.")] = 0.25,
+                                        "score spread.")] = KEYS.margin,
     eval_facts: Annotated[int,
                           typer.Option(min=0, help="Other facts of the world to measure collateral on "
-                                                   "(0 = all).")] = 1000,
+                                                   "(0 = all).")] = KEYS.eval_facts,
     probe: Annotated[Optional[Path],
                      typer.Option(help="Background text for collateral and slot usage "
                                        "(default: the world corpus).")] = None,
@@ -153,35 +158,21 @@ def route_cmd(
     Example: memedit keys route --prompt "{} was born in" --subject Reidreir --target museum --model ./my-model
     """
     from memedit.errors import MemeditError
-    from memedit.keyspace.keys import PROBE_TEXTS, even_sample, route, save_and_apply
+    from memedit.keyspace.route import route, route_texts
     from memedit.storage.checkpoint import require_writable
     from memedit.storage.corpus import read_texts
-    from memedit.world.facts import world_of
+    from memedit.storage.patch import apply_held
 
     m = load_model(model, device=device)
     if not dry_run:
         require_writable(m)
     if slot != "auto" and not slot.lstrip("-").isdigit():
         raise MemeditError(f"--slot must be a slot id or 'auto', got {slot!r}")
-    from memedit.storage.state import background as stored_background
-
-    world = world_of(m) if m.meta.get("world") else None
-    if probe is not None:
-        background = read_texts(probe, "probe text")
-    elif world is not None:
-        background = world.training_sentences()
-    elif stored_background(m) is not None:
-        background = []  # slot usage from the stored background statistics; no probe collateral
-    else:
-        raise MemeditError("keys route picks the least-used slot from background text: pass --probe FILE, or store "
-                           "background statistics with `memedit background CORPUS` first")
-    facts = None
-    if world is not None:
-        facts = even_sample(world.facts, eval_facts)
-    probe_texts = even_sample(background, PROBE_TEXTS)
+    background, probe_texts, facts = route_texts(m, read_texts(probe, "probe text") if probe is not None else None,
+                                                 eval_facts)
     res = route(m, prompt, subject, target, slot=None if slot == "auto" else int(slot), layer=layer, head=head,
                 background_texts=background, probe=probe_texts, facts=facts, margin=margin)
-    path = None if dry_run else save_and_apply(m, res.patch, out, "route")
+    path = None if dry_run else apply_held(m, res.patch, out)
     d = res.to_json() | {"patch": str(path) if path else None}
     if json:
         return print_json(d)

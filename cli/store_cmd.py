@@ -26,7 +26,7 @@ def check(
     Example: memedit check --model ./my-model   (then, for a damaged row log: memedit check --salvage --model ...)
     """
     from memedit.storage.checkpoint import resolve_model_path
-    from memedit.storage.store import check_folder
+    from memedit.storage.check import check_folder
 
     res = check_folder(resolve_model_path(model), repair=True, upgrade=upgrade, salvage=salvage)
     if json:

@@ -16,7 +16,7 @@ from pathlib import Path
 import xarray as xr
 
 import memedit
-from memedit.auditing.audit import Corpus, audit
+from memedit.auditing.audit import audit, open_corpus
 from memedit.auditing.hdf5 import export
 from memedit.auditing.plots import plot_usage
 from memedit.auditing.stats import report
@@ -32,7 +32,7 @@ def main() -> None:
 
     # 1. audit: count every lookup over the corpus
     model = memedit.load(args.model)
-    stats = audit(model, Corpus.open(args.corpus, model), max_tokens=args.tokens)
+    stats = audit(model, open_corpus(args.corpus, model), max_tokens=args.tokens)
     rows = report(stats)
     for r in rows:
         if r["scope"] in ("table", "layer") and r["basis"] == "count":

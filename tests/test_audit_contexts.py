@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from memedit.auditing.audit import Corpus, audit
+from memedit.auditing.audit import Corpus, audit, open_corpus
 from memedit.auditing.hdf5 import read_audit, read_slot_contexts, write_audit
 from memedit.tracing.capture import capture_lookups
 
@@ -39,7 +39,7 @@ def recount(model, texts, slots):
 
 
 def test_top_contexts_of_20_random_used_slots_equal_a_per_sentence_recount(demo):
-    texts = Corpus.open(None, demo).texts[:1500]
+    texts = open_corpus(None, demo).texts[:1500]
     stats = audit(demo, Corpus("demo subset", texts=texts), batch_size=64, contexts=M)
     c = stats.contexts
     used = (stats.table_counts("shared").sum(0) > 0).nonzero().flatten().tolist()

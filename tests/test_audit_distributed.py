@@ -25,9 +25,9 @@ def test_torchrun_two_ranks_equal_one_process(cli, tiny, tmp_path):
     finally:
         torch.set_num_threads(threads)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(  # through the deprecated entry point `-m memedit.audit` (test_audit_contexts: the CLI's)
+    r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-         "-m", "memedit.audit", str(corpus), "--model", str(path), "--out", str(dist), "--batch-size", "2",
+         "-m", "memedit_cli", "audit", "--distributed", str(corpus), "--model", str(path), "--out", str(dist), "--batch-size", "2",
          "--json"],
         capture_output=True, text=True, env=env, timeout=120,
     )

@@ -86,8 +86,8 @@ def test_export_opens_in_xarray_with_norms_top_tokens_frozen_rows_and_edit_log(c
 
 
 def test_export_holds_the_real_edit_log_of_value_and_key_patches_and_the_frozen_rows(cli, tiny, tmp_path):
-    from memedit.editing.patch import Patch
-    from memedit.keyspace.keys import KeyPatch, keys_name
+    from memedit.lm.hooks import keys_name
+    from memedit.storage.patch import Patch
 
     model, path = tiny
     code, out, err = cli("patch", "add", "--model", path, "--table", "shared", "--rows", "9,3", "--scalar", 0.5,
@@ -99,8 +99,8 @@ def test_export_holds_the_real_edit_log_of_value_and_key_patches_and_the_frozen_
     code, _, err = cli("keys", "adapt", corpus, "--model", path, "--probe", corpus, "--steps", 1, "--lr", 2.0,
                        "--layer", 2, "--out", tmp_path / "k.safetensors")
     assert code == 0, err
-    key_patch = KeyPatch.load(tmp_path / "k.safetensors")
-    key_rows = key_patch.changes[keys_name(2)].rows.tolist()
+    key_patch = Patch.load(tmp_path / "k.safetensors")
+    key_rows = key_patch.change(keys_name(2)).rows.tolist()
     assert cli("keys", "revert", tmp_path / "k.safetensors", "--model", path)[0] == 0
     assert cli("freeze", "--model", path, "--rows", "5,17")[0] == 0
     out = tmp_path / "memory.h5"

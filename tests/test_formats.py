@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from memedit.editing.formats import read_cases
-from memedit.editing.sparse_ft import EditRequest, read_requests
+from memedit.editing.formats import read_requests
+from memedit.editing.sparse_ft import EditRequest
 from memedit.errors import MemeditError
 
 from .bpe_world import FIXTURE

@@ -1,4 +1,4 @@
-"""The one hook registry (memedit/lm/hooks.py): names are module paths, old names resolve for one release."""
+"""The one hook registry (memedit/lm/hooks.py): names are module paths."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memedit.errors import MemeditError
-from memedit.lm.hooks import canonical, hook_names, hooks, run_with_cache, run_with_hooks
+from memedit.lm.hooks import hook_names, hooks, keys_name, run_with_cache, run_with_hooks, values_name
 from memedit.tracing.trace import name, trace
 from memedit.world.evaluate import memory_zeroed
 
@@ -33,19 +33,23 @@ def test_run_with_cache_names_are_module_paths():
     assert torch.equal(cache[f"layers.{L}.feed_forward.search.weights"], lk.weights)
 
 
-def test_old_names_resolve_to_the_same_activation():
-    assert canonical("blocks.3.memory.query") == "layers.3.feed_forward.hook_query"
-    assert canonical("blocks.3.memory.out") == "layers.3.feed_forward"
-    assert canonical("blocks.3.memory.weights") == "layers.3.feed_forward.search.weights"
-    assert canonical("blocks.2.hook_resid_pre") == "layers.2.hook_resid_pre"
-    assert canonical("final.resid") == "hook_resid_final"
+def test_names_are_module_paths_and_nothing_else():
     model = tiny_model()
     L = next(iter(model.memory_layers))
+    assert name(L, "query") == f"layers.{L}.feed_forward.hook_query"
+    assert name(L, "out") == f"layers.{L}.feed_forward"
+    assert name(L, "weights") == f"layers.{L}.feed_forward.search.weights"
     _, cache = run_with_cache(model, torch.tensor([model.encode("a dog ran")]))
-    assert cache[f"blocks.{L}.memory.query"] is cache[f"layers.{L}.feed_forward.hook_query"]
+    assert "final.resid" not in cache and f"blocks.{L}.memory.query" not in cache  # the 0.1 names are gone
+    with pytest.raises(MemeditError, match="names are module paths"):
+        with hooks(model, [(f"blocks.{L}.memory.query", lambda out, n: None)]):
+            pass
     t = trace(model, "Reidreir was born in", "Thakrian")
-    assert t[f"blocks.{L}.memory.weights"] is t[name(L, "weights")]
-    assert t["final.resid"] is t["hook_resid_final"] and "final.resid" in t
+    assert "hook_resid_final" in t and "final.resid" not in t
+    # the tensors a patch changes are named in lm too, and are the model's own state-dict names
+    state = model.state_dict()
+    assert torch.equal(state[keys_name(L)], model.memory_layers[L].keys)
+    assert torch.equal(state[values_name(L)], model.memory_layers[L].values.weight)
 
 
 def test_run_with_hooks_replaces_an_activation():

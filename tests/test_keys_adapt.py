@@ -6,9 +6,10 @@ import json
 
 import torch
 
-from memedit.keyspace.keys import KeyPatch, keys_name
 from memedit.lm.batching import text_batches
+from memedit.lm.hooks import keys_name
 from memedit.storage.checkpoint import fingerprint, load
+from memedit.storage.patch import Patch
 from memedit.storage.state import write_frozen_rows
 from memedit.tracing.capture import capture_lookups
 
@@ -46,8 +47,8 @@ def test_adapt_lowers_loss_moves_only_stage1_subkeys_and_reverts_exactly(cli, ti
     # the folder now holds the adapted keys; the patch names only sub-key tensors
     adapted = load(path)
     assert fingerprint(adapted) != base
-    patch = KeyPatch.load(tmp_path / "p.safetensors")
-    assert set(patch.changes) == {keys_name(0), keys_name(2)}
+    patch = Patch.load(tmp_path / "p.safetensors")
+    assert {c.name for c in patch.changes} == {keys_name(0), keys_name(2)}
     # every other tensor is bit-identical
     for name, t in model.state_dict().items():
         if not name.endswith(".keys"):
@@ -56,13 +57,13 @@ def test_adapt_lowers_loss_moves_only_stage1_subkeys_and_reverts_exactly(cli, ti
     assert code == 0 and "reverted" in out
     assert fingerprint(load(path)) == base
     code, _, err = cli("keys", "revert", tmp_path / "p.safetensors", "--model", path)
-    assert code == 2 and "do not match the patch" in err
+    assert code == 2 and "is not applied" in err
     code, _, _ = cli("keys", "apply", tmp_path / "p.safetensors", "--model", path)
     assert code == 0 and fingerprint(load(path)) == fingerprint(adapted)
 
 
 def test_one_step_moves_only_subkeys_that_entered_a_stage1_topk():
-    from memedit.keyspace.keys import adapt
+    from memedit.keyspace.adapt import adapt
 
     model = tiny_model()
     before = {L: m.keys.clone() for L, m in model.memory_layers.items()}
@@ -118,7 +119,7 @@ def test_the_bundled_model_is_refused(cli, demo, tmp_path):
 
 
 def test_adapt_on_heldout_phrasings_lowers_their_loss_on_the_demo_model(demo, tmp_path):
-    from memedit.keyspace.keys import adapt
+    from memedit.keyspace.adapt import adapt
     from memedit.storage.checkpoint import save
     from memedit.world.facts import world_of
 
@@ -141,13 +142,13 @@ def test_key_patches_are_recorded_in_the_edit_log(cli, tiny, tmp_path):
     code, out, _ = cli("keys", "adapt", corpus, "--model", path, "--probe", probe, "--steps", 2, "--lr", 2.0, "--json")
     assert code == 0
     patch_file = json.loads(out)["patch"]
-    patch = KeyPatch.load(patch_file)
+    patch = Patch.load(patch_file)
     code, out, _ = cli("patch", "log", "--model", path, "--json")
     log = json.loads(out)
     [entry] = log["entries"]
     assert entry["op"] == "apply" and entry["kind"] == "keys" and entry["id"] == patch.id
     assert log["applied"] == [patch.id]
-    assert entry["rows"] == {name: c.rows.tolist() for name, c in patch.changes.items()}
+    assert entry["rows"] == {c.name: c.rows.tolist() for c in patch.changes}
     assert entry["before"] == fingerprint(model) and entry["after"] == fingerprint(load(path))
     code, out, _ = cli("patch", "log", "--model", path, env={"COLUMNS": "250"})
     assert code == 0 and patch.id in out and "keys" in out
@@ -168,7 +169,8 @@ def test_key_patches_are_recorded_in_the_edit_log(cli, tiny, tmp_path):
 def test_a_step_runs_only_its_batch_and_measurements_use_a_bounded_sample():
     """Collateral and loss are measured once before and once after, on at most measure_tokens tokens: a step
     costs one forward pass of its own batch, however long the text and the probe are."""
-    from memedit.keyspace.keys import adapt, text_sample
+    from memedit.keyspace.adapt import adapt
+    from memedit.keyspace.subkeys import text_sample
 
     model = tiny_model()
     texts = [t for _ in range(20) for t in TINY_TEXTS]  # a long text

@@ -6,8 +6,10 @@ import json
 
 import torch
 
-from memedit.keyspace.keys import KeyPatch, keys_name, route
+from memedit.keyspace.route import route
+from memedit.lm.hooks import keys_name
 from memedit.storage.checkpoint import fingerprint, load
+from memedit.storage.patch import Patch
 from memedit.storage.state import write_frozen_rows
 from memedit.tracing.capture import answer_lookups
 from memedit.world.evaluate import last_logits
@@ -31,13 +33,13 @@ def test_route_on_tiny_model_selects_the_slot_and_predicts_the_target(cli, tiny,
     i, j = d["subkeys"]
     assert d["slot"] == i * 16 + j
     # only two sub-key rows and one value row changed, and the patch reverts them exactly
-    patch = KeyPatch.load(tmp_path / "r.safetensors")
-    assert {n: c.rows.numel() for n, c in patch.changes.items()} == {
+    patch = Patch.load(tmp_path / "r.safetensors")
+    assert {c.name: c.rows.numel() for c in patch.changes} == {
         keys_name(d["layer"]): 2, "layers.0.feed_forward.values.weight": 1}
     # the edit log names the value row by its table, and `patch revert` points to `keys revert`
     [entry] = json.loads(cli("patch", "log", "--model", path, "--json")[1])["entries"]
     assert entry["kind"] == "keys" and entry["id"] == patch.id
-    assert entry["rows"] == {keys_name(d["layer"]): patch.changes[keys_name(d["layer"])].rows.tolist(),
+    assert entry["rows"] == {keys_name(d["layer"]): patch.change(keys_name(d["layer"])).rows.tolist(),
                              "shared": [d["slot"]]}
     # one patch type: `patch revert ID` undoes a key patch as `keys revert FILE` does
     code, _, err = cli("patch", "revert", patch.id, "--model", path)

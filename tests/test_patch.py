@@ -170,3 +170,95 @@ def test_unshared_tables_are_patched_separately(tmp_path):
     revert(m2, p.id)
     with pytest.raises(MemeditError, match="not applied"):
         revert(m2, p.id)
+
+
+# ---- the patch files of memedit < 0.2 ------------------------------------------------------------------------------
+def test_old_key_patch_files_still_apply_and_revert(cli, tiny, tmp_path):
+    """A "memedit-row-patch" file (`keys adapt` of memedit 0.1) applies, is logged under the id 0.1 gave it, and
+    reverts by that id or by its file, byte for byte."""
+    from memedit.lm.hooks import keys_name
+    from memedit.storage.checkpoint import fingerprint
+
+    from .legacy_patches import key_patch_id, write_key_patch
+
+    model, path = tiny
+    k = model.memory_layers[2].keys.detach()
+    changes = {keys_name(2): (torch.tensor([3, 8]), k[[3, 8]].clone(), k[[3, 8]] * 2)}
+    old = write_key_patch(tmp_path / "old-keys.safetensors", changes, {"command": "keys adapt", "steps": "2"})
+    before = folder_bytes(path)
+    code, out, err = cli("keys", "apply", old, "--model", path)
+    assert code == 0 and "applied 2 rows" in out, err
+    assert torch.equal(load(path).memory_layers[2].keys[[3, 8]], k[[3, 8]] * 2)
+    [entry] = json.loads(cli("patch", "log", "--model", path, "--json")[1])["entries"]
+    assert entry["id"] == key_patch_id(changes) and entry["kind"] == "keys" and entry["rows"] == {keys_name(2): [3, 8]}
+    code, out, _ = cli("patch", "show", old, "--json")
+    assert code == 0 and json.loads(out)["id"] == key_patch_id(changes)
+    assert cli("patch", "revert", key_patch_id(changes), "--model", path)[0] == 0
+    assert fingerprint(load(path)) == fingerprint(model)
+    assert cli("keys", "apply", old, "--model", path)[0] == 0
+    code, out, err = cli("keys", "revert", old, "--model", path)
+    assert code == 0 and "reverted 2 rows" in out, err
+    assert fingerprint(load(path)) == fingerprint(model)
+    after = folder_bytes(path)
+    assert {n: b for n, b in after.items() if n.startswith(("config", "model", "tokenizer"))} == \
+        {n: b for n, b in before.items() if n.startswith(("config", "model", "tokenizer"))}
+
+
+def test_old_value_patch_files_still_apply_and_revert(cli, tiny, tmp_path):
+    """A "memedit-patch" version 1 file (`patch set` of memedit 0.1) applies under its own id and reverts exactly;
+    a damaged one is refused in one line with nothing changed."""
+    from memedit.storage.checkpoint import fingerprint
+
+    from .legacy_patches import write_value_patch
+
+    model, path = tiny
+    t = model.table("shared")
+    rows = torch.tensor([2, 7])
+    old_rows = t.weight.detach()[rows].clone()
+    pid = write_value_patch(tmp_path / "old.safetensors", fingerprint(model), "shared", list(t.layers), rows,
+                            old_rows, torch.full_like(old_rows, 0.5), message="two rows")
+    code, out, err = cli("patch", "apply", tmp_path / "old.safetensors", "--model", path, "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["id"] == pid and d["tables"][0]["table"] == "shared" and d["tables"][0]["layers"] == list(t.layers)
+    assert torch.all(load(path).table("shared").weight[rows] == 0.5)
+    assert json.loads(cli("patch", "log", "--model", path, "--json")[1])["applied"] == [pid]
+    assert cli("patch", "revert", pid[:6], "--model", path)[0] == 0
+    assert fingerprint(load(path)) == fingerprint(model)
+    # damaged: a row's bytes no longer match the checksum the file stores
+    raw = bytearray((tmp_path / "old.safetensors").read_bytes())
+    raw[-3] ^= 0xFF
+    (tmp_path / "bad.safetensors").write_bytes(bytes(raw))
+    before = folder_bytes(path)
+    code, _, err = cli("patch", "apply", tmp_path / "bad.safetensors", "--model", path)
+    assert code == 2 and "damaged" in err and len(err.strip().splitlines()) == 1
+    assert folder_bytes(path) == before
+
+
+def test_new_patch_files_hold_value_and_key_rows_alike(tiny, tmp_path):
+    """One format for both kinds of change: a patch of a value table and a layer's sub-keys saves, loads with its
+    checksums checked, and round-trips every field."""
+    from memedit.lm.hooks import keys_name
+    from memedit.storage.patch import PATCH_FORMAT, Patch
+    from memedit.storage.store import Change
+
+    model, _ = tiny
+    t, k = model.table("shared"), model.memory_layers[0].keys.detach()
+    p = Patch([Change(t.state_names[0], "shared", torch.tensor([1]), t.weight.detach()[[1]].clone(),
+                      torch.zeros(1, t.weight.shape[1]), list(t.layers)),
+               Change(keys_name(0), keys_name(0), torch.tensor([4]), k[[4]].clone(), k[[4]] + 1, [0])],
+              base="f" * 16, message="both", kind="keys", info={"why": "test"})
+    q = Patch.load(p.save(tmp_path / "p.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
+        assert f.metadata()["format"] == PATCH_FORMAT and f.metadata()["format_version"] == "2"
+    assert (q.id, q.base, q.message, q.kind, q.info) == (p.id, p.base, "both", "keys", {"why": "test"})
+    for a, b in zip(p.changes, q.changes, strict=True):
+        assert (a.name, a.label, a.layers) == (b.name, b.label, b.layers)
+        assert all(torch.equal(x, y) for x, y in ((a.rows, b.rows), (a.old, b.old), (a.new, b.new)))
+    raw = bytearray((tmp_path / "p.safetensors").read_bytes())
+    raw[-1] ^= 0x01
+    (tmp_path / "bad.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(MemeditError, match="does not match its rows; the file is damaged"):
+        Patch.load(tmp_path / "bad.safetensors")

@@ -20,7 +20,7 @@ def test_readout_at_a_position_gives_the_trace_attribution(variant):
     model = tiny_model(**variant)
     t = memedit.trace(model, "Reidreir was born in", "Thakrian")
     pos = t.position
-    h = t["final.resid"][pos].float()
+    h = t["hook_resid_final"][pos].float()
     scale = torch.rsqrt(h.pow(2).mean() + model.norm.eps)
     for L in t.layers:
         attr, _ = t.attribution(L)

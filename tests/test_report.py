@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from memedit.auditing.audit import Corpus, audit
+from memedit.auditing.audit import audit, open_corpus
 from memedit.auditing.report import SHARD, build_report
 from memedit.auditing.slot import slot_info
 from memedit.errors import MemeditError
@@ -24,7 +24,7 @@ SCREENSHOTS = Path(os.environ.get("MEMEDIT_SCREENSHOTS", Path(__file__).resolve(
 @pytest.fixture(scope="module")
 def site(demo, tmp_path_factory):
     """A report of the demo: an audit of 20,000 tokens of its world with top contexts, a fact and a prompt."""
-    stats = audit(demo, Corpus.open(None, demo), max_tokens=20_000, contexts=4)
+    stats = audit(demo, open_corpus(None, demo), max_tokens=20_000, contexts=4)
     out = tmp_path_factory.mktemp("report") / "site"
     summary = build_report(demo, out, stats, facts=["f00000"], prompts=[("Reidreir works as a", "chemist engineer")])
     return out, summary, stats

@@ -7,7 +7,7 @@ import torch
 
 from memedit.editing.background import compute
 from memedit.editing.sparse_ft import fact_counts
-from memedit.keyspace.keys import slot_usage
+from memedit.keyspace.route import slot_usage
 from memedit.lm.batching import pad_batch, pad_id
 from memedit.tracing.capture import SlotCounter, capture_lookups, on_lookup
 

@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from memedit.editing.patch import make_patch
-from memedit.keyspace.keys import KeyPatch, RowChange, keys_name
+from memedit.lm.hooks import keys_name
+from memedit.storage.check import check_folder
 from memedit.storage.checkpoint import fingerprint, load, save
 from memedit.storage.state import write_frozen_rows
-from memedit.storage.store import LOG, Store, check_folder, compact
+from memedit.storage.store import LOG, Store, compact
 
 from .conftest import tiny_model
+from .legacy_patches import write_key_patch
 
 
 def folder_hash(path: Path) -> dict[str, str]:
@@ -137,15 +139,15 @@ def test_frozen_rows_and_subkeys_refuse_every_write_path(cli, tiny, tmp_path):
     # patches made before the freeze, applied after
     value_patch = make_patch(model, {"shared": ([1, 2], torch.ones(2, 32))}).save(tmp_path / "v.safetensors")
     k = model.memory_layers[0].keys.detach()
-    key_patch = KeyPatch({keys_name(0): RowChange(torch.tensor([4]), k[[4]].clone(), k[[4]] + 1)}).save(
-        tmp_path / "k.safetensors")
+    key_patch = write_key_patch(tmp_path / "k.safetensors",
+                                {keys_name(0): (torch.tensor([4]), k[[4]].clone(), k[[4]] + 1)})
     norm = model.norm.weight.detach()
-    out_patch = KeyPatch({"output.weight": RowChange(torch.tensor([0]), model.output.weight.detach()[[0]].clone(),
-                                                     torch.zeros(1, 32))}).save(tmp_path / "o.safetensors")
-    nan_patch = KeyPatch({"norm.weight": RowChange(torch.tensor([0]), norm[[0]].clone(), torch.tensor([float("nan")]))}
-                         ).save(tmp_path / "n.safetensors")
-    nan_key = KeyPatch({keys_name(2): RowChange(torch.tensor([0]), model.memory_layers[2].keys.detach()[[0]].clone(),
-                                                torch.full((1, 8), float("inf")))}).save(tmp_path / "i.safetensors")
+    out_patch = write_key_patch(tmp_path / "o.safetensors", {"output.weight": (
+        torch.tensor([0]), model.output.weight.detach()[[0]].clone(), torch.zeros(1, 32))})
+    nan_patch = write_key_patch(tmp_path / "n.safetensors", {"norm.weight": (
+        torch.tensor([0]), norm[[0]].clone(), torch.tensor([float("nan")]))})
+    nan_key = write_key_patch(tmp_path / "i.safetensors", {keys_name(2): (
+        torch.tensor([0]), model.memory_layers[2].keys.detach()[[0]].clone(), torch.full((1, 8), float("inf")))})
     # an applied patch whose rows get frozen later cannot be reverted
     assert cli("patch", "zero", "-m", path, "-t", "shared", "-r", "6", "--apply")[0] == 0
     applied = json.loads(cli("patch", "log", "-m", path, "--json")[1])["applied"][0]

@@ -15,12 +15,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from memedit.keyspace.keys import KeyPatch, RowChange, keys_name
+from memedit.lm.hooks import keys_name
 from memedit.storage.checkpoint import fingerprint, load, save
 from memedit.storage.state import background
 from memedit.storage.store import LOG, LOG_MAGIC, MARK, REC_HEAD, Change, Store, encode_record, inspect_log, read_header
 
 from .conftest import tiny_model
+from .legacy_patches import write_key_patch
 from .test_store import folder_hash, memedit_cmd
 
 N_RECORDS = 4
@@ -46,8 +47,10 @@ def folder(tmp_path_factory):
     cli("patch", "set", "-m", path, "-t", "shared", "-r", "1,2", "--scalar", "0.5", "--apply")
     fps.append(fingerprint(load(path)))
     k = load(path).memory_layers[0].keys.detach()
-    kp = KeyPatch({keys_name(0): RowChange(torch.tensor([4]), k[[4]].clone(), k[[4]] + 1)})
-    cli("keys", "apply", kp.save(path / "memedit" / "patches" / "k.safetensors"), "-m", path)
+    (path / "memedit" / "patches").mkdir(exist_ok=True)  # a key patch as memedit 0.1 wrote it
+    kp = write_key_patch(path / "memedit" / "patches" / "k.safetensors",
+                         {keys_name(0): (torch.tensor([4]), k[[4]].clone(), k[[4]] + 1)})
+    cli("keys", "apply", kp, "-m", path)
     fps.append(fingerprint(load(path)))
     cli("patch", "set", "-m", path, "-t", "shared", "-r", "3", "--scalar", "2", "--apply")
     fps.append(fingerprint(load(path)))
@@ -466,3 +469,46 @@ def test_a_refused_writer_leaves_the_holders_text(copy):
         r = memedit_cmd("--no-wait", "freeze", "-m", path, "-t", "shared", "-r", "5")
         assert r.returncode == 2 and held.startswith("pid ") and held in r.stderr
         assert lock.read_text() == held
+
+
+def test_salvage_rebuilds_records_from_the_patch_files_of_memedit_0_1(cli, tmp_path):
+    """A folder written by memedit 0.1: its log's records name patch files in the two old formats. Damage each
+    record's rows: salvage rebuilds it byte for byte from its old-format file, and both patches then revert by the
+    ids 0.1 logged."""
+    from memedit.lm.hooks import keys_name
+    from memedit.storage.store import commit
+
+    from .legacy_patches import key_patch_id, write_value_patch
+
+    path = save(tiny_model(), tmp_path / "F")
+    m = load(path)
+    fp0 = fingerprint(m)
+    patches = path / "memedit" / "patches"
+    patches.mkdir(parents=True)
+    t, rows = m.table("shared"), torch.tensor([1, 2])
+    old = t.weight.detach()[rows].clone()
+    pid = write_value_patch(patches / "v.safetensors", fp0, "shared", list(t.layers), rows, old, old + 1)
+    (patches / "v.safetensors").rename(patches / f"{pid}.safetensors")
+    k_old = m.memory_layers[0].keys.detach()[[4]].clone()
+    kc = {keys_name(0): (torch.tensor([4]), k_old, k_old + 1)}
+    kfile = write_key_patch(patches / "keys-adapt-20260101-120000.safetensors", kc, {"command": "keys adapt"})
+    # the records memedit 0.1 appended for them (editing/patch.py's _commit, keyspace/keys.py's _commit_key_patch)
+    commit(m, [Change(t.state_names[0], "shared", rows, old, old + 1)],
+           {"op": "apply", "id": pid, "file": f"patches/{pid}.safetensors", "kind": "set", "message": "",
+            "forced": False})
+    commit(m, [Change(keys_name(0), keys_name(0), torch.tensor([4]), k_old, k_old + 1)],
+           {"op": "apply", "id": key_patch_id(kc), "file": f"patches/{kfile.name}", "kind": "keys",
+            "message": "keys adapt (1 rows)", "forced": False})
+    log = path / "memedit" / LOG
+    good, fp2 = log.read_bytes(), fingerprint(load(path))
+    spans = inspect_log(log).spans
+    for i in range(2):
+        log.write_bytes(flip(rows_at(i))(good, spans))
+        code, res = check_json(cli, path, "--salvage")
+        assert code == 0 and any("restored byte for byte" in r for r in res["repaired"]), res
+        assert log.read_bytes() == good and fingerprint(load(path)) == fp2
+        for aside in path.joinpath("memedit").glob(f"{LOG}.damaged-*"):
+            aside.unlink()
+    assert cli("patch", "revert", pid, "-m", path)[0] == 0
+    assert cli("keys", "revert", kfile, "-m", path)[0] == 0
+    assert fingerprint(load(path)) == fp0

@@ -43,7 +43,7 @@ def test_attributions_sum_to_the_layer_attribution_and_the_logit():
     d = t.logit_direction()
     # the frozen-scale final norm reproduces the target's logit exactly at this point
     logit = model(t.tokens[None])[0, -1, t.target.token_id]
-    assert t["final.resid"][-1] @ d == pytest.approx(float(logit), abs=1e-4)
+    assert t["hook_resid_final"][-1] @ d == pytest.approx(float(logit), abs=1e-4)
     for L in t.layers:
         attr, bias_attr = t.attribution(L)
         layer_attr = float(t[name(L, "out")][-1] @ d)

@@ -15,18 +15,34 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .. import limits
 from ..errors import MemeditError
 from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
+from ..storage.checkpoint import fingerprint
 from ..storage.corpus import Corpus
 from ..tracing.capture import on_lookup
+from ..world.facts import world_of
 from .stats import AuditCounter, SlotStats, TopContexts
 
 Progress = Callable[[int, float], None]  # (tokens audited so far, fraction of the corpus read)
+
+
+def open_corpus(source: str | Path | None, model: MemoryModel | None) -> Corpus:
+    """The corpus at ``source``, or the demo world's training sentences when ``source`` is None."""
+    if source is not None:
+        return Corpus.open(source)
+    try:
+        world = world_of(model)
+    except MemeditError:
+        raise MemeditError("no CORPUS given, and this model has no demo world to default to: pass a CORPUS "
+                           "file (text, one document per line, or JSONL with a \"text\" field)") from None
+    return Corpus(description=f"demo world (seed {world.seed}) training sentences", texts=world.training_sentences())
 
 
 def corpus_batches(model: MemoryModel, corpus: Corpus, batch_size: int = 64, max_tokens: int | None = None,
@@ -87,8 +103,6 @@ def audit(model: MemoryModel, corpus: Corpus, max_tokens: int | None = None, bat
           progress: Progress | None = None, rank: int = 0, world_size: int = 1, contexts: int = 0) -> SlotStats:
     """Slot statistics of ``model`` over ``corpus`` (this rank's share of the batches when ``world_size`` > 1);
     with ``contexts`` M > 0 also the top-M contexts of every slot (stats.TopContexts)."""
-    from ..storage.checkpoint import fingerprint
-
     if model.tokenizer is None:
         raise MemeditError("this model has no tokenizer, so it cannot read a text corpus")
     if max_tokens is not None and max_tokens < 1:
@@ -124,8 +138,6 @@ def launched_by_torchrun() -> bool:
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join the process group torchrun set up (gloo for a model on CPU, nccl on CUDA): (rank, world size)."""
-    import torch.distributed as dist
-
     if not launched_by_torchrun():
         raise MemeditError(
             "--distributed needs torchrun: torchrun --nproc-per-node P -m memedit_cli audit CORPUS --distributed ...")
@@ -136,8 +148,6 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
 def all_reduce(stats: SlotStats) -> SlotStats:
     """Sum every rank's statistics in place (integer tensors, so the sum is exact) and return them."""
-    import torch.distributed as dist
-
     device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
     tokens = torch.tensor([stats.tokens], dtype=torch.int64)
     for name in ("counts", "weight_units", "subkey_counts"):
@@ -168,8 +178,6 @@ def all_reduce(stats: SlotStats) -> SlotStats:
 def audit_distributed(model: MemoryModel, corpus: Corpus, max_tokens: int | None = None, batch_size: int = 64,
                       progress: Progress | None = None, contexts: int = 0) -> tuple[SlotStats, int]:
     """Audit this rank's shard and sum over all ranks: (the whole corpus's statistics, this rank)."""
-    import torch.distributed as dist
-
     joined = not dist.is_initialized()  # this call set up the process group, so it also takes it down
     rank, world = init_distributed(next(model.parameters()).device)
     try:

@@ -20,8 +20,11 @@ import torch
 
 from .. import limits
 from ..errors import MemeditError
-from ..storage.checkpoint import atomic_path
+from ..lm.tokenizer import token_text
+from ..storage.checkpoint import atomic_path, fingerprint
+from ..storage.state import edit_log, frozen_mask
 from ..tracing.readout import top_written_tokens as promoted_tokens  # the one readout (memedit/tracing/readout.py)
+from ..version import __version__
 from .stats import AFTER, BEFORE, POSITION_BITS, WEIGHT_SCALE, SlotStats, TopContexts
 
 FORMAT = "memedit-slot-stats"
@@ -209,8 +212,6 @@ def read_slot_contexts(path: str | Path, table: str, slot: int) -> list[dict[str
 
 def _layout(w: _Writer, stats: SlotStats | None, model: Any | None, top_k: int) -> None:
     """Root attributes and the dimension scales every array refers to (shapes from the model, else the stats)."""
-    from .. import __version__
-
     f = w.f
     if model is not None:
         mem, cfg = model.config.memory, model.config.to_dict()
@@ -281,9 +282,6 @@ def export(path: str | Path, model: Any, stats: SlotStats | None = None, metrics
     the top tokens are missing (:data:`NO_TOP_TOKENS`). Everything sized by the slots is computed and written a
     block of rows at a time (memory stays bounded at a million slots); ``progress(rows done, rows total)`` is called
     after each block."""
-    from ..storage.checkpoint import fingerprint
-    from ..storage.state import edit_log, frozen_mask
-
     skipped = top_tokens_skipped(model, top_k)
     if skipped:
         top_k = 0
@@ -357,7 +355,6 @@ def export(path: str | Path, model: Any, stats: SlotStats | None = None, metrics
             if model.tokenizer is not None:
                 V = model.config.vocab_size
                 w.scale("token", np.arange(V, dtype=np.int64))
-                from ..lm.tokenizer import token_text
 
                 vocab = np.asarray([token_text(model.tokenizer, i) for i in range(V)], dtype=h5py.string_dtype())
                 w.array("vocab", vocab, ("token",), attrs={"long_name": "the text each token id decodes to"})
@@ -444,8 +441,6 @@ def read_audit(path: str | Path) -> SlotStats:
 
 def check_same_model(stats: SlotStats, model: Any, fp: str | None = None) -> None:
     """Refuse statistics that were gathered on a different model (by fingerprint, else by shape)."""
-    from ..storage.checkpoint import fingerprint
-
     fp = fp or fingerprint(model)
     mem = model.config.memory
     if (stats.layers, stats.n_keys, stats.heads) != (list(mem.layers), mem.n_keys, mem.heads):

@@ -13,11 +13,11 @@ def plot_usage(stats: SlotStats, path: str | Path) -> Path:
     """Write a figure to ``path`` (format from its suffix): left, accesses per slot sorted descending, one curve per
     layer (log-log); right, one heat map per layer of accesses on the N x N grid (row i, column j of slot i*N + j)."""
     try:
-        import matplotlib
+        import matplotlib  # lazy: optional ([plot] extra) and slow to import
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import LogNorm
+        import matplotlib.pyplot as plt  # lazy: optional ([plot] extra) and slow to import
+        from matplotlib.colors import LogNorm  # lazy: optional ([plot] extra) and slow to import
     except ImportError:
         raise MemeditError("--plot needs matplotlib: pip install 'memedit[plot]'") from None
     path = Path(path)

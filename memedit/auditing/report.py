@@ -33,13 +33,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import MemeditError
 from ..lm.model import MemoryModel
 from ..lm.tokenizer import token_text
+from ..storage.checkpoint import atomic_dir, fingerprint
+from ..storage.patch import Patch
+from ..storage.state import edit_log, frozen_rows
+from ..tracing.causal import causal_trace
 from ..tracing.readout import Readout, top_tokens
-from .stats import SlotStats
+from ..tracing.trace import trace, trace_fact
+from ..world.facts import world_of
+from .hdf5 import check_same_model
+from .stats import SlotStats, usage_metrics
+from .stats import report as usage_report
 
 SHARD = 512  # slots per data file
 MARKER = "memedit-report.json"
@@ -71,8 +80,6 @@ def traced_page(model: MemoryModel, page: TracedPage, n_tokens: int = 5) -> dict
     position that predicts it; attributions are to that token's logit, ablations change the whole target's
     log-probability (memedit/tracing/trace.py).
     """
-    from ..tracing.trace import trace
-
     t = trace(model, page.prompt, page.target)
     targets, top = [], []
     for pos in t.target_positions:  # one entry per target token, each scored with teacher forcing
@@ -96,16 +103,12 @@ def traced_page(model: MemoryModel, page: TracedPage, n_tokens: int = 5) -> dict
         "top": top, "targets": targets, "causal": None, "fact": None,
     }
     if page.subject:
-        from ..tracing.causal import causal_trace
-
         ct = causal_trace(model, page.prompt, page.subject, t.target.text)
         out["causal"] = {"subject": ct.subject, "tokens": ct.tokens, "subject_positions": ct.subject_positions,
                          "layers": ct.layers,
                          "clean": _r(ct.clean_prob), "corrupted": _r(ct.corrupted_prob),
                          "effect": [[_r(x) for x in row] for row in ct.indirect_effect.tolist()]}
     if page.fact is not None:
-        from ..tracing.trace import trace_fact
-
         f = page.fact
         ft = trace_fact(model, f)
         ranked = [(u.layer, u.slot) for u, _ in t.ranked()]
@@ -122,8 +125,6 @@ def pages_to_trace(model: MemoryModel, facts: list[str], prompts: list[tuple[str
     """The pages asked for: fact ids of the model's world (a one-line error for an unknown id) and prompts."""
     out = []
     if facts:
-        from ..world.facts import world_of
-
         world = world_of(model)
         for fid in facts:
             f = world.fact(fid)
@@ -147,8 +148,6 @@ class _Slots:
 def _slot_records(model: MemoryModel, stats: SlotStats | None, extra: dict[str, set[int]], n: int,
                   slots: _Slots) -> None:
     """Fill records for every slot of every table that was used in the audit or is in ``extra``."""
-    from ..storage.state import edit_log, frozen_rows
-
     frozen = frozen_rows(model)
     edits: dict[str, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
     for e in edit_log(model):
@@ -225,13 +224,12 @@ def _slot_records(model: MemoryModel, stats: SlotStats | None, extra: dict[str, 
 def _figures(stats: SlotStats, out: Path) -> list[dict[str, str]]:
     """Four SVG figures of the audit: usage histogram, Lorenz curve, per-head use, dead slots."""
     try:
-        import matplotlib
+        import matplotlib  # lazy: optional ([plot] extra) and slow to import
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazy: optional ([plot] extra) and slow to import
     except ImportError:
         raise MemeditError("the report's figures need matplotlib: pip install 'memedit[plot]'") from None
-    from .stats import usage_metrics
 
     plt.rcParams.update({"svg.hashsalt": "memedit", "font.size": 9})  # reproducible SVG ids
     out.mkdir(parents=True, exist_ok=True)
@@ -248,8 +246,6 @@ def _figures(stats: SlotStats, out: Path) -> list[dict[str, str]]:
         total = stats.table_counts(name).sum(0).double()
         used = total[total > 0]
         if len(used):
-            import numpy as np
-
             bins = np.logspace(0, np.log10(float(used.max()) + 1), 40)
             ax.hist(used.numpy(), bins=bins, histtype="step", label=f"table {name}")
     ax.set_xscale("log")
@@ -299,9 +295,6 @@ def _figures(stats: SlotStats, out: Path) -> list[dict[str, str]]:
 # ---- edits -----------------------------------------------------------------------------------------------------
 def _edit_pages(model: MemoryModel) -> list[dict[str, Any]]:
     """The edit log, oldest first, each value patch with the norm of every row's change."""
-    from ..editing.patch import Patch
-    from ..storage.state import edit_log
-
     out = []
     for e in edit_log(model):
         item = {k: e.get(k) for k in ("op", "id", "time", "kind", "message", "tables", "layers", "forced")}
@@ -335,10 +328,6 @@ def build_report(model: MemoryModel, out: str | Path, stats: SlotStats | None = 
                  progress: Progress | None = None) -> dict[str, Any]:
     """Write the report site to ``out`` (atomically: a previous report there is replaced whole, anything else is
     refused); returns a summary: folder, pages, slots written, bytes of slot data, seconds."""
-    from ..storage.checkpoint import atomic_dir, fingerprint
-    from .hdf5 import check_same_model
-    from .stats import report as usage_report
-
     t0 = time.perf_counter()
     say = progress or (lambda s: None)
     out = Path(out).expanduser()

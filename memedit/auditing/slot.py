@@ -22,7 +22,10 @@ import torch
 from ..errors import MemeditError
 from ..lm.model import MemoryModel, ModelConfig
 from ..lm.tokenizer import token_text
+from ..storage.checkpoint import is_native, load_native
+from ..storage.state import edit_log, frozen_rows
 from ..tracing.readout import Readout, slot_writes
+from .hdf5 import read_slot_contexts, read_slot_usage
 
 
 @dataclass
@@ -41,7 +44,6 @@ class _Weights:
         if isinstance(model, MemoryModel):
             return cls(model.config, model.tokenizer, model.source, {t.name: list(t.layers) for t in model.tables},
                        _model=model)
-        from ..storage.checkpoint import is_native, load_native
 
         path = Path(model).expanduser()
         if not (path.is_dir() and is_native(path)):
@@ -143,16 +145,12 @@ class _Tok:
 
 
 def _frozen(w: _Weights, table: str, slot: int) -> bool:
-    from ..storage.state import frozen_rows
-
     rows = frozen_rows(w._model) if w.source else {}
     return bool((rows.get(table, torch.empty(0, dtype=torch.long)) == slot).any())
 
 
 def _edits(w: _Weights, table: str, layers: list[int], slot: int, i: int, j: int) -> list[dict[str, Any]]:
     """Log entries (value or key patches) that touched this slot's value row or one of its sub-keys."""
-    from ..storage.state import edit_log
-
     N, H = w.config.memory.n_keys, w.config.memory.heads
     key_rows = {r for h in range(H) for r in (h * 2 * N + i, h * 2 * N + N + j)}
     out = []
@@ -173,8 +171,6 @@ def _edits(w: _Weights, table: str, layers: list[int], slot: int, i: int, j: int
 
 def _usage(w: _Weights, stats: str | Path, table: str, slot: int) -> tuple[dict[str, Any], list[dict] | None]:
     """The slot's usage from an audit file (reading only what it needs) and its top contexts (None if not kept)."""
-    from .hdf5 import read_slot_contexts, read_slot_usage
-
     mem = w.config.memory
     u = read_slot_usage(stats, table, slot, (list(mem.layers), mem.n_keys, mem.heads))
     ctx = read_slot_contexts(stats, table, slot)

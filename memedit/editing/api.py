@@ -22,7 +22,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import MemeditError
+from ..storage.checkpoint import load, require_writable
+from ..world.facts import load_facts, world_of
+from . import background as B
+from . import field_metrics as FM
+from . import locality as L
+from . import sparse_ft as S
 from .formats import Case, _easyedit
+from .patch import apply, write_rows
 
 
 def cases_of(prompts, target_new, ground_truth=None, subject=None, rephrase_prompts=None,
@@ -40,11 +47,6 @@ def setup(m, reqs, cfg, locality: str | Path | None = None, facts: str | Path | 
     """(background statistics or None, known facts or None, the Locality) for editing ``reqs`` on ``m``: what
     `memedit edit` and :func:`run_cases` both need before :func:`memedit.editing.sparse_ft.run_edits`. Refuses, in
     one line, a target the tokenizer cannot spell and a model without a locality sample."""
-    from ..world.facts import load_facts, world_of
-    from . import background as B
-    from . import locality as L
-    from . import sparse_ft as S
-
     bg = B.get(m) if cfg.ranking != "counts" else None
     world = load_facts(facts) if facts is not None else (world_of(m).facts if m.meta.get("world") else None)
     S.fact_items(m, reqs)  # every target tokenizes: said before anything else is asked of the folder
@@ -61,11 +63,6 @@ def run_cases(model, cases: Sequence[Case], *, sequential: bool = False, dry_run
     """Edit ``cases`` on ``model`` (a loaded model or a folder) and measure them; returns {"edits": [...],
     "summary": {...}} with memedit's, CounterFact's and EasyEdit's figures. ``dry_run``: nothing is written and the
     in-memory model is left as it was."""
-    from ..storage.checkpoint import load, require_writable
-    from . import field_metrics as FM
-    from . import sparse_ft as S
-    from .patch import apply, write_rows
-
     m = model if hasattr(model, "tables") else load(model)
     if not dry_run:
         require_writable(m)

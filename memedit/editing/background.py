@@ -19,12 +19,15 @@ from .. import limits
 from ..errors import MemeditError
 from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
+from ..storage.checkpoint import load
+from ..storage.state import background, write_background
 from ..tracing.capture import SlotCounter, on_lookup
+from ..world.facts import world_of
+from .config import BACKGROUND_BATCH, BACKGROUND_MAX_BATCHES
 from .locality import META_KEY as LOCALITY_KEY
 from .locality import SAMPLE_TOKENS, decode_sample, draw_sample, encode_sample
 
-DEFAULT_BATCH = 32  # sentences per background batch (a "document" for document frequency)
-DEFAULT_MAX_BATCHES = 1000  # the reference uses 1000 batches of general text
+DEFAULT_BATCH, DEFAULT_MAX_BATCHES = BACKGROUND_BATCH, BACKGROUND_MAX_BATCHES  # (config.py)
 IN_MEMORY_BATCHES = 250  # for a model without stored statistics: a quarter, so a command waits seconds, not a minute
 
 
@@ -46,8 +49,6 @@ class Background:
 
 def default_corpus(model: MemoryModel) -> list[str]:
     """The demo world's filler sentences and facts (with their answers): the model's 'general text'."""
-    from ..world.facts import world_of
-
     if not getattr(model, "meta", {}).get("world"):
         raise MemeditError("no CORPUS given, and this model has no demo world to default to: pass CORPUS, your own "
                            "text (one passage per line, or JSONL with a \"text\" field)")
@@ -93,8 +94,6 @@ def compute(model: MemoryModel, sentences: Sequence[str], batch_size: int = DEFA
 
 def save(model: MemoryModel, bg: Background) -> None:
     """Store ``bg`` in the model folder (atomically)."""
-    from ..storage.state import write_background
-
     tensors = {f"df.{k}": v for k, v in bg.df.items()} | {f"counts.{k}": v for k, v in bg.counts.items()}
     meta = {"n_batches": bg.n_batches, "tokens": bg.tokens, "corpus": bg.corpus}
     if bg.locality:
@@ -105,8 +104,6 @@ def save(model: MemoryModel, bg: Background) -> None:
 def carry(model: MemoryModel, copy: str | Path) -> bool:
     """Store ``model``'s background statistics (if it has any) with ``copy``, a folder just written from it (e.g. by
     ``memedit convert``), so edits on the copy rank slots at once; whether there were any."""
-    from ..storage.checkpoint import load
-
     bg = stored(model)
     if bg is not None:
         save(load(copy), bg)
@@ -115,8 +112,6 @@ def carry(model: MemoryModel, copy: str | Path) -> bool:
 
 def stored(model: MemoryModel) -> Background | None:
     """The background stored with the model, or None."""
-    from ..storage.state import background
-
     got = background(model)
     if got is None:
         return None
@@ -151,7 +146,5 @@ def get(model: MemoryModel) -> Background:
 
 def stored_locality(model: MemoryModel) -> list[str] | None:
     """The locality sample kept with the stored background statistics, or None."""
-    from ..storage.state import background
-
     got = background(model)
     return decode_sample(got[1]) if got is not None else None

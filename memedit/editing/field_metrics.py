@@ -44,8 +44,10 @@ from pathlib import Path
 import torch
 
 from ..errors import MemeditError
+from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
-from ..tracing.targets import tokenize_target
+from ..storage.checkpoint import atomic_write_text
+from ..tracing.targets import answer_or_given, tokenize_target
 from .formats import Case, safe_id
 
 ROME_KEYS = ("rewrite", "paraphrase", "neighborhood")
@@ -55,8 +57,6 @@ ROME_KEYS = ("rewrite", "paraphrase", "neighborhood")
 def forced(model: MemoryModel, pairs: Sequence[tuple[str, str]], batch_size: int = 128) -> list[dict]:
     """For each (prompt, target): {"nll": per-token -log P, "argmax": the argmax token at each target position,
     "ids": the target's tokens}, by teacher forcing."""
-    from ..lm.batching import pad_batch, pad_id
-
     items = [tokenize_target(model, p, t) for p, t in pairs]
     dev = next(model.parameters()).device
     out = []
@@ -80,8 +80,6 @@ def _loc_pairs(case: Case) -> list[tuple[str, str]]:
 def resolve_true(model: MemoryModel, cases: Sequence[Case]) -> None:
     """Fill in each request's empty ``target_true`` with the model's own answer (as the edit itself would), so that
     the pre-edit measurement compares with the same old answer."""
-    from ..tracing.targets import answer_or_given
-
     for c in cases:
         r = c.request
         r.target_true = answer_or_given(model, r.rewrite_prompt, r.target_true)
@@ -219,8 +217,6 @@ def write_results(folder: str | Path, cases: Sequence[Case], pre: Sequence[dict]
                   seconds: Sequence[float]) -> list[Path]:
     """One ``case_{id}.json`` per case in ROME's result layout (``case_id``, ``requested_rewrite``, ``time``,
     ``pre``, ``post``), so that ROME's ``summarize.py`` reads a memedit run."""
-    from ..storage.checkpoint import atomic_write_text
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

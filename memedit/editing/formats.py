@@ -387,3 +387,9 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 def safe_id(case_id: str) -> str:
     """A case id as a file-name part (``case_{id}.json``)."""
     return _SAFE.sub("_", str(case_id))[:100] or "_"
+
+
+def read_requests(path: str | Path) -> list[EditRequest]:
+    """The edit requests of a file: memedit's JSONL, or CounterFact, ZsRE or EasyEdit records as a JSON array, one
+    JSON object or JSONL."""
+    return [c.request for c in read_cases(path)]

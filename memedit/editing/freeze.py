@@ -1,7 +1,7 @@
 """Frozen value rows: rows that no patch, fact edit or key update may change.
 
 Stored per table in the model folder's ``memedit/frozen.safetensors`` (see state.py). The same file also holds
-frozen sub-keys ("keys.layer{L}", written by keys.py); this module only touches value-table entries and keeps
+frozen sub-keys ("keys.layer{L}", which keyspace honours); this module only touches value-table entries and keeps
 every other entry as it found it.
 """
 
@@ -10,13 +10,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import limits
+from ..auditing.hdf5 import check_same_model, read_audit
 from ..errors import MemeditError
 from ..lm.model import MemoryModel
 from ..storage.state import frozen_rows, write_frozen_rows
-from .patch import MAX_ROWS, check_rows, parse_rows
+from ..storage.store import store_of
+from ..tracing.capture import core_set
+from .background import get
+from .patch import MAX_ROWS, check_rows, lineage, parse_rows
 
 
 def frozen(model: MemoryModel) -> dict[str, list[int]]:
@@ -27,8 +32,6 @@ def frozen(model: MemoryModel) -> dict[str, list[int]]:
 
 def freeze(model: MemoryModel, rows: dict[str, Sequence[int]]) -> dict[str, int]:
     """Add rows {table: ids} to the frozen set; returns {table: rows newly frozen}."""
-    from ..storage.store import store_of
-
     with store_of(model).locked():  # read-modify-write of the frozen set: one writer at a time
         return _freeze(model, rows)
 
@@ -52,8 +55,6 @@ def _freeze(model: MemoryModel, rows: dict[str, Sequence[int]]) -> dict[str, int
 
 def unfreeze(model: MemoryModel, rows: dict[str, Sequence[int]] | None = None) -> dict[str, int]:
     """Remove rows {table: ids} (None: every value-table row) from the frozen set; returns {table: rows freed}."""
-    from ..storage.store import store_of
-
     with store_of(model).locked():
         return _unfreeze(model, rows)
 
@@ -79,8 +80,6 @@ def _unfreeze(model: MemoryModel, rows: dict[str, Sequence[int]] | None) -> dict
 
 def fact_rows(model: MemoryModel, prompts: Sequence[str]) -> dict[str, list[int]]:
     """The rows of a fact's core set: slots every one of its phrasings selects at the answer position."""
-    from ..tracing.capture import core_set
-
     return core_set(model, prompts)
 
 
@@ -95,8 +94,6 @@ def hot_rows(model: MemoryModel, n: int, stats: str | Path | None = None) -> dic
     if stats is not None:
         counts = audit_counts(model, stats)
     else:
-        from .background import get
-
         counts = get(model).counts
     return {t.name: counts[t.name].argsort(descending=True, stable=True)[:n].tolist() for t in model.tables}
 
@@ -106,9 +103,6 @@ def audit_counts(model: MemoryModel, path: str | Path) -> dict[str, torch.Tensor
 
     An audit of this model folder before one of its logged edits is accepted; one of another model is refused.
     """
-    from ..auditing.hdf5 import check_same_model, read_audit
-    from .patch import lineage
-
     stats = read_audit(path)
     ours = stats.fingerprint in lineage(model)
     check_same_model(stats, model, fp=stats.fingerprint if ours else None)
@@ -122,8 +116,6 @@ def rows_from_file(path: str | Path) -> list[int]:
     """Row ids from a text file (ids or ranges, separated by commas, spaces or newlines) or a .npy array."""
     path = limits.input_file(path, "rows file")
     if path.suffix == ".npy":
-        import numpy as np
-
         try:
             arr = np.load(path, allow_pickle=False)  # a pickled array is refused unread
         except (ValueError, OSError, EOFError) as e:

@@ -31,7 +31,10 @@ import torch.nn.functional as F
 from ..errors import MemeditError
 from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
-from ..tracing.capture import on_lookup
+from ..lm.memory import Lookup
+from ..storage.corpus import read_texts
+from ..tracing.capture import on_lookup, prefix_of, run_from
+from ..world.facts import world_of
 
 SAMPLE_TOKENS = 5000  # the stored locality sample's size, in tokens (sequences are whole sentences)
 MAX_SEQ_TOKENS = 64  # a longer sentence is cut to its first tokens (a sample of text, not of lengths)
@@ -102,12 +105,10 @@ class Locality:
     :meth:`accept` after a committed change makes the model as it is now the "before" of the next measurement.
     """
 
-    def __init__(self, model: MemoryModel, texts: Sequence[str], batch: int = 64,
-                 sequences: Sequence[Sequence[int]] | None = None, starts: Sequence[int] | None = None):
-        """``texts``; or (for :meth:`of_answers`) token ``sequences`` measured from position ``starts[i]`` on."""
+    def __init__(self, model: MemoryModel, texts: Sequence[str], batch: int = 64):
         texts = [t for t in texts if t.strip()]
-        seqs = [model.encode(t)[:MAX_SEQ_TOKENS] for t in texts] if sequences is None else [list(x) for x in sequences]
-        keep = [i for i, s in enumerate(seqs) if len(s) >= 2 or starts is not None]
+        seqs = [model.encode(t)[:MAX_SEQ_TOKENS] for t in texts]
+        keep = [i for i, s in enumerate(seqs) if len(s) >= 2]
         if not keep:
             raise MemeditError("the locality sample holds no text of two tokens or more")
         self.model, self.batch = model, batch
@@ -115,21 +116,12 @@ class Locality:
         self.tokens, self.lengths = pad_batch([seqs[i] for i in keep], pad_id(model))  # (B, T), (B,)
         B, T = self.tokens.shape
         self.valid = torch.arange(T)[None, :] < self.lengths[:, None]  # (B, T)
-        if starts is not None:
-            self.valid &= torch.arange(T)[None, :] >= torch.tensor([starts[i] for i in keep])[:, None]
         # every other sequence trains (preservation), the rest is held out: the guard measures there
-        self.held_out = (torch.arange(B) % 2 == 1) if starts is None else torch.zeros(B, dtype=torch.bool)
+        self.held_out = torch.arange(B) % 2 == 1
         V = model.config.vocab_size
         self.exact = int(self.valid.sum()) * V <= FULL_VOCAB_ELEMENTS
         self.k = V if self.exact else min(TOP_TOKENS, V)
         self.refresh()
-
-    @classmethod
-    def of_answers(cls, model: MemoryModel, items: Sequence) -> Locality:
-        """The answer positions of prompts with their targets (``TargetTokens``, teacher forcing): what earlier
-        edits made the model say, kept by later ones."""
-        return cls(model, [it.prompt for it in items], sequences=[it.sequence for it in items],
-                   starts=[len(it.prompt_ids) - 1 for it in items])
 
     @torch.no_grad()
     def _forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -142,8 +134,32 @@ class Locality:
             slots[L] = lk.indices.detach().reshape(len(rows), t, -1).cpu()
 
         with on_lookup(self.model, keep):
-            logits = self.model(self.batch_tokens(rows))
+            logits = self.logits(rows)
         return logits.float(), slots
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """The model's logits (b, t, V) for sample sequences ``rows`` (differentiable in the value rows), run from
+        the stored prefix (:func:`memedit.tracing.capture.run_from`): what no value row changes (the first memory
+        layer's input and lookup) is computed once, in :meth:`refresh`."""
+        t = self.width(rows)
+        dev = self._device
+        h = self.prefix_h[rows, :t].to(dev)
+        lk = Lookup(**{k: v[rows, :t].flatten(0, 1).to(dev) for k, v in self.prefix_lookup.items()})
+        return run_from(self.model, self.prefix_layer, h, lk)
+
+    def _keep_prefix(self, rows: torch.Tensor) -> None:
+        """Compute and store the prefix (first memory layer's block input and lookup) of sample sequences ``rows``."""
+        B, T = self.tokens.shape
+        L, h, lk = prefix_of(self.model, self.batch_tokens(rows))
+        b, t = h.shape[:2]
+        self.prefix_layer = L
+        if self.prefix_h is None:
+            self.prefix_h = torch.zeros(B, T, h.shape[-1], dtype=h.dtype)
+            self.prefix_lookup = {k: torch.zeros(B, T, *v.shape[1:], dtype=v.dtype)
+                                  for k, v in lk.__dict__.items()}
+        self.prefix_h[rows, :t] = h.cpu()
+        for k, v in lk.__dict__.items():
+            self.prefix_lookup[k][rows, :t] = v.reshape(b, t, *v.shape[1:]).cpu()
 
     @property
     def _device(self) -> torch.device:
@@ -169,7 +185,10 @@ class Locality:
         self.rest_logp = torch.full((B, T), -float("inf"))
         self.margin = torch.zeros(B, T)  # logit of the greedy token minus the next best
         self.slots: dict[int, torch.Tensor] = {}
+        self.prefix_h: torch.Tensor | None = None
+        self.prefix_lookup: dict[str, torch.Tensor] = {}
         for rows in self._chunks(torch.arange(B)):
+            self._keep_prefix(rows)
             self._store(rows, *self._forward(rows))
         self._pending = []
 
@@ -258,12 +277,20 @@ class Locality:
         return Collateral(n_pos, int(allowed.sum()), float(reads.sum()) / n, kl_sum / n, kl_max, n_changed / n,
                           self.exact)
 
-    def accept(self) -> None:
+    @torch.no_grad()
+    def accept(self, changed_rows: dict[str, torch.Tensor] | None = None, subjects: Sequence[str] = ()) -> None:
         """After :meth:`collateral`, when its change is committed: the model as measured becomes the reference
-        (only the sequences that read a changed row moved)."""
+        (only the sequences that read a changed row moved), and so does the model on the sequences that mention
+        ``subjects`` and read one of ``changed_rows`` (the intended change, which :meth:`collateral` leaves out).
+        The other sequences of the training half keep the reference they had: preservation keeps them as the
+        model was before the run's edits."""
         for rows, logits, slots in self._pending:
             self._store(rows, logits, slots)
         self._pending = []
+        if changed_rows and subjects:
+            mine = self.reads(changed_rows).any(1) & ~self.allowed(subjects)
+            for rows in self._chunks(mine.nonzero().flatten()):
+                self._store(rows, *self._forward(rows))
 
     @torch.no_grad()
     def flipped(self, rows: torch.Tensor, logits: torch.Tensor, min_margin: float = 0.0) -> torch.Tensor:
@@ -301,8 +328,6 @@ class Locality:
 
 def read_locality(path) -> list[str]:
     """The texts of a ``--locality`` file (one per line, or JSONL with a "text" field)."""
-    from ..storage.corpus import read_texts
-
     return read_texts(path, "locality sample")
 
 
@@ -316,7 +341,117 @@ def sample_for(model: MemoryModel, path=None, stored: Sequence[str] | None = Non
     if stored:
         return list(stored)
     if getattr(model, "meta", {}).get("world"):
-        from ..world.facts import world_of
-
         return draw_sample(model, world_of(model).training_sentences(), max_tokens)
     return None
+
+
+class Answers:
+    """The answers earlier edits gave (prompts with their new targets, teacher forcing), kept by later edits.
+
+    The reference is the target itself: an answer position is kept while the model's greedy token there is the
+    target's token. Which value rows an answer reads is taken from one forward pass when the answer is added
+    (:meth:`add`; later edits may move a later memory layer's lookup a little: it chooses which answers an edit
+    keeps, it measures nothing). One forward pass per new answer, not one over every kept answer per edit.
+    Same interface as :class:`Locality` for :class:`memedit.editing.sparse_ft.Preserve`.
+    """
+
+    def __init__(self, model: MemoryModel, items: Sequence = (), cap: int = 500, batch: int = 64):
+        self.model, self.cap, self.batch = model, cap, batch
+        self.prompts: list[str] = []
+        self.seqs: list[list[int]] = []
+        self.starts: list[int] = []
+        self.labels: list[list[int]] = []
+        self.read: list[dict[str, torch.Tensor]] = []  # {table: sorted unique row ids read at any position}
+        self.add(items)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @torch.no_grad()
+    def add(self, items: Sequence) -> None:
+        """Keep ``items`` (``TargetTokens``), replacing any kept answer of the same prompt; the oldest answers go
+        beyond ``cap``."""
+        items = list(items)
+        if not items:
+            return
+        mine = {it.prompt for it in items}
+        keep = [i for i, p in enumerate(self.prompts) if p not in mine]
+        for name in ("prompts", "seqs", "starts", "labels", "read"):
+            setattr(self, name, [getattr(self, name)[i] for i in keep])
+        for s in range(0, len(items), self.batch):
+            part = items[s : s + self.batch]
+            seqs = [it.sequence for it in part]
+            tokens, lengths = pad_batch(seqs, pad_id(self.model))
+            slots: dict[int, torch.Tensor] = {}
+
+            def grab(L: int, lk) -> None:
+                slots[L] = lk.indices.detach().reshape(len(part), tokens.shape[1], -1).cpu()
+
+            with on_lookup(self.model, grab):
+                self.model.run_lookups(tokens.to(self._device))
+            for b, it in enumerate(part):
+                n = int(lengths[b])
+                read = {t.name: torch.cat([slots[L][b, :n].flatten() for L in t.layers]).unique()
+                        for t in self.model.tables}
+                self.prompts.append(it.prompt)
+                self.seqs.append(list(it.sequence))
+                self.starts.append(len(it.prompt_ids) - 1)
+                self.labels.append(list(it.ids))
+                self.read.append(read)
+        extra = len(self.prompts) - self.cap
+        if extra > 0:
+            for name in ("prompts", "seqs", "starts", "labels", "read"):
+                setattr(self, name, getattr(self, name)[extra:])
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def sequences_reading(self, rows: dict[str, torch.Tensor], allowed=None) -> torch.Tensor:
+        """Ids of the kept answers that read one of ``rows`` {table: ids}, oldest first."""
+        out = []
+        for i, read in enumerate(self.read):
+            for name, ids in rows.items():
+                got = read.get(name)
+                if got is not None and len(ids) and bool(torch.isin(got, torch.as_tensor(ids)).any()):
+                    out.append(i)
+                    break
+        return torch.tensor(out, dtype=torch.long)
+
+    def _chunks(self, ids: torch.Tensor):
+        for s in range(0, len(ids), self.batch):
+            yield ids[s : s + self.batch]
+
+    def _batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens (b, t), labels (b, t) with -1 off the answer positions, valid (b, t)) of answers ``rows``."""
+        rows = [int(r) for r in rows]
+        tokens, _ = pad_batch([self.seqs[r] for r in rows], pad_id(self.model))
+        labels = torch.full(tokens.shape, -1, dtype=torch.long)
+        for b, r in enumerate(rows):
+            s = self.starts[r]
+            labels[b, s : s + len(self.labels[r])] = torch.tensor(self.labels[r])
+        return tokens, labels, labels >= 0
+
+    def batch_tokens(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._batch(rows)[0].to(self._device)
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.model(self.batch_tokens(rows))
+
+    @torch.no_grad()
+    def flipped(self, rows: torch.Tensor, logits: torch.Tensor, min_margin: float = 0.0) -> torch.Tensor:
+        """(b,) bool: which answers ``rows`` the model no longer gives (greedy token != target at some position)."""
+        _, labels, valid = self._batch(rows)
+        t = logits.shape[1]
+        return ((logits.argmax(-1).cpu()[:, :t] != labels[:, :t]) & valid[:, :t]).any(1)
+
+    def margin_term(self, logits: torch.Tensor, rows: torch.Tensor, cap: float) -> torch.Tensor:
+        """Mean over the answer positions of relu(cap / 2 - (logit of the target token - best other logit))."""
+        _, labels, valid = self._batch(rows)
+        dev = logits.device
+        g = labels.clamp_min(0).to(dev)
+        z = logits.float()
+        zg = z.gather(-1, g[..., None]).squeeze(-1)
+        other = z.scatter(-1, g[..., None], -float("inf")).amax(-1)
+        v = valid.to(dev)
+        return (F.relu(cap / 2 - (zg - other)) * v).sum() / v.sum().clamp_min(1)

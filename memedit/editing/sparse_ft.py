@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -35,100 +36,17 @@ from .. import limits
 from ..errors import MemeditError
 from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
-from ..storage.state import frozen_rows
-from ..tracing.capture import SlotCounter, on_lookup
+from ..storage.checkpoint import fingerprint
+from ..storage.state import edit_log, frozen_rows
+from ..tracing.capture import SlotCounter, fixed_prefix, on_lookup, trainable_rows
 from ..tracing.targets import TargetTokens, answer_or_given, score, tokenize_target
 from .background import Background
-from .locality import Collateral, Locality
-from .patch import Patch, make_patch
+from .config import FORGETTING_SAMPLE, EditConfig
+from .locality import Answers, Collateral, Locality
+from .patch import Patch, make_patch, write_rows
 
 RANKINGS = ("tfidf", "kl", "counts")
 PROTECT = ("none", "edits", "hot")
-
-
-@dataclass
-class EditConfig:
-    # §6 trains t = 500 rows per fact in a 1M-slot memory. memedit trains as few rows as the edit needs: min_t first,
-    # doubled every round_steps steps while the edit does not hold, up to top_t (adaptive). On the old
-    # word-level demo, a fixed t = 128 (lr 5, <= 100 steps) had been the best of t in {32..500} x lr in {2, 3, 5}
-    # for single edits, but 100 sequential edits then cost 1.1 points on untouched facts against 0.2 for adaptive
-    # (benchmarks/bench_continual.py); on a BPE model with 2-4-token targets, a fixed 128 rows / 100 steps made 85 %
-    # of single edits and adaptive up to 256 rows / 200 steps 100 % (tests/test_real_models.py). On the bundled
-    # BPE demo (65,536 slots, 6 trained wordings per fact), up to 256 rows at lr 5 made 2 of 8 sampled edits, up to
-    # 1,024 rows at lr 10 all 8 (a fact reads ~600-800 distinct slots at its answer positions there). On the
-    # current demo (9 wordings per fact, the subject's other facts kept), plain SGD at lr 10 from 16 rows took a
-    # median of ~145 steps an edit (most ran to the cap); SGD with momentum 0.9 at lr 5 from 64 rows, rounds of
-    # 15 steps, ~38 steps, with the same edits holding over 40 sequential edits; with the stop rule below, lr 10
-    # from 128 rows in rounds of 10 steps, a median of 23.5 steps (74 at lr 5 from 64 rows with p >= 0.74) and
-    # 1.2 s of CPU an edit, with the same forgetting over 150 sequential edits (benchmarks/bench_continual.py).
-    top_t: int = 1024  # at most this many value rows trained per fact
-    # None: for SGD, 10 x (median value-row norm / 11)^2 (:func:`default_lr`: lr 10 on the demo, whose rows have
-    # norm 11; a model that keeps its rows 10x smaller reads them through a 10x larger projection, so the same
-    # step moves its outputs 100x more); 1e-2 for AdamW
-    lr: float | None = None
-    steps: int = 200  # at most this many optimizer steps in all (most edits stop early)
-    # Stop early once every token of the new target, in every training phrasing, has a loss below this (p > 1/2:
-    # the greedy continuation of every training phrasing is the whole new target) while every token of the keep
-    # pairs still has p > 1/2; 0 never stops early. It replaced a mean loss below 0.05 over every target token,
-    # which (on the demo, 100 random single edits) let 4 edits stop with their rewrite prompt still preferring the
-    # old answer (one phrasing's tokens are a small part of the mean). A margin (0.3, p >= 0.74) cost 3x the
-    # steps for the same holding and forgetting over 150 sequential edits (2.2 against 2.27 points, both 99.3 %
-    # holding; benchmarks/bench_continual.py).
-    stop_token_loss: float = math.log(2)
-    optimizer: str = "sgd"  # "sgd" (default) or "adamw" (forgets more, §6)
-    momentum: float = 0.9  # SGD's momentum (0: plain SGD, as §6)
-    ranking: str = "tfidf"  # "tfidf", "kl" or "counts" (no IDF, a baseline)
-    # Count slot reads at "all" positions of each phrasing (the default) or at the "answer" positions only. On the
-    # bundled demo (10 random rewrites, benchmarks in the README): answer positions made 90 % of edits and 80 % of
-    # held-out wordings; all positions 100 % and 100 %, because the rows read at the subject's tokens carry the fact to
-    # every wording. They also carry the subject's other facts: 50 sequential edits cost those 15 points unless the
-    # request keeps them (EditRequest.keep, keep_for; `memedit edit --keep-subject`): then 2.9, and 0.0 on others.
-    positions: str = "all"
-    train_all: bool = False  # baseline only: finetune every parameter instead of the selected value rows
-    # continual editing: keep other knowledge's rows out of an edit
-    protect: str = "none"  # "none"; "edits": rows earlier edits trained; "hot": also the background's most-read rows
-    hot_fraction: float = 0.02  # with protect="hot": this fraction of each table's rows, by background df
-    # Leave alone the rows that the same prompt reads at the new target's positions when it is about this many OTHER
-    # subjects (drawn from the known facts' subjects, else the request's neighborhood prompts; 0: off). Those rows
-    # carry the relation and the spelling of the answer for every subject: on the demo, after 150 sequential edits
-    # without it, most untouched facts that broke had taken an edited object that shares their answer's first token
-    # ("Leirailish" -> "Leithish", "clarinet" -> "cello"), for many subjects at once. With 8 subjects the drop on
-    # untouched facts was 0.8 / 2.3 / 5.0 points after 100 / 300 / 500 edits, against 1.2 / 2.7 / 7.3 without
-    # (benchmarks/bench_continual.py, the same 1,000 requests); 32 subjects did no better than 8.
-    contrast: int = 8
-    adaptive: bool = True  # train min_t rows first, and double them (up to top_t) only while the edit does not hold
-    min_t: int = 128  # with adaptive: the rows tried first
-    round_steps: int = 10  # with adaptive: steps per round before the rows are doubled (the last round: the rest)
-    # An edit's reach on text (memedit/editing/locality.py): the guard and the preservation term (docs/decisions.md).
-    # refuse an edit that changes more than this share of the sample's greedy tokens (a batch: n times this)
-    max_collateral: float = 0.02
-    preserve: float = 1.0  # weight of the margin term on the locality sample's training half (0: off)
-    preserve_margin: float = 2.0  # the margin term keeps half of each greedy token's logit margin, up to this
-    preserve_kl: float = 0.0  # weight of KL(pre-edit || now) on the same positions (0: off)
-    preserve_sample: int = 8  # locality sequences per step (drawn among those that read a trained row)
-    repairs: int = 2  # times an edit that holds is trained on, with the sequences whose greedy tokens it changed
-    preserve_always: bool = False  # the preservation term in every step (False: only in repairs, when needed)
-    repair_steps: int = 20  # at most this many steps per repair
-    preserve_check: int = 0  # sequences (that read a trained row) checked for changed greedy tokens (0: all)
-    locality_tokens: int = 5000  # the locality sample's size (tokens), drawn from the background corpus
-
-    def check(self) -> EditConfig:
-        """This config, after refusing values that cannot be meant (a learning rate of -1 or 1e39, no steps)."""
-        if self.lr is not None:
-            limits.number(self.lr, "--lr", 0.0, limits.MAX_LR, lo_open=True)
-        limits.count(self.top_t, "--top-t", 1)
-        limits.count(self.steps, "--steps", 1)
-        limits.count(self.contrast, "--contrast", 0)
-        if self.optimizer not in ("sgd", "adamw"):
-            raise MemeditError(f"unknown optimizer {self.optimizer!r}: use sgd or adamw")
-        return self
-
-    @property
-    def learning_rate(self) -> float:
-        """``lr``, or the optimizer's default when it is None (SGD: :func:`default_lr`, filled in by :func:`edit`)."""
-        if self.lr is not None:
-            return self.lr
-        return 10.0 if self.optimizer == "sgd" else 1e-2
 
 
 LR_REF, NORM_REF = 10.0, 11.0  # the demo's lr, and its value rows' median norm
@@ -268,8 +186,6 @@ def answers_of(requests: Sequence[EditRequest]) -> dict[str, str]:
 
 def applied_edits(model: MemoryModel) -> list[dict]:
     """The edit-log entries of the fact edits the model folder holds as applied (not reverted), oldest first."""
-    from ..storage.state import edit_log
-
     applied: dict[str, dict] = {}
     for e in edit_log(model):
         if e.get("kind") != "edit" or "id" not in e:
@@ -287,14 +203,6 @@ def edited_answers(model: MemoryModel) -> dict[str, str]:
     for e in applied_edits(model):
         out.update(e.get("answers") or {})
     return out
-
-
-def read_requests(path: str | Path) -> list[EditRequest]:
-    """The edit requests of a file: memedit's JSONL, or CounterFact, ZsRE or EasyEdit records as a JSON array, one
-    JSON object or JSONL (memedit/editing/formats.py)."""
-    from .formats import read_cases
-
-    return [c.request for c in read_cases(path)]
 
 
 @dataclass
@@ -578,7 +486,7 @@ class Preserve:
     cfg: EditConfig
     seed: int = 0
     pinned: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # always in the step
-    history: Locality | None = None  # the answers of earlier edits (Locality.of_answers): kept, like pinned ones
+    history: Answers | None = None  # the answers of earlier edits: kept, like pinned ones
     history_rows: torch.Tensor | None = None  # those of them that read the rows being trained
 
     @torch.no_grad()
@@ -587,8 +495,8 @@ class Preserve:
         hist = self.history
         if hist is None:
             return False
-        ids = hist.sequences_reading(rows)
-        return any(bool(hist.flipped(c, model(hist.batch_tokens(c))).any()) for c in hist._chunks(ids))
+        ids = hist.sequences_reading(rows)[-HISTORY_CHECKED:]  # the most recent that read them
+        return any(bool(hist.flipped(c, hist.logits(c)).any()) for c in hist._chunks(ids))
 
     def candidates(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """The allowed sequences that read one of ``rows`` (the only ones training them can move)."""
@@ -605,7 +513,7 @@ class Preserve:
             cand = cand[torch.randperm(len(cand), generator=g)[: self.cfg.preserve_check]]
         out = []
         for ids in loc._chunks(cand):
-            out.append(ids[loc.flipped(ids, model(loc.batch_tokens(ids)), self.cfg.preserve_margin / 4)])
+            out.append(ids[loc.flipped(ids, loc.logits(ids), self.cfg.preserve_margin / 4)])
         return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
@@ -619,7 +527,7 @@ def _preservation(model: MemoryModel, preserve: Preserve, candidates: torch.Tens
     pick = torch.cat([preserve.pinned, extra[~torch.isin(extra, preserve.pinned)]])
     term, ok = 0.0, True
     if len(pick):
-        logits = model(loc.batch_tokens(pick))
+        logits = loc.logits(pick)
         k = len(preserve.pinned)
         ok = not bool(loc.flipped(pick[:k], logits[:k].detach(), cfg.preserve_margin / 4).any()) if k else True
         term = cfg.preserve * loc.margin_term(logits, pick, cfg.preserve_margin)
@@ -628,7 +536,7 @@ def _preservation(model: MemoryModel, preserve: Preserve, candidates: torch.Tens
     hist = preserve.history
     if hist is not None and preserve.history_rows is not None and len(preserve.history_rows):
         h = preserve.history_rows
-        logits = model(hist.batch_tokens(h))
+        logits = hist.logits(h)
         ok = ok and not bool(hist.flipped(h, logits.detach()).any())
         term = term + cfg.preserve * hist.margin_term(logits, h, cfg.preserve_margin)
     return max(n_active, 1) * term, ok
@@ -645,8 +553,6 @@ def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[s
     step adds :func:`_preservation` on locality sequences that read a trained row, and training goes on until the
     pinned sequences keep their greedy tokens too.
     """
-    from ..tracing.capture import fixed_prefix, trainable_rows
-
     b = _batch(model, requests)
     tokens = b.tokens.to(next(model.parameters()).device)
     if cfg.optimizer not in ("sgd", "adamw"):
@@ -656,7 +562,7 @@ def train_rows(model: MemoryModel, requests: Sequence[EditRequest], rows: dict[s
     on = preserve is not None and rows is not None and (cfg.preserve > 0 or cfg.preserve_kl > 0)
     candidates = preserve.candidates(rows) if on else None
     if on and preserve.history is not None:  # earlier edits whose answers read a trained row (at most 32)
-        preserve.history_rows = preserve.history.sequences_reading(rows)[-32:]
+        preserve.history_rows = preserve.history.sequences_reading(rows)[-HISTORY_PINNED:]
     gen = torch.Generator().manual_seed(preserve.seed if preserve is not None else 0)
     with contextlib.ExitStack() as stack:
         if cfg.train_all:  # the baseline: dense, every parameter
@@ -699,8 +605,6 @@ def contrast_rows(model: MemoryModel, requests: Sequence[EditRequest], n: int,
     """{table: row ids} read at the new target's positions when each request's prompt is about ``n`` other
     subjects (a fixed draw from ``subjects`` per request), or, without subjects, after the request's neighborhood
     prompts (``EditConfig.contrast``). Empty when there is nothing to contrast with."""
-    import random
-
     items = []
     pool = sorted(set(subjects or ()))
     for r in requests:
@@ -747,7 +651,6 @@ def edit(model: MemoryModel, requests: Sequence[EditRequest], bg: Background | N
     if cfg.train_all:  # baseline: every parameter moves, which a value patch cannot hold; the model stays edited
         steps, loss, holds = train_rows(model, requests, None, cfg)
         return EditResult(None, {}, steps, loss, time.perf_counter() - t0, done=bool(holds.all()))
-    from ..storage.checkpoint import fingerprint
 
     base_fp = fingerprint(model)  # before training writes rows into the table (and restores them), which would
     # make the table be hashed whole again
@@ -841,9 +744,7 @@ class Forgetting:
     Uses up to ``sample`` prompts of facts other than the edited ones (a fixed random sample, for speed).
     """
 
-    def __init__(self, model: MemoryModel, facts, sample: int = 1000, seed: int = 0):
-        import random
-
+    def __init__(self, model: MemoryModel, facts, sample: int = FORGETTING_SAMPLE, seed: int = 0):
         pairs = [(f.id, p, f.target_true) for f in facts for p in f.training_prompts]
         random.Random(seed).shuffle(pairs)
         self.pairs = pairs[:sample]
@@ -882,6 +783,8 @@ class Forgetting:
 
 
 HISTORY_KEPT = 500  # at most this many of the folder's most recent edit answers are kept by a new edit
+HISTORY_PINNED = 32  # of them, the most recent that read the trained rows are in every preservation step
+HISTORY_CHECKED = 64  # and these are checked for a changed answer before committing (a repair follows)
 
 
 def _earlier_answers(model: MemoryModel) -> list[TargetTokens]:
@@ -901,7 +804,8 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
               sequential: bool = True, commit: Callable[[Patch], None] | None = None,
               forgetting: Forgetting | None = None, progress: Callable[[int, int], None] | None = None,
               keep_facts: Sequence | None = None, subjects: Sequence[str] | None = None,
-              locality: Locality | None = None, force: bool = False) -> list[EditResult]:
+              locality: Locality | None = None, force: bool = False,
+              on_result: Callable[[Sequence[EditRequest], EditResult], None] | None = None) -> list[EditResult]:
     """Make the edits (one by one if ``sequential``, else one batch), each measured right after it and, if the
     guard lets it through, applied (in memory, then by ``commit`` if given) before the next.
 
@@ -913,16 +817,16 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
 
     With ``keep_facts``, a request without keep pairs of its own keeps its subject's other facts
     (:func:`keep_for`) at the answers earlier edits (the folder's log, then this run's) and the batch itself give
-    them. ``subjects``: other subjects for ``cfg.contrast`` (default: those of ``keep_facts``)."""
-    from .patch import write_rows
-
+    them. ``subjects``: other subjects for ``cfg.contrast`` (default: those of ``keep_facts``). ``on_result(group,
+    result)`` is called after each group."""
     cfg.check()
     fact_items(model, requests)  # every target tokenizes, before anything is trained
     groups = [[r] for r in requests] if sequential else [list(requests)]
     results = []
     made: dict[str, torch.Tensor] = {}  # rows trained by the edits of this run (a folder's log holds earlier ones)
     answers = edited_answers(model) if keep_facts is not None else {}
-    kept = _earlier_answers(model) if locality is not None else []  # kept by later edits, with this run's
+    kept = Answers(model, _earlier_answers(model), HISTORY_KEPT) if locality is not None else None  # kept by later
+    # edits, with this run's
     for n, group in enumerate(groups, 1):
         if keep_facts is not None:
             mine = {**answers, **answers_of(group)}  # siblings inside the batch are kept at their new answers
@@ -933,7 +837,7 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
         preserve = None
         if locality is not None and (cfg.preserve > 0 or cfg.preserve_kl > 0 or cfg.repairs > 0):
             preserve = Preserve(locality, locality.allowed(edited_subjects) & ~locality.held_out, cfg, n,
-                                history=Locality.of_answers(model, kept) if kept else None)
+                                history=kept if kept is not None and len(kept) else None)
         res = edit(model, group, bg, cfg, protect=made if cfg.protect != "none" else None,
                    subjects=subjects if subjects is not None else [f.subject for f in keep_facts or ()],
                    preserve=preserve)
@@ -971,11 +875,11 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
                     made[name] = torch.cat([made.get(name, torch.empty(0, dtype=torch.long)), torch.tensor(ids)])
                 answers.update(answers_of(group))
                 if locality is not None:
-                    locality.accept()
-                    mine = {r.rewrite_prompt for r in group}
-                    kept = [it for it in kept if it.prompt not in mine] + [
-                        tokenize_target(model, r.rewrite_prompt, r.target_new) for r in group]
+                    locality.accept({k: torch.tensor(v) for k, v in res.slots.items()}, edited_subjects)
+                    kept.add([tokenize_target(model, r.rewrite_prompt, r.target_new) for r in group])
         results.append(res)
+        if on_result is not None:
+            on_result(group, res)
         if progress is not None:
             progress(n, len(groups))
     return results

@@ -30,14 +30,19 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import limits
 from ..errors import MemeditError
+from ..lm.batching import pad_batch, pad_id
+from ..lm.hooks import hooks, memory_path
 from ..lm.memory import Lookup, MemoryLayer
 from ..lm.model import MemoryModel
+from ..storage.checkpoint import atomic_path, dtype_name
+from ..tracing.capture import capture_lookups
 
 BLOCK_BYTES = 64 << 20  # slot keys materialised per FAISS block (knn_ground_truth holds one more copy)
 MAX_EXAMPLES = 5  # mismatches kept in full per (layer, head)
@@ -80,7 +85,7 @@ def faiss_blas() -> Iterator[None]:
     the database one vector at a time: 5x slower than sgemm for 65 queries × 32K slot keys of 512 dims here
     (0.86 s against 0.16 s, 1 thread). Both are exact; the sgemm rounds like any float32 matmul.
     """
-    import faiss
+    import faiss  # lazy: only the exact check and the key index need it
 
     old = faiss.cvar.distance_compute_blas_threshold, faiss.cvar.distance_compute_blas_database_bs
     faiss.cvar.distance_compute_blas_threshold = 1
@@ -119,7 +124,7 @@ def miq_index(keys: np.ndarray):
     Returns (index, M): each sub-key c gets one more coordinate sqrt(M² - |c|²), M the largest sub-key norm, so
     all have norm M; N is padded to a power of two with sub-keys (0, ..., 0, 2M) that no query can prefer.
     """
-    import faiss
+    import faiss  # lazy: only the exact check and the key index need it
 
     N, h = keys.shape[1], keys.shape[2]
     nbits = max(1, (N - 1).bit_length())
@@ -281,6 +286,20 @@ def judge(mine: np.ndarray, reported: np.ndarray, mine_true: np.ndarray, ref: np
     return ("same" if np.array_equal(np.sort(mine), np.sort(ref)) else "tie"), ""
 
 
+def _reference_top(queries: np.ndarray, keys: np.ndarray, k: int, rtol: float, block_bytes: int,
+                   index: SlotKeyIndex | None, reference: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """(scores (n, k+1) float64, slot ids (n, k+1), rtol) of the reference's top k+1 (one extra to see ties at the
+    edge): the slot-key index when given, FAISS's MultiIndexQuantizer (its L2 form widens rtol), or brute force."""
+    if index is not None:
+        D, ids = index.search(queries, k + 1)
+    elif reference == "miq":
+        D, ids = miq_search(queries, keys, k + 1)
+        rtol = max(rtol, MIQ_RTOL)
+    else:
+        D, ids = exact_search(queries, keys, k + 1, block_bytes)
+    return D.astype(np.float64), ids, rtol
+
+
 def compare_head(
     queries: np.ndarray,  # (n, K) float32, exactly the values the lookup used
     keys: np.ndarray,  # (2, N, K/2) the head's sub-keys as the lookup should have used them
@@ -308,16 +327,7 @@ def compare_head(
         raise MemeditError(f"unknown reference {reference!r} (choose from {', '.join(REFERENCES)})")
     n_slots = keys.shape[1] ** 2
     brute = index is None and reference == "flat"  # the reference is already the brute force
-    if index is not None:
-        D, ids = index.search(queries, k + 1)
-        D = D.astype(np.float64)
-    elif reference == "miq":
-        D, ids = miq_search(queries, keys, k + 1)
-        D = D.astype(np.float64)
-        rtol = max(rtol, MIQ_RTOL)
-    else:
-        D, ids = exact_search(queries, keys, k + 1, block_bytes)  # (n, k+1): one extra to see ties at the edge
-        D = D.astype(np.float64)
+    D, ids, rtol = _reference_top(queries, keys, k, rtol, block_bytes, index, reference)
     tol = rtol * score_scale(queries, keys)  # (n,)
     truth = true_scores(queries, keys, slots)  # (n, k)
     faults = answer_faults(ids, D, n_slots)
@@ -426,10 +436,6 @@ def corpus_queries(model: MemoryModel, texts: Sequence[str], limit: int = 0,
 
     Duplicate queries (same prefix) are checked once; ``limit`` > 0 stops after that many distinct lookups.
     """
-    from ..lm.batching import pad_batch, pad_id
-    from ..lm.hooks import hooks, memory_path
-    from ..tracing.capture import capture_lookups
-
     seqs = [model.encode(t) for t in texts if t.strip()]
     if not seqs:
         raise MemeditError("the corpus tokenizes to nothing: give a file with text lines")
@@ -546,7 +552,7 @@ def compare(
 @contextlib.contextmanager
 def faiss_threads(n: int) -> Iterator[None]:
     """Pin FAISS (and torch) to ``n`` threads inside the block: results differ in the last bits between counts."""
-    import faiss
+    import faiss  # lazy: only the exact check and the key index need it
 
     old_f, old_t = faiss.omp_get_max_threads(), torch.get_num_threads()
     faiss.omp_set_num_threads(n)
@@ -590,8 +596,6 @@ def verify(
     ``source(model, dtype)`` computes in ``dtype`` itself: query vectors only need the sub-keys cast, text needs a
     copy of the model in that dtype (:func:`in_dtype`). ``progress(heads compared, heads in all passes)`` is called
     after each head."""
-    from ..storage.checkpoint import dtype_name
-
     passes, done, total = [], 0, 0
 
     def head_done() -> None:
@@ -639,8 +643,6 @@ def saved_source(queries: dict[int, torch.Tensor]):
 def load_queries(path: str, model: MemoryModel, layer: int | None = None) -> dict[int, torch.Tensor]:
     """Saved query vectors: a .npy array (n, H, K) for one layer (``layer``, or the only memory layer), or an
     .npz with one array per layer named "layer{L}"."""
-    from pathlib import Path
-
     p = Path(path)
     try:
         data = np.load(p, allow_pickle=False)
@@ -666,8 +668,6 @@ def load_queries(path: str, model: MemoryModel, layer: int | None = None) -> dic
 
 def save_queries(path: str, checked: dict[int, Checked]) -> None:
     """Write captured queries as an .npz with one float32 array (n, H, K) per layer, named "layer{L}"."""
-    from ..storage.checkpoint import atomic_path
-
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **{f"layer{L}": c.queries.float().cpu().numpy() for L, c in checked.items()})
@@ -710,7 +710,7 @@ class SlotKeyIndex:
 
     def search(self, queries: np.ndarray, k: int):
         """Exact inner-product top-k over the buffer: (scores (n, k), slot ids (n, k))."""
-        import faiss
+        import faiss  # lazy: only the exact check and the key index need it
 
         xq = np.ascontiguousarray(queries, dtype=np.float32)
         with faiss_blas():

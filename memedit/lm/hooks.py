@@ -14,27 +14,23 @@ and for every block ``b`` and the model: ``layers.{b}.hook_resid_pre`` (B, T, D)
 ``hook_resid_final`` (B, T, D) the residual before the final norm, ``tok_embeddings`` (B, T, D). Any other
 module path names that module's output. A Lookup's fields are named below it (``...search.weights``).
 
-Deprecated names, kept for one release: ``blocks.{L}.memory.{query,mem,gate,gating}`` (the hook points),
-``blocks.{L}.memory.out`` (the layer), ``blocks.{L}.memory.{indices,subkeys,scores,weights}`` (the Lookup's fields),
-``blocks.{b}.hook_resid_pre`` and ``final.resid``.
+The tensors a patch may change are named here too: a layer's sub-keys (:func:`keys_name`) and its value table
+(:func:`values_name`; a shared table is stored under its first reading layer).
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from ..errors import MemeditError
-from .memory import Lookup
+from .memory import HookPoint, Lookup
 
 HookFn = Callable[[Any, str], Any]  # (activation, name) -> a replacement activation, or None to keep it
 
-_OLD_MEMORY = re.compile(r"blocks\.(\d+)\.memory\.(\w+)")
-_OLD_RESID = re.compile(r"blocks\.(\d+)\.hook_resid_pre")
 LOOKUP_FIELDS = ("indices", "subkeys", "scores", "weights")
 
 
@@ -43,18 +39,14 @@ def memory_path(layer: int) -> str:
     return f"layers.{layer}.feed_forward"
 
 
-def canonical(name: str) -> str:
-    """The registry's name for ``name``: itself, or the module path a deprecated name stands for."""
-    if name == "final.resid":
-        return "hook_resid_final"
-    if m := _OLD_RESID.fullmatch(name):
-        return f"layers.{m[1]}.hook_resid_pre"
-    if m := _OLD_MEMORY.fullmatch(name):
-        layer, what = memory_path(int(m[1])), m[2]
-        if what == "out":
-            return layer
-        return f"{layer}.search.{what}" if what in LOOKUP_FIELDS else f"{layer}.hook_{what}"
-    return name
+def keys_name(layer: int) -> str:
+    """The state-dict name of the sub-keys of block ``layer``'s memory, (2*H*N, K/2)."""
+    return f"{memory_path(layer)}.keys"
+
+
+def values_name(layer: int) -> str:
+    """The state-dict name of the value table block ``layer``'s memory reads, (N*N, V)."""
+    return f"{memory_path(layer)}.values.weight"
 
 
 def _detached(value: Any) -> Any:
@@ -64,11 +56,10 @@ def _detached(value: Any) -> Any:
 
 
 class ActivationCache(dict):
-    """Activations by name (module paths; deprecated names resolve too). A Lookup's fields are addressable by
-    ``<path>.search.<field>``."""
+    """Activations by name (module paths). A Lookup's fields are addressable by ``<path>.search.<field>``."""
 
     def __getitem__(self, name: str) -> Any:
-        key = canonical(name)
+        key = name
         if dict.__contains__(self, key):
             return dict.__getitem__(self, key)
         parent, _, field = key.rpartition(".")
@@ -86,8 +77,6 @@ class ActivationCache(dict):
 
 def hook_names(model) -> list[str]:
     """Every name :func:`run_with_cache` records by default: the hook points, lookups and memory layer outputs."""
-    from .memory import HookPoint
-
     names = [n for n, mod in model.named_modules() if isinstance(mod, HookPoint)]
     for L in model.memory_layers:
         names += [memory_path(L), f"{memory_path(L)}.search"]
@@ -102,7 +91,7 @@ def hooks(model, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]:
     handles = []
     try:
         for name, fn in fwd_hooks:
-            path = canonical(name)
+            path = name
             if path not in modules:
                 raise MemeditError(f"no activation named {name!r} in this model (names are module paths, e.g. "
                                    f"{memory_path(next(iter(model.memory_layers), 0))}.hook_query)")
@@ -118,7 +107,7 @@ def caching(model, names: Iterable[str] | None = None) -> Iterator[ActivationCac
     """Within the block, record the named activations (default: :func:`hook_names`) of the last forward,
     detached."""
     cache = ActivationCache()
-    wanted = [canonical(n) for n in (hook_names(model) if names is None else names)]
+    wanted = list(hook_names(model) if names is None else names)
     with hooks(model, [(n, lambda out, path: cache.__setitem__(path, _detached(out))) for n in wanted]):
         yield cache
 

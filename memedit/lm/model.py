@@ -7,6 +7,7 @@ Names follow the reference implementation (docs/reference.md §2): ``tok_embeddi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .. import limits
+from ..errors import MemeditError
+from .hooks import values_name
 from .memory import HookPoint, MemoryConfig, MemoryLayer
 
 if TYPE_CHECKING:
@@ -61,8 +64,6 @@ class ModelConfig:
 
 def _check_types(cfg: Any) -> None:
     """Raise TypeError naming the first field whose value has the wrong type (configs come from JSON files)."""
-    import dataclasses
-
     kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list[int]": (list, tuple)}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
@@ -95,7 +96,7 @@ class ValueTable:
     @property
     def state_names(self) -> list[str]:
         """The state-dict names under which this table appears (one per reading layer)."""
-        return [f"layers.{L}.feed_forward.values.weight" for L in self.layers]
+        return [values_name(L) for L in self.layers]
 
 
 class RMSNorm(nn.Module):
@@ -286,8 +287,6 @@ class MemoryModel(nn.Module):
             if name == t.name or (name.isdigit() and int(name) in t.layers):
                 return t
         known = ", ".join(t.name for t in self.tables) or "none"
-        from ..errors import MemeditError
-
         raise MemeditError(f"no value table {name!r} in this model (tables: {known})")
 
     @property
@@ -307,8 +306,6 @@ class MemoryModel(nn.Module):
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """The residual stream after the last block, before the final norm: (B, T, D)."""
         if self.config.standalone:
-            from ..errors import MemeditError
-
             raise MemeditError(
                 "this is a standalone memory module with no host language model: commands that run text need a "
                 "host LM; give query vectors instead (e.g. model.memory_layers[0].lookup(x))"
@@ -403,8 +400,6 @@ class MemoryModel(nn.Module):
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt as the model reads it: BOS, then the text's tokens."""
-        from ..errors import MemeditError
-
         if self.tokenizer is None and self.config.standalone:
             raise MemeditError("this model has no tokenizer (a standalone memory module): give query vectors instead "
                                "of text")
@@ -421,8 +416,6 @@ class MemoryModel(nn.Module):
     def check_context(self, ids: list[int] | int, what: str = "the prompt") -> None:
         """Refuse a token sequence (or a length) longer than the model's context (max_seqlen), before any memory is
         spent on it."""
-        from ..errors import MemeditError
-
         n, length = self.config.max_seqlen, ids if isinstance(ids, int) else len(ids)
         if length > n:
             raise MemeditError(f"{what} has {length:,} tokens, more than the model's context of {n:,}; shorten it")

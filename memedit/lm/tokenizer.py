@@ -75,9 +75,8 @@ class WordTokenizer:
         return {"memedit_tokenizer": "word", "vocab": self.vocab}
 
     def save(self, path: str | Path) -> None:
-        from ..storage.checkpoint import atomic_write_text
-
-        atomic_write_text(Path(path), json.dumps(self.to_json()))
+        """Write the vocabulary as tokenizer.json (not atomically: memedit saves into a folder it publishes whole)."""
+        Path(path).write_text(json.dumps(self.to_json()))
 
 
 def byte_level_alphabet() -> dict[str, int]:
@@ -117,19 +116,3 @@ def token_text(tok: Tokenizer | None, i: int) -> str:
     if t is None:
         return f"<id {i}>"
     return shown(t)
-
-
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer.json: memedit's word vocabulary, an imported kind saved by memedit, or a HuggingFace file."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise MemeditError(f"cannot read tokenizer {path}: {e}") from None
-    if isinstance(data, dict) and data.get("memedit_tokenizer") == "word":
-        return WordTokenizer(data["vocab"])
-    if not isinstance(data, dict):
-        raise MemeditError(f"{path} is not a tokenizer memedit can read")
-    from ..storage.importers.tokenizers import from_json
-
-    return from_json(data, path)

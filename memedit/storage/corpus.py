@@ -7,13 +7,9 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import MemeditError
 from ..limits import MAX_TEXT_CHARS
-
-if TYPE_CHECKING:
-    from ..lm.model import MemoryModel
 
 
 @dataclass
@@ -25,18 +21,8 @@ class Corpus:
     texts: list[str] | None = None
 
     @classmethod
-    def open(cls, source: str | Path | None, model: MemoryModel | None) -> Corpus:
-        """The corpus at ``source``, or the demo world's training sentences when ``source`` is None."""
-        if source is None:
-            from ..world.facts import world_of
-
-            try:
-                world = world_of(model)
-            except MemeditError:
-                raise MemeditError("no CORPUS given, and this model has no demo world to default to: pass a CORPUS "
-                                   "file (text, one document per line, or JSONL with a \"text\" field)") from None
-            return cls(description=f"demo world (seed {world.seed}) training sentences",
-                       texts=world.training_sentences())
+    def open(cls, source: str | Path) -> Corpus:
+        """The corpus at ``source`` (the demo world's default corpus is auditing.audit.open_corpus's choice)."""
         path = Path(source).expanduser()
         if not path.exists():
             raise MemeditError(f"corpus {path} does not exist")
@@ -97,7 +83,7 @@ def _jsonl_text(line: str, path: Path, n: int) -> str:
 
 def read_texts(source: str | Path, what: str = "corpus") -> list[str]:
     """The non-empty documents of a text file (one a line, stripped) or a JSONL file (its "text" fields)."""
-    texts = [text for text, _ in Corpus.open(source, None).documents()]
+    texts = [text for text, _ in Corpus.open(source).documents()]
     if not texts:
         raise MemeditError(f"the {what} {source} tokenizes to nothing: it has no text lines")
     return texts

@@ -22,24 +22,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import MemeditError
+from .blocks import FP_MOD
+from .folder import (  # noqa: F401 (is_linked, link_meta, read_link, LINK: re-exported, their old home)
+    LINK, LINK_BLOCKS, LINK_FORMAT, is_linked, link_meta, native_state, read_link)
+from .importers.dcp import DcpState, is_dcp
+from .importers.safe import read_dcp_metadata
 from .shards import block_digests, digest_sum, file_identity, is_sharded
+from .store import _set_cached_sum, stored_sums, write_native_base  # noqa: F401 (write_native_base: re-exported)
 
-LINK = "link.json"
-BLOCKS = "link.blocks"
-LINK_FORMAT = "memedit-link"
+BLOCKS = LINK_BLOCKS
 SMALL = 16 << 20  # files up to this size are identified by their sha256 too
-
-
-def is_linked(folder: Path) -> bool:
-    """A folder whose base is a linked checkpoint (a native base, once written by compact, takes precedence)."""
-    folder = Path(folder)
-    return (folder / LINK).is_file() and not (folder / "model.safetensors").exists()
 
 
 def _sha256(path: Path) -> str:
@@ -52,8 +50,6 @@ def _sha256(path: Path) -> str:
 
 def source_files(src: Path) -> list[str]:
     """The files of a DCP step folder that its model tensors are read from (relative names)."""
-    from .importers.safe import read_dcp_metadata
-
     md = read_dcp_metadata(src, light=True)
     shards = sorted({str(info.relative_path) for info in (getattr(md, "storage_data", None) or {}).values()
                      if getattr(info, "relative_path", None)})
@@ -73,10 +69,6 @@ def identify(src: Path, names: list[str]) -> dict[str, dict]:
 
 def write_link(model, tmp: Path, progress=None) -> None:
     """Write ``link.json`` and ``link.blocks`` for ``model`` (loaded from a DCP step folder) into ``tmp``."""
-    from .checkpoint import native_state
-    from .importers.dcp import is_dcp
-    from .store import FP_MOD
-
     src = Path(model.source or "").resolve()
     if not model.source or not is_dcp(src):
         raise MemeditError(f"--link links a DCP training step folder (.metadata, *.distcp, params.json); "
@@ -112,26 +104,6 @@ def write_link(model, tmp: Path, progress=None) -> None:
     (tmp / LINK).write_text(json.dumps(link, indent=1) + "\n")
 
 
-def read_link(folder: Path) -> dict:
-    """The parsed ``link.json`` of a linked folder, refused in one line when it is damaged."""
-    path = Path(folder) / LINK
-    try:
-        link = json.loads(path.read_text())
-        if link.get("format") != LINK_FORMAT or not isinstance(link.get("files"), dict) or \
-                not isinstance(link.get("meta"), dict) or not isinstance(link.get("source"), str):
-            raise ValueError("not a memedit link")
-    except (OSError, ValueError, AttributeError) as e:
-        raise MemeditError(f"{path} is damaged ({e}); run `memedit check --model {folder}`") from None
-    if link.get("version", 1) > 1:
-        raise MemeditError(f"{path} was written by a newer memedit; upgrade memedit")
-    return link
-
-
-def link_meta(folder: Path) -> dict[str, str]:
-    """The base metadata a linked folder keeps in ``link.json`` (as a native base keeps it in its header)."""
-    return {str(k): str(v) for k, v in read_link(folder)["meta"].items()}
-
-
 def verify_source(folder: Path, link: dict, hashes: bool = True) -> Path:
     """The linked source folder, refused in one line when it moved, is missing a file, or changed since the link."""
     src = Path(link["source"])
@@ -155,9 +127,6 @@ def verify_source(folder: Path, link: dict, hashes: bool = True) -> Path:
 def open_link(folder: Path, model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(state, base metadata) of a linked folder: the source's tensors mapped (no copy) under the native names,
     after the source is checked; value tables mapped from shards get their stored block digests."""
-    from .checkpoint import native_state
-    from .importers.dcp import DcpState
-
     link = read_link(folder)
     src = verify_source(folder, link)
     dcp = DcpState(src)
@@ -177,8 +146,6 @@ def open_link(folder: Path, model) -> tuple[dict[str, torch.Tensor], dict[str, s
 def load_digests(folder: Path, link: dict) -> dict:
     """{tensor name: (blocks, 16) uint8} from ``link.blocks`` (checked against its sha256), or {} when damaged
     (the digests are then computed again when needed)."""
-    import numpy as np
-
     path = Path(folder) / BLOCKS
     try:
         raw = path.read_bytes()
@@ -193,11 +160,6 @@ def load_digests(folder: Path, link: dict) -> dict:
 def check_base(folder: Path, model, problems: list[str]) -> None:
     """A linked base in full: the source there and unchanged, every block of every tensor hashed again and compared
     with link.blocks (naming the tensors and blocks that differ), finite values in every tensor."""
-    import numpy as np
-
-    from .checkpoint import native_state
-    from .store import FP_MOD, _set_cached_sum, stored_sums
-
     try:
         link = read_link(folder)
         verify_source(folder, link)
@@ -230,41 +192,3 @@ def check_base(folder: Path, model, problems: list[str]) -> None:
                 bad_values += int((~torch.isfinite(rows.float())).sum())
             if bad_values:
                 problems.append(f"the linked source's {name} holds {bad_values:,} NaN or inf values")
-
-
-def write_native_base(model, path: Path, metadata: dict[str, str], progress=None) -> None:
-    """A safetensors file of the model's native state written a block of rows at a time (a table mapped from
-    shards is never held whole), with ``metadata``; readable by safetensors and store.read_header."""
-    from .checkpoint import native_state
-    from .store import TORCH_ST
-
-    state = native_state(model, contiguous=False)
-    names = sorted(state)
-    header: dict = {"__metadata__": dict(metadata)}
-    off = 0
-    for n in names:
-        t = state[n]
-        nbytes = t.numel() * t.element_size()
-        header[n] = {"dtype": TORCH_ST[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nbytes]}
-        off += nbytes
-    js = json.dumps(header, separators=(",", ":")).encode()
-    js += b" " * (-len(js) % 8)
-    done = 0
-    with open(path, "wb") as f:
-        f.write(len(js).to_bytes(8, "little"))
-        f.write(js)
-        for n in names:
-            t = state[n]
-            rows = t.shape[0] if t.dim() >= 2 else 1
-            step = max(1, (64 << 20) // max(1, t.numel() // max(rows, 1) * t.element_size()))
-            for a in range(0, rows, step):
-                if is_sharded(t):
-                    part = t.row_bytes_of(a, a + step)
-                else:
-                    part = t.detach().reshape(rows, -1)[a: a + step].contiguous().view(torch.uint8)
-                f.write(part.numpy().tobytes())
-                done += part.numel()
-                if progress is not None:
-                    progress(done, off)
-        f.flush()
-        os.fsync(f.fileno())

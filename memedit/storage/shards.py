@@ -17,16 +17,22 @@ table is small, and refused in one line when it is not.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
 import os
 import pickletools
 import re
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import MemeditError
+from .blocks import BLOCK, FP_MOD, _rows2d, block_digest, hash_prefix
 
 MATERIALIZE_BYTES = 256 << 20  # a ShardedRows table at most this large may be copied whole for other operations
 READ_BYTES = 1 << 20  # ranges of rows this large or larger are read from the files rather than paged in
@@ -224,10 +230,6 @@ def _advise_random(storage: torch.UntypedStorage) -> None:
     """madvise(MADV_RANDOM) on a mapped file: a page fault reads its page, not the ~128 KiB around it. Lookups read
     rows scattered over the table (2 KiB each); with the kernel's read-around every row cost 64 times its size from
     disk. Whole ranges are read with pread instead (:meth:`ShardedRows.row_bytes_of`), which keeps readahead."""
-    import ctypes
-    import ctypes.util
-    import mmap
-
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.madvise(ctypes.c_void_p(storage.data_ptr()), ctypes.c_size_t(storage.nbytes()),
@@ -398,8 +400,6 @@ class ShardedRows(torch.Tensor):
         """The bytes of rows a..b-1, (rows, bytes per row) uint8: a view of the map when one chunk holds a few
         rows; a range of READ_BYTES or more is read from the files (sequential, with readahead) and the blocks
         written in memory are laid over it from the map."""
-        from .store import BLOCK
-
         a, b = max(0, a), min(self.shape[0], b)
         if b <= a:
             return torch.empty((0, self.row_bytes), dtype=torch.uint8)
@@ -441,8 +441,6 @@ class ShardedRows(torch.Tensor):
 
     def put(self, ids: torch.Tensor, values: torch.Tensor) -> None:
         """Write rows ``ids`` (in memory: the chunks are copy-on-write maps) and note their blocks as changed."""
-        from .store import BLOCK
-
         flat = ids.reshape(-1).long()
         values = values.to(self.dtype).reshape(-1, *self.shape[1:]).expand(flat.numel(), *self.shape[1:])
         values = values.contiguous().view(torch.uint8)
@@ -456,10 +454,6 @@ class ShardedRows(torch.Tensor):
     def fingerprint_sum(self, name: str) -> int:
         """The table's fingerprint sum (store.block_hash_sum's value) from its per-block digests: every block hashed
         the first time (threads, at disk speed), then only the blocks written since."""
-        import numpy as np
-
-        from .store import FP_MOD, hash_prefix
-
         fp = self.fp
         if fp["digests"] is None:
             fp["digests"], fp["dirty"] = block_digests(name, self), set()
@@ -559,8 +553,6 @@ def file_identity(path: Path) -> dict:
 # ---- per-block digests (the fingerprint of memedit.storage.store, computed at disk speed) ---------------------------
 def _block_bytes(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
     """Rows a..b-1 of ``t`` as (rows, bytes) uint8, as store.block_hash_sum reads them."""
-    from .store import _rows2d
-
     if isinstance(t, ShardedRows):
         return t.row_bytes_of(a, b)
     m = _rows2d(t)[a:b].contiguous()
@@ -568,8 +560,6 @@ def _block_bytes(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
 
 
 def _digest_blocks(prefix: bytes, t: torch.Tensor, blocks: list[int]) -> list[bytes]:
-    from .store import BLOCK, block_digest
-
     n = t.shape[0] if t.dim() >= 2 else 1
     out = []
     for b in blocks:
@@ -581,10 +571,6 @@ def _digest_blocks(prefix: bytes, t: torch.Tensor, blocks: list[int]) -> list[by
 def block_digests(name: str, t: torch.Tensor, progress=None):
     """Every block's digest of ``t`` under ``name``, (blocks, 16) uint8, hashed by all cores (sha256 releases the
     GIL), a span of blocks per task, so the sum equals store.block_hash_sum(name, t). ``progress(done, total)``."""
-    import numpy as np
-
-    from .store import BLOCK, hash_prefix
-
     n = t.shape[0] if t.dim() >= 2 else 1
     nblocks = max(1, (n + BLOCK - 1) // BLOCK) if t.dim() >= 2 else 1
     prefix = hash_prefix(name, t)
@@ -593,16 +579,12 @@ def block_digests(name: str, t: torch.Tensor, progress=None):
     out = np.empty((nblocks, 16), dtype=np.uint8)
 
     def task(s: int) -> tuple[int, list[bytes]]:
-        from .store import block_digest
-
         e = min(nblocks, s + span)
         data = _block_bytes(t, s * BLOCK, min(n, e * BLOCK)).numpy()  # the span read once (pread for a big table)
         step = BLOCK * (data.shape[1] if data.ndim == 2 else 0)
         flat = data.reshape(-1)
         return s, [block_digest(prefix, b, flat[(b - s) * step: (b - s + 1) * step] if step else flat)
                    .to_bytes(16, "little") for b in range(s, e)]
-
-    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as ex:
         for done, (s, ds) in enumerate(ex.map(task, starts), 1):
@@ -614,7 +596,5 @@ def block_digests(name: str, t: torch.Tensor, progress=None):
 
 def digest_sum(digests) -> int:
     """The sum of (blocks, 16) little-endian 128-bit digests, as an integer (not reduced)."""
-    import numpy as np
-
     words = np.ascontiguousarray(digests).view("<u8").reshape(-1, 2).astype(object)
     return int(words[:, 0].sum()) + (int(words[:, 1].sum()) << 64) if len(words) else 0

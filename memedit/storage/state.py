@@ -15,67 +15,26 @@ only reads and writes the files so that every tool (export, keys, edits) sees th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from ..errors import MemeditError
 from ..lm.model import MemoryModel
+from .folder import EDITS, FROZEN, _damaged, _read_tensors, frozen_rows, legacy_log  # noqa: F401 (re-exported)
+from .store import LOG, replace_file, scan_log
 
-FROZEN = "frozen.safetensors"
-EDITS = "edits.jsonl"
 BACKGROUND = "background.safetensors"
 PATCHES = "patches"
 
 
-def _damaged(path: Path, what: str) -> MemeditError:
-    return MemeditError(f"{path} is damaged ({what}); run `memedit check --model {path.parent.parent}`")
-
-
-def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise _damaged(path, "not a file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as e:
-        raise _damaged(path, str(e)[:160]) from None
-
-
 def _write_tensors(model: MemoryModel, name: str, tensors: dict[str, torch.Tensor],
                    metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    from .store import replace_file
-
     replace_file(model, name, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                                                     metadata=metadata))
 
 
 # ---- frozen rows ----------------------------------------------------------------------------------
-def frozen_rows(model: MemoryModel) -> dict[str, torch.Tensor]:
-    """{table name: sorted int64 row ids} of the rows nothing may change (empty dict if none)."""
-    if model.source is None:
-        return {}
-    path = Path(model.source) / "memedit" / FROZEN
-    if not path.exists():
-        return {}
-    tensors, _ = _read_tensors(path)
-    rows = {t.name: t.n_rows for t in model.tables}
-    rows.update({f"keys.layer{L}": layer.keys.shape[0] for L, layer in model.memory_layers.items()})
-    for k, v in tensors.items():
-        if k not in rows:
-            raise _damaged(path, f"{k!r} is neither a value table nor a layer's sub-keys")
-        if v.dim() != 1 or v.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            raise _damaged(path, f"{k} is a {v.dim()}-d {v.dtype} tensor, not a list of row ids")
-        if v.numel() and (int(v.min()) < 0 or int(v.max()) >= rows[k]):
-            raise _damaged(path, f"{k} names rows outside 0..{rows[k] - 1}")
-    return {k: v.long() for k, v in tensors.items()}
-
-
 def write_frozen_rows(model: MemoryModel, rows: dict[str, torch.Tensor]) -> None:
     """Replace the frozen set (under the writers' lock; a read-modify-write holds the lock around both)."""
     rows = {k: torch.unique(v.long()) for k, v in rows.items() if v.numel()}
@@ -96,36 +55,12 @@ def frozen_mask(model: MemoryModel, table: str) -> torch.Tensor:
 def edit_log(model: MemoryModel) -> list[dict]:
     """The model's edit history, oldest first (empty if none): read from the row log's records, so the log and the
     weights cannot disagree (or, for a folder written before the row log, from its edits.jsonl)."""
-    from .store import LOG, scan_log
-
     if model.source is None:
         return []
     d = Path(model.source) / "memedit"
     if (d / LOG).is_file():
         return [r.entry() for r in scan_log(d / LOG, with_rows=False)[0]]
     return legacy_log(d / EDITS)
-
-
-def legacy_log(path: Path) -> list[dict]:
-    """The entries of a v1 edits.jsonl (each checked to be an object with an id)."""
-    if not path.is_file():
-        return []
-    out = []
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise MemeditError(f"cannot read {path}: {e}") from None
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                e = json.loads(line)
-            except ValueError:
-                raise MemeditError(f"{path}:{n} is not valid JSON; the edit log is damaged") from None
-            if not isinstance(e, dict) or not isinstance(e.get("id"), str) or e.get("op") not in ("apply", "revert"):
-                raise MemeditError(f"{path}:{n} is not an edit-log entry (it needs an op and an id); the edit log is "
-                                   "damaged")
-            out.append(e)
-    return out
 
 
 # ---- background statistics ----------------------------------------------------------------------------

@@ -45,8 +45,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ..errors import MemeditError
+from ..lm.hooks import keys_name
+from .blocks import BLOCK, FP_MOD, _rows2d, block_digest, hash_prefix  # noqa: F401 (re-exported: the old names)
+from .files import CRASH_ENV, atomic_path, atomic_write_text, crash_point  # noqa: F401 (crash_point: re-exported)
+from .folder import (FORMAT, LINK, LINK_BLOCKS, STATE_DIR, frozen_rows, legacy_log, link_meta, native_state,
+                     require_writable)
+from .shards import is_sharded
 
 LOG = "rows.log"
 LOCK = "lock"
@@ -55,21 +62,13 @@ REC_MAGIC = b"MREC"
 REC_HEAD = struct.Struct("<4sQI")
 RECORD_VERSION = 1
 MAX_RECORD = 1 << 36  # a length field beyond this is damage, not a record
-CRASH_ENV = "MEMEDIT_CRASH_AT"
 NO_WAIT_ENV = "MEMEDIT_NO_WAIT"
-STATE_DIR = "memedit"
 TEMP = re.compile(r"\..+\.tmp|\.tmp[A-Za-z0-9]{6}")  # atomic_path's temp names, and safetensors' save_file's
 
 ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "BOOL": torch.bool}
 TORCH_ST = {v: k for k, v in ST_DTYPES.items()}
-
-
-def crash_point(name: str) -> None:
-    """Die like kill -9 at the named write point when $MEMEDIT_CRASH_AT says so (tests of recovery)."""
-    if os.environ.get(CRASH_ENV) == name:
-        os._exit(137)
 
 
 # ---- safetensors, mapped ---------------------------------------------------------------------------------
@@ -143,15 +142,7 @@ def map_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 # ---- the fingerprint: a sum of row hashes, kept incrementally ------------------------------------------------
-FP_MOD = 1 << 128
-
-
-def _rows2d(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
-
-
-BLOCK = 64  # rows per hashed block: a write re-hashes the blocks of the rows it changes (64 rows of 2 KiB: 128 KiB)
+# (BLOCK, FP_MOD, _rows2d, hash_prefix, block_digest: blocks.py, shared with shards.py and linked.py)
 
 
 def block_hash_sum(name: str, t: torch.Tensor, blocks: list[int] | None = None,
@@ -179,18 +170,6 @@ def block_hash_sum(name: str, t: torch.Tensor, blocks: list[int] | None = None,
     return total % FP_MOD
 
 
-def hash_prefix(name: str, t: torch.Tensor) -> bytes:
-    return f"{name}:{t.dtype}:{tuple(t.shape)}:".encode()
-
-
-def block_digest(prefix: bytes, b: int, data) -> int:
-    """The hash of block ``b`` (its bytes ``data``) of the tensor that ``prefix`` names, as an integer < 2**128."""
-    h = hashlib.sha256(prefix)
-    h.update(f"{b}:".encode())
-    h.update(data)
-    return int.from_bytes(h.digest()[:16], "little")
-
-
 def _blocks(rows: torch.Tensor, t: torch.Tensor) -> list[int]:
     return [0] if t.dim() < 2 else torch.unique(rows // BLOCK).tolist()
 
@@ -205,8 +184,6 @@ def fingerprint_of(config: dict, sums: dict[str, int]) -> str:
 
 def tensor_sums(model) -> dict[str, int]:
     """{tensor name: row-hash sum} of the model's native state, reusing sums the store keeps for unchanged tensors."""
-    from .checkpoint import native_state
-
     cache: dict = model.__dict__.setdefault("_fp_cache", {})
     out = {}
     for name, t in native_state(model, contiguous=False).items():
@@ -237,6 +214,18 @@ class Change:
     rows: torch.Tensor  # (n,) int64
     old: torch.Tensor  # (n, d)
     new: torch.Tensor  # (n, d)
+    layers: list[int] = field(default_factory=list)  # the memory layers that read these rows (all of them change)
+
+    @property
+    def table(self) -> str:
+        """The value table's name (the label) of a value-row change."""
+        return self.label
+
+    @property
+    def max_delta(self) -> float:
+        if not self.rows.numel():
+            return 0.0
+        return (self.new.float() - self.old.float()).abs().max().item()
 
 
 @dataclass
@@ -586,13 +575,13 @@ class Store:
         self.folder = Path(folder)
         self.dir = self.folder / STATE_DIR
         self.base = self.folder / "model.safetensors"
-        if not self.base.exists() and (self.folder / "link.json").is_file():
-            self.base = self.folder / "link.json"  # a linked folder's base (storage.linked): never written
+        if not self.base.exists() and (self.folder / LINK).is_file():
+            self.base = self.folder / LINK  # a linked folder's base (storage.linked): never written
         self.log = self.dir / LOG
 
     @property
     def linked(self) -> bool:
-        return self.base.name == "link.json"
+        return self.base.name == LINK
 
     # ---- the lock ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -701,8 +690,6 @@ class Store:
 
     def base_meta(self) -> dict[str, str]:
         if self.linked:
-            from .linked import link_meta
-
             return link_meta(self.folder)
         return read_header(self.base)[1]
 
@@ -746,8 +733,6 @@ class Store:
     def write_mark(self, records: int, end: int, sha: str) -> None:
         """Record how far the log was written (after the append: a crash between the two leaves the marker behind
         the log, which is harmless; a log behind its marker lost committed records)."""
-        from .checkpoint import atomic_write_text
-
         atomic_write_text(self.dir / MARK, json.dumps({"records": records, "bytes": end, "sha": sha}))
 
 
@@ -761,8 +746,6 @@ def _read_holder(fd: int) -> str:
 
 def store_of(model) -> Store:
     """The store of a model loaded from a native folder (refuses the bundled model and foreign checkpoints)."""
-    from .checkpoint import require_writable
-
     require_writable(model)
     return Store(model.source)
 
@@ -798,8 +781,6 @@ def apply_records(model, records: list[Record], params: dict[str, torch.Tensor] 
 def writable_tensors(model) -> dict[str, torch.Tensor]:
     """{name: tensor} a record may change: each value table (under its first reading layer) and each layer's
     sub-keys. Everything else (embeddings, norms, projections, the output) is out of a patch's reach."""
-    from ..keyspace.keys import keys_name
-
     out = {t.state_names[0]: t.weight for t in model.tables}
     for L, layer in model.memory_layers.items():
         out[keys_name(L)] = layer.keys
@@ -821,9 +802,6 @@ def refresh(model) -> int:
 
 def frozen_ids(model) -> dict[str, torch.Tensor]:
     """{state name: frozen row ids} for the tensors a record may change (value tables and sub-keys)."""
-    from ..keyspace.keys import keys_name
-    from .state import frozen_rows
-
     stored = frozen_rows(model)
     out = {}
     for t in model.tables:
@@ -862,7 +840,8 @@ def check_changes(model, changes: list[Change], what: str = "the patch") -> None
             if hit.numel():
                 shown = ", ".join(map(str, sorted(hit.tolist())[:8])) + (" ..." if hit.numel() > 8 else "")
                 kind = "sub-keys" if c.name.endswith(".keys") else "rows"
-                raise MemeditError(f"{kind} {shown} of {c.label} are frozen; nothing was written (`memedit unfreeze` "
+                where = c.label if c.name.endswith(".keys") else f"table {c.label}"
+                raise MemeditError(f"{kind} {shown} of {where} are frozen; nothing was written (`memedit unfreeze` "
                                    "first)")
 
 
@@ -907,8 +886,6 @@ def commit(model, changes: list[Change], head: dict, check=None) -> Record:
 
 
 def _layers(model, changes: list[Change]) -> list[int]:
-    from ..keyspace.keys import keys_name
-
     out = set()
     for c in changes:
         for t in model.tables:
@@ -928,8 +905,6 @@ def folder_sums(model) -> dict[str, int]:
 
 def _fingerprints(model, changes: list[Change]) -> tuple[str, str]:
     """The folder's fingerprint before and after ``changes``, from the kept sums and the changed rows only."""
-    from .checkpoint import native_state
-
     sums = dict(folder_sums(model))
     before = fingerprint_of(model.config.to_dict(), sums)
     state = native_state(model, contiguous=False)
@@ -944,22 +919,18 @@ def _fingerprints(model, changes: list[Change]) -> tuple[str, str]:
 # ---- small state files ---------------------------------------------------------------------------------------
 def replace_file(model, name: str, write) -> None:
     """Replace ``memedit/{name}`` atomically under the writers' lock; ``write(tmp_path)`` writes the new content."""
-    from .checkpoint import atomic_path
-
     st = store_of(model)
     with st.locked(), atomic_path(st.dir / name, crash=f"replace-{name}") as tmp:
         write(tmp)
 
 
-# ---- load, compact, check ---------------------------------------------------------------------------------------
+# ---- load, compact --------------------------------------------------------------------------------------------
 def open_folder(model, folder: Path, state: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     """Finish loading a native folder into ``model`` (its tensors already set from the mapped base): seed the
     fingerprint sums from the base's metadata, then apply the row log's complete records the base does not hold."""
     st = Store(folder)
     fp = stored_sums(meta) or {}
     if fp:
-        from .checkpoint import native_state
-
         state = native_state(model, contiguous=False)
         for name, t in state.items():
             if name in fp:
@@ -977,8 +948,6 @@ def open_folder(model, folder: Path, state: dict[str, torch.Tensor], meta: dict[
     if "_store_sums" not in model.__dict__:  # a base written without sums: perhaps a writer cached them
         cached = _read_fp_cache(st, records)
         if cached is not None:
-            from .checkpoint import native_state
-
             model.__dict__["_store_sums"] = dict(cached)
             for name, t in native_state(model, contiguous=False).items():
                 if name in cached:
@@ -1016,8 +985,6 @@ def _read_fp_cache(st: Store, records: list[Record]) -> dict[str, int] | None:
 
 def _write_fp_cache(model, st: Store, rec: Record) -> None:
     """Cache the folder's sums (for a base that does not store them), so the next process need not hash it all."""
-    from .checkpoint import atomic_write_text
-
     sums = model.__dict__.get("_store_sums")
     if sums is None or "memedit.fp" in st.base_meta():
         return
@@ -1028,8 +995,6 @@ def _write_fp_cache(model, st: Store, rec: Record) -> None:
 
 def base_metadata(model, records: list[Record]) -> dict[str, str]:
     """Metadata for a new base holding every one of ``records``: folded count, head hash, fingerprint sums."""
-    from .checkpoint import FORMAT
-
     meta = {"format": FORMAT, "memedit.folded": str(len(records)),
             "memedit.fp": json.dumps({k: f"{v:032x}" for k, v in tensor_sums(model).items()})}
     if records:
@@ -1039,17 +1004,45 @@ def base_metadata(model, records: list[Record]) -> dict[str, str]:
 
 def write_base(model, path: Path, records: list[Record]) -> None:
     """Write the model's native state as a base file at ``path`` (a temp path: the caller renames it)."""
-    from safetensors.torch import save_file
-
-    from .checkpoint import native_state
-    from .shards import is_sharded
-
     state = native_state(model, contiguous=False)
     if any(is_sharded(t) for t in state.values()):  # a table mapped from shards is written a block at a time
-        from .linked import write_native_base
-
         return write_native_base(model, path, base_metadata(model, records))
     save_file(native_state(model), str(path), metadata=base_metadata(model, records))
+
+
+def write_native_base(model, path: Path, metadata: dict[str, str], progress=None) -> None:
+    """A safetensors file of the model's native state written a block of rows at a time (a table mapped from
+    shards is never held whole), with ``metadata``; readable by safetensors and read_header."""
+    state = native_state(model, contiguous=False)
+    names = sorted(state)
+    header: dict = {"__metadata__": dict(metadata)}
+    off = 0
+    for n in names:
+        t = state[n]
+        nbytes = t.numel() * t.element_size()
+        header[n] = {"dtype": TORCH_ST[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    js = json.dumps(header, separators=(",", ":")).encode()
+    js += b" " * (-len(js) % 8)
+    done = 0
+    with open(path, "wb") as f:
+        f.write(len(js).to_bytes(8, "little"))
+        f.write(js)
+        for n in names:
+            t = state[n]
+            rows = t.shape[0] if t.dim() >= 2 else 1
+            step = max(1, (64 << 20) // max(1, t.numel() // max(rows, 1) * t.element_size()))
+            for a in range(0, rows, step):
+                if is_sharded(t):
+                    part = t.row_bytes_of(a, a + step)
+                else:
+                    part = t.detach().reshape(rows, -1)[a: a + step].contiguous().view(torch.uint8)
+                f.write(part.numpy().tobytes())
+                done += part.numel()
+                if progress is not None:
+                    progress(done, off)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def compact(model, native: bool = False) -> dict:
@@ -1057,8 +1050,6 @@ def compact(model, native: bool = False) -> dict:
 
     A linked folder's base is a checkpoint memedit never writes: only with ``native`` does compact write a native
     ``model.safetensors`` (then the link is dropped and the folder stands alone)."""
-    from .checkpoint import atomic_path
-
     st = store_of(model)
     if st.linked and not native:
         size = sum(t.numel() * t.element_size() for t in writable_tensors(model).values())
@@ -1074,7 +1065,7 @@ def compact(model, native: bool = False) -> dict:
             write_base(model, tmp, records)
         crash_point("compact-renamed")
         if linked:  # the native base now takes precedence; the link files are left-overs
-            for name in ("link.json", "link.blocks"):
+            for name in (LINK, LINK_BLOCKS):
                 (st.folder / name).unlink(missing_ok=True)
     return {"records": len(records), "folded_before": 0, "bytes_before": before, "bytes": st.base.stat().st_size}
 
@@ -1091,8 +1082,6 @@ def is_legacy(d: Path) -> bool:
 def upgrade_dir(d: Path) -> int:
     """Move a v1 edits.jsonl into a new row log (history records, no rows: the base already holds them); returns
     how many entries moved. Idempotent: a crash part-way is finished by running it again."""
-    from .state import legacy_log
-
     old = d / LEGACY_LOG
     if not old.is_file():
         return 0
@@ -1114,421 +1103,9 @@ def upgrade_dir(d: Path) -> int:
     return len(entries)
 
 
-def check_folder(folder: str | Path, repair: bool = True, upgrade: bool = False, salvage: bool = False) -> dict:
-    """Verify a native folder and say what is wrong: config, base (header, finite values, fingerprint sums against
-    its metadata), row log (framing, checksums, chain to the base, rows), frozen rows, background statistics,
-    tokenizer. Never raises for damage: every problem is listed. With ``repair`` (needs write access) cut a torn last
-    record and remove temp files; with ``salvage`` rebuild a damaged row log (:func:`salvage_log`); with ``upgrade``
-    move a v1 edit log into the row log. Returns {"ok", "problems", "repaired", "lost", "fingerprint", ...}."""
-    from .checkpoint import is_native, read_config
+def fingerprint(model) -> str:
+    """16 hex digits identifying the config and every tensor's bytes (a shared table once).
 
-    folder = Path(folder)
-    if not is_native(folder):  # a folder of another layout, or a native one whose config.json is damaged
-        damaged = False
-        if (folder / "config.json").is_file() and ((folder / "model.safetensors").exists() or
-                                                   (folder / STATE_DIR).is_dir()):
-            try:
-                read_config(folder)
-            except MemeditError:
-                damaged = True
-        if not damaged:
-            raise MemeditError(f"{folder} is not a native memedit folder (no config.json with format memedit)")
-    st = Store(folder)
-    res = {"folder": str(folder), "ok": False, "problems": [], "repaired": [], "lost": [], "records": 0, "folded": 0,
-           "fingerprint": None}
-    writable = os.access(folder, os.W_OK) and (not st.dir.exists() or os.access(st.dir, os.W_OK))
-    if st.dir.exists() and not st.dir.is_dir():
-        res["problems"].append(f"{st.dir} is not a folder (it holds the row log, frozen rows and the lock)")
-        writable = False
-    if upgrade and not writable:
-        raise MemeditError(f"{folder} is read-only; cannot upgrade it")
-    lock = st.locked(legacy_ok=True, recover=False) if writable and (repair or upgrade or salvage) else \
-        contextlib.nullcontext()
-    with lock:  # held throughout: no writer changes the folder while it is checked and repaired
-        _check(st, res, repair and writable, upgrade, salvage and writable)
-    res["ok"] = not res["problems"] and not res["lost"]
-    return res
-
-
-def _check(st: Store, res: dict, repair: bool, upgrade: bool, salvage: bool) -> None:
-    from .checkpoint import fingerprint, load_native, read_config
-
-    problems, repaired = res["problems"], res["repaired"]
-
-    def guard(fn, *args):
-        """fn(*args), or None with the problem listed: a check reports damage, it never raises it."""
-        try:
-            return fn(*args)
-        except MemeditError as e:
-            problems.append(str(e).split("; run `memedit check")[0])  # readers' advice: this is the check
-        except Exception as e:  # noqa: BLE001 - damage may surface as any error deep in a reader
-            problems.append(f"{type(e).__name__}: {str(e)[:200]}")
-        return None
-
-    scan = guard(inspect_log, st.log)
-    if scan is not None and repair and not scan.problem:
-        repaired.extend(st.cut_torn(scan))
-        scan = guard(inspect_log, st.log)
-    if repair:
-        repaired.extend(st.remove_temps())
-    if upgrade and is_legacy(st.dir):
-        n = guard(upgrade_dir, st.dir)
-        if n is not None:
-            repaired.append(f"moved {n} edit-log entries from {LEGACY_LOG} into {LOG}")
-            scan = guard(inspect_log, st.log)
-    if is_legacy(st.dir):
-        problems.append(f"the edit log is in the old format ({LEGACY_LOG}); run `memedit check --upgrade --model "
-                        f"{st.folder}` before writing")
-    config = guard(read_config, st.folder)
-    base = guard(load_native, st.folder, False) if config is not None else None  # config, header, shapes
-    if base is not None:
-        guard(_check_base, st, base, problems)
-    try:
-        read_mark(st.log)
-        mark_bad = False
-    except MemeditError:
-        mark_bad = True
-    if salvage and base is not None and ((scan is not None and scan.problem) or mark_bad):
-        if mark_bad:
-            problems[:] = [p for p in problems if MARK not in p]
-        done, lost = guard(salvage_log, st, base) or ([], [])
-        repaired.extend(done)
-        res["lost"].extend(lost)
-        scan = guard(inspect_log, st.log)
-        base = guard(load_native, st.folder, False)
-    if scan is not None:
-        if scan.problem:
-            problems.extend(f"{LOG} is damaged: {d.describe()}" for d in scan.damage)
-            if scan.missing:
-                problems.append(f"{LOG} is damaged: {scan.problem}")
-            problems.append(f"readers refuse the folder until `memedit check --salvage --model {st.folder}` rebuilds "
-                            f"the log (it keeps the damaged one aside)")
-        elif scan.torn:
-            problems.append(f"{LOG} ends in a torn record ({scan.torn:,} bytes); readers ignore it, the next writer "
-                            "(or `memedit check`) cuts it off")
-    stale = st.temps()
-    if stale:
-        problems.append(f"temp files left by an interrupted write: {', '.join(p.name for p in stale[:4])}")
-    if base is None:
-        return
-    log_ok = scan is not None and not scan.problem
-    if log_ok:  # the records the base does not hold, applied to it and compared
-        res["records"] = len(scan.records)
-        log_ok = guard(_check_records, st, base, scan.records, problems) is not None
-    if guard(_check_tokenizer, st.folder, base, config) is False:
-        problems.append(f"the tokenizer named by config.json ({config.get('tokenizer', 'tokenizer.json')!r}) is "
-                        "missing")
-    from .state import background, frozen_rows
-
-    guard(frozen_rows, base)
-    guard(background, base)
-    res["folded"] = guard(st.folded) or 0
-    if log_ok:
-        res["fingerprint"] = guard(fingerprint, base)
-
-
-def _check_base(st: Store, model, problems: list[str]) -> None:
-    """The base alone: finite values in every tensor, and its metadata (fingerprint sums, folded count) readable and
-    true (the sums are compared with the base's own tensors, whatever the log holds)."""
-    from .checkpoint import native_state
-
-    if st.linked:  # a checkpoint elsewhere: compared block by block with the digests taken when it was linked
-        from .linked import check_base
-
-        return check_base(st.folder, model, problems)
-    state = native_state(model, contiguous=False)
-    for name, t in state.items():
-        if t.is_floating_point():
-            bad = 0
-            flat = t.detach().reshape(-1)
-            for i in range(0, flat.numel(), 1 << 24):  # 16M values at a time: bounded memory on a large table
-                bad += int((~torch.isfinite(flat[i: i + (1 << 24)].float())).sum())
-            if bad:
-                problems.append(f"model.safetensors: {name} holds {bad:,} NaN or inf values")
-    meta = st.base_meta()
-    try:
-        st.folded(meta)
-    except MemeditError as e:
-        problems.append(str(e))
-    if "memedit.fp" in meta:
-        stored = stored_sums(meta)
-        if stored is None:
-            problems.append("model.safetensors: its memedit.fp metadata (the fingerprint sums) is unreadable")
-        else:
-            actual = {name: block_hash_sum(name, t) for name, t in state.items()}
-            for name, t in state.items():  # kept up to date as the log's records apply: hashed once per check
-                _set_cached_sum(model, name, t, actual[name])
-            wrong = sorted(set(stored) ^ set(actual)) + sorted(k for k in stored.keys() & actual.keys()
-                                                               if stored[k] != actual[k])
-            if wrong:
-                problems.append(f"model.safetensors: its tensors do not match the fingerprint sums it stores "
-                                f"({', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}): the base is damaged")
-
-
-def _check_records(st: Store, model, records: list[Record], problems: list[str]) -> bool:
-    """Each record fits the model (tensor, rows, shapes, dtypes), the log chains to the base, and after applying the
-    records the base does not hold, every row the log last wrote holds what the log says."""
-    meta = st.base_meta()
-    folded = st.folded(meta)
-    if folded > len(records) or (folded and records[folded - 1].sha != meta.get("memedit.head")):
-        problems.append(f"the row log does not match the base (the base holds {folded} records, the log has "
-                        f"{len(records)}, or its record {folded} differs)")
-        return True
-    params = writable_tensors(model)
-    for n, r in enumerate(records, 1):
-        for c in r.changes:
-            p = params.get(c.name)
-            k = c.rows.numel()
-            if p is None:
-                problems.append(f"record {n} ({r.head.get('id')}) changes {c.name}, which is not patchable")
-            elif tuple(c.new.shape) != (k, *p.shape[1:]) or c.new.dtype != p.dtype or c.rows.dim() != 1 or \
-                    (k and int(c.rows.max()) >= p.shape[0]):
-                problems.append(f"record {n} ({r.head.get('id')}): its rows of {c.label} do not fit the model's "
-                                f"{tuple(p.shape)} {p.dtype}")
-    if problems:
-        return True
-    apply_records(model, records[folded:])
-    last: dict[tuple[str, int], torch.Tensor] = {}
-    for r in records:
-        for c in r.changes:
-            for i, row in zip(c.rows.tolist(), c.new, strict=True):
-                last[(c.name, i)] = row
-    bad = [k for k, row in last.items() if not torch.equal(
-        params[k[0]].detach()[k[1]].reshape(-1).view(torch.uint8), row.reshape(-1).view(torch.uint8))]
-    if bad:
-        problems.append(f"{len(bad)} rows differ from the row log (e.g. {bad[0][0]} row {bad[0][1]})")
-    return True
-
-
-def _check_tokenizer(folder: Path, model, config: dict) -> bool:
-    """Load the tokenizer config.json names (raises what is wrong with it); False when it is missing."""
-    from ..lm.tokenizer import load_tokenizer
-    from .checkpoint import check_tokenizer
-
-    name = config.get("tokenizer", "tokenizer.json")
-    if model.config.standalone or name is None:  # a folder saved without a tokenizer
-        return True
-    if not isinstance(name, str) or Path(name).is_absolute() or not (folder / name).resolve().is_relative_to(
-            folder.resolve()):
-        raise MemeditError(f"config.json: the tokenizer path {name!r} leaves the model folder")
-    path = folder / name
-    if not path.exists():
-        return False
-    if not path.is_file():
-        raise MemeditError(f"{path} is not a file")
-    model.tokenizer = load_tokenizer(path)
-    check_tokenizer(model, str(path))
-    return True
-
-
-# ---- salvage: rebuilding a damaged row log ----------------------------------------------------------------------
-class _Lost(Exception):
-    """Why a damaged record cannot be rebuilt."""
-
-
-def salvage_log(st: Store, model) -> tuple[list[str], list[str]]:
-    """Rebuild a damaged row log (needs the lock; ``model``: the folder's base, loaded without the log); returns
-    (what was done, what was lost).
-
-    The damaged log is kept aside (``rows.log.damaged-TIME``, a hard link to the old file: never deleted). The new log
-    holds every valid record byte for byte, in order, and each damaged record rebuilt from the patch file it names in
-    ``memedit/patches/`` when that file is intact (byte for byte when its header survived: the rebuilt record's
-    checksum then equals the stored one). Records cut off the end are rebuilt from patch files no record names, in
-    the order they were written, when their rows fit. Every record that cannot be rebuilt is listed as lost."""
-    from .checkpoint import atomic_path, atomic_write_bytes
-
-    st.require_lock()
-    try:
-        mark_ok, scan = True, inspect_log(st.log)
-    except MemeditError:  # a damaged marker: the log itself decides
-        mark_ok = False
-        st.dir.joinpath(MARK).rename(_aside(st.dir / MARK))
-        scan = inspect_log(st.log)
-    data = st.log.read_bytes() if st.log.is_file() else b""
-    meta = st.base_meta()
-    try:
-        folded = st.folded(meta)
-    except MemeditError:
-        folded = 0
-    # a valid record that only disagrees with rows.end (a salvage killed before it wrote the marker) is kept
-    starts = {off for off, _ in scan.spans}
-    items = sorted([(off, ln, rec) for (off, ln), rec in zip(scan.spans, scan.records, strict=True)] +
-                   [(d.offset, d.length, d) for d in scan.damage if d.index and d.offset not in starts],
-                   key=lambda x: x[0])
-    done, lost = [], []
-    if not mark_ok:
-        done.append(f"set the damaged {MARK} aside and rebuilt it from the log")
-    if any(d.index and d.offset in starts for d in scan.damage):
-        done.append(f"{MARK} named another last record than the log holds; rebuilt it from the log")
-    if any(not d.index for d in scan.damage):
-        done.append(f"rewrote the damaged format marker at the start of {LOG}")
-    out = bytearray(LOG_MAGIC)
-    new: list[Record] = []
-    in_base = 0  # records of the new log the base holds
-    named = {r.head.get("file") for r in scan.records} | {(d.head or {}).get("file") for d in scan.damage}
-    for n, (off, ln, item) in enumerate(items, 1):
-        folded_item = n <= folded
-        if isinstance(item, Record):
-            if not folded_item:
-                apply_records(model, [item])
-            out += data[off: off + ln]
-            new.append(item)
-        else:
-            try:
-                try:
-                    raw, rec, exact = _rebuild(st, model, item.head or {}, item, apply=not folded_item)
-                    named.add(item.head["file"])
-                except _Lost as e:  # no usable header: a patch file no record names, whose old rows fit here
-                    try:
-                        raw, rec, exact = _unused_patch(st, model, named, apply=not folded_item)
-                    except _Lost:
-                        raise e from None
-            except _Lost as e:
-                lost.append(f"record {n} at byte {off:,} ({ln:,} bytes): {e}")
-                continue
-            out += raw
-            new.append(rec)
-            how = "restored byte for byte" if exact else "rebuilt (rows exact; time, message and fingerprints anew)"
-            done.append(f"record {n} ({rec.head.get('op')} {rec.head.get('id')}) {how} from "
-                        f"{STATE_DIR}/{rec.head.get('file')}")
-        in_base += folded_item
-    for k in range(scan.missing):  # records cut off the end: only their patch files can tell
-        try:
-            raw, rec, _ = _unused_patch(st, model, named, apply=True)
-        except _Lost:
-            lost.append(f"{scan.missing - k} record(s) cut off the end of the log: no unused patch file fits (a revert,"
-                        " or a patch whose file is gone)")
-            break
-        out += raw
-        new.append(rec)
-        done.append(f"record {len(new)} (apply {rec.head.get('id')}) cut off the end, rebuilt from "
-                    f"{STATE_DIR}/{rec.head.get('file')}")
-    aside = _aside(st.log)
-    if st.log.is_file():
-        try:
-            os.link(st.log, aside)
-        except OSError:
-            shutil.copy2(st.log, aside)
-        done.insert(0, f"kept the damaged log as {STATE_DIR}/{aside.name}")
-    atomic_write_bytes(st.log, bytes(out))
-    _SCANNED.clear()
-    if in_base != folded or (in_base and new[in_base - 1].sha != meta.get("memedit.head")):
-        from .checkpoint import load_native
-
-        with atomic_path(st.base, crash="salvage") as tmp:  # the same tensors, metadata naming the new log's records
-            write_base(load_native(st.folder, log=False), tmp, new[:in_base])
-        done.append(f"rewrote model.safetensors' metadata: it holds the first {in_base} records of the new log")
-    st.write_mark(len(new), len(out), new[-1].sha if new else "")
-    done.append(f"wrote a new {LOG}: {len(new)} records ({len(scan.records)} kept byte for byte)")
-    return done, lost
-
-
-def _aside(path: Path) -> Path:
-    """A new name beside ``path`` for keeping a damaged file: NAME.damaged-TIME (-2, -3 ... if taken)."""
-    stem = f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
-    out, n = path.with_name(stem), 1
-    while out.exists():
-        n += 1
-        out = path.with_name(f"{stem}-{n}")
-    return out
-
-
-def _unused_patch(st: Store, model, named: set, apply: bool) -> tuple[bytes, Record, bool]:
-    """An apply record rebuilt from the oldest patch file in ``memedit/patches/`` that no record names and whose old
-    rows are the model's rows now (added to ``named``)."""
-    for path in sorted((st.dir / "patches").glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
-        rel = str(path.relative_to(st.dir))
-        if rel in named:
-            continue
-        try:
-            found = _rebuild(st, model, {"op": "apply", "file": rel}, None, apply=apply, fit=True)
-        except _Lost:
-            continue
-        named.add(rel)
-        return found
-    raise _Lost("its header is unreadable and no unused patch file fits the rows before it")
-
-
-def _patch_changes(model, path: Path) -> tuple[list[Change], dict]:
-    """(changes old -> new, metadata) of a value or key patch file, after its own checksums (raises _Lost)."""
-    # the patch formats belong to editing/ and keyspace/ (which write them); salvage is their only reader below
-    from ..editing.patch import Patch
-    from ..keyspace.keys import KeyPatch, key_changes
-
-    try:
-        p = Patch.load(path)
-        return ([Change(model.table(c.table).state_names[0], c.table, c.rows, c.old, c.new) for c in p.changes],
-                {"message": p.message, "time": p.time, "kind": p.kind, "id": p.id})
-    except MemeditError as e:
-        first = e
-    try:
-        kp = KeyPatch.load(path)
-        return key_changes(model, kp), {"id": kp.id, "kind": "keys", "message": kp.meta.get("command", "keys")}
-    except MemeditError:
-        raise _Lost(f"its patch file is damaged ({str(first)[:160]})") from None
-
-
-def _rebuild(st: Store, model, head: dict, dmg: Damage | None, apply: bool, fit: bool = False
-             ) -> tuple[bytes, Record, bool]:
-    """(record bytes, record, byte-for-byte?) of a damaged record rebuilt from the patch file its header names."""
-    file = head.get("file")
-    if not isinstance(file, str) or not file:
-        raise _Lost("its header is unreadable and names no patch file")
-    path = Path(file) if Path(file).is_absolute() else st.dir / file
-    if not path.is_file():
-        raise _Lost(f"its patch file {file} is gone")
-    changes, pmeta = _patch_changes(model, path)
-    params = writable_tensors(model)
-    for c in changes:
-        p = params.get(c.name)
-        if p is None or tuple(c.new.shape[1:]) != tuple(p.shape[1:]) or c.new.dtype != p.dtype or (
-                c.rows.numel() and int(c.rows.max()) >= p.shape[0]):
-            raise _Lost(f"its patch file {file} does not fit the model")
-    op = head.get("op")
-    if op not in ("apply", "revert"):  # which way: the rows before it tell
-        op = "revert" if not differing(model, [Change(c.name, c.label, c.rows, c.new, c.old) for c in changes],
-                                       "old") and differing(model, changes, "old") else "apply"
-    if op == "revert":
-        changes = [Change(c.name, c.label, c.rows, c.new, c.old) for c in changes]
-    if fit and differing(model, changes, "old"):
-        raise _Lost(f"{file} does not fit the rows before it")
-    if apply:  # the old rows are what was there, so a revert restores exactly that
-        changes = [Change(c.name, c.label, c.rows, params[c.name].detach()[c.rows].clone(), c.new) for c in changes]
-    live = [c for c in changes if c.rows.numel()]
-    exact = None
-    if dmg is not None and "tensors" in head and dmg.crc is not None:
-        raw = encode_record({k: v for k, v in head.items() if k not in ("v", "tensors")}, live)
-        if zlib.crc32(raw[REC_HEAD.size:]) == dmg.crc and len(raw) - REC_HEAD.size == dmg.declared:
-            exact = raw
-    if exact is None:
-        from .checkpoint import fingerprint
-
-        h = {k: head[k] for k in ("op", "id", "file", "kind", "message", "time", "forced", "answers") if k in head}
-        h.update(op=op, file=file, salvaged=True)
-        for k in ("id", "kind", "message", "time"):
-            if not isinstance(h.get(k), str) and k in pmeta:
-                h[k] = pmeta[k]
-        h.update(tables={c.label: c.rows.numel() for c in live}, rows={c.label: c.rows.tolist() for c in live},
-                 layers=_layers(model, live))
-        if apply:
-            h["before"], h["after"] = fingerprint(model), _probe_after(model, live)
-        raw = encode_record(h, live)
-    rec = decode_payload(raw[REC_HEAD.size:], with_rows=True)
-    if apply:
-        apply_records(model, [rec])
-    return raw, rec, exact is not None
-
-
-def _probe_after(model, changes: list[Change]) -> str:
-    """The model's fingerprint with ``changes`` applied (the model is left as it was)."""
-    from .checkpoint import fingerprint
-
-    params = writable_tensors(model)
-    saved = [(params[c.name], c.rows, params[c.name].detach()[c.rows].clone()) for c in changes]
-    with torch.no_grad():
-        for c in changes:
-            params[c.name].detach()[c.rows] = c.new.to(params[c.name].dtype)
-        fp = fingerprint(model)
-        for p, rows, old in saved:
-            p.detach()[rows] = old
-    return fp
+    A hash of the per-tensor sums of block hashes (:func:`block_hash_sum`), so the store keeps it up to date at the
+    cost of the rows a write changes, and a tensor changed in memory is re-hashed (noticed by its version counter)."""
+    return fingerprint_of(model.config.to_dict(), tensor_sums(model))

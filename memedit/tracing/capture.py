@@ -10,7 +10,9 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from torch.nn import functional as F
 
+from ..lm.batching import pad_batch, pad_id
 from ..lm.hooks import hooks, memory_path
 from ..lm.memory import Lookup
 from ..lm.model import MemoryModel
@@ -136,8 +138,6 @@ def trainable_rows(model: MemoryModel, rows: dict[str, torch.Tensor]) -> Iterato
     no gradient or optimizer state the size of the table (sparse memory finetuning, Lin et al. 2025). The table
     is left unchanged; write the trained leaves back with ``table.weight[ids] = leaf``.
     """
-    from torch.nn import functional as F
-
     tables = {t.name: t for t in model.tables}
     leaves, base = {}, {}
     for name, ids in rows.items():
@@ -172,13 +172,51 @@ def trainable_rows(model: MemoryModel, rows: dict[str, torch.Tensor]) -> Iterato
         yield leaves
 
 
+def prefix_of(model: MemoryModel, tokens: torch.Tensor) -> tuple[int, torch.Tensor, Lookup]:
+    """(L, h, lookup): the first memory layer L, :meth:`MemoryModel.mid_block`'s residual h (B, T, D) for tokens
+    (B, T) and layer L's lookup of it (B*T positions) -- everything of the forward pass that no value row changes
+    (:func:`run_from`)."""
+    L = min(model.memory_layers)
+    layer = model.memory_layers[L]
+    with torch.no_grad():
+        h = model.mid_block(tokens, L)  # (B, T, D)
+        with capture_lookups(model) as rec:
+            layer.lookup(model.layers[L].ffn_norm(h).reshape(-1, h.shape[-1]))  # as the block's forward runs it
+    return L, h, rec[L][0]
+
+
+def run_from(model: MemoryModel, L: int, h: torch.Tensor, lookup: Lookup) -> torch.Tensor:
+    """Logits of the forward pass from :func:`prefix_of`'s (L, h, lookup): layer L's search returns ``lookup``
+    instead of searching (hooks on the search module still see it), every later memory layer searches as usual.
+    Exact while only value rows changed since the prefix was computed (sub-keys and dense weights did not)."""
+    search = model.memory_layers[L].search
+    outer = search.__dict__.get("forward")  # a caller's own substitution (fixed_prefix), restored after
+    compute = outer if outer is not None else type(search).forward.__get__(search)
+    inside = [True]  # only layer L's first search of this pass is the cached one
+
+    def forward(query: torch.Tensor, keys: torch.Tensor) -> Lookup:
+        if inside[0]:
+            inside[0] = False
+            return lookup
+        return compute(query, keys)
+
+    search.forward = forward  # an instance attribute: hooks on the module still run on its output
+    try:
+        return model.from_mid_block(h, L)
+    finally:
+        if outer is not None:
+            search.forward = outer
+        else:
+            del search.forward
+
+
 @contextlib.contextmanager
 def fixed_prefix(model: MemoryModel, tokens: torch.Tensor) -> Iterator[Callable[[], torch.Tensor]]:
     """A function that returns the logits of ``tokens`` (B, T), computing only what value rows can change.
 
     Exact while only value rows change (sparse finetuning): nothing before the first memory layer's value read
     depends on a value row, so that layer's block input, attention and lookup (its queries, slots and weights) are
-    computed once here and every call runs from its value read on (:meth:`MemoryModel.from_mid_block`), with the
+    computed once here (:func:`prefix_of`) and every call runs from its value read on (:func:`run_from`), with the
     lookup reused. At a million slots with memory layers 1 and 3 that skips the dense block 0 as well; on a small
     model, the first lookup's top-k's, most of a training step. Later memory layers read the trained rows through
     the residual stream and are searched as usual. Hooks on the first lookup still see (and may replace) it.
@@ -186,39 +224,13 @@ def fixed_prefix(model: MemoryModel, tokens: torch.Tensor) -> Iterator[Callable[
     if not model.memory_layers:
         yield lambda: model(tokens)
         return
-    L = min(model.memory_layers)
-    layer = model.memory_layers[L]
-    with torch.no_grad():
-        h = model.mid_block(tokens, L)  # (B, T, D)
-        with capture_lookups(model) as rec:
-            layer.lookup(model.layers[L].ffn_norm(h).reshape(-1, h.shape[-1]))  # as the block's forward runs it
-    cached = rec[L][0]
-    search = layer.search
-    compute = search.forward
-    inside = [False]  # the cached lookup serves only the forward run from h (other forwards in the block search)
-
-    def forward(query: torch.Tensor, keys: torch.Tensor) -> Lookup:
-        return cached if inside[0] else compute(query, keys)
-
-    def run() -> torch.Tensor:
-        inside[0] = True
-        try:
-            return model.from_mid_block(h, L)
-        finally:
-            inside[0] = False
-
-    search.forward = forward  # an instance attribute: hooks on the module still run on its output
-    try:
-        yield run
-    finally:
-        del search.forward
+    L, h, cached = prefix_of(model, tokens)
+    yield lambda: run_from(model, L, h, cached)
 
 
 @torch.no_grad()
 def answer_lookups(model: MemoryModel, prompts: Sequence[str]) -> dict[int, Lookup]:
     """The lookups at the last position of each prompt: {layer: Lookup with n_tokens = len(prompts)}."""
-    from ..lm.batching import pad_batch, pad_id
-
     seqs = [model.encode(p) for p in prompts]
     pad = pad_id(model)
     tokens, lengths = pad_batch(seqs, pad)

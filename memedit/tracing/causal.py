@@ -25,6 +25,7 @@ from ..errors import MemeditError
 from ..lm.hooks import memory_path, run_with_cache, run_with_hooks
 from ..lm.model import MemoryModel
 from ..lm.tokenizer import token_text
+from ..storage.checkpoint import atomic_path
 from .targets import tokenize_target
 from .trace import Target, as_target
 
@@ -144,13 +145,12 @@ def causal_trace(model: MemoryModel, prompt: str, subject: str, target: str, sam
 def plot(ct: CausalTrace, path) -> None:
     """Save the indirect-effect grid as a PNG heat map (needs matplotlib: pip install 'memedit[plot]')."""
     try:
-        import matplotlib
+        import matplotlib  # lazy: optional ([plot] extra) and slow to import
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazy: optional ([plot] extra) and slow to import
     except ImportError:
         raise MemeditError("--plot needs matplotlib: pip install 'memedit[plot]'") from None
-    from ..storage.checkpoint import atomic_path
 
     ie = ct.indirect_effect.numpy()
     fig, ax = plt.subplots(figsize=(2.4 + 1.2 * len(ct.layers), 1.2 + 0.35 * len(ct.tokens)))

@@ -18,6 +18,7 @@ model spells " Paris" as six bytes, a BPE model as one to four pieces. memedit s
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import MemeditError
+from ..lm.batching import pad_batch, pad_id
 from ..lm.model import MemoryModel
 
 MAX_ANSWER_TOKENS = 16  # the longest greedy continuation taken as the model's own answer
@@ -102,8 +104,6 @@ class TargetScore:
     @property
     def prob(self) -> float:
         """The probability of the whole target (the product over its tokens)."""
-        import math
-
         return math.exp(self.logprob)
 
     def to_dict(self) -> dict:
@@ -120,8 +120,6 @@ def _device(model: MemoryModel) -> torch.device:
 def teacher_forced(model: MemoryModel, items: Sequence[TargetTokens], batch_size: int = 256,
                    ) -> list[TargetScore]:
     """Score each (prompt, target) pair with teacher forcing, batched (right padding is safe: attention is causal)."""
-    from ..lm.batching import pad_batch, pad_id
-
     out: list[TargetScore] = []
     dev = _device(model)
     for start in range(0, len(items), batch_size):

@@ -2,8 +2,7 @@
 
 ``trace(model, prompt, target)`` runs the prompt once through the hook registry (memedit/lm/hooks.py: the one
 lookup routine ``layer.search`` and the memory layer's hook points) and returns a :class:`Trace` that answers
-questions about the captured values. Their names are module paths, per memory layer ``l`` (``name(l, what)``; the
-old names ``blocks.{l}.memory.<what>`` and ``final.resid`` still resolve, for one release):
+questions about the captured values. Their names are module paths, per memory layer ``l`` (``name(l, what)``):
 
     layers.{l}.feed_forward.hook_query       (T, H, K)     the queries
     layers.{l}.feed_forward.search.indices   (T, H, k)     selected slot ids (i * N + j)
@@ -41,24 +40,29 @@ Conventions (also in the README):
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import MemeditError
-from ..lm.hooks import LOOKUP_FIELDS, ActivationCache, caching, canonical, memory_path, run_with_cache
+from ..lm.hooks import LOOKUP_FIELDS, ActivationCache, caching, memory_path, run_with_cache
 from ..lm.memory import Lookup
 from ..lm.model import MemoryModel
 from ..lm.tokenizer import token_text
-from .capture import on_lookup
+from .capture import core_set, on_lookup
+from .readout import slot_writes
 from .targets import TargetTokens, greedy_answer, tokenize_target
 
 
 def name(layer: int, what: str) -> str:
     """The registry name (memedit/lm/hooks.py) of value ``what`` of memory layer ``layer``: query, mem, gate,
     gating, out, or a lookup field (``name(3, "weights") == "layers.3.feed_forward.search.weights"``)."""
-    return canonical(f"blocks.{layer}.memory.{what}")
+    layer_path = memory_path(layer)
+    if what == "out":
+        return layer_path
+    return f"{layer_path}.search.{what}" if what in LOOKUP_FIELDS else f"{layer_path}.hook_{what}"
 
 
 @dataclass(frozen=True)
@@ -427,8 +431,6 @@ class Trace:
     def writes(self, unit: Unit, pos: int | None = None, n: int = 5) -> dict[str, list[tuple[str, float]]]:
         """What a unit's value row writes at ``pos`` (memedit/tracing/readout.py, with this position's gate and
         final-norm scale): the n tokens it promotes and suppresses most, with logits."""
-        from .readout import slot_writes
-
         pos = self.position if pos is None else pos
         h = self["hook_resid_final"][pos].float()
         scale = torch.rsqrt(h.pow(2).mean() + self.model.norm.eps)
@@ -586,8 +588,6 @@ def trace_fact(model: MemoryModel, fact, heldout_in_core: bool = False) -> FactT
     paraphrases; with ``heldout_in_core`` the held-out phrasings too), reference §6. The flip count of an
     answered phrasing is the smallest number of its top-attributed units whose removal changes the answer.
     """
-    from .capture import core_set
-
     train, held = fact.training_prompts, list(fact.heldout_paraphrases)
     core_prompts = train + held if heldout_in_core else train
     ft = FactTrace(fact_id=fact.id, target=fact.target_true, core_set=core_set(model, core_prompts),
@@ -611,8 +611,6 @@ def top_vs_random(model: MemoryModel, facts, n_drop: int = 10, seed: int = 0) ->
     position; both in one batched forward. Returns per-fact rows and the fraction of facts where each drop lowered
     the target's probability.
     """
-    import random
-
     rng = random.Random(seed)
     rows = []
     for f in facts:

@@ -10,6 +10,7 @@ import torch
 from ..lm.batching import pad_batch, pad_id
 from ..lm.hooks import hooks, memory_path
 from ..lm.model import MemoryModel
+from ..tracing.targets import accuracy as exact_match_rate
 
 
 @torch.no_grad()
@@ -27,8 +28,6 @@ def last_logits(model: MemoryModel, prompts: Sequence[str], batch_size: int = 51
 
 def accuracy(model: MemoryModel, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 256) -> float:
     """Fraction of prompts whose greedy continuation is the whole target (memedit/tracing/targets.py)."""
-    from ..tracing.targets import accuracy as exact_match_rate
-
     return exact_match_rate(model, prompts, targets, batch_size)
 
 

@@ -23,8 +23,13 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from ..errors import MemeditError
+from ..limits import read_lines, text
+from ..storage.checkpoint import atomic_write_text
 
 DEFAULT_SEED = 1234
 DEFAULT_SUBJECTS = 300
@@ -158,8 +163,6 @@ class World:
     def __init__(self, seed: int = DEFAULT_SEED, n_subjects: int = DEFAULT_SUBJECTS,
                  templates_per_fact: int = DEFAULT_TEMPLATES_PER_FACT,
                  heldout_per_fact: int = DEFAULT_HELDOUT_PER_FACT, bios_per_subject: int = DEFAULT_BIOS_PER_SUBJECT):
-        from ..errors import MemeditError
-
         n_templates = min(len(t[0]) for t in TEMPLATES.values())
         if n_subjects < 2 or templates_per_fact < 1 or heldout_per_fact < 0 or bios_per_subject < 0:
             raise MemeditError("a world needs >= 2 subjects, >= 1 template per fact and no negative counts")
@@ -226,7 +229,6 @@ class World:
         for f in self.facts:
             if f.id == fact_id:
                 return f
-        from ..errors import MemeditError
 
         raise MemeditError(f"unknown fact id {fact_id!r} (ids run from {self.facts[0].id} to {self.facts[-1].id})")
 
@@ -246,16 +248,12 @@ class World:
         words of the wordings count as often as the corpus uses them) and every name once, so that names are split
         by the statistics of their syllables rather than learnt whole because the world repeats them (in a real
         corpus "the" is frequent and a person's name is rare)."""
-        import re
-
         names = list(self.subjects) + [o for r in self.relations for o in r.objects]
         pattern = re.compile(r"\b(?:" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b")
         return [pattern.sub("X", s) for s in self.training_sentences()] + names
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         """Write ``facts.jsonl`` and ``corpus.txt`` into ``out_dir``; returns their paths."""
-        from ..storage.checkpoint import atomic_write_text
-
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         facts_path, corpus_path = out_dir / "facts.jsonl", out_dir / "corpus.txt"
@@ -268,9 +266,6 @@ class World:
 
 def load_facts(path: str | Path) -> list[Fact]:
     """Read a facts JSONL file (one edit request per line)."""
-    from ..errors import MemeditError
-    from ..limits import read_lines, text
-
     path = Path(path)
     lines = read_lines(path, "facts file")  # a regular file of UTF-8 lines, within the caps
     facts = []
@@ -306,8 +301,6 @@ _SPEC_KEYS = ("seed", "n_subjects", "templates_per_fact", "heldout_per_fact", "b
 
 def world_of(model) -> World:
     """The synthetic world a model was trained on (recorded in its metadata)."""
-    from ..errors import MemeditError
-
     spec = getattr(model, "meta", {}).get("world")
     if not spec:
         raise MemeditError("this model has no demo world of facts to look fact ids up in: pass --facts FILE.jsonl "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,8 +12,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import MemeditError
 from ..lm.memory import MemoryConfig
 from ..lm.model import MemoryModel, ModelConfig
+from ..storage.checkpoint import DTYPES
+from ..storage.importers.tokenizers import HFTokenizer, _require
+from .evaluate import fact_accuracies
 from .facts import (
     DEFAULT_BIOS_PER_SUBJECT,
     DEFAULT_HELDOUT_PER_FACT,
@@ -78,8 +83,6 @@ def world_tokenizer(world: World, vocab_size: int = 4096):
     Trained on :meth:`World.tokenizer_texts` (names once each, so they split into 2+ pieces); a space is put
     before the first word, so a name is the same tokens at the start of a sentence and inside it.
     """
-    from ..storage.importers.tokenizers import HFTokenizer, _require
-
     tk = _require("tokenizers", "tokenizers")
     tok = tk.Tokenizer(tk.models.BPE())
     tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=True)
@@ -116,9 +119,6 @@ def train(
 ) -> tuple[MemoryModel, World]:
     """Train a model on the world of ``tc``; ``progress(step, total, loss)`` is called every step,
     ``probe = (every, fn)`` calls ``fn(step, model)`` every ``every`` steps (for training curves)."""
-    from ..errors import MemeditError
-    from ..storage.checkpoint import DTYPES
-
     try:
         dev = torch.device(tc.device)
     except RuntimeError:
@@ -190,9 +190,7 @@ def train(
 
 
 def main() -> None:  # python -m memedit.world.train: a quick way to try settings
-    import sys
 
-    from .evaluate import fact_accuracies
 
     def parse(k: str, v: str):
         cur = getattr(TrainConfig, k)

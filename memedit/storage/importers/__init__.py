@@ -16,9 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from ...errors import MemeditError
 from ...lm.model import MemoryModel
+from . import lingua
+from .dcp import is_dcp
+from .safe import torch_load
+from .standalone import load_pkm, load_xlm
 
 STATE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
@@ -30,9 +36,6 @@ def load_foreign(path: Path, tokenizer: str | None = None, knn: int | None = Non
     ``header_only``: a reference checkpoint's tensors are meta tensors of the stored shapes and dtypes, read from
     its headers (``memedit info``); a standalone module's state is small and is read.
     """
-    from . import lingua
-    from .dcp import is_dcp
-
     if options:
         raise MemeditError(f"unknown load option(s): {', '.join(sorted(options))}")
     path = Path(path)
@@ -65,8 +68,6 @@ def load_foreign(path: Path, tokenizer: str | None = None, knn: int | None = Non
 
 def load_module_state(path: Path, knn: int | None = None) -> MemoryModel:
     """A state dict file holding one standalone memory module (XLM or product-key-memory)."""
-    from .standalone import load_pkm, load_xlm
-
     state = _read_state(path)
     if any(k == "to_queries.weight" or k.endswith(".to_queries.weight") for k in state):
         return load_pkm(state, str(path), knn)
@@ -81,15 +82,10 @@ def load_module_state(path: Path, knn: int | None = None) -> MemoryModel:
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise MemeditError(f"{path} is corrupt or truncated ({e})") from None
-    from .safe import torch_load
-
     obj = torch_load(path)
     for wrapper in ("state_dict", "model"):  # common wrappers around a module's state dict
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ...errors import MemeditError
+from ..shards import map_tensor
 from .safe import first_line, read_dcp_metadata
 
 
@@ -22,9 +23,8 @@ class DcpState(Mapping):
     Names, shapes and dtypes come from the metadata; a tensor is mapped from the shards (``mapped``: its bytes inside
     the ``.distcp`` file, copy-on-write; a value table saved in row chunks as a ``ShardedRows``) or else read (in its
     stored dtype) when it is asked for, and not kept, so a caller that handles one tensor at a time holds one at a
-    time. Only the
-    model part is read (the optimizer state is left on disk). The metadata pickle is read with an allow-list; the
-    shards are tensors read by DCP with ``torch.load(weights_only=True)``.
+    time. Only the model part is read (the optimizer state is left on disk). The metadata pickle is read with an
+    allow-list; the shards are tensors read by DCP with ``torch.load(weights_only=True)``.
     """
 
     mapped = True  # tensors are mapped from the shards where they can be (memedit.storage.shards)
@@ -56,8 +56,6 @@ class DcpState(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if self.mapped:  # the tensor bytes mapped inside the shards, no copy (value tables by rows)
-            from ..shards import map_tensor
-
             return map_tensor(self.path, self.metadata, self.prefix + name, rows_table=name.endswith("values.weight"),
                               files=self._files)
         shape, dtype = self.specs[name]
@@ -67,8 +65,9 @@ class DcpState(Mapping):
 
     def read(self, tensors: dict[str, torch.Tensor]) -> None:
         """Fill ``tensors`` ({name: preallocated tensor}) from the shards."""
+        # torch.distributed.checkpoint takes ~1 s to import: only a DCP folder pays it
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.api import CheckpointException  # lazy: ~1 s to import (see above)
 
         meta = self.metadata if not self.mapped else read_dcp_metadata(self.path)  # DCP needs its own classes
 

@@ -18,6 +18,11 @@ import torch
 from ...errors import MemeditError
 from ...lm.memory import MemoryConfig
 from ...lm.model import MemoryModel, ModelConfig, meta_model
+from ..files import atomic_dir
+from ..folder import check_output_folder, check_tokenizer, load_state
+from .dcp import DcpState
+from .safe import torch_load
+from .tokenizers import load_path
 
 # params.json "model" fields memedit uses, with the reference's defaults (None: required)
 MODEL_FIELDS: dict[str, Any] = {
@@ -146,8 +151,6 @@ def model_from_state(cfg: ModelConfig, state: Mapping[str, torch.Tensor], origin
     copy), each copy of a shared table is read once, compared blockwise with the first, and dropped. Meta tensors
     in ``state`` (headers only, for ``memedit info``) skip the comparison.
     """
-    from ..checkpoint import load_state
-
     names = [k for k in state if not k.endswith("rope.freqs_cis")]  # a buffer, if ever saved
     mem = cfg.memory
     loaded: dict[str, torch.Tensor] = {}  # each tensor asked for once: a lazy state reads it again when asked again
@@ -178,8 +181,6 @@ def model_from_state(cfg: ModelConfig, state: Mapping[str, torch.Tensor], origin
 
 def tokenizer_from_params(params: dict, folder: Path):
     """The tokenizer ``data.tokenizer`` names, found as given, beside the checkpoint, or by file name there."""
-    from .tokenizers import load_path
-
     spec = (params.get("data") or {}).get("tokenizer")
     if not spec:
         return None, "params.json names no tokenizer"
@@ -200,9 +201,6 @@ def tokenizer_from_params(params: dict, folder: Path):
 def load_lingua(folder: Path, params_path: Path, state: Mapping[str, torch.Tensor], origin: str,
                 tokenizer: str | None) -> MemoryModel:
     """Assemble an imported reference model: config, weights, tokenizer, and the facts needed to write it back."""
-    from ..checkpoint import check_tokenizer
-    from .tokenizers import load_path
-
     params = read_params(params_path)
     cfg = config_from_params(params, str(params_path))
     model = model_from_state(cfg, state, origin)
@@ -224,8 +222,6 @@ def load_consolidated(pth: Path, tokenizer: str | None = None, header_only: bool
     The file is memory-mapped (a zipfile checkpoint; older ones are read whole), so tensors are read when used.
     ``header_only``: the model's tensors are meta tensors of the stored shapes and dtypes (for ``memedit info``).
     """
-    from .safe import torch_load
-
     params = next((p for p in (pth.parent / "params.json", pth.parent.parent / "params.json") if p.is_file()), None)
     if params is None:
         raise MemeditError(f"{pth.parent} has no params.json: the reference writes it beside consolidated.pth")
@@ -241,8 +237,6 @@ def load_consolidated(pth: Path, tokenizer: str | None = None, header_only: bool
 def load_step_folder(folder: Path, tokenizer: str | None = None, header_only: bool = False) -> MemoryModel:
     """A training step folder: DCP shards and ``params.json``, read directly (no consolidation needed), a tensor
     at a time. ``header_only``: meta tensors from the DCP metadata (for ``memedit info``)."""
-    from .dcp import DcpState
-
     params = folder / "params.json"
     if not params.is_file():
         raise MemeditError(f"{folder} has DCP shards but no params.json: copy the run's params.json into it")
@@ -256,8 +250,6 @@ def save_lingua(model: MemoryModel, dst: str | Path) -> Path:
 
     Every memory layer gets its own copy of a shared value table (the reference's layout); tensors keep their dtypes.
     """
-    from ..checkpoint import atomic_dir, check_output_folder
-
     check_output_folder(model, dst)
     if model.config.standalone:
         raise MemeditError("a standalone memory module has no host LM to write in the reference layout; "

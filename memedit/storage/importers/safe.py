@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,6 @@ def torch_load(path: Path, mmap: bool = False) -> Any:
     ``mmap``: map the tensors of a zipfile checkpoint (torch >= 1.6) instead of reading them (private, copy-on-write
     pages: nothing is read until used, and nothing written reaches the file); older files are read whole.
     """
-    import zipfile
-
     try:
         mmap = mmap and zipfile.is_zipfile(path)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

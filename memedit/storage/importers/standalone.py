@@ -19,6 +19,7 @@ import torch
 from ...errors import MemeditError
 from ...lm.memory import MemoryConfig
 from ...lm.model import MemoryModel, ModelConfig
+from ..folder import load_state
 
 DEFAULT_KNN = 32  # XLM's mem_knn and product-key-memory's topk defaults
 
@@ -36,8 +37,6 @@ def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
 
 
 def _standalone(dim: int, mem: MemoryConfig, state: dict[str, torch.Tensor], origin: str, layout: str) -> MemoryModel:
-    from ..checkpoint import load_state
-
     cfg = ModelConfig(dim=dim, n_layers=1, n_heads=1, vocab_size=-1, standalone=True, memory=mem)
     try:
         model = MemoryModel(cfg)

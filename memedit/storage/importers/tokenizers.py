@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import MemeditError
-from ...lm.tokenizer import byte_level_alphabet
+from ...lm.tokenizer import Tokenizer, WordTokenizer, byte_level_alphabet
+from ..files import atomic_write_text
 
 # lingua's tiktoken setup: 256 special ids after the BPE ranks, these named, the rest reserved
 TIKTOKEN_PATTERN = (
@@ -37,8 +38,6 @@ def _require(module: str, extra: str) -> Any:
 
 
 def _save_json(path: str | Path, data: dict) -> None:
-    from ..checkpoint import atomic_write_text
-
     atomic_write_text(Path(path), json.dumps(data))
 
 
@@ -200,8 +199,6 @@ class HFTokenizer:
         return None
 
     def save(self, path: str | Path) -> None:
-        from ..checkpoint import atomic_write_text
-
         atomic_write_text(Path(path), self.text)
 
 
@@ -235,8 +232,6 @@ def load_path(path: str | Path, kind: str | None = None):
         raise MemeditError(f"tokenizer file {path} does not exist (pass --tokenizer PATH)")
     data = path.read_bytes()
     if kind is None and path.suffix == ".json":
-        from ...lm.tokenizer import load_tokenizer
-
         return load_tokenizer(path)
     if kind in ("sp", "sentencepiece") or (kind is None and path.suffix == ".model"):
         try:
@@ -257,3 +252,17 @@ def load_path(path: str | Path, kind: str | None = None):
                                    "file or a tokenizer.json)") from None
             raise MemeditError(f"{path} is not a tiktoken BPE file ({e})") from None
     raise MemeditError(f"unknown tokenizer kind {kind!r} (memedit reads sp, tiktoken, bytes)")
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json: memedit's word vocabulary, an imported kind saved by memedit, or a HuggingFace file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MemeditError(f"cannot read tokenizer {path}: {e}") from None
+    if isinstance(data, dict) and data.get("memedit_tokenizer") == "word":
+        return WordTokenizer(data["vocab"])
+    if not isinstance(data, dict):
+        raise MemeditError(f"{path} is not a tokenizer memedit can read")
+    return from_json(data, path)

@@ -1,0 +1,59 @@
+"""Lifelong editing (issue 24): 50 sequential edits through `run_edits` as `memedit edit --sequential` makes them
+(locality sample, guard, preservation of the sample and of earlier edits' answers) on the small BPE fixture
+(tests/bpe_world.py: 300 facts, one 4,096-slot table: 50 edits are a sixth of its facts).
+
+benchmarks/bench_continual.py measures the same on the demo up to 1,000 edits (README, "Continual editing").
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from memedit.editing import background as B
+from memedit.editing.locality import Locality, draw_sample
+from memedit.editing.sparse_ft import EditConfig, EditRequest, run_edits
+from memedit.tracing.targets import score
+
+from .bpe_world import bpe_model
+
+N_EDITS = 50
+
+
+def test_fifty_sequential_edits_hold_and_keep_untouched_facts(tmp_path):
+    torch.manual_seed(0)
+    model, _, world = bpe_model(tmp_path)
+    bg = B.compute(model, world.training_sentences(), 32, 1000, corpus="the fixture world")
+    rng = random.Random(0)
+    objects = {r.name: r.objects for r in world.relations}
+    reqs = []
+    for f in rng.sample(world.facts, N_EDITS):
+        req = EditRequest.from_fact(f)
+        req.target_new = rng.choice([o for o in objects[f.relation] if o != f.target_true])
+        reqs.append(req)
+    edited = {r.id for r in reqs}
+    untouched = [(p, f.target_true) for f in world.facts if f.id not in edited for p in f.training_prompts]
+
+    def accuracy() -> float:
+        return sum(s.greedy for s in score(model, *zip(*untouched, strict=True))) / len(untouched)
+
+    before = accuracy()
+    loc = Locality(model, draw_sample(model, world.training_sentences()))
+    res = run_edits(model, reqs, bg, EditConfig(), keep_facts=world.facts,
+                    subjects=[f.subject for f in world.facts], locality=loc)
+    after = accuracy()
+    rw = [r.rewrite_prompt for r in reqs]
+    new = score(model, rw, [r.target_new for r in reqs])
+    old = score(model, rw, [r.target_true for r in reqs])
+    hold = sum(a.mean_logprob > b.mean_logprob for a, b in zip(new, old, strict=True)) / N_EDITS
+    drop = 100 * (before - after)
+    status = {s: sum(r.status == s for r in res) for s in {r.status for r in res}}
+    print(f"untouched {before:.1%} -> {after:.1%} ({drop:.1f} pts), edits holding {hold:.0%}, {status}")
+    assert before >= 0.95
+    # Measured (2026-12-03): 90 % holding (3 refused by the guard), -8.0 points; with at most 256 rows an edit,
+    # 82 % / -7.9. On this 4,096-slot table an edit's rows are up to a quarter of the table: the demo (65,536
+    # slots) loses far less over 1,000 edits (README, "Continual editing").
+    assert hold >= 0.85, hold
+    assert drop <= 10.0, drop
+    assert status.get("committed", 0) >= 45, status
