@@ -149,11 +149,15 @@ def convert(
     knn: Annotated[Optional[int], typer.Option("--knn", min=1, help="Slots per head of a standalone XLM / "
                                                "product-key-memory module (not stored in its state dict; "
                                                "default 32).")] = None,
+    link: Annotated[bool, typer.Option("--link", help="Do not copy the weights: the new folder's base is the DCP "
+                                       "step folder itself, read-only (it must stay where it is, unchanged); "
+                                       "memedit's row log and state live beside it.")] = False,
 ) -> None:
     """Write a model (default: the bundled one) as a native memedit folder you can change, or back to the reference
     layout.
 
     Example: memedit convert ./my-model --model ./checkpoints/0000010000
+    Example: memedit convert ./my-model --model ./checkpoints/0000010000 --link   (no copy of the weights)
     Example: memedit convert ./for-eval --format lingua --model ./my-model
     """
     from memedit.errors import MemeditError
@@ -161,6 +165,8 @@ def convert(
 
     if format not in ("native", "lingua"):
         raise MemeditError(f"unknown --format {format!r} (choose native or lingua)")
+    if link and (format != "native" or dtype is not None):
+        raise MemeditError("--link writes a native folder over the checkpoint as stored: drop --format and --dtype")
     m = load_model(model, dtype, tokenizer, **({"knn": knn} if knn else {}))
     check_output_folder(m, dst)  # before any work: a new path, outside the model's own folder
     if format == "lingua":
@@ -170,8 +176,15 @@ def convert(
     else:
         from memedit.editing.background import carry
 
-        carry(m, save(m, dst))  # the bundled demo's background statistics come along
-    console.print(f"wrote {dst}{' (params.json + consolidated.pth)' if format == 'lingua' else ''}")
+        if link:
+            from .common import StepProgress
+
+            with StepProgress("fingerprinting", "bytes") as bar:
+                save(m, dst, link=True, progress=bar)
+        else:
+            carry(m, save(m, dst))  # the bundled demo's background statistics come along
+    console.print(f"wrote {dst}{' (params.json + consolidated.pth)' if format == 'lingua' else ''}"
+                  f"{f' (linked to {m.source}, read-only)' if link else ''}")
 
 
 @command(app)

@@ -46,14 +46,17 @@ def check(
 
 
 @command(app)
-def compact(model: ModelOpt = None, json: JsonOpt = False) -> None:
+def compact(model: ModelOpt = None, json: JsonOpt = False,
+            native: Annotated[bool, typer.Option("--native", help="On a folder made by `convert --link`: write a "
+                                                 "native model.safetensors (a full copy of the weights) and drop "
+                                                 "the link.")] = False) -> None:
     """Fold the row log into a new base weights file (atomic rename; the history and `patch revert` stay).
 
     Example: memedit compact --model ./my-model
     """
     from memedit.storage.store import compact as run
 
-    res = run(load_model(model))
+    res = run(load_model(model), native=native)
     if json:
         return print_json(res)
     console.print(f"folded {res['records']} records into a new model.safetensors ({res['bytes']:,} bytes)")

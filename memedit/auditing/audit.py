@@ -46,12 +46,13 @@ def open_corpus(source: str | Path | None, model: MemoryModel | None) -> Corpus:
 
 
 def corpus_batches(model: MemoryModel, corpus: Corpus, batch_size: int = 64, max_tokens: int | None = None,
-                  origins: bool = False) -> Iterator[tuple]:
+                  origins: bool = False, batch_tokens: int | None = None) -> Iterator[tuple]:
     """Batches of token sequences (BOS + tokens, split at max_seqlen), stopping after ``max_tokens`` tokens:
     (sequences, fraction of the corpus read), and with ``origins`` a third item, (document, first position) of
     every sequence, where document counts the corpus's non-empty documents from 0.
 
-    Deterministic: every rank of a distributed audit sees the same batches.
+    Deterministic: every rank of a distributed audit sees the same batches. ``batch_tokens``: a batch also ends
+    once it holds that many tokens.
     """
     T = model.config.max_seqlen
     batch: list[list[int]] = []
@@ -76,7 +77,7 @@ def corpus_batches(model: MemoryModel, corpus: Corpus, batch_size: int = 64, max
             batch.append(seq)
             where.append((doc, start))
             taken += len(seq)
-            if len(batch) == batch_size:
+            if len(batch) == batch_size or (batch_tokens is not None and sum(map(len, batch)) >= batch_tokens):
                 yield out(frac)
                 batch, where = [], []
             if max_tokens is not None and taken >= max_tokens:
@@ -85,6 +86,16 @@ def corpus_batches(model: MemoryModel, corpus: Corpus, batch_size: int = 64, max
                 return
     if batch:
         yield out(frac)
+
+
+LOOKUP_BYTES = 128 << 20  # stage-1 sub-key scores of one forward: (positions, H, 2, N) float32
+
+
+def lookup_tokens(model: MemoryModel) -> int:
+    """Positions per forward that keep the lookup's sub-key scores within LOOKUP_BYTES: 1,024 at N 4096 and 4 heads
+    (a batch of 64 lines of 72 tokens would need 604 MB there), more than a batch at N 1024."""
+    mem = model.config.memory
+    return max(1, LOOKUP_BYTES // max(1, mem.heads * 2 * mem.n_keys * 4))
 
 
 @torch.no_grad()
@@ -103,7 +114,8 @@ def audit(model: MemoryModel, corpus: Corpus, max_tokens: int | None = None, bat
     seen = 0  # tokens in the stream so far, all ranks
     tokens_here = 0  # tokens this rank audited
     with on_lookup(model, counter):
-        for b, (seqs, frac, where) in enumerate(corpus_batches(model, corpus, batch_size, max_tokens, origins=True)):
+        for b, (seqs, frac, where) in enumerate(corpus_batches(model, corpus, batch_size, max_tokens, origins=True,
+                                                               batch_tokens=lookup_tokens(model))):
             n = sum(len(s) for s in seqs)
             seen += n
             if b % world_size == rank:

@@ -63,6 +63,20 @@ class _Writer:
         for k, v in (attrs or {}).items():
             d.attrs[k] = v
 
+    def rows(self, name: str, shape: tuple[int, int, int], dtype, row, dims: tuple[str, ...],
+             attrs: dict[str, Any] | None = None) -> None:
+        """A (A, B, slots) dataset written a row at a time: ``row(a, b)`` gives the (slots,) row [a, b]; the same
+        file as :meth:`array` of the whole array (chunks, filters, scales, attributes)."""
+        opts = dict(FILTERS, chunks=_chunks(shape, 2)) if shape[0] * shape[1] * shape[2] else {}
+        d = self.f.create_dataset(name, shape=shape, dtype=dtype, **opts)
+        for a in range(shape[0]):
+            for b in range(shape[1]):
+                d[a, b] = row(a, b)
+        for i, dim in enumerate(dims):
+            d.dims[i].attach_scale(self.f[dim])
+        for k, v in (attrs or {}).items():
+            d.attrs[k] = v
+
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
@@ -76,17 +90,24 @@ def write_stats(w: _Writer, stats: SlotStats, metrics: list[dict] | None) -> Non
     f.attrs["fingerprint"] = stats.fingerprint
     if metrics is not None:
         f.attrs["metrics"] = json.dumps(metrics)
-    w.array("counts", _np(stats.counts), ("layer", "head", "slot"), slot_axis=2,
-            attrs={"long_name": "times each slot was selected (in the final top-k) by each head"})
-    w.array("weights", _np(stats.weights), ("layer", "head", "slot"), slot_axis=2,
-            attrs={"long_name": "sum of each slot's softmax weights", "resolution": 1 / WEIGHT_SCALE})
+    # written a (layer or table, head) row at a time: at 16.8M slots a whole array is 0.5 GB, a row 134 MB
+    L, H, S = stats.counts.shape
+    w.rows("counts", (L, H, S), np.int64, lambda li, h: _np(stats.counts[li, h]), ("layer", "head", "slot"),
+           attrs={"long_name": "times each slot was selected (in the final top-k) by each head"})
+    w.rows("weights", (L, H, S), np.float64, lambda li, h: _np(stats.weight_units[li, h].double() / WEIGHT_SCALE),
+           ("layer", "head", "slot"),
+           attrs={"long_name": "sum of each slot's softmax weights", "resolution": 1 / WEIGHT_SCALE})
     w.array("subkey_counts", _np(stats.subkey_counts), ("layer", "head", "half", "subkey"), slot_axis=3,
             attrs={"long_name": "times each sub-key entered its half's stage-1 top-k"})
     names = list(stats.tables)
-    w.array("table_counts", np.stack([_np(stats.table_counts(n)) for n in names]), ("table", "head", "slot"),
-            slot_axis=2, attrs={"long_name": "accesses of each value row, summed over the layers reading the table"})
-    w.array("table_weights", np.stack([_np(stats.table_weights(n)) for n in names]), ("table", "head", "slot"),
-            slot_axis=2, attrs={"long_name": "weight mass of each value row, summed over the layers reading it"})
+    rows = [[stats.layers.index(layer) for layer in stats.tables[n]] for n in names]
+    w.rows("table_counts", (len(names), H, S), np.int64,
+           lambda t, h: _np(sum(stats.counts[li, h] for li in rows[t])), ("table", "head", "slot"),
+           attrs={"long_name": "accesses of each value row, summed over the layers reading the table"})
+    w.rows("table_weights", (len(names), H, S), np.float64,
+           lambda t, h: _np(sum(stats.weight_units[li, h] for li in rows[t]).double() / WEIGHT_SCALE),
+           ("table", "head", "slot"),
+           attrs={"long_name": "weight mass of each value row, summed over the layers reading it"})
     if stats.contexts is not None:
         _write_contexts(w, stats.contexts, names)
 
@@ -230,9 +251,9 @@ def write_audit(path: str | Path, stats: SlotStats, metrics: list[dict] | None =
     return path
 
 
-def _row_norms(rows: torch.Tensor, block: int = CHUNK) -> np.ndarray:
-    """(n,) float32: the L2 norm of each row of a (mapped) table, upcast a block of rows at a time so a
-    1M-row bfloat16 table never becomes a 4 GiB float32 copy."""
+def _row_norms(rows: torch.Tensor, block: int = 1 << 14) -> np.ndarray:
+    """(n,) float32: the L2 norm of each row of a (mapped) table, upcast a block of rows at a time (64 MiB of
+    float32 at V 1024) so a 1M-row bfloat16 table never becomes a 4 GiB float32 copy."""
     out = np.empty(rows.shape[0], dtype=np.float32)
     up = torch.empty(min(block, rows.shape[0]), rows.shape[1], device=rows.device)  # one buffer: see top_written_tokens
     for start in range(0, rows.shape[0], block):
@@ -396,19 +417,26 @@ def read_audit(path: str | Path) -> SlotStats:
             raise MemeditError(f"{path} holds no slot statistics (an export without --stats); "
                                "give a file written by `memedit audit --out`")
         try:
-            weights = f["weights"][()]
+            # a (layer, head) row at a time: at 16.8M slots a whole array is 0.5 GB, and converting it whole took
+            # three more of them at once
+            counts = torch.empty(f["counts"].shape, dtype=torch.int64)
+            units = torch.empty(f["weights"].shape, dtype=torch.int64)
+            for li in range(counts.shape[0]):
+                for h in range(counts.shape[1]):
+                    counts[li, h] = torch.from_numpy(f["counts"][li, h].astype(np.int64, copy=False))
+                    units[li, h] = torch.from_numpy(np.rint(f["weights"][li, h] * WEIGHT_SCALE).astype(np.int64))
             return SlotStats(
                 layers=[int(x) for x in f["layer"][()]], tables=json.loads(f.attrs["tables"]),
                 n_keys=int(f.attrs["n_keys"]), heads=int(f.attrs["heads"]), knn=int(f.attrs["knn"]),
-                counts=torch.from_numpy(f["counts"][()].astype(np.int64)),
-                weight_units=torch.from_numpy(np.rint(weights * WEIGHT_SCALE).astype(np.int64)),
+                counts=counts,
+                weight_units=units,
                 subkey_counts=torch.from_numpy(f["subkey_counts"][()].astype(np.int64)),
                 tokens=int(f.attrs["tokens"]), corpus=str(f.attrs.get("corpus", "")),
                 fingerprint=str(f.attrs.get("fingerprint", "")), config=json.loads(f.attrs["model_config"]),
                 contexts=_read_contexts(f, [int(x) for x in f["layer"][()]], json.loads(f.attrs["tables"])),
             )
-        except (KeyError, ValueError, TypeError, OSError) as e:
-            raise MemeditError(f"{path} is a damaged memedit audit ({type(e).__name__}: {e})") from None
+        except (KeyError, ValueError, TypeError, OSError, IndexError, RuntimeError) as e:
+            raise MemeditError(f"{path} is a damaged memedit audit ({type(e).__name__}: {str(e)[:160]})") from None
 
 
 def check_same_model(stats: SlotStats, model: Any, fp: str | None = None) -> None:

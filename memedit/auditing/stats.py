@@ -105,6 +105,7 @@ class AuditCounter(SlotCounter):
         if not model.config.memory.layers:
             raise MemeditError("this model has no memory layers: nothing to audit")
         super().__init__(model, by_head=True, weights=True, subkeys=True)
+        self.df = {}  # an audit counts no document frequency (S int64 per table: 134 MB at 16.8M slots)
         self.contexts = TopContexts.empty(self.layers, self.tables, self.n_keys**2, contexts) if contexts else None
         self._where: tuple[torch.Tensor, torch.Tensor] | None = None  # (n,) context keys, (n, WINDOW) tokens
 
@@ -292,7 +293,10 @@ def usage_metrics(mass: torch.Tensor) -> dict[str, float]:
     p), top50/top90/top99 (fewest most-used slots holding that % of the mass), top1pct_share (share of the top 1%
     of slots, at least one), dead (slots never used), entropy (-sum p log p, nats).
     """
-    m = mass.detach().double().flatten().cpu()
+    flat = mass.detach().flatten().cpu()
+    if not bool((flat < 0).any()) and not (flat.is_floating_point() and bool(flat.isnan().any())):
+        return _usage_of_nonzero(flat)  # the same figures from the used slots only (a few of 16.8M)
+    m = flat.double()
     S = m.numel()
     total = m.sum()
     alive = int((m > 0).sum())
@@ -323,6 +327,51 @@ def usage_metrics(mass: torch.Tensor) -> dict[str, float]:
     }
 
 
+def _usage_of_nonzero(flat: torch.Tensor) -> dict[str, float]:
+    """usage_metrics of a distribution with no negative entries, computed from its nonzero entries only: unused
+    slots add nothing to any sum, sort first in ascending order and last in descending order, so 16.8M slots of
+    which a few hundred thousand were used cost memory for those, not for every slot."""
+    S = flat.numel()
+    nz = flat[flat > 0].double()
+    total = nz.sum()
+    alive = nz.numel()
+    if S == 0 or total <= 0:
+        nan = float("nan")
+        return {"used": 0.0, "kl_uniform": nan, "gini": nan, "top50": 0, "top90": 0, "top99": 0,
+                "top1pct_share": nan, "dead": S, "entropy": nan}
+    p = nz / total
+    plogp = float((p * p.log()).sum())
+    asc = nz.sort().values
+    gini = 1.0 - 2.0 * float((asc / total).cumsum(0).sum() / S)  # the leading zeros' cumulative sums are 0
+    desc = asc.flip(0)
+    cum = desc.cumsum(0)
+    tops = {}
+    for q in (50, 90, 99):
+        need = total * (q / 100)
+        tops[f"top{q}"] = min(int(torch.searchsorted(cum, need.reshape(1) * (1 - 1e-12)).item()) + 1, S)
+    hub = max(1, math.ceil(S / 100))
+    return {
+        "used": 100.0 * alive / S,
+        "kl_uniform": math.log(S) + plogp,
+        "gini": gini,
+        **tops,
+        "top1pct_share": float(desc[:hub].sum() / total),
+        "dead": S - alive,
+        "entropy": -plogp,
+    }
+
+
+def head_sum(x: torch.Tensor, layers: list[int], table_layers: list[int] | None = None) -> torch.Tensor:
+    """(S,) ``x`` (n_layers, H, S) summed over heads and over ``table_layers`` (all layers when None), a row at a
+    time (no (H, S) temporary: 0.5 GB of int64 at 16.8M slots)."""
+    rows = range(x.shape[0]) if table_layers is None else [layers.index(L) for L in table_layers]
+    out = torch.zeros(x.shape[-1], dtype=x.dtype)
+    for li in rows:
+        for h in range(x.shape[1]):
+            out += x[li, h]
+    return out
+
+
 def report(stats: SlotStats) -> list[dict[str, Any]]:
     """Usage metrics for every table, layer and (layer, head), count- and weight-based, and for every
     (layer, head, half) of sub-keys (count-based): a list of rows {scope, table, layer, head, half, basis, ...}.
@@ -337,16 +386,19 @@ def report(stats: SlotStats) -> list[dict[str, Any]]:
         row.update(usage_metrics(mass))
         rows.append(row)
 
-    w = stats.weights
+    # every sum is taken a (layer, head) row at a time and weights are made float a row at a time, so a 16.8M-slot
+    # audit needs a few S-sized rows beside its counters, not copies of them
+    units = stats.weight_units
     for name in stats.tables:
-        add("table", "count", stats.table_counts(name).sum(0), table=name)  # a slot's use over all heads
-        add("table", "weight", stats.table_weights(name).sum(0), table=name)
+        layers = stats.tables[name]
+        add("table", "count", head_sum(stats.counts, stats.layers, layers), table=name)  # over all heads
+        add("table", "weight", head_sum(units, stats.layers, layers).double() / WEIGHT_SCALE, table=name)
     for li, L in enumerate(stats.layers):
-        add("layer", "count", stats.counts[li].sum(0), layer=L)
-        add("layer", "weight", w[li].sum(0), layer=L)
+        add("layer", "count", head_sum(stats.counts[li: li + 1], [0]), layer=L)
+        add("layer", "weight", head_sum(units[li: li + 1], [0]).double() / WEIGHT_SCALE, layer=L)
         for h in range(stats.heads):
             add("head", "count", stats.counts[li, h], layer=L, head=h)
-            add("head", "weight", w[li, h], layer=L, head=h)
+            add("head", "weight", units[li, h].double() / WEIGHT_SCALE, layer=L, head=h)
     for li, L in enumerate(stats.layers):
         for h in range(stats.heads):
             for half in (0, 1):

@@ -20,6 +20,7 @@ from .checkpoint import check_tokenizer, is_native, load_native, read_config
 from .files import atomic_path, atomic_write_bytes
 from .folder import native_state
 from .importers.tokenizers import load_tokenizer
+from .linked import check_base as check_linked_base
 from .patch import Patch, labelled
 from .state import background, frozen_rows
 from .store import (
@@ -162,6 +163,8 @@ def _check(st: Store, res: dict, repair: bool, upgrade: bool, salvage: bool) -> 
 def _check_base(st: Store, model, problems: list[str]) -> None:
     """The base alone: finite values in every tensor, and its metadata (fingerprint sums, folded count) readable and
     true (the sums are compared with the base's own tensors, whatever the log holds)."""
+    if st.linked:  # a checkpoint elsewhere: compared block by block with the digests taken when it was linked
+        return check_linked_base(st.folder, model, problems)
     state = native_state(model, contiguous=False)
     for name, t in state.items():
         if t.is_floating_point():

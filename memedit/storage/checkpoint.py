@@ -50,6 +50,8 @@ from .folder import (  # noqa: F401 (re-exported: the names callers have always 
 )
 from .importers import load_foreign
 from .importers.tokenizers import load_path, load_tokenizer
+from .linked import LINK, is_linked, open_link, write_link
+from .shards import is_sharded
 from .store import LOCK, fingerprint, map_tensors, open_folder, scan_log, upgrade_dir, write_base  # noqa: F401
 
 
@@ -86,12 +88,22 @@ def load(path: str | Path | None = None, dtype: str | None = None, device: str |
     if dtype is not None:
         if dtype not in DTYPES:
             raise MemeditError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+        plain_tables(model, f"--dtype {dtype}")
         model.to(DTYPES[dtype])
     if device is not None and check_device(device).type != "cpu":
+        plain_tables(model, f"--device {device}")
         model.to(check_device(device))
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def plain_tables(model: MemoryModel, why: str) -> None:
+    """Replace value tables mapped from shards (storage.shards.ShardedRows) by ordinary tensors before the model is
+    converted as a whole: a copy of a small table; a table too large to copy is refused in one line."""
+    for t in model.tables:
+        if is_sharded(t.weight):
+            t.module.weight = torch.nn.Parameter(t.weight.materialize(why), requires_grad=False)
 
 
 def check_device(device: str) -> torch.device:
@@ -129,13 +141,14 @@ def load_native(path: str | Path, log: bool = True) -> MemoryModel:
     except ValueError as e:
         raise MemeditError(f"{path / 'config.json'}: {e}") from None
     weights = path / "model.safetensors"
-    if not weights.is_file():
+    linked = is_linked(path)  # the base is a checkpoint elsewhere, mapped where it is (storage.linked)
+    if not weights.is_file() and not linked:
         raise MemeditError(f"{path} has no model.safetensors")
     if not isinstance(meta.get("dtype", "float32"), str) or meta.get("dtype", "float32") not in DTYPES:
         raise MemeditError(f"{path / 'config.json'}: unknown dtype {meta.get('dtype')!r}")
     try:
-        state, base_meta = map_tensors(weights)
-        load_state(model, state, str(weights), copy=False)
+        state, base_meta = open_link(path, model) if linked else map_tensors(weights)
+        load_state(model, state, str(path / LINK if linked else weights), copy=False)
     except MemeditError as e:  # a damaged base: say where to go next
         raise MemeditError(f"{e}; run `memedit check --model {path}`") from None
     model.source = str(path)
@@ -172,8 +185,11 @@ def _no_init() -> Iterator[None]:
             setattr(torch.nn.init, n, f)
 
 
-def save(model: MemoryModel, dst: str | Path, overwrite: bool = False) -> Path:
-    """Write ``model`` as a native folder at ``dst``, atomically: the folder appears whole or not at all."""
+def save(model: MemoryModel, dst: str | Path, overwrite: bool = False, link: bool = False, progress=None) -> Path:
+    """Write ``model`` as a native folder at ``dst``, atomically: the folder appears whole or not at all.
+
+    ``link``: the folder's base is the checkpoint the model was loaded from (a DCP step folder), left where it is
+    and never written (storage.linked); ``progress(done, total)`` follows the bytes hashed."""
     dst = check_output_folder(model, dst, overwrite)
     if dst.exists() and BUNDLED.resolve() == dst.resolve():
         raise MemeditError("the bundled demo model is read-only")
@@ -200,7 +216,10 @@ def save(model: MemoryModel, dst: str | Path, overwrite: bool = False) -> Path:
             shutil.copytree(src_state, tmp / STATE_DIR, ignore=shutil.ignore_patterns(LOCK, ".*.tmp", ".tmp??????"))
             upgrade_dir(tmp / STATE_DIR)
             records = scan_log(tmp / STATE_DIR / "rows.log", with_rows=False)[0]
-        write_base(model, tmp / "model.safetensors", records)  # the model as it is holds every record
+        if link:
+            write_link(model, tmp, progress)
+        else:
+            write_base(model, tmp / "model.safetensors", records)  # the model as it is holds every record
         _publish_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

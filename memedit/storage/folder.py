@@ -27,6 +27,9 @@ ENV_MODEL = "MEMEDIT_MODEL"
 STATE_DIR = "memedit"  # per-model state inside a native folder
 FROZEN = "frozen.safetensors"
 EDITS = "edits.jsonl"
+LINK = "link.json"  # a linked folder's base: the checkpoint elsewhere that it maps (storage.linked)
+LINK_BLOCKS = "link.blocks"
+LINK_FORMAT = "memedit-link"
 
 
 def is_native(path: Path) -> bool:
@@ -38,6 +41,32 @@ def is_native(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def is_linked(folder: Path) -> bool:
+    """A folder whose base is a linked checkpoint (a native base, once written by compact, takes precedence)."""
+    folder = Path(folder)
+    return (folder / LINK).is_file() and not (folder / "model.safetensors").exists()
+
+
+def read_link(folder: Path) -> dict:
+    """The parsed ``link.json`` of a linked folder (storage.linked), refused in one line when it is damaged."""
+    path = Path(folder) / LINK
+    try:
+        link = json.loads(path.read_text())
+        if link.get("format") != LINK_FORMAT or not isinstance(link.get("files"), dict) or \
+                not isinstance(link.get("meta"), dict) or not isinstance(link.get("source"), str):
+            raise ValueError("not a memedit link")
+    except (OSError, ValueError, AttributeError) as e:
+        raise MemeditError(f"{path} is damaged ({e}); run `memedit check --model {folder}`") from None
+    if link.get("version", 1) > 1:
+        raise MemeditError(f"{path} was written by a newer memedit; upgrade memedit")
+    return link
+
+
+def link_meta(folder: Path) -> dict[str, str]:
+    """The base metadata a linked folder keeps in ``link.json`` (as a native base keeps it in its header)."""
+    return {str(k): str(v) for k, v in read_link(folder)["meta"].items()}
 
 
 def native_state(model: MemoryModel, contiguous: bool = True) -> dict[str, torch.Tensor]:
@@ -211,8 +240,8 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise MemeditError(f"unsupported dtype {dtype}")
 
 
-OWN_FILES = ("config.json", "model.safetensors", "tokenizer.json", "memedit/rows.log", "memedit/lock",
-             "memedit/frozen.safetensors", "memedit/background.safetensors", "memedit/edits.jsonl")
+OWN_FILES = ("config.json", "model.safetensors", LINK, LINK_BLOCKS, "tokenizer.json", "memedit/rows.log",
+             "memedit/lock", "memedit/frozen.safetensors", "memedit/background.safetensors", "memedit/edits.jsonl")
 
 
 def check_output(model: MemoryModel | None, out: str | Path) -> Path:

@@ -49,8 +49,11 @@ from safetensors.torch import save_file
 
 from ..errors import MemeditError
 from ..lm.hooks import keys_name
+from .blocks import BLOCK, FP_MOD, _rows2d, block_digest, hash_prefix  # noqa: F401 (re-exported: the old names)
 from .files import CRASH_ENV, atomic_path, atomic_write_text, crash_point  # noqa: F401 (crash_point: re-exported)
-from .folder import FORMAT, STATE_DIR, frozen_rows, legacy_log, native_state, require_writable
+from .folder import (FORMAT, LINK, LINK_BLOCKS, STATE_DIR, frozen_rows, legacy_log, link_meta, native_state,
+                     require_writable)
+from .shards import is_sharded
 
 LOG = "rows.log"
 LOCK = "lock"
@@ -139,15 +142,7 @@ def map_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 # ---- the fingerprint: a sum of row hashes, kept incrementally ------------------------------------------------
-FP_MOD = 1 << 128
-
-
-def _rows2d(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
-
-
-BLOCK = 64  # rows per hashed block: a write re-hashes the blocks of the rows it changes (64 rows of 2 KiB: 128 KiB)
+# (BLOCK, FP_MOD, _rows2d, hash_prefix, block_digest: blocks.py, shared with shards.py and linked.py)
 
 
 def block_hash_sum(name: str, t: torch.Tensor, blocks: list[int] | None = None,
@@ -159,7 +154,7 @@ def block_hash_sum(name: str, t: torch.Tensor, blocks: list[int] | None = None,
     fingerprint at the cost of the blocks it touched, and reverting restores it exactly."""
     m = _rows2d(t)
     n = m.shape[0]
-    prefix = f"{name}:{t.dtype}:{tuple(t.shape)}:".encode()
+    prefix = hash_prefix(name, t)
     if blocks is None:
         blocks = range((n + BLOCK - 1) // BLOCK)
     total = 0
@@ -171,10 +166,7 @@ def block_hash_sum(name: str, t: torch.Tensor, blocks: list[int] | None = None,
             if inside.any():
                 chunk = chunk.clone()
                 chunk[ids[inside] - b * BLOCK] = rows[inside].reshape(int(inside.sum()), -1).to(chunk.dtype)
-        h = hashlib.sha256(prefix)
-        h.update(f"{b}:".encode())
-        h.update(chunk.contiguous().view(torch.uint8).numpy())
-        total += int.from_bytes(h.digest()[:16], "little")
+        total += block_digest(prefix, b, chunk.contiguous().view(torch.uint8).numpy())
     return total % FP_MOD
 
 
@@ -195,6 +187,9 @@ def tensor_sums(model) -> dict[str, int]:
     cache: dict = model.__dict__.setdefault("_fp_cache", {})
     out = {}
     for name, t in native_state(model, contiguous=False).items():
+        if hasattr(t, "fingerprint_sum"):  # a table mapped from shards keeps a digest per block (storage.shards)
+            out[name] = t.fingerprint_sum(name)
+            continue
         key = (t._version, t.data_ptr(), tuple(t.shape), t.dtype)
         hit = cache.get(name)
         if hit is None or hit[0] != key:
@@ -580,7 +575,13 @@ class Store:
         self.folder = Path(folder)
         self.dir = self.folder / STATE_DIR
         self.base = self.folder / "model.safetensors"
+        if not self.base.exists() and (self.folder / LINK).is_file():
+            self.base = self.folder / LINK  # a linked folder's base (storage.linked): never written
         self.log = self.dir / LOG
+
+    @property
+    def linked(self) -> bool:
+        return self.base.name == LINK
 
     # ---- the lock ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -688,6 +689,8 @@ class Store:
         return scan_log(self.log, with_rows)[0]
 
     def base_meta(self) -> dict[str, str]:
+        if self.linked:
+            return link_meta(self.folder)
         return read_header(self.base)[1]
 
     def folded(self, meta: dict[str, str] | None = None) -> int:
@@ -1001,19 +1004,69 @@ def base_metadata(model, records: list[Record]) -> dict[str, str]:
 
 def write_base(model, path: Path, records: list[Record]) -> None:
     """Write the model's native state as a base file at ``path`` (a temp path: the caller renames it)."""
+    state = native_state(model, contiguous=False)
+    if any(is_sharded(t) for t in state.values()):  # a table mapped from shards is written a block at a time
+        return write_native_base(model, path, base_metadata(model, records))
     save_file(native_state(model), str(path), metadata=base_metadata(model, records))
 
 
-def compact(model) -> dict:
-    """Fold the row log into a new base (atomic rename; a process holding the old map keeps its snapshot)."""
+def write_native_base(model, path: Path, metadata: dict[str, str], progress=None) -> None:
+    """A safetensors file of the model's native state written a block of rows at a time (a table mapped from
+    shards is never held whole), with ``metadata``; readable by safetensors and read_header."""
+    state = native_state(model, contiguous=False)
+    names = sorted(state)
+    header: dict = {"__metadata__": dict(metadata)}
+    off = 0
+    for n in names:
+        t = state[n]
+        nbytes = t.numel() * t.element_size()
+        header[n] = {"dtype": TORCH_ST[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    js = json.dumps(header, separators=(",", ":")).encode()
+    js += b" " * (-len(js) % 8)
+    done = 0
+    with open(path, "wb") as f:
+        f.write(len(js).to_bytes(8, "little"))
+        f.write(js)
+        for n in names:
+            t = state[n]
+            rows = t.shape[0] if t.dim() >= 2 else 1
+            step = max(1, (64 << 20) // max(1, t.numel() // max(rows, 1) * t.element_size()))
+            for a in range(0, rows, step):
+                if is_sharded(t):
+                    part = t.row_bytes_of(a, a + step)
+                else:
+                    part = t.detach().reshape(rows, -1)[a: a + step].contiguous().view(torch.uint8)
+                f.write(part.numpy().tobytes())
+                done += part.numel()
+                if progress is not None:
+                    progress(done, off)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def compact(model, native: bool = False) -> dict:
+    """Fold the row log into a new base (atomic rename; a process holding the old map keeps its snapshot).
+
+    A linked folder's base is a checkpoint memedit never writes: only with ``native`` does compact write a native
+    ``model.safetensors`` (then the link is dropped and the folder stands alone)."""
     st = store_of(model)
+    if st.linked and not native:
+        size = sum(t.numel() * t.element_size() for t in writable_tensors(model).values())
+        raise MemeditError(f"{st.folder} links to its checkpoint (read-only), so there is no base to fold the log "
+                           f"into; `memedit compact --native` writes a native model.safetensors (about "
+                           f"{size / 1e9:.1f} GB for the tables alone) and drops the link")
     with st.locked():
         refresh(model)
         records = st.records(with_rows=False)
         before = st.base.stat().st_size
+        linked, st.base = st.linked, st.folder / "model.safetensors"
         with atomic_path(st.base, crash="compact") as tmp:
             write_base(model, tmp, records)
         crash_point("compact-renamed")
+        if linked:  # the native base now takes precedence; the link files are left-overs
+            for name in (LINK, LINK_BLOCKS):
+                (st.folder / name).unlink(missing_ok=True)
     return {"records": len(records), "folded_before": 0, "bytes_before": before, "bytes": st.base.stat().st_size}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ...errors import MemeditError
+from ..shards import map_tensor
 from .safe import first_line, read_dcp_metadata
 
 
@@ -19,24 +20,27 @@ def is_dcp(path: Path) -> bool:
 class DcpState(Mapping):
     """The tensors under ``model`` of a DCP folder as a lazy mapping: {name without prefix: tensor}.
 
-    Names, shapes and dtypes come from the metadata; a tensor is read from the shards (in its stored dtype) when
-    it is asked for, and not kept, so a caller that handles one tensor at a time holds one at a time. Only the
-    model part is read (the optimizer state is left on disk). The metadata pickle is read with an allow-list; the
-    shards are tensors read by DCP with ``torch.load(weights_only=True)``.
+    Names, shapes and dtypes come from the metadata; a tensor is mapped from the shards (``mapped``: its bytes inside
+    the ``.distcp`` file, copy-on-write; a value table saved in row chunks as a ``ShardedRows``) or else read (in its
+    stored dtype) when it is asked for, and not kept, so a caller that handles one tensor at a time holds one at a
+    time. Only the model part is read (the optimizer state is left on disk). The metadata pickle is read with an
+    allow-list; the shards are tensors read by DCP with ``torch.load(weights_only=True)``.
     """
 
-    def __init__(self, path: Path, prefix: str = "model."):
-        # torch.distributed.checkpoint takes ~1 s to import: only a DCP folder pays it
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    mapped = True  # tensors are mapped from the shards where they can be (memedit.storage.shards)
 
-        self.path, self.prefix = Path(path), prefix
-        self.metadata = read_dcp_metadata(self.path)
+    def __init__(self, path: Path, prefix: str = "model.", mapped: bool = True):
+        self.path, self.prefix, self.mapped = Path(path), prefix, mapped
+        self._files: dict = {}  # the shard files mapped for this state (memedit.storage.shards)
+        self.metadata = read_dcp_metadata(self.path, light=mapped)  # mapping needs no import of DCP itself
         try:
             entries = self.metadata.state_dict_metadata.items()
-        except AttributeError:
+            self.specs = {fqn[len(prefix):]: (tuple(md.size), md.properties.dtype) for fqn, md in entries
+                          if fqn.startswith(prefix) and type(md).__name__ == "TensorStorageMetadata"}
+        except (AttributeError, TypeError):
             raise MemeditError(f"{self.path / '.metadata'} is not DCP metadata") from None
-        self.specs = {fqn[len(prefix):]: (tuple(md.size), md.properties.dtype) for fqn, md in entries
-                      if fqn.startswith(prefix) and isinstance(md, TensorStorageMetadata)}
+        if not all(isinstance(dt, torch.dtype) for _, dt in self.specs.values()):
+            raise MemeditError(f"{self.path / '.metadata'} is not DCP metadata (a tensor without a dtype)")
         if not self.specs:
             raise MemeditError(f"{self.path} is a DCP checkpoint without model tensors (no names under {prefix!r})")
 
@@ -51,6 +55,9 @@ class DcpState(Mapping):
         return {k: torch.empty(shape, dtype=dt, device="meta") for k, (shape, dt) in self.specs.items()}
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if self.mapped:  # the tensor bytes mapped inside the shards, no copy (value tables by rows)
+            return map_tensor(self.path, self.metadata, self.prefix + name, rows_table=name.endswith("values.weight"),
+                              files=self._files)
         shape, dtype = self.specs[name]
         out = torch.empty(shape, dtype=dtype)
         self.read({name: out})
@@ -62,7 +69,7 @@ class DcpState(Mapping):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException  # lazy: ~1 s to import (see above)
 
-        meta = self.metadata
+        meta = self.metadata if not self.mapped else read_dcp_metadata(self.path)  # DCP needs its own classes
 
         class SafeReader(dcp.FileSystemReader):
             def read_metadata(self, *args, **kwargs):  # noqa: ANN201 - DCP's own signature

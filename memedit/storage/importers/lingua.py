@@ -175,7 +175,7 @@ def model_from_state(cfg: ModelConfig, state: Mapping[str, torch.Tensor], origin
     for n in names:
         if n not in copies and n not in loaded:
             loaded[n] = state[n]
-    load_state(model, loaded, origin)
+    load_state(model, loaded, origin, copy=not getattr(state, "mapped", False))  # mapped: copy-on-write already
     return model
 
 

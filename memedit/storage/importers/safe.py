@@ -66,12 +66,47 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
 
 
-def read_dcp_metadata(path: Path) -> Any:
-    """The ``.metadata`` of a DCP folder, unpickled with only DCP's own metadata classes allowed."""
+class _Light:
+    """A stand-in for one of DCP's metadata classes: its pickled state as attributes, nothing else (importing
+    torch.distributed.checkpoint costs seconds, and mapping tensors needs only the metadata's fields)."""
+
+    def __init__(self, *args):
+        self.args = args  # an enum's value (_MEM_FORMAT_ENCODING)
+
+    def __setstate__(self, state: Any) -> None:
+        if type(self).__name__ == "TensorProperties" and isinstance(state, tuple):
+            state = dict(zip(("dtype", "layout", "requires_grad", "memory_format", "pin_memory"), state, strict=False))
+        elif isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None  # a field an older writer left out (e.g. _StorageInfo.transform_descriptors)
+
+
+_LIGHT: dict[str, type] = {}
+
+
+class _LightUnpickler(_MetadataUnpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("torch.distributed.checkpoint.") and (
+                module == "torch.distributed.checkpoint.metadata" or (module, name) in _DCP_GLOBALS):
+            return _LIGHT.setdefault(name, type(name, (_Light,), {}))
+        return super().find_class(module, name)
+
+
+def read_dcp_metadata(path: Path, light: bool = False) -> Any:
+    """The ``.metadata`` of a DCP folder, unpickled with only DCP's own metadata classes allowed.
+
+    ``light``: DCP's classes are replaced by plain stand-ins with the same fields (no import of
+    torch.distributed.checkpoint); DCP's own reader needs the real ones."""
     f = path / ".metadata"
     try:
         with open(f, "rb") as fh:
-            return _MetadataUnpickler(fh).load()
+            return (_LightUnpickler if light else _MetadataUnpickler)(fh).load()
     except pickle.UnpicklingError as e:
         raise MemeditError(f"refusing {f}: it names code outside DCP's metadata classes "
                            f"({first_line(e)[:160]})") from None
