@@ -309,6 +309,12 @@ def usage_metrics(mass: torch.Tensor) -> dict[str, float]:
     plogp = float((nz * nz.log()).sum())
     asc = _ascending(m)  # one sort for both: dividing by the total keeps the order, flipping gives descending
     gini = 1.0 - 2.0 * float((asc / total).cumsum(0).mean())
+    return _metrics(asc, total, S, alive, plogp, gini)
+
+
+def _metrics(asc: torch.Tensor, total: torch.Tensor, S: int, alive: int, plogp: float, gini: float
+             ) -> dict[str, float]:
+    """The usage_metrics dict from the ascending used (or all) masses ``asc`` of ``S`` slots."""
     desc = asc.flip(0)
     cum = desc.cumsum(0)  # exact for integer counts
     tops = {}
@@ -343,22 +349,7 @@ def _usage_of_nonzero(flat: torch.Tensor) -> dict[str, float]:
     plogp = float((p * p.log()).sum())
     asc = nz.sort().values
     gini = 1.0 - 2.0 * float((asc / total).cumsum(0).sum() / S)  # the leading zeros' cumulative sums are 0
-    desc = asc.flip(0)
-    cum = desc.cumsum(0)
-    tops = {}
-    for q in (50, 90, 99):
-        need = total * (q / 100)
-        tops[f"top{q}"] = min(int(torch.searchsorted(cum, need.reshape(1) * (1 - 1e-12)).item()) + 1, S)
-    hub = max(1, math.ceil(S / 100))
-    return {
-        "used": 100.0 * alive / S,
-        "kl_uniform": math.log(S) + plogp,
-        "gini": gini,
-        **tops,
-        "top1pct_share": float(desc[:hub].sum() / total),
-        "dead": S - alive,
-        "entropy": -plogp,
-    }
+    return _metrics(asc, total, S, alive, plogp, gini)
 
 
 def head_sum(x: torch.Tensor, layers: list[int], table_layers: list[int] | None = None) -> torch.Tensor:
