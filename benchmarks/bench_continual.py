@@ -14,6 +14,7 @@ the fact's true object. After every ``--every`` edits, on the model as it stands
   untouched     exact-match accuracy on the training phrasings of every fact not edited (``--untouched N``: a fixed
                 sample of N prompts instead), and its drop from the start
 Methods (memedit's strategies are options of ``memedit edit``; see EditConfig):
+  no-consolidation   memedit without its consolidation passes (EditConfig.consolidate_every = 0)
   memedit            the `memedit edit` defaults: rows read at every prompt position ranked by TF-IDF, adaptive rows
                      (128 first, doubled every 10 steps while the edit does not hold, up to 1,024; at most 200 steps
                      of SGD with momentum 0.9, lr 10, until every new-target token has p > 1/2), the rows that
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memedit  # noqa: E402
 from memedit.editing import background as B  # noqa: E402
 from memedit.editing.patch import write_rows  # noqa: E402
-from memedit.editing.locality import Locality, mentions, sample_for  # noqa: E402
+from memedit.editing.locality import Locality, draw_sample, mentions, sample_for  # noqa: E402
 from memedit.editing.sparse_ft import EditConfig, EditRequest, answers_of, edit, keep_for, run_edits  # noqa: E402
 from memedit.tracing.targets import score  # noqa: E402
 from memedit.world.facts import world_of  # noqa: E402
@@ -65,7 +66,11 @@ STRATEGIES = {
     "counts": {**FIXED, "ranking": "counts"},
     "full-ft": {"adaptive": False, "steps": 100, "train_all": True, "optimizer": "adamw", "lr": 3e-5},
 }
-METHODS = list(STRATEGIES) + ["rome", "grace"]
+METHODS = list(STRATEGIES) + ["no-consolidation", "rome", "grace"]
+
+
+consolidation_texts: list[str] = []  # memedit's consolidation sample: training sentences (seed 1), set in main
+consolidation_set: set[str] = set()
 
 
 def requests(world, n: int, seed: int) -> list[EditRequest]:
@@ -109,11 +114,14 @@ def checkpoint(model, made: list[EditRequest], untouched: tuple[list[str], list[
     edited = sorted({r.subject for r in latest if r.subject})
     nb = [(p, r) for r in latest for p in r.neighborhood if not mentions(p, edited)]  # other subjects, never edited
     neigh = prefers(model, [p for p, _ in nb], [true[r.id] for _, r in nb], [r.target_new for _, r in nb])
-    acc = statistics.mean(s.greedy for s in score(model, *untouched)) if untouched[0] else float("nan")
+    correct = [s.greedy for s in score(model, *untouched)]
+    acc = statistics.mean(correct) if correct else float("nan")
+    outside = [c for c, p, t in zip(correct, *untouched, strict=True) if f"{p} {t}." not in consolidation_set]
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     return {"edits": len(made), "facts_edited": len(latest), "holding": mean(hold), "exact": mean(exact),
             "paraphrase": mean(para), "paraphrase_heldout": mean(held), "neighborhood": mean(neigh),
-            "neighborhood_n": len(nb), "untouched": acc, "untouched_n": len(untouched[0])}
+            "neighborhood_n": len(nb), "untouched": acc, "untouched_n": len(untouched[0]),
+            "untouched_outside": mean(outside), "untouched_outside_n": len(outside)}
 
 
 def run(method: str, base_state: dict, model, reqs, bg, every: int, untouched_of, c_inv, facts,
@@ -138,29 +146,38 @@ def run(method: str, base_state: dict, model, reqs, bg, every: int, untouched_of
         if n % every == 0 or n == len(reqs):
             c = checkpoint(model, made, untouched_of({r.id for r in made}), facts)
             c["untouched_drop_pts"] = 100 * (start["untouched"] - c["untouched"])
+            c["untouched_outside_drop_pts"] = 100 * (start["untouched_outside"] - c["untouched_outside"])
             c["seconds_per_edit_median"] = statistics.median(secs)
             c["cpu_seconds_per_edit_median"] = statistics.median(cpu)
             c["status"] = dict(status)
             curve.append(c)
             print(f"  {method:17s} {n:5d} edits: holding {c['holding']:.1%}, exact {c['exact']:.1%}, paraphrase "
                   f"{c['paraphrase']:.1%} (held-out {c['paraphrase_heldout']:.1%}), neighborhood "
-                  f"{c['neighborhood']:.1%}, untouched {c['untouched']:.1%} (-{c['untouched_drop_pts']:.1f} pts), "
+                  f"{c['neighborhood']:.1%}, untouched {c['untouched']:.1%} (-{c['untouched_drop_pts']:.1f} pts; "
+                  f"outside the consolidation sample -{c['untouched_outside_drop_pts']:.1f}), "
                   f"{statistics.median(secs):.2f} s/edit ({statistics.median(cpu):.2f} s CPU) {status}", flush=True)
             saved({"curve": curve, "seconds_median": statistics.median(secs),  # a killed run keeps its curve
                    "cpu_seconds_median": statistics.median(cpu)})
         clock[:] = [time.perf_counter(), time.process_time()]
 
-    if method == "memedit":  # what `memedit edit --sequential` does: guard, locality sample, earlier answers kept
+    if method in ("memedit", "no-consolidation"):  # what `memedit edit --sequential` does: guard, locality
+        # sample, earlier answers kept, consolidation passes on a larger sample
+        cfg = EditConfig() if method == "memedit" else EditConfig(consolidate_every=0)
         loc = Locality(model, sample_for(model, stored=bg.locality))
+        big = Locality(model, consolidation_texts) if cfg.consolidate_every else None
+        passes: list[dict] = []
         clock[:] = [time.perf_counter(), time.process_time()]
 
         def booked(group, res) -> None:
             status[res.status] = status.get(res.status, 0) + 1
+            if res.consolidation is not None:
+                passes.append({"after": len(made) + 1, **res.consolidation.to_json()})
+                print(f"    consolidation: {passes[-1]}", flush=True)
             after_edit(group[0], res.patch.n_rows if res.patch is not None else 0)
 
-        run_edits(model, reqs, bg, EditConfig(), keep_facts=facts, subjects=[f.subject for f in facts], locality=loc,
-                  on_result=booked)
-        return _summary(curve, secs, cpu, rows)
+        run_edits(model, reqs, bg, cfg, keep_facts=facts, subjects=[f.subject for f in facts], locality=loc,
+                  on_result=booked, consolidation=big)
+        return {**_summary(curve, secs, cpu, rows), "consolidations": passes}
     if method == "grace":
         from baselines import Grace
 
@@ -231,6 +248,9 @@ def main() -> None:
     world = world_of(model)
     reqs = requests(world, args.n, args.seed)
     bg = B.get(model)
+    global consolidation_texts, consolidation_set
+    consolidation_texts = draw_sample(model, world.training_sentences(), EditConfig().consolidate_tokens, seed=1)
+    consolidation_set = set(consolidation_texts)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     pairs = [(f.id, p, f.target_true) for f in world.facts for p in f.training_prompts]
     if args.untouched:

@@ -247,6 +247,11 @@ def edit(
                                                 f"this share of the locality sample's positions (default {EDIT.max_collateral}; a "
                                                 "batch of n requests: n times it).")]
     = None,
+    consolidate_every: Annotated[int, typer.Option("--consolidate-every", min=0,
+                                                   help="With --sequential: after every this many committed edits, "
+                                                        "give back what the edits moved on a larger sample of the "
+                                                        "background corpus, keeping every edit's answer (one "
+                                                        "revertible patch; 0: never).")] = EDIT.consolidate_every,
     force: Annotated[bool, typer.Option("--force", help="Commit edits the guard refuses (too much collateral, or "
                                                         "not holding), and say so.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Measure, but leave the model folder unchanged.")] = False,
@@ -267,7 +272,7 @@ def edit(
     import warnings
 
     from memedit.editing import sparse_ft as S
-    from memedit.editing.api import setup
+    from memedit.editing.api import consolidation_sample, setup
     from memedit.editing.patch import apply
     from memedit.errors import MemeditError
     from memedit.storage.checkpoint import require_writable
@@ -283,7 +288,8 @@ def edit(
         from memedit.storage.checkpoint import check_output
 
         check_output(m, out)  # before anything is applied
-    cfg = S.EditConfig(optimizer=optimizer, ranking=ranking, adaptive=adaptive, protect=protect)
+    cfg = S.EditConfig(optimizer=optimizer, ranking=ranking, adaptive=adaptive, protect=protect,
+                       consolidate_every=consolidate_every)
     for k, v in (("top_t", top_t), ("lr", lr), ("steps", steps), ("positions", positions), ("contrast", contrast),
                  ("max_collateral", max_collateral)):
         if v is not None:
@@ -297,7 +303,8 @@ def edit(
         results = S.run_edits(m, reqs, bg, cfg, sequential=sequential,
                               commit=None if dry_run else (lambda p: apply(m, p)), forgetting=forgetting,
                               keep_facts=world if keep_subject and world else None,
-                              subjects=[f.subject for f in world] if world else None, locality=loc, force=force)
+                              subjects=[f.subject for f in world] if world else None, locality=loc, force=force,
+                              consolidation=consolidation_sample(m, reqs, cfg, bg, sequential, locality))
     for w in caught:
         from .common import err_console
 
@@ -323,7 +330,10 @@ def edit(
     counts = {k: sum(r.status == k for r in results) for k in ("committed", "forced", "refused", "already")}
     summary = {"edits": len(results), **counts, "locality": {"sequences": len(loc.texts),
                                                              "positions": int(loc.valid.sum())},
-               "max_collateral": cfg.max_collateral}
+               "max_collateral": cfg.max_collateral,
+               "consolidations": [dict(after_edit=i + 1, patch=r.consolidation.patch.id if r.consolidation.committed
+                                       else None, **r.consolidation.to_json())
+                                  for i, r in enumerate(results) if r.consolidation is not None]}
     if field is not None:
         _field_post(m, field, rows, summary, results_dir)
     if json:
@@ -370,6 +380,12 @@ def _print_edits(m, rows, summary, dry_run) -> None:
     console.print(f"{s['committed']} committed, {s['forced']} forced, {s['refused']} refused, {s['already']} already "
                   f"answered (collateral: share of {s['locality']['positions']:,} locality positions whose greedy "
                   f"next token changed; budget {s['max_collateral']:.2%})")
+    for c in s["consolidations"]:
+        got = (f"committed as patch {c['patch']}: {c['rows']} rows, {c['steps']} steps" if c["committed"]
+               else "nothing to commit")
+        console.print(f"consolidation after edit {c['after_edit']}: {c['flipped_before']} -> {c['flipped_after']} of "
+                      f"{c['checked']:,} sample sequences changed, {c['answers_lost_before']} -> "
+                      f"{c['answers_lost_after']} edit answers lost; {got}")
     shared = {tb: ls for r in rows for tb, ls in r["tables"].items() if len(ls) > 1}
     for tb, ls in shared.items():
         console.print(f"table {tb} is read by layers {', '.join(map(str, ls))}: all of them change")

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .. import limits
 from ..errors import MemeditError
-from ..lm.batching import pad_batch, pad_id
+from ..lm.batching import LOOKUP_BYTES, lookup_tokens, pad_batch, pad_id  # noqa: F401 (LOOKUP_BYTES: re-exported)
 from ..lm.model import MemoryModel
 from ..storage.checkpoint import fingerprint
 from ..storage.corpus import Corpus
@@ -86,16 +86,6 @@ def corpus_batches(model: MemoryModel, corpus: Corpus, batch_size: int = 64, max
                 return
     if batch:
         yield out(frac)
-
-
-LOOKUP_BYTES = 128 << 20  # stage-1 sub-key scores of one forward: (positions, H, 2, N) float32
-
-
-def lookup_tokens(model: MemoryModel) -> int:
-    """Positions per forward that keep the lookup's sub-key scores within LOOKUP_BYTES: 1,024 at N 4096 and 4 heads
-    (a batch of 64 lines of 72 tokens would need 604 MB there), more than a batch at N 1024."""
-    mem = model.config.memory
-    return max(1, LOOKUP_BYTES // max(1, mem.heads * 2 * mem.n_keys * 4))
 
 
 @torch.no_grad()

@@ -57,6 +57,24 @@ def setup(m, reqs, cfg, locality: str | Path | None = None, facts: str | Path | 
     return bg, world, L.Locality(m, texts)
 
 
+def consolidation_sample(m, reqs, cfg, bg, sequential: bool, locality: str | Path | None = None):
+    """The Locality of consolidation passes (memedit/editing/consolidate.py) for a sequential run of ``reqs``, or
+    None: a run shorter than ``cfg.consolidate_every`` edits makes no pass (the sample is not even read), and a
+    model without a consolidation sample (background statistics from before it was kept, no demo world, no
+    ``--locality FILE``) makes none."""
+    if not sequential or not cfg.consolidate_every or len(reqs) < cfg.consolidate_every:
+        return None
+    if locality is not None:
+        texts = L.draw_sample(m, L.read_locality(locality), cfg.consolidate_tokens, seed=1)
+    elif bg is not None and bg.consolidation:
+        texts = bg.consolidation
+    elif m.meta.get("world"):
+        texts = L.draw_sample(m, world_of(m).training_sentences(), cfg.consolidate_tokens, seed=1)
+    else:
+        return None
+    return L.Locality(m, texts)
+
+
 def run_cases(model, cases: Sequence[Case], *, sequential: bool = False, dry_run: bool = False, force: bool = False,
               config=None, locality: str | Path | None = None, facts: str | Path | None = None,
               keep_subject: bool = True, results: str | Path | None = None) -> dict:
@@ -78,7 +96,8 @@ def run_cases(model, cases: Sequence[Case], *, sequential: bool = False, dry_run
     pre = FM.snapshot(m, cases)
     out = S.run_edits(m, reqs, bg, cfg, sequential=sequential, commit=None if dry_run else (lambda p: apply(m, p)),
                       keep_facts=world if keep_subject and world else None,
-                      subjects=[f.subject for f in world] if world else None, locality=loc, force=force)
+                      subjects=[f.subject for f in world] if world else None, locality=loc, force=force,
+                      consolidation=consolidation_sample(m, reqs, cfg, bg, sequential, locality))
     post = FM.snapshot(m, cases)
     if dry_run:  # measured in memory: put the rows back
         for res in reversed(out):

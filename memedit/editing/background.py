@@ -17,17 +17,19 @@ import torch
 
 from .. import limits
 from ..errors import MemeditError
-from ..lm.batching import pad_batch, pad_id
+from ..lm.batching import lookup_tokens, pad_batch, pad_id, within
 from ..lm.model import MemoryModel
 from ..storage.checkpoint import load
 from ..storage.state import background, write_background
 from ..tracing.capture import SlotCounter, on_lookup
 from ..world.facts import world_of
-from .config import BACKGROUND_BATCH, BACKGROUND_MAX_BATCHES
+from .config import BACKGROUND_BATCH, BACKGROUND_MAX_BATCHES, EditConfig
+from .locality import CONSOLIDATION_KEY
 from .locality import META_KEY as LOCALITY_KEY
 from .locality import SAMPLE_TOKENS, decode_sample, draw_sample, encode_sample
 
 DEFAULT_BATCH, DEFAULT_MAX_BATCHES = BACKGROUND_BATCH, BACKGROUND_MAX_BATCHES  # (config.py)
+CONSOLIDATION_TOKENS = EditConfig.consolidate_tokens  # the consolidation sample kept (memedit/editing/consolidate.py)
 IN_MEMORY_BATCHES = 250  # for a model without stored statistics: a quarter, so a command waits seconds, not a minute
 
 
@@ -41,6 +43,7 @@ class Background:
     tokens: int = 0
     corpus: str = ""
     locality: list[str] | None = None  # a capped sample of the corpus's texts (memedit/editing/locality.py)
+    consolidation: list[str] | None = None  # a larger one, drawn with the next seed (memedit/editing/consolidate.py)
 
     def idf(self, table: str) -> torch.Tensor:
         """log((|B| + 1) / (df + 1)) per row: (rows,) float32."""
@@ -59,13 +62,15 @@ def default_corpus(model: MemoryModel) -> list[str]:
 def compute(model: MemoryModel, sentences: Sequence[str], batch_size: int = DEFAULT_BATCH,
             max_batches: int = DEFAULT_MAX_BATCHES, seed: int = 0, corpus: str = "",
             progress: Callable[[int, int], None] | None = None,
-            locality_tokens: int = SAMPLE_TOKENS) -> Background:
+            locality_tokens: int = SAMPLE_TOKENS, consolidation_tokens: int = CONSOLIDATION_TOKENS) -> Background:
     """Background statistics over ``sentences`` (shuffled with ``seed``, cut into batches of ``batch_size``), with a
-    locality sample of ``locality_tokens`` tokens drawn from them (0: none)."""
+    locality sample of ``locality_tokens`` tokens drawn from them (0: none) and a consolidation sample of
+    ``consolidation_tokens`` (drawn with ``seed`` + 1; 0: none)."""
     limits.count(batch_size, "--batch-size", 1, limits.MAX_BATCH_SIZE)
     limits.count(max_batches, "--max-batches", 1, limits.MAX_BATCHES)
     sentences = list(sentences)
     locality = draw_sample(model, sentences, locality_tokens, seed) if locality_tokens > 0 else None
+    consolidation = draw_sample(model, sentences, consolidation_tokens, seed + 1) if consolidation_tokens > 0 else None
     random.Random(seed).shuffle(sentences)
     sentences = sentences[: batch_size * max_batches]
     n_batches = (len(sentences) + batch_size - 1) // batch_size
@@ -78,18 +83,19 @@ def compute(model: MemoryModel, sentences: Sequence[str], batch_size: int = DEFA
     with on_lookup(model, counter):
         for start in range(0, len(sentences), chunk):
             seqs = [model.encode(s) for s in sentences[start : start + chunk]]
-            toks, lengths = pad_batch(seqs, pad)
-            B, T = toks.shape
-            valid = (torch.arange(T)[None, :] < lengths[:, None]).flatten()  # (B*T,) padding masked out
-            batch_of = (torch.arange(B) // batch_size).repeat_interleave(T)[valid]  # (n_valid,) background batch
-            counter.batch(valid, batch_of)  # a row counts once per background batch in df
-            model.run_lookups(toks)  # the counter sees the lookups; nothing after them is needed
+            for a, b in within(seqs, lookup_tokens(model)):  # the lookup's scores stay within LOOKUP_BYTES
+                toks, lengths = pad_batch(seqs[a:b], pad)
+                B, T = toks.shape
+                valid = (torch.arange(T)[None, :] < lengths[:, None]).flatten()  # (B*T,) padding masked out
+                batch_of = ((torch.arange(B) + a) // batch_size).repeat_interleave(T)[valid]  # background batch
+                counter.batch(valid, batch_of)  # a row counts once per background batch in df
+                model.run_lookups(toks)  # the counter sees the lookups; nothing after them is needed
+                tokens += int(valid.sum())
             counter.close_batch()
-            tokens += int(valid.sum())
             if progress is not None:
                 progress(min(start + chunk, len(sentences)) // batch_size, n_batches)
     return Background(counter.df, {name: counter.table_reads(name) for name in counter.tables}, n_batches, tokens,
-                      corpus, locality)
+                      corpus, locality, consolidation)
 
 
 def save(model: MemoryModel, bg: Background) -> None:
@@ -98,6 +104,8 @@ def save(model: MemoryModel, bg: Background) -> None:
     meta = {"n_batches": bg.n_batches, "tokens": bg.tokens, "corpus": bg.corpus}
     if bg.locality:
         meta[LOCALITY_KEY] = encode_sample(bg.locality)
+    if bg.consolidation:
+        meta[CONSOLIDATION_KEY] = encode_sample(bg.consolidation)
     write_background(model, tensors, meta)
 
 
@@ -123,7 +131,7 @@ def stored(model: MemoryModel) -> Background | None:
         raise MemeditError("the stored background statistics do not match this model's tables; "
                            "recompute them with `memedit background`")
     return Background(df, counts, int(meta.get("n_batches", 0)), int(meta.get("tokens", 0)), meta.get("corpus", ""),
-                      decode_sample(meta))
+                      decode_sample(meta), decode_sample(meta, CONSOLIDATION_KEY))
 
 
 _CACHE: weakref.WeakKeyDictionary[MemoryModel, Background] = weakref.WeakKeyDictionary()

@@ -44,6 +44,11 @@ class EditConfig:
     repair_steps: int = 20  # at most this many steps per repair
     preserve_check: int = 0  # sequences (that read a trained row) checked for changed greedy tokens (0: all)
     locality_tokens: int = 5000  # the locality sample's size (tokens), drawn from the background corpus
+    # consolidation (memedit/editing/consolidate.py): what sequential edits moved, given back on more text
+    consolidate_every: int = 50  # a pass after every this many committed edits of a sequential run (0: never)
+    consolidate_tokens: int = 40000  # its sample of the background corpus (tokens)
+    consolidate_steps: int = 30  # at most this many SGD steps a pass
+    consolidate_batch: int = 32  # sequences (and answers) of each kind a step
 
     def check(self) -> EditConfig:
         """This config, after refusing values that cannot be meant (a learning rate of -1 or 1e39, no steps)."""

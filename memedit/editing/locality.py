@@ -41,6 +41,7 @@ MAX_SEQ_TOKENS = 64  # a longer sentence is cut to its first tokens (a sample of
 FULL_VOCAB_ELEMENTS = 2**24  # keep the whole pre-edit distribution up to this many (positions x vocabulary) floats
 TOP_TOKENS = 64  # beyond that: the top tokens' probabilities and one bucket for the rest (a lower bound on the KL)
 META_KEY = "locality"  # the background file's metadata field holding the sample (a JSON list of texts)
+CONSOLIDATION_KEY = "consolidation"  # and the one holding the larger sample of consolidation passes
 
 
 def draw_sample(model: MemoryModel, texts: Sequence[str], max_tokens: int = SAMPLE_TOKENS, seed: int = 0
@@ -61,9 +62,10 @@ def encode_sample(texts: Sequence[str]) -> str:
     return json.dumps(list(texts), ensure_ascii=False)
 
 
-def decode_sample(meta: dict[str, str]) -> list[str] | None:
-    """The locality sample stored in background metadata, or None."""
-    raw = meta.get(META_KEY)
+def decode_sample(meta: dict[str, str], key: str = META_KEY) -> list[str] | None:
+    """The locality sample (or, with ``key`` = CONSOLIDATION_KEY, the consolidation sample) stored in background
+    metadata, or None."""
+    raw = meta.get(key)
     if raw is None:
         return None
     try:

@@ -42,7 +42,9 @@ from ..tracing.capture import SlotCounter, fixed_prefix, on_lookup, trainable_ro
 from ..tracing.targets import TargetTokens, answer_or_given, score, tokenize_target
 from .background import Background
 from .config import FORGETTING_SAMPLE, EditConfig
+from .consolidate import Consolidation, Mentions, consolidate
 from .locality import Answers, Collateral, Locality
+from .optim import SGD as _SGD
 from .patch import Patch, make_patch, write_rows
 
 RANKINGS = ("tfidf", "kl", "counts")
@@ -220,6 +222,7 @@ class EditResult:
     status: str = "committed"
     reason: str = ""
     collateral: Collateral | None = None
+    consolidation: Consolidation | None = None  # the consolidation pass that ran right after this edit, if one did
 
 
 # ---- 1. counting slot reads on the new fact -----------------------------------------------------------
@@ -449,31 +452,6 @@ def _loss(logits: torch.Tensor, b: _Batch, stop: float) -> tuple[torch.Tensor, t
     holds = (worst_edit < stop) & (worst_keep < KEEP_TOKEN_LOSS)
     loss = (per_request * (~holds).float()).sum()
     return loss, holds.cpu(), float(ce.detach()[on].mean())
-
-
-class _SGD:
-    """torch.optim.SGD's update with momentum (no dampening, weight decay or Nesterov): buf = m * buf + grad,
-    p -= lr * buf (buf = grad at the first step). Written out because constructing torch.optim.SGD first imports
-    torch._dynamo (2.5 s of CPU, once per process: most of a single CLI edit on a small model)."""
-
-    def __init__(self, params: list[torch.Tensor], lr: float, momentum: float = 0.0):
-        self.params, self.lr, self.momentum = params, lr, momentum
-        self.bufs: list[torch.Tensor | None] = [None] * len(params)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            d = p.grad
-            if self.momentum:
-                buf = self.bufs[i]
-                d = self.bufs[i] = d.clone() if buf is None else buf.mul_(self.momentum).add_(d)
-            p.add_(d, alpha=-self.lr)
 
 
 @dataclass
@@ -782,7 +760,7 @@ class Forgetting:
             self._saved = None
 
 
-HISTORY_KEPT = 500  # at most this many of the folder's most recent edit answers are kept by a new edit
+HISTORY_KEPT = 2000  # at most this many of the folder's most recent edit answers are kept by a new edit
 HISTORY_PINNED = 32  # of them, the most recent that read the trained rows are in every preservation step
 HISTORY_CHECKED = 64  # and these are checked for a changed answer before committing (a repair follows)
 
@@ -805,7 +783,8 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
               forgetting: Forgetting | None = None, progress: Callable[[int, int], None] | None = None,
               keep_facts: Sequence | None = None, subjects: Sequence[str] | None = None,
               locality: Locality | None = None, force: bool = False,
-              on_result: Callable[[Sequence[EditRequest], EditResult], None] | None = None) -> list[EditResult]:
+              on_result: Callable[[Sequence[EditRequest], EditResult], None] | None = None,
+              consolidation: Locality | None = None) -> list[EditResult]:
     """Make the edits (one by one if ``sequential``, else one batch), each measured right after it and, if the
     guard lets it through, applied (in memory, then by ``commit`` if given) before the next.
 
@@ -818,7 +797,11 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
     With ``keep_facts``, a request without keep pairs of its own keeps its subject's other facts
     (:func:`keep_for`) at the answers earlier edits (the folder's log, then this run's) and the batch itself give
     them. ``subjects``: other subjects for ``cfg.contrast`` (default: those of ``keep_facts``). ``on_result(group,
-    result)`` is called after each group."""
+    result)`` is called after each group.
+
+    ``consolidation``: a larger sample of text (its reference: the model before this run), on which a sequential
+    run gives back what its edits moved after every ``cfg.consolidate_every`` committed edits
+    (:mod:`memedit.editing.consolidate`; committed like an edit, reported on the edit it follows)."""
     cfg.check()
     fact_items(model, requests)  # every target tokenizes, before anything is trained
     groups = [[r] for r in requests] if sequential else [list(requests)]
@@ -827,6 +810,10 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
     answers = edited_answers(model) if keep_facts is not None else {}
     kept = Answers(model, _earlier_answers(model), HISTORY_KEPT) if locality is not None else None  # kept by later
     # edits, with this run's
+    consolidating = consolidation is not None and kept is not None and sequential and cfg.consolidate_every > 0
+    named = Mentions(consolidation.texts) if consolidating else None
+    since = 0  # committed edits since the last consolidation pass
+    ccfg = replace(cfg, lr=cfg.lr if cfg.lr is not None else default_lr(model)) if consolidating else cfg
     for n, group in enumerate(groups, 1):
         if keep_facts is not None:
             mine = {**answers, **answers_of(group)}  # siblings inside the batch are kept at their new answers
@@ -877,9 +864,36 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
                 if locality is not None:
                     locality.accept({k: torch.tensor(v) for k, v in res.slots.items()}, edited_subjects)
                     kept.add([tokenize_target(model, r.rewrite_prompt, r.target_new) for r in group])
+                if consolidating:
+                    named.add(edited_subjects)
+                    since += 1
+                    if since >= cfg.consolidate_every:
+                        since = 0
+                        res.consolidation = _consolidate(model, consolidation, made, named.named, kept, ccfg, n,
+                                                         commit, locality)
         results.append(res)
         if on_result is not None:
             on_result(group, res)
         if progress is not None:
             progress(n, len(groups))
     return results
+
+
+def _consolidate(model: MemoryModel, sample: Locality, made: dict[str, torch.Tensor], named: torch.Tensor,
+                 kept: Answers, cfg: EditConfig, seed: int, commit: Callable[[Patch], None] | None,
+                 locality: Locality | None) -> Consolidation:
+    """One consolidation pass of a sequential run: measured, and committed (in memory, then by ``commit``) when it
+    gives back more than it takes; the locality sample's guard half then takes the model as its reference."""
+    changed = {k: v.unique() for k, v in made.items()}
+    rep = consolidate(model, sample, changed, named, kept, cfg, seed,
+                      message=f"consolidate: {len(kept)} edit answers kept")
+    if rep.patch is not None:
+        write_rows(model, rep.patch, new=True)
+        if commit is not None:
+            write_rows(model, rep.patch, new=False)
+            commit(rep.patch)
+        if locality is not None:
+            rows = {c.label: torch.as_tensor(c.rows) for c in rep.patch.changes}
+            locality.collateral(rows)
+            locality.accept()
+    return rep

@@ -48,3 +48,28 @@ def text_batches(model, texts: Sequence[str], batch_size: int) -> list[tuple[tor
         tokens, lengths = pad_batch(seqs[start : start + batch_size], pad)
         out.append((tokens, torch.arange(tokens.shape[1])[None, :] < lengths[:, None]))
     return out
+
+
+LOOKUP_BYTES = 128 << 20  # stage-1 sub-key scores of one forward: (positions, H, 2, N) float32
+
+
+def lookup_tokens(model) -> int:
+    """Positions (padding included) per forward that keep the lookup's sub-key scores within LOOKUP_BYTES: 1,024
+    at N 4096 and 4 heads (a batch of 64 lines of 72 tokens would need 604 MB there), more than a batch at N 1024."""
+    mem = model.config.memory
+    return max(1, LOOKUP_BYTES // max(1, mem.heads * 2 * mem.n_keys * 4))
+
+
+def within(seqs: Sequence[Sequence[int]], positions: int) -> list[tuple[int, int]]:
+    """[(start, stop)]: consecutive runs of ``seqs`` whose padded batch (count x longest) holds at most
+    ``positions`` positions (a run of one sequence whatever its length)."""
+    out, start, longest = [], 0, 0
+    for i, s in enumerate(seqs):
+        longest_with = max(longest, len(s))
+        if i > start and (i - start + 1) * longest_with > positions:
+            out.append((start, i))
+            start, longest_with = i, len(s)
+        longest = longest_with
+    if start < len(seqs):
+        out.append((start, len(seqs)))
+    return out

@@ -72,9 +72,11 @@ class SlotCounter:
 
     def batch(self, keep: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> None:
         """Before a forward: count only positions with ``keep`` ((B*T,) bool, the flattened batch), each in group
-        ``groups`` ((n_kept,) int64) for document frequency; with groups, call :meth:`close_batch` after it."""
+        ``groups`` ((n_kept,) int64) for document frequency; with groups, call :meth:`close_batch` after it (or after
+        the last of several forwards of the same groups)."""
         self.keep, self.groups = keep, groups
-        self._pairs = {name: [] for name in self.tables}
+        if not self._pairs:  # a group's reads may span several forwards until close_batch
+            self._pairs = {name: [] for name in self.tables}
 
     def __call__(self, layer: int, lk: Lookup) -> None:
         idx = lk.indices
