@@ -125,7 +125,7 @@ def checkpoint(model, made: list[EditRequest], untouched: tuple[list[str], list[
 
 
 def run(method: str, base_state: dict, model, reqs, bg, every: int, untouched_of, c_inv, facts,
-        saved=lambda partial: None) -> dict:
+        saved=lambda partial: None, consolidate_every: int | None = None) -> dict:
     with torch.no_grad():
         for k, v in model.state_dict().items():
             v.copy_(base_state[k])
@@ -163,6 +163,8 @@ def run(method: str, base_state: dict, model, reqs, bg, every: int, untouched_of
     if method in ("memedit", "no-consolidation"):  # what `memedit edit --sequential` does: guard, locality
         # sample, earlier answers kept, consolidation passes on a larger sample
         cfg = EditConfig() if method == "memedit" else EditConfig(consolidate_every=0)
+        if method == "memedit" and consolidate_every is not None:
+            cfg = EditConfig(consolidate_every=consolidate_every)
         loc = Locality(model, sample_for(model, stored=bg.locality))
         big = Locality(model, consolidation_texts) if cfg.consolidate_every else None
         passes: list[dict] = []
@@ -229,6 +231,9 @@ def main() -> None:
     ap.add_argument("--untouched", type=int, default=0, help="sample this many untouched prompts (0: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--consolidate-every", type=int, default=None,
+                    help="memedit's consolidation interval (default EditConfig's; 0: none); its result is named "
+                         "memedit-every<N>")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--replot", default=None, help="only plot (to --plot) the curves of these --json files, a,b,...")
@@ -282,7 +287,9 @@ def main() -> None:
         return save
 
     for m in methods:
-        results[m] = run(m, base_state, model, reqs, bg, args.every, untouched_of, c_inv, world.facts, saved(m))
+        name = f"memedit-every{args.consolidate_every}" if m == "memedit" and args.consolidate_every is not None else m
+        results[name] = run(m, base_state, model, reqs, bg, args.every, untouched_of, c_inv, world.facts, saved(name),
+                            consolidate_every=args.consolidate_every)
     report(results, args.n)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
