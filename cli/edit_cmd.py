@@ -248,8 +248,9 @@ def edit(
                                                 "batch of n requests: n times it).")]
     = None,
     consolidate_every: Annotated[int, typer.Option("--consolidate-every", min=0,
-                                                   help="With --sequential: after every this many committed edits, "
-                                                        "give back what the edits moved on a larger sample of the "
+                                                   help="With --sequential: after every this many committed edits "
+                                                        "(and after the last, in a run of at least this many), give "
+                                                        "back what the edits moved on a larger sample of the "
                                                         "background corpus, keeping every edit's answer (one "
                                                         "revertible patch; 0: never).")] = EDIT.consolidate_every,
     force: Annotated[bool, typer.Option("--force", help="Commit edits the guard refuses (too much collateral, or "

@@ -56,16 +56,18 @@ def test_fifty_sequential_edits_hold_and_keep_untouched_facts(tmp_path):
     print(f"untouched {before:.1%} -> {after:.1%} ({drop:.1f} pts), edits holding {hold:.0%}, {status}")
     for p in passes:
         print("  consolidation", p.to_json())
-    assert len(passes) == status.get("committed", 0) // CONSOLIDATE_EVERY
+    committed = status.get("committed", 0)  # a pass every 10 committed edits, and one after the run's last
+    assert len(passes) == -(-committed // CONSOLIDATE_EVERY), (len(passes), committed)
     assert any(p.committed for p in passes)
     for p in passes:  # a committed pass gave back more than it took, and lost no answer that held
         if p.committed:
             assert p.flipped_after + p.answers_lost_after < p.flipped_before + p.answers_lost_before, p
             assert p.answers_lost_after <= p.answers_lost_before, p
     assert before >= 0.95
-    # Measured (2026-12-03): 90 % holding (3 refused by the guard), -8.0 points; with at most 256 rows an edit,
-    # 82 % / -7.9. On this 4,096-slot table an edit's rows are up to a quarter of the table: the demo (65,536
-    # slots) loses far less over 1,000 edits (README, "Continual editing").
+    # Measured (2026-12-04): 92 % holding (4 refused by the guard), -4.1 points with the five passes (the last right
+    # after the 50th edit); -5.2 with four passes and none after the last edit, -8.0 without consolidation. On this
+    # 4,096-slot table an edit's rows are up to a quarter of the table: the demo (65,536 slots) loses far less
+    # (README, "Continual editing").
     assert hold >= 0.85, hold
-    assert drop <= 10.0, drop
+    assert drop <= 6.0, drop
     assert status.get("committed", 0) >= 45, status

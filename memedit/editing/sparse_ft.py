@@ -800,8 +800,8 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
     result)`` is called after each group.
 
     ``consolidation``: a larger sample of text (its reference: the model before this run), on which a sequential
-    run gives back what its edits moved after every ``cfg.consolidate_every`` committed edits
-    (:mod:`memedit.editing.consolidate`; committed like an edit, reported on the edit it follows)."""
+    run gives back what its edits moved after every ``cfg.consolidate_every`` committed edits and after its last
+    edit (:mod:`memedit.editing.consolidate`; committed like an edit, reported on the edit it follows)."""
     cfg.check()
     fact_items(model, requests)  # every target tokenizes, before anything is trained
     groups = [[r] for r in requests] if sequential else [list(requests)]
@@ -867,10 +867,10 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
                 if consolidating:
                     named.add(edited_subjects)
                     since += 1
-                    if since >= cfg.consolidate_every:
-                        since = 0
-                        res.consolidation = _consolidate(model, consolidation, made, named.named, kept, ccfg, n,
-                                                         commit, locality)
+        if consolidating and since and (since >= cfg.consolidate_every or n == len(groups)):  # the run's last
+            # edit is followed by a pass too, over the edits since the previous one
+            since = 0
+            res.consolidation = _consolidate(model, consolidation, made, named.named, kept, ccfg, n, commit, locality)
         results.append(res)
         if on_result is not None:
             on_result(group, res)
