@@ -24,9 +24,8 @@ from ..storage.state import background, write_background
 from ..tracing.capture import SlotCounter, on_lookup
 from ..world.facts import world_of
 from .config import BACKGROUND_BATCH, BACKGROUND_MAX_BATCHES, EditConfig
-from .locality import CONSOLIDATION_KEY
+from .locality import CONSOLIDATION_KEY, SAMPLE_TOKENS, decode_sample, draw_sample, encode_sample
 from .locality import META_KEY as LOCALITY_KEY
-from .locality import SAMPLE_TOKENS, decode_sample, draw_sample, encode_sample
 
 DEFAULT_BATCH, DEFAULT_MAX_BATCHES = BACKGROUND_BATCH, BACKGROUND_MAX_BATCHES  # (config.py)
 CONSOLIDATION_TOKENS = EditConfig.consolidate_tokens  # the consolidation sample kept (memedit/editing/consolidate.py)

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from ..errors import MemeditError
 from ..lm.batching import pad_batch, pad_id
-from ..lm.model import MemoryModel
 from ..lm.memory import Lookup
+from ..lm.model import MemoryModel
 from ..storage.corpus import read_texts
 from ..tracing.capture import on_lookup, prefix_of, run_from
 from ..world.facts import world_of
