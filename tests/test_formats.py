@@ -349,8 +349,11 @@ def test_metrics_equal_an_independent_computation_and_rome_summarize_reads_the_r
                 if key.endswith("_correct"):
                     assert got == v, (prefix, key)
                 else:
+                    # batched (memedit) against one prompt at a time (here): float32 sums in other orders; on an
+                    # AMD EPYC an NLL of 11.74 nats differed by 1.6e-3 (rtol 1.4e-4), at the base commit too
                     assert np.allclose([[x["target_new"], x["target_true"]] for x in got],
-                                       [[x["target_new"], x["target_true"]] for x in v], atol=1e-4), (prefix, key)
+                                       [[x["target_new"], x["target_true"]] for x in v], rtol=3e-4, atol=1e-4), \
+                        (prefix, key)
         cases.append(data)
     rome = _rome_summarize(cases)
     s = res["summary"]["counterfact"]
