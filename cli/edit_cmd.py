@@ -474,3 +474,49 @@ def _print_field(s) -> None:
                       "the prompt as it is, without contrast with other subjects")
     if "results" in s:
         console.print(f"wrote {s['results']['files']} case files (ROME's layout) to {esc(s['results']['folder'])}")
+
+
+@command(app)
+def consolidate(
+    steps: Annotated[int, typer.Option("--steps", min=1, max=10_000,
+                                       help="At most this many training steps.")] = EDIT.consolidate_steps,
+    tokens: Annotated[int, typer.Option("--tokens", min=100, max=10_000_000,
+                                        help="Tokens of --locality FILE to consolidate on (the stored sample "
+                                             "is used as it is).")] = EDIT.consolidate_tokens,
+    locality: Annotated[Optional[Path],
+                        typer.Option("--locality", help="Text (one passage a line, or JSONL \"text\") to give back "
+                                                        "(default: the consolidation sample stored by `memedit "
+                                                        "background`).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Measure and train, write nothing.")] = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Give back what the fact edits since the last consolidation moved on a larger text sample, keeping every
+    edit's answer: one revertible patch, committed only when it gives back more than it takes and loses no answer.
+
+    For edits made one `memedit edit` call at a time (a `--sequential` run consolidates by itself every
+    --consolidate-every edits). The reference is the folder before those edits; only the rows they trained change.
+
+    Example: memedit consolidate -m ./my-model
+    """
+    from memedit.editing.api import consolidate_folder
+
+    m = load_model(model, device=device)
+    cfg = EditConfig(consolidate_steps=steps, consolidate_tokens=tokens).check()
+    res = consolidate_folder(m, cfg, locality=locality, dry_run=dry_run)
+    if json:
+        return print_json(res)
+    if not res["edits"]:
+        console.print(f"nothing to consolidate: {res['reason']}")
+        return
+    head = (f"{res['edits']} edits since the last pass: {res['flipped_before']} -> {res['flipped_after']} of "
+            f"{res['checked']:,} sample sequences changed, {res['answers_lost_before']} -> "
+            f"{res['answers_lost_after']} edit answers lost; ")
+    if res["patch"] is not None:
+        console.print(head + f"committed as patch {res['patch']} ({res['rows']:,} rows, {res['steps']} steps); undo "
+                             f"with `memedit patch revert {res['patch']} -m {esc(str(m.source))}`")
+    elif res["committed"]:
+        console.print(head + f"would commit {res['rows']:,} rows ({res['steps']} steps); --dry-run: nothing written")
+    else:
+        console.print(head + res["reason"])

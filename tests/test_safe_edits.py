@@ -197,7 +197,7 @@ def test_a_later_command_keeps_the_answers_of_the_edits_the_folder_holds(foreign
     """Edits made by an earlier `memedit edit` are kept by later ones (read from the folder's log)."""
     import shutil
 
-    from memedit.editing.sparse_ft import _earlier_answers
+    from memedit.editing.sparse_ft import earlier_answers
 
     src, facts = foreign
     path = tmp_path / "m"
@@ -206,7 +206,7 @@ def test_a_later_command_keeps_the_answers_of_the_edits_the_folder_holds(foreign
     (tmp_path / "req.jsonl").write_text(json.dumps(req) + "\n")
     code, out, err = cli("edit", "-m", path, "--requests", tmp_path / "req.jsonl", "--json")
     assert code == 0, err
-    kept = _earlier_answers(load(path))
+    kept = earlier_answers(load(path))
     assert [(k.prompt, k.text) for k in kept] == [(req["prompt"].replace("{}", req["subject"]), req["target_new"])]
     code, out, err = cli("patch", "revert", json.loads(out)["edits"][0]["patch"], "-m", path)
-    assert code == 0 and _earlier_answers(load(path)) == []
+    assert code == 0 and earlier_answers(load(path)) == []

@@ -19,17 +19,22 @@ run (memedit/editing/field_metrics.py).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from ..errors import MemeditError
 from ..storage.checkpoint import load, require_writable
+from ..storage.patch import labelled
 from ..world.facts import load_facts, world_of
 from . import background as B
 from . import field_metrics as FM
 from . import locality as L
 from . import sparse_ft as S
+from .consolidate import Mentions, consolidate
 from .formats import Case, _easyedit
-from .patch import apply, write_rows
+from .patch import Patch, applied_ids, apply, find_patch, write_rows
 
 
 def cases_of(prompts, target_new, ground_truth=None, subject=None, rephrase_prompts=None,
@@ -64,15 +69,84 @@ def consolidation_sample(m, reqs, cfg, bg, sequential: bool, locality: str | Pat
     ``--locality FILE``) makes none."""
     if not sequential or not cfg.consolidate_every or len(reqs) < cfg.consolidate_every:
         return None
+    texts = consolidation_texts(m, cfg, bg, locality)
+    return L.Locality(m, texts) if texts is not None else None
+
+
+def consolidation_texts(m, cfg, bg, locality: str | Path | None = None) -> list[str] | None:
+    """The texts of consolidation passes: ``cfg.consolidate_tokens`` of ``--locality FILE``, else the sample the
+    stored background statistics keep, else the demo world's sentences; None when there is none."""
     if locality is not None:
-        texts = L.draw_sample(m, L.read_locality(locality), cfg.consolidate_tokens, seed=1)
-    elif bg is not None and bg.consolidation:
-        texts = bg.consolidation
-    elif m.meta.get("world"):
-        texts = L.draw_sample(m, world_of(m).training_sentences(), cfg.consolidate_tokens, seed=1)
-    else:
-        return None
-    return L.Locality(m, texts)
+        return L.draw_sample(m, L.read_locality(locality), cfg.consolidate_tokens, seed=1)
+    if bg is not None and bg.consolidation:
+        return bg.consolidation
+    if m.meta.get("world"):
+        return L.draw_sample(m, world_of(m).training_sentences(), cfg.consolidate_tokens, seed=1)
+    return None
+
+
+def consolidate_folder(model, cfg=None, locality: str | Path | None = None, dry_run: bool = False) -> dict:
+    """`memedit consolidate`: one consolidation pass (memedit/editing/consolidate.py) over the fact edits applied to
+    the folder since its last pass (or since its first patch), for edits made one `memedit edit` call at a time.
+
+    The reference is the folder as it was before those edits: every patch applied since the last pass is undone in
+    memory, latest first (each must find its new rows in place: refused in one line otherwise), the sample's
+    reference taken, and the patches redone. Only rows that those edits trained are trained; every edit answer the
+    folder keeps is kept. Returns the report as JSON (``patch``: the committed patch's id, or None); the pass is
+    applied to the folder (one revertible patch, kind ``consolidate``) when it gives back more than it takes and
+    loses no answer, unless ``dry_run``."""
+    m = model if hasattr(model, "tables") else load(model)
+    cfg = cfg if cfg is not None else S.EditConfig()
+    if not dry_run:
+        require_writable(m)
+    window: list[Patch] = []
+    for pid in reversed(applied_ids(m)):
+        p = find_patch(m, pid)
+        if p.kind == "consolidate":
+            break
+        window.append(p)
+    window.reverse()
+    edits = [p for p in window if p.kind == "edit"]
+    out = {"edits": len(edits), "patches": len(window), "committed": False, "applied": False, "patch": None}
+    if not edits:
+        return {**out, "reason": "no fact edit applied since the last consolidation pass"}
+    texts = consolidation_texts(m, cfg, B.stored(m), locality)
+    if texts is None:
+        raise MemeditError("no text to consolidate on: run `memedit background CORPUS` (it keeps a consolidation "
+                           "sample of CORPUS) or pass --locality FILE")
+    params = {k: v.detach() for k, v in m.state_dict(keep_vars=True).items()}
+    for p in reversed(window):  # the folder before the window, in memory
+        for c in labelled(m, p.changes):
+            here = params[c.name][c.rows]
+            if not torch.equal(here.view(torch.uint8), c.new.to(here.dtype).view(torch.uint8)):
+                raise MemeditError(f"patch {p.id}'s rows are not in place in {m.source} (changed since it was "
+                                   "applied): consolidate needs the patches since the last pass as they were applied")
+        write_rows(m, p, new=False)
+    try:
+        sample = L.Locality(m, texts)
+    finally:
+        for p in window:
+            write_rows(m, p, new=True)
+    changed: dict[str, torch.Tensor] = {}
+    for p in edits:
+        for c in p.changes:
+            changed[c.label] = torch.cat([changed.get(c.label, torch.empty(0, dtype=torch.long)), c.rows.long()])
+    changed = {k: v.unique() for k, v in changed.items()}
+    named = Mentions(sample.texts)
+    named.add([q.get("subject") or "" for p in edits for q in p.info.get("requests") or [] if isinstance(q, dict)])
+    kept = L.Answers(m, S.earlier_answers(m), S.HISTORY_KEPT)
+    ccfg = replace(cfg, lr=cfg.lr if cfg.lr is not None else S.default_lr(m))
+    rep = consolidate(m, sample, changed, named.named, kept, ccfg, seed=len(applied_ids(m)),
+                      message=f"consolidate: {len(edits)} edits since the last pass, {len(kept)} edit answers kept")
+    out.update(rep.to_json())
+    out["sample"] = {"sequences": len(sample.texts), "positions": int(sample.valid.sum())}
+    if rep.patch is not None and not dry_run:
+        apply(m, rep.patch)
+        out["applied"], out["patch"] = True, rep.patch.id
+    elif rep.patch is None:
+        out["reason"] = ("nothing the edits moved on the sample" if not rep.flipped_before + rep.answers_lost_before
+                         else "the pass would take as much as it gives back, or lose an answer: not committed")
+    return out
 
 
 def run_cases(model, cases: Sequence[Case], *, sequential: bool = False, dry_run: bool = False, force: bool = False,

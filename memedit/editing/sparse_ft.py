@@ -764,7 +764,7 @@ HISTORY_PINNED = 32  # of them, the most recent that read the trained rows are i
 HISTORY_CHECKED = 64  # and these are checked for a changed answer before committing (a repair follows)
 
 
-def _earlier_answers(model: MemoryModel) -> list[TargetTokens]:
+def earlier_answers(model: MemoryModel) -> list[TargetTokens]:
     """The rewrite prompts of the fact edits the folder holds as applied, with their new answers (the most recent
     HISTORY_KEPT): what later edits keep (:class:`Preserve`)."""
     out = []
@@ -807,7 +807,7 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
     results = []
     made: dict[str, torch.Tensor] = {}  # rows trained by the edits of this run (a folder's log holds earlier ones)
     answers = edited_answers(model) if keep_facts is not None else {}
-    kept = Answers(model, _earlier_answers(model), HISTORY_KEPT) if locality is not None else None  # kept by later
+    kept = Answers(model, earlier_answers(model), HISTORY_KEPT) if locality is not None else None  # kept by later
     # edits, with this run's
     consolidating = consolidation is not None and kept is not None and sequential and cfg.consolidate_every > 0
     named = Mentions(consolidation.texts) if consolidating else None
