@@ -133,7 +133,9 @@ def consolidate_folder(model, cfg=None, locality: str | Path | None = None, dry_
             changed[c.label] = torch.cat([changed.get(c.label, torch.empty(0, dtype=torch.long)), c.rows.long()])
     changed = {k: v.unique() for k, v in changed.items()}
     named = Mentions(sample.texts)
-    named.add([q.get("subject") or "" for p in edits for q in p.info.get("requests") or [] if isinstance(q, dict)])
+    named.add([(q.get("subject") or "", [a for a in (q.get("target_true"), q.get("target_new")) if isinstance(a, str)])
+               for p in edits for q in p.info.get("requests") or [] if isinstance(q, dict)
+               and isinstance(q.get("subject"), str)])
     kept = L.Answers(m, S.earlier_answers(m), S.HISTORY_KEPT)
     ccfg = replace(cfg, lr=cfg.lr if cfg.lr is not None else S.default_lr(m))
     rep = consolidate(m, sample, changed, named.named, kept, ccfg, seed=len(applied_ids(m)),

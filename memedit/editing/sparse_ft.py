@@ -864,7 +864,7 @@ def run_edits(model: MemoryModel, requests: Sequence[EditRequest], bg: Backgroun
                     locality.accept({k: torch.tensor(v) for k, v in res.slots.items()}, edited_subjects)
                     kept.add([tokenize_target(model, r.rewrite_prompt, r.target_new) for r in group])
                 if consolidating:
-                    named.add(edited_subjects)
+                    named.add([(r.subject, (r.target_true, r.target_new)) for r in group if r.subject])
                     since += 1
         if consolidating and since and (since >= cfg.consolidate_every or n == len(groups)):  # the run's last
             # edit is followed by a pass too, over the edits since the previous one
