@@ -64,8 +64,7 @@ def test_consolidate_gives_back_what_one_call_at_a_time_edits_moved_and_reverts_
     assert res["answers_lost_after"] <= res["answers_lost_before"]
     after = _untouched(path, edited)
     print(f"untouched after {after:.2%}")
-    # Measured (2026-12-04, 16 edits): 12 -> 1 sample sequences changed, untouched 99.92 % -> 100 % (20 edits:
-    # 21 -> 3, 99.82 % -> 100 %)
+    # Measured (2026-12-04, 16 edits): 30 -> 1 sample sequences changed, untouched 99.92 % -> 100 %
     assert after >= before
     # every committed edit still holds as well as before the pass (the pass keeps each edit's answer)
     m = memedit.load(path)

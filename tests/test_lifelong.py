@@ -64,10 +64,10 @@ def test_fifty_sequential_edits_hold_and_keep_untouched_facts(tmp_path):
             assert p.flipped_after + p.answers_lost_after < p.flipped_before + p.answers_lost_before, p
             assert p.answers_lost_after <= p.answers_lost_before, p
     assert before >= 0.95
-    # Measured (2026-12-04): 92 % holding (4 refused by the guard), -4.1 points with the five passes (the last right
-    # after the 50th edit); -5.2 with four passes and none after the last edit, -8.0 without consolidation. On this
-    # 4,096-slot table an edit's rows are up to a quarter of the table: the demo (65,536 slots) loses far less
-    # (README, "Continual editing").
+    # Measured (2026-12-04): 94 % holding (3 refused by the guard), -1.8 points with the five passes (the last right
+    # after the 50th edit). Before: -4.1 when a pass left out every text naming an edited subject (all 62 untouched
+    # prompts that broke were other facts of edited subjects), -5.2 with no pass after the last edit, -8.0 without
+    # consolidation. On this 4,096-slot table an edit's rows are up to a quarter of the table.
     assert hold >= 0.85, hold
-    assert drop <= 6.0, drop
+    assert drop <= 3.0, drop
     assert status.get("committed", 0) >= 45, status
