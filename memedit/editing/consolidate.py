@@ -5,10 +5,10 @@ An edit keeps the greedy tokens of a small locality sample (5,000 tokens: the gu
 it moves elsewhere in the text accumulates over hundreds of edits: each edit's rows are also read by other facts'
 wordings, and each edit may change up to ``max_collateral`` of the sample. A consolidation pass looks at a larger
 sample (``EditConfig.consolidate_tokens`` of the background corpus) against the model as it was before the run's
-first edit, finds the sequences whose firm greedy tokens the run's edits changed (sequences that name an edited
-subject are the intended change and are left out), and trains the rows the run changed, and only those, to give
-them back while every kept edit answer (:class:`memedit.editing.locality.Answers`) keeps its target, including the
-answers that had drifted themselves. The change is one revertible patch (kind ``consolidate``), committed only when
+first edit, finds the sequences whose firm greedy tokens the run's edits changed (sequences that state an edited
+fact, :class:`Mentions`, are the intended change and are left out), and trains the rows the run changed, and only
+those, to give them back while every kept edit answer (:class:`memedit.editing.locality.Answers`) keeps its target,
+including the answers that had drifted themselves. The change is one revertible patch (kind ``consolidate``), committed only when
 it gives back more sequences than it takes and loses no answer that held.
 
 Cost: one forward pass over the sequences that read a changed row (from the stored prefix), ``consolidate_steps``
