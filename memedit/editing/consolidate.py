@@ -8,8 +8,8 @@ sample (``EditConfig.consolidate_tokens`` of the background corpus) against the 
 first edit, finds the sequences whose firm greedy tokens the run's edits changed (sequences that state an edited
 fact, :class:`Mentions`, are the intended change and are left out), and trains the rows the run changed, and only
 those, to give them back while every kept edit answer (:class:`memedit.editing.locality.Answers`) keeps its target,
-including the answers that had drifted themselves. The change is one revertible patch (kind ``consolidate``), committed only when
-it gives back more sequences than it takes and loses no answer that held.
+including the answers that had drifted themselves. The change is one revertible patch (kind ``consolidate``),
+committed only when it gives back more sequences than it takes and loses no answer that held.
 
 Cost: one forward pass over the sequences that read a changed row (from the stored prefix), ``consolidate_steps``
 training steps on a few dozen sequences and answers, and a check pass, every ``consolidate_every`` edits.
