@@ -64,10 +64,11 @@ def test_fifty_sequential_edits_hold_and_keep_untouched_facts(tmp_path):
             assert p.flipped_after + p.answers_lost_after < p.flipped_before + p.answers_lost_before, p
             assert p.answers_lost_after <= p.answers_lost_before, p
     assert before >= 0.95
-    # Measured (2026-12-04): 94 % holding (3 refused by the guard), -1.8 points with the five passes (the last right
-    # after the 50th edit). Before: -4.1 when a pass left out every text naming an edited subject (all 62 untouched
-    # prompts that broke were other facts of edited subjects), -5.2 with no pass after the last edit, -8.0 without
-    # consolidation. On this 4,096-slot table an edit's rows are up to a quarter of the table.
-    assert hold >= 0.85, hold
-    assert drop <= 3.0, drop
-    assert status.get("committed", 0) >= 45, status
+    # Measured (2026-12-04): -0.3 points, 82 % holding (8 of 50 refused by the guard, 7 of them for collateral over
+    # 2 %) with passes of up to 60 steps and a repair round; with 30 steps and no repair round -1.8 points and 94 %;
+    # -4.1 when a pass left out every text naming an edited subject (all 62 untouched prompts that broke were other
+    # facts of edited subjects), -5.2 with no pass after the last edit, -8.0 without consolidation. On this 4,096-slot
+    # table an edit's rows are up to a quarter of the table; a refused edit leaves the model as it was.
+    assert hold >= 0.78, hold
+    assert drop <= 1.5, drop
+    assert status.get("committed", 0) >= 39, status

@@ -47,7 +47,7 @@ class EditConfig:
     # consolidation (memedit/editing/consolidate.py): what sequential edits moved, given back on more text
     consolidate_every: int = 50  # a pass after every this many committed edits of a sequential run (0: never)
     consolidate_tokens: int = 40000  # its sample of the background corpus (tokens)
-    consolidate_steps: int = 30  # at most this many SGD steps a pass
+    consolidate_steps: int = 60  # at most this many SGD steps a pass
     consolidate_batch: int = 32  # sequences (and answers) of each kind a step
 
     def check(self) -> EditConfig:

@@ -133,37 +133,47 @@ def consolidate(model: MemoryModel, sample: Locality, changed: dict[str, torch.T
     gen = torch.Generator().manual_seed(seed)
     lr = cfg.learning_rate
     n = cfg.consolidate_batch
+    pinned = lost  # answers in every step: the lost ones, and those the pass itself loses (its repair round)
     with trainable_rows(model, rows) as leaves:
         opt = SGD(list(leaves.values()), lr, cfg.momentum)
-        for report.steps in range(1, cfg.consolidate_steps + 1):
-            s = flipped[torch.randperm(len(flipped), generator=gen)[:n]] if len(flipped) else flipped
-            o = touched[torch.randperm(len(touched), generator=gen)[:n]]
-            pick = torch.cat([s, o[~torch.isin(o, s)]])
-            a = kept[torch.randperm(len(kept), generator=gen)[:n]] if len(kept) else kept
-            a = torch.cat([lost, a[~torch.isin(a, lost)]]) if len(lost) else a
-            with torch.enable_grad():
-                loss, done = 0.0, len(flipped) <= n and len(lost) <= n  # every target is in this step's batch
-                if len(pick):
-                    z = sample.logits(pick)
-                    loss = cfg.preserve * sample.margin_term(z, pick, cfg.preserve_margin)
-                    done = done and not bool(sample.flipped(pick, z.detach(), margin).any())
-                if len(a):
-                    z = answers.logits(a)
-                    loss = loss + answers.margin_term(z, a, cfg.preserve_margin)
-                    done = done and not bool(answers.flipped(a, z.detach()).any())
-                if done or not torch.is_tensor(loss):  # given back, and nothing in the batch moved
-                    report.steps -= 1
-                    break
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        budget, steps = cfg.consolidate_steps, 0
+        for repair in (False, True):
+            for _ in range(budget):
+                steps += 1
+                s = flipped[torch.randperm(len(flipped), generator=gen)[:n]] if len(flipped) else flipped
+                o = touched[torch.randperm(len(touched), generator=gen)[:n]]
+                pick = torch.cat([s, o[~torch.isin(o, s)]])
+                a = kept[torch.randperm(len(kept), generator=gen)[:n]] if len(kept) else kept
+                a = torch.cat([pinned, a[~torch.isin(a, pinned)]]) if len(pinned) else a
+                with torch.enable_grad():
+                    loss, done = 0.0, len(flipped) <= n and len(pinned) <= n  # every target is in this batch
+                    if len(pick):
+                        z = sample.logits(pick)
+                        loss = cfg.preserve * sample.margin_term(z, pick, cfg.preserve_margin)
+                        done = done and not bool(sample.flipped(pick, z.detach(), margin).any())
+                    if len(a):
+                        z = answers.logits(a)
+                        loss = loss + answers.margin_term(z, a, cfg.preserve_margin)
+                        done = done and not bool(answers.flipped(a, z.detach()).any())
+                    if done or not torch.is_tensor(loss):  # given back, and nothing in the batch moved
+                        steps -= 1
+                        break
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            lost_after = _lost_answers(answers, all_answers) if len(answers) else lost
+            new_lost = lost_after[~torch.isin(lost_after, lost)]
+            if repair or not len(new_lost):
+                break
+            # the pass broke answers that held: they join every step of a repair round of half the steps
+            pinned = torch.cat([pinned, new_lost]).unique()
+            budget = max(1, cfg.consolidate_steps // 2)
+        report.steps = steps
         flips_after = _firm_flips(sample, touched, margin)
-        lost_after = _lost_answers(answers, all_answers) if len(answers) else lost
         # sequences outside ``touched`` read no trained row: they are as they were
         outside = len(flipped) - int(torch.isin(flipped, touched).sum())
         report.flipped_after = len(flips_after) + outside
         report.answers_lost_after = len(lost_after)
-        new_lost = lost_after[~torch.isin(lost_after, lost)]
         updates = {name: (rows[name], leaf.detach().clone()) for name, leaf in leaves.items()}
     gained = report.flipped_before - report.flipped_after + report.answers_lost_before - report.answers_lost_after
     if gained > 0 and not len(new_lost) and report.steps:
