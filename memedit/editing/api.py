@@ -27,6 +27,7 @@ import torch
 from ..errors import MemeditError
 from ..storage.checkpoint import load, require_writable
 from ..storage.patch import labelled
+from ..storage.store import writable_tensors
 from ..world.facts import load_facts, world_of
 from . import background as B
 from . import field_metrics as FM
@@ -114,7 +115,7 @@ def consolidate_folder(model, cfg=None, locality: str | Path | None = None, dry_
     if texts is None:
         raise MemeditError("no text to consolidate on: run `memedit background CORPUS` (it keeps a consolidation "
                            "sample of CORPUS) or pass --locality FILE")
-    params = {k: v.detach() for k, v in m.state_dict(keep_vars=True).items()}
+    params = writable_tensors(m)
     for p in reversed(window):  # the folder before the window, in memory
         for c in labelled(m, p.changes):
             here = params[c.name][c.rows]
