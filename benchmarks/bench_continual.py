@@ -146,7 +146,9 @@ def run(method: str, base_state: dict, model, reqs, bg, every: int, untouched_of
         if n % every == 0 or n == len(reqs):
             c = checkpoint(model, made, untouched_of({r.id for r in made}), facts)
             c["untouched_drop_pts"] = 100 * (start["untouched"] - c["untouched"])
-            c["untouched_outside_drop_pts"] = 100 * (start["untouched_outside"] - c["untouched_outside"])
+            inside = c["untouched_outside"] is None  # the consolidation sample holds every untouched prompt
+            c["untouched_outside_drop_pts"] = None if inside else 100 * (start["untouched_outside"]
+                                                                         - c["untouched_outside"])
             c["seconds_per_edit_median"] = statistics.median(secs)
             c["cpu_seconds_per_edit_median"] = statistics.median(cpu)
             c["cpu_seconds_per_edit_mean"] = statistics.mean(cpu)  # consolidation passes amortised
@@ -155,8 +157,9 @@ def run(method: str, base_state: dict, model, reqs, bg, every: int, untouched_of
             print(f"  {method:17s} {n:5d} edits: holding {c['holding']:.1%}, exact {c['exact']:.1%}, paraphrase "
                   f"{c['paraphrase']:.1%} (held-out {c['paraphrase_heldout']:.1%}), neighborhood "
                   f"{c['neighborhood']:.1%}, untouched {c['untouched']:.1%} (-{c['untouched_drop_pts']:.1f} pts; "
-                  f"outside the consolidation sample -{c['untouched_outside_drop_pts']:.1f}), "
-                  f"{statistics.median(secs):.2f} s/edit ({statistics.median(cpu):.2f} s CPU, mean "
+                  + ("every prompt in the consolidation sample), " if inside else
+                     f"outside the consolidation sample -{c['untouched_outside_drop_pts']:.1f}), ")
+                  + f"{statistics.median(secs):.2f} s/edit ({statistics.median(cpu):.2f} s CPU, mean "
                   f"{statistics.mean(cpu):.2f}) {status}", flush=True)
             saved({"curve": curve, "seconds_median": statistics.median(secs),  # a killed run keeps its curve
                    "cpu_seconds_median": statistics.median(cpu)})
@@ -236,6 +239,9 @@ def main() -> None:
     ap.add_argument("--consolidate-every", type=int, default=None,
                     help="memedit's consolidation interval (default EditConfig's; 0: none); its result is named "
                          "memedit-every<N>")
+    ap.add_argument("--consolidate-tokens", type=int, default=None,
+                    help="the consolidation sample's size in tokens of the world's training sentences (default "
+                         "EditConfig's; more than the world holds: all of them); its result is named memedit-tok<N>")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--replot", default=None, help="only plot (to --plot) the curves of these --json files, a,b,...")
@@ -256,7 +262,8 @@ def main() -> None:
     reqs = requests(world, args.n, args.seed)
     bg = B.get(model)
     global consolidation_texts, consolidation_set
-    consolidation_texts = draw_sample(model, world.training_sentences(), EditConfig().consolidate_tokens, seed=1)
+    consolidation_texts = draw_sample(model, world.training_sentences(),
+                                      args.consolidate_tokens or EditConfig().consolidate_tokens, seed=1)
     consolidation_set = set(consolidation_texts)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     pairs = [(f.id, p, f.target_true) for f in world.facts for p in f.training_prompts]
@@ -289,7 +296,11 @@ def main() -> None:
         return save
 
     for m in methods:
-        name = f"memedit-every{args.consolidate_every}" if m == "memedit" and args.consolidate_every is not None else m
+        name = m
+        if m == "memedit" and args.consolidate_every is not None:
+            name += f"-every{args.consolidate_every}"
+        if m == "memedit" and args.consolidate_tokens:
+            name += f"-tok{args.consolidate_tokens}"
         results[name] = run(m, base_state, model, reqs, bg, args.every, untouched_of, c_inv, world.facts, saved(name),
                             consolidate_every=args.consolidate_every)
     report(results, args.n)

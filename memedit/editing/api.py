@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MemeditError
+from ..errors import MemeditError, RowsChanged
 from ..storage.checkpoint import load, require_writable
 from ..storage.patch import labelled
 from ..storage.store import writable_tensors
@@ -144,7 +144,11 @@ def consolidate_folder(model, cfg=None, locality: str | Path | None = None, dry_
     out.update(rep.to_json())
     out["sample"] = {"sequences": len(sample.texts), "positions": int(sample.valid.sum())}
     if rep.patch is not None and not dry_run:
-        apply(m, rep.patch)
+        try:
+            apply(m, rep.patch)
+        except RowsChanged as e:  # another writer committed rows this pass trained while it ran
+            raise MemeditError(f"{m.source} changed while the pass ran ({str(e).split(';')[0]}): nothing was "
+                               "written; run `memedit consolidate` again") from None
         out["applied"], out["patch"] = True, rep.patch.id
     elif rep.patch is None:
         out["reason"] = ("nothing the edits moved on the sample" if not rep.flipped_before + rep.answers_lost_before

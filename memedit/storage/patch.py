@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import MemeditError
+from ..errors import MemeditError, RowsChanged
 from ..lm.hooks import values_name
 from ..lm.model import MemoryModel
 from .files import atomic_path, crash_point
@@ -296,7 +296,7 @@ def _refusals(model: MemoryModel, patch: Patch, changes: list[Change], force: bo
     for c, bad in differing(model, changes, "old"):
         msg = f"{bad.numel()} rows differ from the patch's base in {c.label} (e.g. row {int(bad[0])})"
         if not force:
-            raise MemeditError(msg + "; pass --force to override")
+            raise RowsChanged(msg + "; pass --force to override")
         warnings.append(msg)
     return warnings
 
