@@ -155,6 +155,11 @@ def background(
                                                  f"{limits.MAX_BATCH_SIZE:,}).")] = BACKGROUND_BATCH,
     max_batches: Annotated[int, typer.Option("--max-batches", min=1, max=limits.MAX_BATCHES,
                                              help="Use at most this many batches.")] = BACKGROUND_MAX_BATCHES,
+    consolidation_tokens: Annotated[int, typer.Option(
+        "--consolidation-tokens", min=0, max=10_000_000,
+        help="Keep this many tokens of whole sentences of the corpus as the sample consolidation passes restore "
+             "(`memedit consolidate`, `edit --sequential`; 0: none; a pass is a forward over it).")
+    ] = EDIT.consolidate_tokens,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     json: JsonOpt = False,
@@ -175,11 +180,11 @@ def background(
     t0 = time.perf_counter()
     with StepProgress("background", "batches", disable=json) as bar:
         bg = B.compute(m, sentences, batch_size, max_batches, corpus=str(corpus) if corpus else "default: demo world",
-                       progress=bar)
+                       progress=bar, consolidation_tokens=consolidation_tokens)
     B.save(m, bg)
     res = {"n_batches": bg.n_batches, "tokens": bg.tokens, "seconds": round(time.perf_counter() - t0, 2),
            "tables": {k: {"rows_read": int((v > 0).sum()), "rows": v.numel()} for k, v in bg.df.items()},
-           "locality_texts": len(bg.locality or [])}
+           "locality_texts": len(bg.locality or []), "consolidation_texts": len(bg.consolidation or [])}
     if json:
         return print_json(res)
     console.print(f"background over {bg.n_batches} batches ({bg.tokens:,} tokens) in {res['seconds']}s; "

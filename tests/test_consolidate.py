@@ -88,3 +88,21 @@ def test_consolidate_refuses_in_one_line(cli, tmp_path):
     for bad in (("--steps", "0"), ("--tokens", "-5"), ("--steps", "x")):
         code, _, err = cli("consolidate", "-m", FIXTURE, *bad)
         assert code == 2, (bad, err)
+
+
+def test_background_keeps_a_consolidation_sample_of_the_size_asked(cli, tmp_path):
+    from memedit.editing import background as B
+
+    path = tmp_path / "m"
+    shutil.copytree(FIXTURE, path)
+    sizes = {}
+    for tokens in (300, 1_000_000):
+        code, out, err = cli("background", "-m", path, "--consolidation-tokens", tokens, "--json")
+        assert code == 0, err
+        kept = B.stored(memedit.load(path)).consolidation
+        assert json.loads(out)["consolidation_texts"] == len(kept)
+        sizes[tokens] = len(kept)
+    # more tokens than the corpus holds: every sentence of it, once
+    assert 0 < sizes[300] < sizes[1_000_000] == len({t.strip() for t in B.default_corpus(memedit.load(path))})
+    code, _, err = cli("background", "-m", path, "--consolidation-tokens", -1)
+    assert code == 2 and err.strip().count("\n") == 0
