@@ -7,4 +7,9 @@ class MemeditError(Exception):
 
 
 class RowsChanged(MemeditError):
-    """A patch's old rows are not what the folder holds now (another writer, or a patch applied since it was made)."""
+    """A patch's old rows are not what the folder holds now (another writer, or a patch applied since it was made).
+    ``detail`` says which rows, without the advice of the message."""
+
+    def __init__(self, detail: str, advice: str):
+        super().__init__(f"{detail}; {advice}")
+        self.detail = detail

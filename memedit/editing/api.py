@@ -147,7 +147,7 @@ def consolidate_folder(model, cfg=None, locality: str | Path | None = None, dry_
         try:
             apply(m, rep.patch)
         except RowsChanged as e:  # another writer committed rows this pass trained while it ran
-            raise MemeditError(f"{m.source} changed while the pass ran ({str(e).split(';')[0]}): nothing was "
+            raise MemeditError(f"{m.source} changed while the pass ran ({e.detail}): nothing was "
                                "written; run `memedit consolidate` again") from None
         out["applied"], out["patch"] = True, rep.patch.id
     elif rep.patch is None:

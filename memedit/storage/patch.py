@@ -296,7 +296,7 @@ def _refusals(model: MemoryModel, patch: Patch, changes: list[Change], force: bo
     for c, bad in differing(model, changes, "old"):
         msg = f"{bad.numel()} rows differ from the patch's base in {c.label} (e.g. row {int(bad[0])})"
         if not force:
-            raise RowsChanged(msg + "; pass --force to override")
+            raise RowsChanged(msg, "pass --force to override")
         warnings.append(msg)
     return warnings
 
